@@ -1,0 +1,131 @@
+//! Linear, embedding and normalisation layers with correct gradients on every parameter.
+
+use candle_core::{DType, Result as CResult, Tensor, D};
+
+use crate::error::Result;
+use crate::params::{Init, ParamBuilder};
+
+/// y = x Wᵀ + b with the PyTorch weight layout `[out, in]`.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// Builds `name.weight` (and `name.bias` when `bias`), initialised N(0, std²) / zeros.
+    pub fn new(pb: &ParamBuilder, in_dim: usize, out_dim: usize, bias: bool, std: f32) -> Result<Self> {
+        let weight = pb.get((out_dim, in_dim), "weight", Init::Normal { std })?;
+        let bias = if bias {
+            Some(pb.get(out_dim, "bias", Init::Zeros)?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    /// Works on any rank ≥ 2; the input is made contiguous first (candle's batched matmul fast
+    /// path folds non-contiguous batches wrongly).
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let x = x.contiguous()?;
+        let dims = x.dims().to_vec();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim.max(1);
+        let w = if self.weight.dtype() != x.dtype() {
+            self.weight.to_dtype(x.dtype())?
+        } else {
+            self.weight.clone()
+        };
+        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
+        y.reshape(out_dims)
+    }
+}
+
+/// Token embedding table `[vocab, hidden]`.
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(pb: &ParamBuilder, vocab: usize, hidden: usize, std: f32) -> Result<Self> {
+        Ok(Self {
+            weight: pb.get((vocab, hidden), "weight", Init::Normal { std })?,
+        })
+    }
+
+    /// ids of any shape → ids.shape + [hidden].
+    pub fn forward(&self, ids: &Tensor) -> CResult<Tensor> {
+        let mut dims = ids.dims().to_vec();
+        let flat = ids.flatten_all()?;
+        let rows = self.weight.index_select(&flat, 0)?;
+        dims.push(self.weight.dim(1)?);
+        rows.reshape(dims)
+    }
+}
+
+/// LayerNorm over the last dimension (statistics in f32).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(pb: &ParamBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: pb.get(dim, "weight", Init::Ones)?,
+            bias: pb.get(dim, "bias", Init::Zeros)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed
+            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
+            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
+            .to_dtype(dtype)
+    }
+}
+
+/// RMSNorm as in Qwen2/Llama: x / sqrt(mean(x²) + ε) · w, computed in f32.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(pb: &ParamBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: pb.get(dim, "weight", Init::Ones)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
+        x.broadcast_div(&rms)?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight.to_dtype(dtype)?)
+    }
+}
