@@ -93,14 +93,15 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
+        let work = stats_dtype(dtype);
+        let x = x.to_dtype(work)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         normed
-            .broadcast_mul(&self.weight.to_dtype(DType::F32)?)?
-            .broadcast_add(&self.bias.to_dtype(DType::F32)?)?
+            .broadcast_mul(&self.weight.to_dtype(work)?)?
+            .broadcast_add(&self.bias.to_dtype(work)?)?
             .to_dtype(dtype)
     }
 }
@@ -122,10 +123,20 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
+        let x = x.to_dtype(stats_dtype(dtype))?;
         let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
         x.broadcast_div(&rms)?
             .to_dtype(dtype)?
             .broadcast_mul(&self.weight.to_dtype(dtype)?)
+    }
+}
+
+/// Normalisation statistics are computed in f32 for half-precision inputs (as transformers
+/// does) and in f64 for f64 inputs (gradient checks).
+fn stats_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
