@@ -1,7 +1,7 @@
 //! mmkd: distilling multimodal large language models (LLaVA-KD) with candle.
 //!
 //! - [`models`]: differentiable Qwen2/Llama decoders, the LLaVA projector and splice.
-//! - [`checkpoint`]: Hugging Face LLaVA checkpoint directories (load, compose, save).
 //! - [`cli`]: the `mmkd` command line.
 
 pub mod cli;
+pub mod models;
