@@ -17,7 +17,12 @@ pub fn params_without_gradient_in(store: &ParamStore, grads: &GradStore) -> Resu
         match grads.get(var.as_tensor()) {
             None => missing.push(format!("{name} (no gradient)")),
             Some(g) => {
-                let max = g.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                let max = g
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?;
                 if !(max > 0.0) {
                     missing.push(format!("{name} (zero gradient)"));
                 }
@@ -60,7 +65,13 @@ mod tests {
         let x = Var::from_tensor(&x0.to_dtype(DType::F64).unwrap()).unwrap();
         let y = f(x.as_tensor()).unwrap().sum_all().unwrap();
         let g = y.backward().unwrap();
-        let analytic = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let analytic = g
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let fd = finite_difference(
             |t| f(t)?.sum_all()?.to_scalar::<f64>(),
             &x0.to_dtype(DType::F64).unwrap(),
@@ -68,7 +79,10 @@ mod tests {
         )
         .unwrap();
         for (a, n) in analytic.iter().zip(fd.iter()) {
-            assert!((a - n).abs() < 1e-5 * (1.0 + n.abs()), "analytic {a} vs numeric {n}");
+            assert!(
+                (a - n).abs() < 1e-5 * (1.0 + n.abs()),
+                "analytic {a} vs numeric {n}"
+            );
         }
     }
 
@@ -93,8 +107,16 @@ mod tests {
         let pb = ParamBuilder::fresh(&store, 1, &Device::Cpu);
         let ln = LayerNorm::new(&pb.pp("ln"), 4, 1e-5).unwrap();
         let rms = RmsNorm::new(&pb.pp("rms"), 4, 1e-6).unwrap();
-        let x = Tensor::new(&[[0.5f64, -1.0, 2.0, 0.1], [1.0, 1.5, -0.3, 0.0]], &Device::Cpu).unwrap();
-        let w = Tensor::new(&[[0.3f64, -1.1, 0.7, 2.0], [1.0, 0.2, -0.5, 0.9]], &Device::Cpu).unwrap();
+        let x = Tensor::new(
+            &[[0.5f64, -1.0, 2.0, 0.1], [1.0, 1.5, -0.3, 0.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let w = Tensor::new(
+            &[[0.3f64, -1.1, 0.7, 2.0], [1.0, 0.2, -0.5, 0.9]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let ln64 = LayerNorm {
             weight: ln.weight.to_dtype(DType::F64).unwrap(),
             bias: ln.bias.to_dtype(DType::F64).unwrap(),
@@ -116,10 +138,19 @@ mod tests {
         let lin = Linear::new(&pb.pp("lin"), 4, 3, true, 0.5).unwrap();
         let ln = LayerNorm::new(&pb.pp("ln"), 3, 1e-5).unwrap();
         let rms = RmsNorm::new(&pb.pp("rms"), 3, 1e-6).unwrap();
-        let x = Tensor::new(&[[[0.5f32, -1.0, 2.0, 0.1], [1.0, 1.5, -0.3, 0.0]]], &Device::Cpu).unwrap();
-        let y = rms.forward(&ln.forward(&lin.forward(&x).unwrap()).unwrap()).unwrap();
+        let x = Tensor::new(
+            &[[[0.5f32, -1.0, 2.0, 0.1], [1.0, 1.5, -0.3, 0.0]]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let y = rms
+            .forward(&ln.forward(&lin.forward(&x).unwrap()).unwrap())
+            .unwrap();
         let w = Tensor::new(&[[[0.3f32, -1.1, 0.7], [1.0, 0.2, -0.5]]], &Device::Cpu).unwrap();
         let loss = y.mul(&w).unwrap().sum_all().unwrap();
-        assert_eq!(params_without_gradient(&store, &loss).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            params_without_gradient(&store, &loss).unwrap(),
+            Vec::<String>::new()
+        );
     }
 }

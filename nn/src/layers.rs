@@ -14,7 +14,13 @@ pub struct Linear {
 
 impl Linear {
     /// Builds `name.weight` (and `name.bias` when `bias`), initialised N(0, std²) / zeros.
-    pub fn new(pb: &ParamBuilder, in_dim: usize, out_dim: usize, bias: bool, std: f32) -> Result<Self> {
+    pub fn new(
+        pb: &ParamBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        std: f32,
+    ) -> Result<Self> {
         let weight = pb.get((out_dim, in_dim), "weight", Init::Normal { std })?;
         let bias = if bias {
             Some(pb.get(out_dim, "bias", Init::Zeros)?)

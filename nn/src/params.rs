@@ -272,12 +272,18 @@ mod tests {
     fn same_seed_same_weights_and_order_independent() {
         let a = ParamStore::new();
         let pa = ParamBuilder::fresh(&a, 5, &Device::Cpu);
-        let x1 = pa.pp("l1").get((3, 4), "weight", Init::Normal { std: 0.02 }).unwrap();
+        let x1 = pa
+            .pp("l1")
+            .get((3, 4), "weight", Init::Normal { std: 0.02 })
+            .unwrap();
         let _ = pa.pp("l2").get((2,), "bias", Init::Zeros).unwrap();
         let b = ParamStore::new();
         let pb = ParamBuilder::fresh(&b, 5, &Device::Cpu);
         let _ = pb.pp("l2").get((2,), "bias", Init::Zeros).unwrap();
-        let y1 = pb.pp("l1").get((3, 4), "weight", Init::Normal { std: 0.02 }).unwrap();
+        let y1 = pb
+            .pp("l1")
+            .get((3, 4), "weight", Init::Normal { std: 0.02 })
+            .unwrap();
         assert_eq!(x1.to_vec2::<f32>().unwrap(), y1.to_vec2::<f32>().unwrap());
         assert_eq!(a.trainable_vars().len(), 2);
         assert_eq!(a.count(""), 14);
@@ -289,14 +295,29 @@ mod tests {
         let src = WeightSource::from_tensors("w.safetensors", HashMap::from([("m.w".into(), t)]));
         let store = ParamStore::new();
         let pb = ParamBuilder::new(&store, Arc::new(src), 0, &Device::Cpu);
-        let frozen = pb.pp("m").trainable(false).get((2, 2), "w", Init::Zeros).unwrap();
+        let frozen = pb
+            .pp("m")
+            .trainable(false)
+            .get((2, 2), "w", Init::Zeros)
+            .unwrap();
         assert!(!frozen.is_variable());
         assert!(store.trainable_vars().is_empty());
         let store2 = ParamStore::new();
         let pb2 = ParamBuilder::new(&store2, pb.source.clone(), 0, &Device::Cpu);
-        let err = pb2.pp("m").get((3, 2), "w", Init::Zeros).unwrap_err().to_string();
-        assert!(err.contains("m.w") && err.contains("w.safetensors") && err.contains("[3, 2]"), "{err}");
-        let err = pb2.strict(true).get((1,), "absent", Init::Zeros).unwrap_err().to_string();
+        let err = pb2
+            .pp("m")
+            .get((3, 2), "w", Init::Zeros)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("m.w") && err.contains("w.safetensors") && err.contains("[3, 2]"),
+            "{err}"
+        );
+        let err = pb2
+            .strict(true)
+            .get((1,), "absent", Init::Zeros)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("absent") && err.contains("missing"), "{err}");
     }
 }

@@ -199,7 +199,10 @@ mod tests {
     fn save_load_round_trip_and_truncation_error() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(SAFETENSORS_SINGLE);
-        let t = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((2, 3)).unwrap();
+        let t = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
         let map = BTreeMap::from([("a.weight".to_string(), t.clone())]);
         save_safetensors(&map, &path).unwrap();
         let src = WeightSource::from_dir(dir.path(), &Device::Cpu).unwrap();
@@ -208,14 +211,18 @@ mod tests {
 
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 5]).unwrap();
-        let err = WeightSource::from_dir(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        let err = WeightSource::from_dir(dir.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("model.safetensors"), "{err}");
     }
 
     #[test]
     fn missing_weights_name_the_directory() {
         let dir = tempfile::tempdir().unwrap();
-        let err = WeightSource::from_dir(dir.path(), &Device::Cpu).unwrap_err().to_string();
+        let err = WeightSource::from_dir(dir.path(), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no weights found"), "{err}");
     }
 }
