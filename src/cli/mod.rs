@@ -1,23 +1,34 @@
 //! The `mmkd` command line: one module per subcommand, this file only dispatches.
 
+pub mod generate;
+pub mod inspect;
+pub mod score;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "mmkd",
-    version,
-    about = "Distil multimodal LLMs (LLaVA-KD) from the command line"
-)]
+#[command(name = "mmkd", version, about = "Distil multimodal LLMs (LLaVA-KD) from the command line")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Architecture, parameters per module, dtype, image tokens per image.
+    Inspect(inspect::InspectArgs),
+    /// Log-probability of each answer token given image and prompt.
+    Score(score::ScoreArgs),
+    /// Generate an answer to a prompt about an image.
+    Generate(generate::GenerateArgs),
+}
 
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
-    match cli.command {}
+    match cli.command {
+        Command::Inspect(args) => inspect::run(args),
+        Command::Score(args) => score::run(args),
+        Command::Generate(args) => generate::run(args),
+    }
 }

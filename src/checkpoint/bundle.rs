@@ -1,0 +1,98 @@
+//! A model with what it needs to read inputs: its tokenizer and image processor.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use mmkd_vision::ImageProcessor;
+use tokenizers::Tokenizer;
+
+use super::load_llava;
+use crate::models::llava::{BuildOptions, LlavaModel};
+
+pub struct ModelBundle {
+    pub model: LlavaModel,
+    pub dir: PathBuf,
+    pub tokenizer: Tokenizer,
+    pub processor: ImageProcessor,
+}
+
+impl ModelBundle {
+    /// Loads model, tokenizer and image processor from a directory or hub id.
+    pub fn load(spec: &str, options: &BuildOptions) -> Result<Self> {
+        let (model, dir) = load_llava(spec, options)?;
+        let tokenizer = load_tokenizer(&dir)?;
+        let processor = load_processor(&dir)?;
+        Ok(Self {
+            model,
+            dir,
+            tokenizer,
+            processor,
+        })
+    }
+
+    /// Token ids of `text` without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| anyhow::anyhow!("decoding {ids:?}: {e}"))
+    }
+
+    /// Preprocessed pixel values `[n, 3, H, W]` for image files.
+    pub fn pixel_values(&self, images: &[PathBuf]) -> Result<Tensor> {
+        let arrays = images
+            .iter()
+            .map(|p| self.processor.preprocess_file(p))
+            .collect::<Result<Vec<_>>>()?;
+        mmkd_vision::to_tensor(&arrays, self.model.device())
+    }
+
+    /// The image block: `tokens_per_image` copies of the image token.
+    pub fn image_block(&self) -> Vec<u32> {
+        vec![self.model.image_token_id(); self.model.tokens_per_image()]
+    }
+
+    /// The id of a special token such as `<|endoftext|>`, if the tokenizer has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+}
+
+pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        bail!("{} does not exist: the checkpoint has no tokenizer", path.display());
+    }
+    Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("cannot read tokenizer {}: {e}", path.display()))
+}
+
+/// The image processor: `preprocessor_config.json`, or the `image_processor` entry of
+/// `processor_config.json` (what transformers 5 writes).
+pub fn load_processor(dir: &Path) -> Result<ImageProcessor> {
+    let pre = dir.join("preprocessor_config.json");
+    if pre.exists() {
+        return ImageProcessor::from_file(&pre);
+    }
+    let proc = dir.join("processor_config.json");
+    if proc.exists() {
+        let text = std::fs::read_to_string(&proc).with_context(|| format!("reading {}", proc.display()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", proc.display()))?;
+        let inner = value
+            .get("image_processor")
+            .with_context(|| format!("{} has no `image_processor` entry", proc.display()))?;
+        return ImageProcessor::from_json_value(inner).with_context(|| format!("in {}", proc.display()));
+    }
+    bail!(
+        "no image processor config in {} (neither preprocessor_config.json nor processor_config.json)",
+        dir.display()
+    )
+}

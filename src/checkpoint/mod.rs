@@ -1,0 +1,117 @@
+//! Hugging Face LLaVA checkpoint directories: load (current or legacy key layout, single or
+//! sharded safetensors), compose from separate vision and LLM checkpoints, and save in the layout
+//! `transformers.LlavaForConditionalGeneration.from_pretrained` loads.
+
+pub mod bundle;
+pub mod hub;
+pub mod layout;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use mmkd_nn::weights::{save_safetensors, SAFETENSORS_SINGLE};
+use mmkd_nn::WeightSource;
+
+use crate::models::llava::{BuildOptions, LlavaModel};
+use crate::models::llava_config::LlavaConfig;
+
+/// Files besides config and weights that make a checkpoint usable (tokenizer, processor).
+pub const ASSET_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+];
+
+/// Reads `DIR/config.json` as a LLaVA config.
+pub fn read_config(dir: &Path) -> Result<LlavaConfig> {
+    let path = dir.join("config.json");
+    anyhow::ensure!(path.exists(), "{} does not exist", path.display());
+    LlavaConfig::from_file(&path)
+}
+
+/// Loads the weights of a LLaVA checkpoint directory, renamed to the current layout.
+pub fn read_weights(dir: &Path, device: &candle_core::Device) -> Result<WeightSource> {
+    let mut source = WeightSource::from_dir(dir, device)?;
+    source.rename(layout::llava_key);
+    Ok(source)
+}
+
+/// Loads a LLaVA model from a local directory or hub id.
+pub fn load_llava(model: &str, options: &BuildOptions) -> Result<(LlavaModel, PathBuf)> {
+    let dir = hub::resolve_model(model)?;
+    let config = read_config(&dir)?;
+    let weights = read_weights(&dir, &options.device)?;
+    let llava = LlavaModel::build(&config, Arc::new(weights), options)
+        .with_context(|| format!("loading the model in {}", dir.display()))?;
+    Ok((llava, dir))
+}
+
+/// Saves `model` to `out` (config, weights, and the tokenizer/processor files copied from
+/// `assets`), atomically: written to a temporary sibling directory, then renamed into place.
+pub fn save_llava(model: &LlavaModel, out: &Path, assets: Option<&Path>) -> Result<()> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let name = out
+        .file_name()
+        .with_context(|| format!("{} has no directory name", out.display()))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+
+    let mut config = model.config.clone();
+    // mmkd never builds SigLIP's pooling head; say so, or transformers would expect its weights.
+    if config.vision_config.kind == mmkd_vision::config::VisionKind::Siglip {
+        config
+            .vision_config
+            .extra
+            .insert("vision_use_head".into(), serde_json::Value::Bool(false));
+    }
+    config.extra.insert(
+        "architectures".into(),
+        serde_json::json!(["LlavaForConditionalGeneration"]),
+    );
+    std::fs::write(tmp.join("config.json"), config.to_json_string()?)?;
+    let tensors = model
+        .store
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| (layout::saved_key(&name), t))
+        .collect();
+    save_safetensors(&tensors, &tmp.join(SAFETENSORS_SINGLE))?;
+    if let Some(assets) = assets {
+        for file in ASSET_FILES {
+            let src = assets.join(file);
+            if src.exists() {
+                std::fs::copy(&src, tmp.join(file))
+                    .with_context(|| format!("copying {}", src.display()))?;
+            }
+        }
+    }
+    replace_dir(&tmp, out)
+}
+
+/// Moves `tmp` to `out`, replacing any previous `out` only once the new one is complete.
+pub fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
+    if out.exists() {
+        let old = out.with_extension(format!("old-{}", std::process::id()));
+        std::fs::rename(out, &old).with_context(|| format!("moving aside {}", out.display()))?;
+        std::fs::rename(tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    } else {
+        std::fs::rename(tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,64 @@
+//! `mmkd generate`: answer a prompt about an image (greedy by default, or sampled with a seed).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::checkpoint::bundle::ModelBundle;
+use crate::generate::{generate, GenerationConfig};
+use crate::models::llava::{BuildOptions, Trainable};
+use crate::prompt::{PromptLayout, TemplateName};
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    pub model: String,
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value = "plain")]
+    pub template: TemplateName,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    /// 0 = greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the generated token ids too.
+    #[arg(long)]
+    pub show_ids: bool,
+}
+
+pub fn run(args: GenerateArgs) -> Result<()> {
+    let bundle = ModelBundle::load(&args.model, &BuildOptions::new(Trainable::NONE, 0))?;
+    let layout = PromptLayout::new(&bundle, args.template, &args.prompt, args.image.is_some())?;
+    let pixels = args
+        .image
+        .as_ref()
+        .map(|p| bundle.pixel_values(std::slice::from_ref(p)))
+        .transpose()?;
+    let cfg = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        stop_token_ids: layout.stop_token_ids(&bundle),
+        ..Default::default()
+    };
+    let decode = |ids: &[u32]| bundle.decode(ids).unwrap_or_default();
+    let out = generate(&bundle.model, &[layout.prompt_ids().to_vec()], pixels.as_ref(), &cfg, &decode)?;
+    let ids = &out[0];
+    println!("{}", bundle.decode(ids)?);
+    if args.show_ids {
+        println!("{ids:?}");
+    }
+    Ok(())
+}

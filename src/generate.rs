@@ -1,0 +1,227 @@
+//! Batched generation with a KV cache: greedy, or temperature / top-k / top-p sampling from a
+//! seeded RNG; stop tokens and stop strings; a token budget.
+
+use anyhow::{ensure, Result};
+use candle_core::{DType, Tensor, D};
+use mmkd_nn::SeededRng;
+
+use crate::models::llava::{LlavaModel, TokenBatch};
+
+#[derive(Clone, Debug)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    /// 0 → greedy.
+    pub temperature: f32,
+    /// Nucleus threshold in (0, 1]; 1 disables it.
+    pub top_p: f32,
+    /// Keep the k most likely tokens; 0 disables it.
+    pub top_k: usize,
+    pub seed: u64,
+    pub stop_token_ids: Vec<u32>,
+    /// Generation of a sequence stops once its decoded text contains one of these (the string
+    /// itself is cut from the returned text by the caller that decodes).
+    pub stop_strings: Vec<String>,
+    /// Whether to reuse keys/values between steps (always true outside equivalence tests).
+    pub use_cache: bool,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 64,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            use_cache: true,
+        }
+    }
+}
+
+/// Left-pads prompts (so every row's next token comes at the same column), with position ids
+/// counting real tokens only.
+fn left_padded(prompts: &[Vec<u32>], pad_id: u32) -> (TokenBatch, Vec<Vec<u32>>) {
+    let len = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::new();
+    let mut mask = Vec::new();
+    let mut positions = Vec::new();
+    for p in prompts {
+        let pad = len - p.len();
+        let mut row = vec![pad_id; pad];
+        row.extend_from_slice(p);
+        ids.push(row);
+        mask.push((0..len).map(|t| u8::from(t >= pad)).collect());
+        positions.push((0..len).map(|t| t.saturating_sub(pad) as u32).collect());
+    }
+    (TokenBatch { ids, mask }, positions)
+}
+
+/// Generates continuations of `prompts` (token ids with image blocks already expanded);
+/// `pixel_values` holds the batch's images in prompt order. Returns only the new tokens,
+/// without the stop token.
+pub fn generate(
+    model: &LlavaModel,
+    prompts: &[Vec<u32>],
+    pixel_values: Option<&Tensor>,
+    cfg: &GenerationConfig,
+    decode: &dyn Fn(&[u32]) -> String,
+) -> Result<Vec<Vec<u32>>> {
+    ensure!(!prompts.is_empty(), "nothing to generate from: no prompts");
+    ensure!(prompts.iter().all(|p| !p.is_empty()), "empty prompt");
+    let device = model.device();
+    let (batch, positions) = left_padded(prompts, 0);
+    let b = batch.batch_size();
+    let mut rng = SeededRng::new(cfg.seed);
+    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    let mut key_mask = batch.mask.clone();
+    let mut next_pos: Vec<u32> = positions.iter().map(|p| p.last().copied().unwrap_or(0) + 1).collect();
+
+    let (prompt_embeds, _) = model.embed(&batch, pixel_values)?;
+    let prompt_embeds = prompt_embeds.detach();
+    let mut cache = cfg.use_cache.then(|| model.new_cache());
+    let pos = to_positions(&positions, device)?;
+    let hidden = model
+        .lm
+        .forward_hidden(&prompt_embeds, &key_mask, &pos, cache.as_mut())?;
+    let mut all_embeds = prompt_embeds;
+    let mut all_positions = positions;
+    let mut last_logits = model.lm.logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?)?.squeeze(1)?;
+
+    for _ in 0..cfg.max_new_tokens {
+        let next = pick_tokens(&last_logits, cfg, &mut rng)?;
+        for (row, &tok) in next.iter().enumerate() {
+            if done[row] {
+                continue;
+            }
+            if cfg.stop_token_ids.contains(&tok) {
+                done[row] = true;
+                continue;
+            }
+            outputs[row].push(tok);
+            if !cfg.stop_strings.is_empty() {
+                let text = decode(&outputs[row]);
+                if cfg.stop_strings.iter().any(|s| text.contains(s.as_str())) {
+                    done[row] = true;
+                }
+            }
+        }
+        if done.iter().all(|&d| d) {
+            break;
+        }
+        let ids = Tensor::from_vec(next.clone(), (b, 1), device)?;
+        let step_embeds = model.lm.embed(&ids)?;
+        for (row, mask) in key_mask.iter_mut().enumerate() {
+            mask.push(1);
+            all_positions[row].push(next_pos[row]);
+            next_pos[row] += 1;
+        }
+        let hidden = match cache.as_mut() {
+            Some(cache) => {
+                let step_pos: Vec<Vec<u32>> = all_positions.iter().map(|p| vec![*p.last().unwrap_or(&0)]).collect();
+                model
+                    .lm
+                    .forward_hidden(&step_embeds, &key_mask, &to_positions(&step_pos, device)?, Some(cache))?
+            }
+            None => {
+                all_embeds = Tensor::cat(&[&all_embeds, &step_embeds], 1)?;
+                model
+                    .lm
+                    .forward_hidden(&all_embeds, &key_mask, &to_positions(&all_positions, device)?, None)?
+            }
+        };
+        last_logits = model.lm.logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?)?.squeeze(1)?;
+    }
+    Ok(outputs)
+}
+
+fn to_positions(rows: &[Vec<u32>], device: &candle_core::Device) -> Result<Tensor> {
+    let s = rows.first().map(Vec::len).unwrap_or(0);
+    let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+    Ok(Tensor::from_vec(flat, (rows.len(), s), device)?)
+}
+
+/// One token per row from `[b, vocab]` logits.
+fn pick_tokens(logits: &Tensor, cfg: &GenerationConfig, rng: &mut SeededRng) -> Result<Vec<u32>> {
+    if cfg.temperature <= 0.0 {
+        return Ok(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
+    }
+    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    Ok(rows
+        .iter()
+        .map(|row| sample_row(row, cfg, rng))
+        .collect())
+}
+
+fn sample_row(logits: &[f32], cfg: &GenerationConfig, rng: &mut SeededRng) -> u32 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l - max) / cfg.temperature).exp()))
+        .collect();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if cfg.top_k > 0 {
+        probs.truncate(cfg.top_k);
+    }
+    let total: f32 = probs.iter().map(|p| p.1).sum();
+    if cfg.top_p < 1.0 {
+        let mut cumulative = 0.0;
+        let mut keep = 0;
+        for (_, p) in &probs {
+            keep += 1;
+            cumulative += p / total;
+            if cumulative >= cfg.top_p {
+                break;
+            }
+        }
+        probs.truncate(keep.max(1));
+    }
+    let total: f32 = probs.iter().map(|p| p.1).sum();
+    let mut u = rng.uniform() * total;
+    for (id, p) in &probs {
+        if u < *p {
+            return *id;
+        }
+        u -= p;
+    }
+    probs.last().map(|p| p.0).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_respects_top_k_and_is_seeded() {
+        let logits = [0.0f32, 5.0, 4.9, -3.0];
+        let cfg = GenerationConfig {
+            temperature: 1.0,
+            top_k: 2,
+            ..Default::default()
+        };
+        let mut a = SeededRng::new(1);
+        let mut b = SeededRng::new(1);
+        let xs: Vec<u32> = (0..50).map(|_| sample_row(&logits, &cfg, &mut a)).collect();
+        let ys: Vec<u32> = (0..50).map(|_| sample_row(&logits, &cfg, &mut b)).collect();
+        assert_eq!(xs, ys);
+        assert!(xs.iter().all(|&t| t == 1 || t == 2));
+        assert!(xs.contains(&1) && xs.contains(&2));
+        let nucleus = GenerationConfig {
+            temperature: 1.0,
+            top_p: 0.1,
+            ..Default::default()
+        };
+        assert!((0..20).all(|_| sample_row(&logits, &nucleus, &mut a) == 1));
+    }
+
+    #[test]
+    fn left_padding_counts_positions_from_the_first_real_token() {
+        let (batch, pos) = left_padded(&[vec![7, 8, 9], vec![5]], 0);
+        assert_eq!(batch.ids, vec![vec![7, 8, 9], vec![0, 0, 5]]);
+        assert_eq!(batch.mask, vec![vec![1, 1, 1], vec![0, 0, 1]]);
+        assert_eq!(pos, vec![vec![0, 1, 2], vec![0, 0, 0]]);
+    }
+}

@@ -1,0 +1,229 @@
+//! LLaVA assembly: vision tower → feature selection → projector → splice into the language
+//! model's input embeddings → decoder → logits at every position.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use mmkd_nn::{ParamBuilder, ParamStore, WeightSource};
+use mmkd_vision::select::FeatureSelect;
+use mmkd_vision::tower::VisionTower;
+
+use super::decoder::{arange_positions, CausalLm, KvCache};
+use super::llava_config::LlavaConfig;
+use super::projector::Projector;
+use super::splice::{splice_image_features, VisualPositions};
+
+/// Prefixes of the three modules in the checkpoint (transformers ≥ 5 layout).
+pub const VISION_PREFIX: &str = "model.vision_tower";
+pub const PROJECTOR_PREFIX: &str = "model.multi_modal_projector";
+pub const LM_PREFIX: &str = "model.language_model";
+
+/// Which modules get trainable parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Trainable {
+    pub vision: bool,
+    pub projector: bool,
+    pub llm: bool,
+}
+
+impl Trainable {
+    pub const NONE: Self = Self { vision: false, projector: false, llm: false };
+    pub const ALL: Self = Self { vision: true, projector: true, llm: true };
+    pub const PROJECTOR: Self = Self { vision: false, projector: true, llm: false };
+    pub const PROJECTOR_AND_LLM: Self = Self { vision: false, projector: true, llm: true };
+}
+
+/// How to build a model's parameters.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    pub trainable: Trainable,
+    /// Seed for parameters absent from the weights.
+    pub seed: u64,
+    /// Dtype of frozen modules (f32, or f16/bf16 to save memory).
+    pub frozen_dtype: DType,
+    /// Which module prefixes must be present in the weights (others may be freshly initialised).
+    pub require: Vec<&'static str>,
+    pub device: Device,
+}
+
+impl BuildOptions {
+    pub fn new(trainable: Trainable, seed: u64) -> Self {
+        Self {
+            trainable,
+            seed,
+            frozen_dtype: DType::F32,
+            require: vec![VISION_PREFIX, PROJECTOR_PREFIX, LM_PREFIX],
+            device: Device::Cpu,
+        }
+    }
+}
+
+/// A padded batch of token sequences (right padding for training and scoring).
+#[derive(Clone, Debug)]
+pub struct TokenBatch {
+    pub ids: Vec<Vec<u32>>,
+    /// 1 for real tokens, 0 for padding.
+    pub mask: Vec<Vec<u8>>,
+}
+
+impl TokenBatch {
+    /// Pads `seqs` on the right with `pad_id`.
+    pub fn right_padded(seqs: &[Vec<u32>], pad_id: u32) -> Self {
+        let len = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let ids = seqs
+            .iter()
+            .map(|s| {
+                let mut row = s.clone();
+                row.resize(len, pad_id);
+                row
+            })
+            .collect();
+        let mask = seqs
+            .iter()
+            .map(|s| (0..len).map(|t| u8::from(t < s.len())).collect())
+            .collect();
+        Self { ids, mask }
+    }
+
+    pub fn batch_size(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn seq_len(&self) -> usize {
+        self.ids.first().map(Vec::len).unwrap_or(0)
+    }
+}
+
+/// Everything a loss needs from one forward pass.
+pub struct LlavaOutput {
+    /// Final-norm hidden states `[b, s, hidden]`.
+    pub hidden: Tensor,
+    /// Logits `[b, s, vocab]` at every position.
+    pub logits: Tensor,
+    /// Image-token positions of each sample (for L_vis and RDist).
+    pub visual: VisualPositions,
+}
+
+pub struct LlavaModel {
+    pub config: LlavaConfig,
+    pub store: ParamStore,
+    pub vision: VisionTower,
+    pub selection: FeatureSelect,
+    pub projector: Projector,
+    pub lm: CausalLm,
+    trainable: Trainable,
+    device: Device,
+}
+
+impl LlavaModel {
+    /// Builds the model from `config`, loading what `source` holds (already in the current key
+    /// layout) and initialising the rest from `options.seed`.
+    pub fn build(config: &LlavaConfig, source: Arc<WeightSource>, options: &BuildOptions) -> Result<Self> {
+        let store = ParamStore::new();
+        let root = ParamBuilder::new(&store, source, options.seed, &options.device)
+            .frozen_dtype(options.frozen_dtype);
+        let module = |prefix: &'static str, trainable: bool| {
+            root.pp(prefix)
+                .trainable(trainable)
+                .strict(options.require.contains(&prefix))
+        };
+        let t = options.trainable;
+        let vision = VisionTower::new(&module(VISION_PREFIX, t.vision), &config.vision_config)
+            .context("building the vision tower")?;
+        let selection = config.feature_selection()?;
+        let projector = Projector::new(
+            &module(PROJECTOR_PREFIX, t.projector),
+            config.projector_type,
+            selection.feature_dim(&config.vision_config),
+            config.text_config.hidden_size,
+            config.multimodal_projector_bias,
+            config.projector_hidden_act,
+        )
+        .context("building the projector")?;
+        let lm_pb = module(LM_PREFIX, t.llm);
+        // lm_head sits at the top level (`lm_head.weight`) but belongs to the LLM.
+        let head_pb = root
+            .trainable(t.llm)
+            .strict(options.require.contains(&LM_PREFIX));
+        let lm = CausalLm::new(&lm_pb, &head_pb, &config.text_config).context("building the language model")?;
+        Ok(Self {
+            config: config.clone(),
+            store,
+            vision,
+            selection,
+            projector,
+            lm,
+            trainable: t,
+            device: options.device.clone(),
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn trainable(&self) -> Trainable {
+        self.trainable
+    }
+
+    pub fn image_token_id(&self) -> u32 {
+        self.config.image_token_id
+    }
+
+    /// Visual tokens each image occupies in the text.
+    pub fn tokens_per_image(&self) -> usize {
+        self.selection.tokens_per_image(&self.config.vision_config)
+    }
+
+    /// Projected features `[n, tokens, hidden]` for pixel values `[n, 3, H, W]`.
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let pixels = pixel_values.to_dtype(self.vision_dtype())?;
+        let out = self.vision.forward(&pixels)?;
+        let mut features = self.selection.select(&out)?.to_dtype(DType::F32)?;
+        if !self.trainable.vision {
+            // Nothing upstream is trainable: cut the graph so backward stops here.
+            features = features.detach();
+        }
+        let projected = self.projector.forward(&features)?;
+        Ok(projected)
+    }
+
+    fn vision_dtype(&self) -> DType {
+        self.store
+            .get(&format!("{VISION_PREFIX}.vision_model.embeddings.patch_embedding.weight"))
+            .map(|p| p.tensor.dtype())
+            .unwrap_or(DType::F32)
+    }
+
+    /// Input embeddings with image features spliced in.
+    pub fn embed(&self, batch: &TokenBatch, pixel_values: Option<&Tensor>) -> Result<(Tensor, VisualPositions)> {
+        let visual = VisualPositions::find(&batch.ids, self.config.image_token_id);
+        // Image positions are overwritten; look up id 0 there so ids beyond the vocabulary work.
+        let lookup: Vec<u32> = batch
+            .ids
+            .iter()
+            .flatten()
+            .map(|&t| if t == self.config.image_token_id { 0 } else { t })
+            .collect();
+        let ids = Tensor::from_vec(lookup, (batch.batch_size(), batch.seq_len()), &self.device)?;
+        let text = self.lm.embed(&ids)?;
+        let features = pixel_values.map(|p| self.image_features(p)).transpose()?;
+        let embeds = splice_image_features(&text, &visual, features.as_ref())?;
+        Ok((embeds, visual))
+    }
+
+    /// Full forward of a right-padded batch: hidden states and logits at every position.
+    pub fn forward(&self, batch: &TokenBatch, pixel_values: Option<&Tensor>) -> Result<LlavaOutput> {
+        let (embeds, visual) = self.embed(batch, pixel_values)?;
+        let positions = arange_positions(batch.batch_size(), batch.seq_len(), 0, &self.device)?;
+        let hidden = self.lm.forward_hidden(&embeds, &batch.mask, &positions, None)?;
+        let logits = self.lm.logits(&hidden)?;
+        Ok(LlavaOutput { hidden, logits, visual })
+    }
+
+    /// A fresh KV cache for generation.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.lm.num_layers())
+    }
+}
