@@ -121,15 +121,9 @@ impl Divergence {
             .affine(scale, 0.0)?;
         let log_q = log_softmax(&s)?;
         let log_p = log_softmax(&t)?;
-        match *self {
+        match self.without_degenerate_mixture() {
             Divergence::ForwardKl => kl_rows(&log_p.exp()?, &log_p, &log_q),
             Divergence::ReverseKl => kl_rows(&log_q.exp()?, &log_q, &log_p),
-            Divergence::GeneralizedJsd { beta } if beta == 0.0 => {
-                kl_rows(&log_p.exp()?, &log_p, &log_q)
-            }
-            Divergence::GeneralizedJsd { beta } if beta == 1.0 => {
-                kl_rows(&log_q.exp()?, &log_q, &log_p)
-            }
             Divergence::GeneralizedJsd { beta } => {
                 let log_m = log_mixture(&log_p, beta, &log_q, 1.0 - beta)?;
                 let to_teacher = kl_rows(&log_p.exp()?, &log_p, &log_m)?;
@@ -144,20 +138,27 @@ impl Divergence {
                 .abs()?
                 .sum(D::Minus1)?
                 .affine(0.5, 0.0),
-            Divergence::SkewForwardKl { alpha } if alpha == 0.0 => {
-                kl_rows(&log_p.exp()?, &log_p, &log_q)
-            }
             Divergence::SkewForwardKl { alpha } => {
                 let log_m = log_mixture(&log_p, alpha, &log_q, 1.0 - alpha)?;
                 kl_rows(&log_p.exp()?, &log_p, &log_m)
-            }
-            Divergence::SkewReverseKl { alpha } if alpha == 0.0 => {
-                kl_rows(&log_q.exp()?, &log_q, &log_p)
             }
             Divergence::SkewReverseKl { alpha } => {
                 let log_m = log_mixture(&log_q, alpha, &log_p, 1.0 - alpha)?;
                 kl_rows(&log_q.exp()?, &log_q, &log_m)
             }
+        }
+    }
+
+    /// The same divergence with end points whose mixture weight is 0 written as the plain KL
+    /// they equal (by definition for JSD, exactly for skew KL), so log-mixtures never see
+    /// log 0.
+    fn without_degenerate_mixture(&self) -> Divergence {
+        match *self {
+            Divergence::GeneralizedJsd { beta: 0.0 } => Divergence::ForwardKl,
+            Divergence::GeneralizedJsd { beta: 1.0 } => Divergence::ReverseKl,
+            Divergence::SkewForwardKl { alpha: 0.0 } => Divergence::ForwardKl,
+            Divergence::SkewReverseKl { alpha: 0.0 } => Divergence::ReverseKl,
+            other => other,
         }
     }
 
