@@ -3,10 +3,14 @@
 //! - [`models`]: differentiable Qwen2/Llama decoders, the LLaVA projector, splice and assembly.
 //! - [`checkpoint`]: Hugging Face LLaVA checkpoint directories (load, compose, save, hub).
 //! - [`generate`]: batched KV-cached generation.
+//! - [`distill`]: the divergence family, MDist (L_res, L_vis), RDist and cross-entropy.
+//! - [`train`]: AdamW with parameter groups, gradient clipping/accumulation, LR schedules.
 //! - [`cli`]: the `mmkd` command line.
 
 pub mod checkpoint;
 pub mod cli;
+pub mod distill;
 pub mod generate;
 pub mod models;
 pub mod prompt;
+pub mod train;

@@ -8,7 +8,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "mmkd", version, about = "Distil multimodal LLMs (LLaVA-KD) from the command line")]
+#[command(
+    name = "mmkd",
+    version,
+    about = "Distil multimodal LLMs (LLaVA-KD) from the command line"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

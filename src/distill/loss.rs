@@ -1,0 +1,414 @@
+//! The training objective of every stage: masked next-token cross-entropy, plus (in the
+//! distillation stages) L = L_ce + α·L_res + β·L_vis + γ·L_rel.
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Tensor, D};
+use serde::{Deserialize, Serialize};
+
+use super::divergence::Divergence;
+use super::logprob::{compute_dtype, log_softmax};
+use super::mdist::{check_labels, check_pair, rows_loss};
+use super::positions::{gather_rows, response_rows, visual_rows, ResponseRows};
+use super::rdist::{relation_loss, relation_loss_from_hidden};
+
+/// Distillation loss settings. Defaults are the paper's: forward KL at T = 1 without T²,
+/// (α, β, γ) = (1.0, 1.0, 0.5).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistillLossConfig {
+    pub divergence: Divergence,
+    /// Softmax temperature T applied to both teacher and student logits.
+    pub temperature: f64,
+    /// Multiply the divergence terms (L_res, L_vis) by T², as in Hinton et al., so their
+    /// gradient scale does not shrink with T. LLaVA-KD and TRL do not.
+    pub t2_scaling: bool,
+    /// Weight α of L_res.
+    pub alpha_res: f64,
+    /// Weight β of L_vis.
+    pub beta_vis: f64,
+    /// Weight γ of L_rel.
+    pub gamma_rel: f64,
+}
+
+impl Default for DistillLossConfig {
+    fn default() -> Self {
+        Self {
+            divergence: Divergence::ForwardKl,
+            temperature: 1.0,
+            t2_scaling: false,
+            alpha_res: 1.0,
+            beta_vis: 1.0,
+            gamma_rel: 0.5,
+        }
+    }
+}
+
+impl DistillLossConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.divergence.validate()?;
+        ensure!(
+            self.temperature.is_finite() && self.temperature > 0.0,
+            "distillation `temperature` must be a positive number, got {}",
+            self.temperature
+        );
+        for (name, w) in [
+            ("alpha_res", self.alpha_res),
+            ("beta_vis", self.beta_vis),
+            ("gamma_rel", self.gamma_rel),
+        ] {
+            ensure!(
+                w.is_finite() && w >= 0.0,
+                "distillation weight `{name}` must be ≥ 0, got {w}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Per-row divergence of `[N, V]` logits at this temperature, times T² when enabled.
+    pub fn per_token(&self, student_rows: &Tensor, teacher_rows: &Tensor) -> Result<Tensor> {
+        let d = self
+            .divergence
+            .per_token(student_rows, teacher_rows, self.temperature)?;
+        if self.t2_scaling {
+            Ok(d.affine(self.temperature * self.temperature, 0.0)?)
+        } else {
+            Ok(d)
+        }
+    }
+}
+
+/// One batch's loss: `total` to backpropagate, each term's value for logging (`None` when the
+/// batch had nothing for that term or its weight is 0).
+#[derive(Clone, Debug)]
+pub struct LossTerms {
+    pub total: Tensor,
+    pub total_value: f32,
+    pub ce: Option<f32>,
+    pub l_res: Option<f32>,
+    pub l_vis: Option<f32>,
+    pub l_rel: Option<f32>,
+}
+
+impl LossTerms {
+    /// The loss of a stage without teacher (PT, SFT): cross-entropy only.
+    pub fn ce_only(logits: &Tensor, labels: &Tensor) -> Result<LossTerms> {
+        let ce = cross_entropy(logits, labels)?.context(
+            "the batch has no supervised token (every label is -100): nothing to train on",
+        )?;
+        let value = scalar(&ce)?;
+        Ok(LossTerms {
+            total: ce,
+            total_value: value,
+            ce: Some(value),
+            l_res: None,
+            l_vis: None,
+            l_rel: None,
+        })
+    }
+}
+
+/// Hidden states and bias-free `lm_head` weights for the cheaper relation loss
+/// (see [`relation_loss_from_hidden`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RelationHidden<'a> {
+    pub student_hidden: &'a Tensor,
+    pub student_head: &'a Tensor,
+    pub teacher_hidden: &'a Tensor,
+    pub teacher_head: &'a Tensor,
+}
+
+/// What a distillation step feeds the loss.
+#[derive(Clone, Copy, Debug)]
+pub struct DistillBatch<'a> {
+    /// `[batch, seq, vocab]`, part of the graph.
+    pub student_logits: &'a Tensor,
+    /// `[batch, seq, vocab]`; detached here.
+    pub teacher_logits: &'a Tensor,
+    /// `[batch, seq]` unshifted labels, -100 = ignored.
+    pub labels: &'a Tensor,
+    /// `[batch, seq]`, non-zero at image-token positions.
+    pub visual_mask: &'a Tensor,
+    /// When set, L_rel is computed from hidden states (same value, far cheaper for large V).
+    pub relation_hidden: Option<RelationHidden<'a>>,
+}
+
+/// L_ce + α·L_res + β·L_vis + γ·L_rel. Absent terms (no supervised token, no image, zero
+/// weight) are left out; a batch with no term at all is an error.
+pub fn distill_loss(batch: &DistillBatch<'_>, cfg: &DistillLossConfig) -> Result<LossTerms> {
+    cfg.validate()?;
+    let DistillBatch {
+        student_logits,
+        teacher_logits,
+        labels,
+        visual_mask,
+        relation_hidden,
+    } = *batch;
+    check_pair(student_logits, teacher_logits)?;
+    check_labels(student_logits, labels, "labels")?;
+    check_labels(student_logits, visual_mask, "visual mask")?;
+
+    let response = response_rows(labels)?;
+    let ce = ce_rows(student_logits, &response)?;
+    let l_res = if cfg.alpha_res > 0.0 {
+        rows_loss(student_logits, teacher_logits, &response.rows, cfg)
+            .context("response distillation loss (L_res)")?
+    } else {
+        None
+    };
+    let l_vis = if cfg.beta_vis > 0.0 {
+        rows_loss(
+            student_logits,
+            teacher_logits,
+            &visual_rows(visual_mask)?,
+            cfg,
+        )
+        .context("visual distillation loss (L_vis)")?
+    } else {
+        None
+    };
+    let l_rel = if cfg.gamma_rel > 0.0 {
+        match relation_hidden {
+            Some(h) => relation_loss_from_hidden(
+                h.student_hidden,
+                h.student_head,
+                h.teacher_hidden,
+                h.teacher_head,
+                visual_mask,
+            )?,
+            None => relation_loss(student_logits, teacher_logits, visual_mask)?,
+        }
+    } else {
+        None
+    };
+
+    let mut total: Option<Tensor> = None;
+    for (term, weight) in [
+        (&ce, 1.0),
+        (&l_res, cfg.alpha_res),
+        (&l_vis, cfg.beta_vis),
+        (&l_rel, cfg.gamma_rel),
+    ] {
+        if let Some(t) = term {
+            let weighted = t.affine(weight, 0.0)?;
+            total = Some(match total {
+                Some(acc) => acc.add(&weighted)?,
+                None => weighted,
+            });
+        }
+    }
+    let Some(total) = total else {
+        bail!("the batch has no supervised token and no visual position: nothing to train on");
+    };
+    let value = |t: &Option<Tensor>| t.as_ref().map(scalar).transpose();
+    Ok(LossTerms {
+        total_value: scalar(&total)?,
+        total,
+        ce: value(&ce)?,
+        l_res: value(&l_res)?,
+        l_vis: value(&l_vis)?,
+        l_rel: value(&l_rel)?,
+    })
+}
+
+/// Next-token cross-entropy of `[batch, seq, vocab]` logits against unshifted `[batch, seq]`
+/// labels: the logit at t is scored against `labels[t + 1]`, positions labelled -100 are
+/// skipped, and the result is the mean over the supervised tokens of the whole batch (as
+/// `torch.nn.functional.cross_entropy(..., ignore_index=-100)` on shifted tensors).
+/// `None` when no token is supervised.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Option<Tensor>> {
+    logits.dims3().with_context(|| {
+        format!(
+            "logits must be [batch, seq, vocab], got {:?}",
+            logits.dims()
+        )
+    })?;
+    check_labels(logits, labels, "labels")?;
+    ce_rows(logits, &response_rows(labels)?)
+}
+
+fn ce_rows(logits: &Tensor, response: &ResponseRows) -> Result<Option<Tensor>> {
+    if response.is_empty() {
+        return Ok(None);
+    }
+    let vocab = logits.dim(D::Minus1)?;
+    if let Some((i, &bad)) = response
+        .targets
+        .iter()
+        .enumerate()
+        .find(|(_, &t)| t as usize >= vocab)
+    {
+        let (_, seq, _) = logits.dims3()?;
+        let row = response.rows[i] as usize;
+        bail!(
+            "labels: sample {}, position {} holds token {bad}, outside the vocabulary of {vocab} logits",
+            row / seq,
+            row % seq + 1
+        );
+    }
+    let rows = gather_rows(logits, &response.rows)?;
+    let rows = rows.to_dtype(compute_dtype(&rows))?;
+    let targets = Tensor::from_slice(&response.targets, (response.len(), 1), logits.device())?;
+    let picked = log_softmax(&rows)?.gather(&targets, 1)?;
+    Ok(Some(picked.mean_all()?.neg()?))
+}
+
+fn scalar(t: &Tensor) -> Result<f32> {
+    Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
+}
+
+/// Cuts `[.., V]` logits to their first `vocab` entries, for a teacher and student whose
+/// vocabularies differ only by padding (e.g. Qwen 152064 vs 151936). Fails when `vocab` is
+/// larger than the logits' vocabulary.
+pub fn truncate_vocab(logits: &Tensor, vocab: usize) -> Result<Tensor> {
+    let have = logits.dim(D::Minus1)?;
+    ensure!(
+        vocab <= have,
+        "cannot cut logits with vocabulary {have} to {vocab}: it is larger"
+    );
+    if vocab == have {
+        return Ok(logits.clone());
+    }
+    Ok(logits.narrow(D::Minus1, 0, vocab)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+    use mmkd_nn::grad_check::finite_difference;
+
+    #[test]
+    fn config_from_toml_with_defaults() {
+        let cfg: DistillLossConfig = toml::from_str("").unwrap();
+        assert_eq!(cfg, DistillLossConfig::default());
+        let cfg: DistillLossConfig =
+            toml::from_str("divergence = { kind = \"jsd\", beta = 0.9 }\ntemperature = 2.0\nt2_scaling = true\ngamma_rel = 0.0")
+                .unwrap();
+        assert_eq!(cfg.divergence, Divergence::GeneralizedJsd { beta: 0.9 });
+        assert_eq!(
+            (
+                cfg.temperature,
+                cfg.t2_scaling,
+                cfg.alpha_res,
+                cfg.gamma_rel
+            ),
+            (2.0, true, 1.0, 0.0)
+        );
+        let err = toml::from_str::<DistillLossConfig>("alpha = 1.0")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `alpha`"), "{err}");
+        let bad = DistillLossConfig {
+            beta_vis: -1.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "distillation weight `beta_vis` must be ≥ 0, got -1"
+        );
+    }
+
+    #[test]
+    fn cross_entropy_by_hand() {
+        // One supervised token: logit row 0 of sample 0 must predict token 2.
+        let logits = Tensor::new(&[[[1.0f32, 2.0, 3.0], [0.0, 0.0, 0.0]]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[[-100i64, 2]], &Device::Cpu).unwrap();
+        let got = cross_entropy(&logits, &labels)
+            .unwrap()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let want = -(3.0f64 - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln());
+        assert!((got as f64 - want).abs() < 1e-6, "{got} vs {want}");
+    }
+
+    #[test]
+    fn cross_entropy_errors_and_none() {
+        let logits = Tensor::zeros((1, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[[-100i64, -100, 9]], &Device::Cpu).unwrap();
+        let err = cross_entropy(&logits, &labels).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "labels: sample 0, position 2 holds token 9, outside the vocabulary of 4 logits"
+        );
+        let none = Tensor::new(&[[-100i64, -100, -100]], &Device::Cpu).unwrap();
+        assert!(cross_entropy(&logits, &none).unwrap().is_none());
+        let err = LossTerms::ce_only(&logits, &none).unwrap_err().to_string();
+        assert!(err.contains("no supervised token"), "{err}");
+    }
+
+    #[test]
+    fn cross_entropy_gradient_matches_finite_differences() {
+        let data: Vec<f64> = (0..2 * 3 * 5)
+            .map(|i| (i as f64 * 0.7).sin() * 2.0)
+            .collect();
+        let x = Tensor::from_vec(data, (2, 3, 5), &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[[-100i64, 1, 4], [-100, -100, 0]], &Device::Cpu).unwrap();
+        let var = Var::from_tensor(&x).unwrap();
+        let loss = cross_entropy(var.as_tensor(), &labels).unwrap().unwrap();
+        let analytic = loss
+            .backward()
+            .unwrap()
+            .get(var.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap();
+        let numeric = finite_difference(
+            |t| {
+                cross_entropy(t, &labels)
+                    .map_err(candle_core::Error::wrap)?
+                    .unwrap()
+                    .to_scalar::<f64>()
+            },
+            &x,
+            1e-6,
+        )
+        .unwrap();
+        for (a, n) in analytic.to_vec1::<f64>().unwrap().iter().zip(&numeric) {
+            assert!((a - n).abs() < 1e-8, "analytic {a} vs numeric {n}");
+        }
+    }
+
+    #[test]
+    fn zero_weights_skip_terms_and_empty_batches_fail() {
+        let s = Tensor::new(&[[[1.0f32, 2.0], [0.5, 0.1]]], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[[[0.0f32, 1.0], [2.0, 0.1]]], &Device::Cpu).unwrap();
+        let labels = Tensor::new(&[[-100i64, -100]], &Device::Cpu).unwrap();
+        let mask = Tensor::new(&[[1u8, 1]], &Device::Cpu).unwrap();
+        let batch = DistillBatch {
+            student_logits: &s,
+            teacher_logits: &t,
+            labels: &labels,
+            visual_mask: &mask,
+            relation_hidden: None,
+        };
+        let cfg = DistillLossConfig {
+            gamma_rel: 0.0,
+            ..Default::default()
+        };
+        let terms = distill_loss(&batch, &cfg).unwrap();
+        assert_eq!((terms.ce, terms.l_res, terms.l_rel), (None, None, None));
+        assert_eq!(terms.total_value, terms.l_vis.unwrap());
+        let cfg = DistillLossConfig {
+            beta_vis: 0.0,
+            gamma_rel: 0.0,
+            ..Default::default()
+        };
+        let err = distill_loss(&batch, &cfg).unwrap_err().to_string();
+        assert!(
+            err.contains("no supervised token and no visual position"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn truncate_vocab_cuts_padding_only() {
+        let x = Tensor::zeros((1, 2, 6), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(truncate_vocab(&x, 4).unwrap().dims(), &[1, 2, 4]);
+        let err = truncate_vocab(&x, 8).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "cannot cut logits with vocabulary 6 to 8: it is larger"
+        );
+    }
+}
