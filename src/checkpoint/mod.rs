@@ -3,6 +3,7 @@
 //! `transformers.LlavaForConditionalGeneration.from_pretrained` loads.
 
 pub mod bundle;
+pub mod compose;
 pub mod hub;
 pub mod layout;
 
@@ -16,17 +17,24 @@ use mmkd_nn::WeightSource;
 use crate::models::llava::{BuildOptions, LlavaModel};
 use crate::models::llava_config::LlavaConfig;
 
-/// Files besides config and weights that make a checkpoint usable (tokenizer, processor).
-pub const ASSET_FILES: &[&str] = &[
+/// Tokenizer files copied into a saved checkpoint.
+pub const TOKENIZER_FILES: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "preprocessor_config.json",
-    "processor_config.json",
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
 ];
+
+/// What a saved checkpoint needs besides config and weights.
+#[derive(Clone, Copy, Default)]
+pub struct SaveAssets<'a> {
+    /// Directory whose tokenizer files are copied.
+    pub tokenizer_dir: Option<&'a Path>,
+    /// Image processor written as `preprocessor_config.json` and `processor_config.json`.
+    pub processor: Option<&'a mmkd_vision::ImageProcessor>,
+}
 
 /// Reads `DIR/config.json` as a LLaVA config.
 pub fn read_config(dir: &Path) -> Result<LlavaConfig> {
@@ -52,9 +60,9 @@ pub fn load_llava(model: &str, options: &BuildOptions) -> Result<(LlavaModel, Pa
     Ok((llava, dir))
 }
 
-/// Saves `model` to `out` (config, weights, and the tokenizer/processor files copied from
-/// `assets`), atomically: written to a temporary sibling directory, then renamed into place.
-pub fn save_llava(model: &LlavaModel, out: &Path, assets: Option<&Path>) -> Result<()> {
+/// Saves `model` to `out` (config, weights, tokenizer and image processor), atomically: written
+/// to a temporary sibling directory, then renamed into place.
+pub fn save_llava(model: &LlavaModel, out: &Path, assets: SaveAssets<'_>) -> Result<()> {
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -91,14 +99,17 @@ pub fn save_llava(model: &LlavaModel, out: &Path, assets: Option<&Path>) -> Resu
         .map(|(name, t)| (layout::saved_key(&name), t))
         .collect();
     save_safetensors(&tensors, &tmp.join(SAFETENSORS_SINGLE))?;
-    if let Some(assets) = assets {
-        for file in ASSET_FILES {
-            let src = assets.join(file);
+    if let Some(dir) = assets.tokenizer_dir {
+        for file in TOKENIZER_FILES {
+            let src = dir.join(file);
             if src.exists() {
                 std::fs::copy(&src, tmp.join(file))
                     .with_context(|| format!("copying {}", src.display()))?;
             }
         }
+    }
+    if let Some(processor) = assets.processor {
+        write_processor_configs(&tmp, processor, model)?;
     }
     replace_dir(&tmp, out)
 }
@@ -113,5 +124,36 @@ pub fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
     } else {
         std::fs::rename(tmp, out).with_context(|| format!("renaming into {}", out.display()))?;
     }
+    Ok(())
+}
+
+/// transformers 5 reads the processor from `processor_config.json`; older versions and
+/// `AutoImageProcessor` from `preprocessor_config.json`. Both are written.
+fn write_processor_configs(
+    dir: &Path,
+    processor: &mmkd_vision::ImageProcessor,
+    model: &LlavaModel,
+) -> Result<()> {
+    let image_processor = processor.to_json();
+    std::fs::write(
+        dir.join("preprocessor_config.json"),
+        serde_json::to_string_pretty(&image_processor)?,
+    )?;
+    let additional = match model.config.vision_config.kind {
+        mmkd_vision::VisionKind::Clip => 1,
+        mmkd_vision::VisionKind::Siglip => 0,
+    };
+    let processor_config = serde_json::json!({
+        "image_processor": image_processor,
+        "image_token": "<image>",
+        "num_additional_image_tokens": additional,
+        "patch_size": model.config.vision_config.patch_size,
+        "processor_class": "LlavaProcessor",
+        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
+    });
+    std::fs::write(
+        dir.join("processor_config.json"),
+        serde_json::to_string_pretty(&processor_config)?,
+    )?;
     Ok(())
 }
