@@ -320,6 +320,12 @@ mod tests {
         let llava = json!({"model_type": "llava", "vision_config": {"hidden_size": 64, "num_attention_heads": 4}});
         let c = VisionConfig::from_json_value(&llava).unwrap();
         assert_eq!((c.kind, c.hidden_size), (VisionKind::Clip, 64));
+        let full = json!({"model_type": "siglip", "vision_config": {"hidden_size": 64, "num_attention_heads": 4}});
+        let s = VisionConfig::from_json_value(&full).unwrap();
+        assert_eq!(
+            (s.kind, s.hidden_size, s.patch_size),
+            (VisionKind::Siglip, 64, 16)
+        );
         let err = format!(
             "{:#}",
             VisionConfig::from_json_value(&json!({"model_type": "llava"})).unwrap_err()
