@@ -210,7 +210,7 @@ impl VisionConfig {
 
     /// Checks the relations between fields that the tower relies on.
     pub fn validate(&self) -> Result<()> {
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             bail!(
                 "vision config: `hidden_size` ({}) is not a multiple of `num_attention_heads` ({})",
                 self.hidden_size,
@@ -224,8 +224,11 @@ impl VisionConfig {
                 self.patch_size
             );
         }
-        if !(self.layer_norm_eps > 0.0) {
-            bail!("vision config: `layer_norm_eps` must be positive, found {}", self.layer_norm_eps);
+        if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
+            bail!(
+                "vision config: `layer_norm_eps` must be positive, found {}",
+                self.layer_norm_eps
+            );
         }
         Ok(())
     }
@@ -301,10 +304,14 @@ mod tests {
 
     #[test]
     fn defaults_follow_the_model_type() {
-        let s = VisionConfig::from_json_value(&json!({"model_type": "siglip_vision_model"})).unwrap();
+        let s =
+            VisionConfig::from_json_value(&json!({"model_type": "siglip_vision_model"})).unwrap();
         assert_eq!(s, VisionConfig::defaults(VisionKind::Siglip));
         let c = VisionConfig::from_json_value(&json!({"model_type": "clip_vision_model"})).unwrap();
-        assert_eq!((c.patch_size, c.hidden_act, c.layer_norm_eps), (32, Activation::QuickGelu, 1e-5));
+        assert_eq!(
+            (c.patch_size, c.hidden_act, c.layer_norm_eps),
+            (32, Activation::QuickGelu, 1e-5)
+        );
         assert_eq!(c.num_positions(), 50);
     }
 
@@ -313,7 +320,16 @@ mod tests {
         let llava = json!({"model_type": "llava", "vision_config": {"hidden_size": 64, "num_attention_heads": 4}});
         let c = VisionConfig::from_json_value(&llava).unwrap();
         assert_eq!((c.kind, c.hidden_size), (VisionKind::Clip, 64));
-        let err = format!("{:#}", VisionConfig::from_json_value(&json!({"model_type": "llava"})).unwrap_err());
+        let full = json!({"model_type": "siglip", "vision_config": {"hidden_size": 64, "num_attention_heads": 4}});
+        let s = VisionConfig::from_json_value(&full).unwrap();
+        assert_eq!(
+            (s.kind, s.hidden_size, s.patch_size),
+            (VisionKind::Siglip, 64, 16)
+        );
+        let err = format!(
+            "{:#}",
+            VisionConfig::from_json_value(&json!({"model_type": "llava"})).unwrap_err()
+        );
         assert!(err.contains("`vision_config`"), "{err}");
     }
 
@@ -321,15 +337,24 @@ mod tests {
     fn bad_values_name_the_key() {
         let err = format!(
             "{:#}",
-            VisionConfig::from_json_value(&json!({"model_type": "clip_vision_model", "patch_size": "8"})).unwrap_err()
+            VisionConfig::from_json_value(
+                &json!({"model_type": "clip_vision_model", "patch_size": "8"})
+            )
+            .unwrap_err()
         );
-        assert!(err.contains("`patch_size`") && err.contains("\"8\""), "{err}");
+        assert!(
+            err.contains("`patch_size`") && err.contains("\"8\""),
+            "{err}"
+        );
         let err = format!(
             "{:#}",
             VisionConfig::from_json_value(&json!({"model_type": "clip_vision_model", "hidden_size": 30, "num_attention_heads": 4}))
                 .unwrap_err()
         );
-        assert!(err.contains("`hidden_size` (30)") && err.contains("`num_attention_heads` (4)"), "{err}");
+        assert!(
+            err.contains("`hidden_size` (30)") && err.contains("`num_attention_heads` (4)"),
+            "{err}"
+        );
         let err = format!(
             "{:#}",
             VisionConfig::from_json_value(&json!({"model_type": "vit"})).unwrap_err()

@@ -26,8 +26,12 @@ pub fn load_image(path: &Path) -> Result<DynamicImage> {
     let orientation = decoder
         .orientation()
         .with_context(|| format!("cannot read the orientation of image {}", path.display()))?;
-    let mut img = DynamicImage::from_decoder(decoder)
-        .with_context(|| format!("cannot decode image {} (corrupt or truncated?)", path.display()))?;
+    let mut img = DynamicImage::from_decoder(decoder).with_context(|| {
+        format!(
+            "cannot decode image {} (corrupt or truncated?)",
+            path.display()
+        )
+    })?;
     img.apply_orientation(orientation);
     Ok(img)
 }

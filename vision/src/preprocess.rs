@@ -264,7 +264,10 @@ impl ImageProcessor {
             .find(|k| obj.get(*k).is_some_and(|v| !v.is_null()))
             .context("image processor config: missing key `image_processor_type`")?;
         let class = obj[type_key].as_str().with_context(|| {
-            format!("image processor config: `{type_key}` must be a string, found {}", obj[type_key])
+            format!(
+                "image processor config: `{type_key}` must be a string, found {}",
+                obj[type_key]
+            )
         })?;
         let kind = ProcessorKind::from_class_name(class).with_context(|| {
             format!("image processor config: unsupported `{type_key}` `{class}` (supported: SiglipImageProcessor, CLIPImageProcessor, LlavaImageProcessor)")
@@ -274,9 +277,9 @@ impl ImageProcessor {
         let flag = |k: &str, default: bool| -> Result<bool> {
             match present(k) {
                 None => Ok(default),
-                Some(v) => v
-                    .as_bool()
-                    .with_context(|| format!("image processor config: `{k}` must be true or false, found {v}")),
+                Some(v) => v.as_bool().with_context(|| {
+                    format!("image processor config: `{k}` must be true or false, found {v}")
+                }),
             }
         };
         let default_to_square = flag("default_to_square", false)?;
@@ -378,7 +381,8 @@ impl ImageProcessor {
     /// The config as a `preprocessor_config.json` object.
     pub fn to_json(&self) -> Value {
         let mut obj = self.extra.clone();
-        if !obj.contains_key("image_processor_type") && !obj.contains_key("feature_extractor_type") {
+        if !obj.contains_key("image_processor_type") && !obj.contains_key("feature_extractor_type")
+        {
             obj.insert("image_processor_type".into(), self.kind.class_name().into());
         }
         let mut put = |k: &str, v: Value| {
@@ -391,7 +395,10 @@ impl ImageProcessor {
         put("do_resize", self.do_resize.into());
         put("size", self.size.to_json());
         put("resample", self.resample.pil_code().into());
-        put("do_center_crop", self.do_center_crop.into());
+        // SigLIP's class leaves `do_center_crop` unset; keep it that way when there is no crop.
+        if self.do_center_crop || self.crop_size.is_some() {
+            put("do_center_crop", self.do_center_crop.into());
+        }
         if let Some((h, w)) = self.crop_size {
             put(
                 "crop_size",
@@ -555,9 +562,9 @@ fn center_crop(img: &Rgb8, crop_h: usize, crop_w: usize) -> Rgb8 {
 /// `size`/`crop_size` from an int, a `[height, width]` list or a dict.
 fn parse_size(v: &Value, default_to_square: bool) -> Result<ResizeTo> {
     let dim = |x: &Value, what: &str| -> Result<usize> {
-        x.as_u64()
-            .map(|n| n as usize)
-            .with_context(|| format!("image processor config: `{what}` must be a non-negative integer, found {x}"))
+        x.as_u64().map(|n| n as usize).with_context(|| {
+            format!("image processor config: `{what}` must be a non-negative integer, found {x}")
+        })
     };
     match v {
         Value::Number(_) => {
@@ -605,16 +612,21 @@ fn parse_size(v: &Value, default_to_square: bool) -> Result<ResizeTo> {
 
 fn parse_triplet(v: &Value, key: &str) -> Result<[f64; 3]> {
     let num = |x: &Value| {
-        x.as_f64()
-            .with_context(|| format!("image processor config: `{key}` must hold numbers, found {v}"))
+        x.as_f64().with_context(|| {
+            format!("image processor config: `{key}` must hold numbers, found {v}")
+        })
     };
     match v {
         Value::Number(_) => {
             let x = num(v)?;
             Ok([x; 3])
         }
-        Value::Array(items) if items.len() == 3 => Ok([num(&items[0])?, num(&items[1])?, num(&items[2])?]),
-        _ => bail!("image processor config: `{key}` must be a number or a list of 3 numbers, found {v}"),
+        Value::Array(items) if items.len() == 3 => {
+            Ok([num(&items[0])?, num(&items[1])?, num(&items[2])?])
+        }
+        _ => bail!(
+            "image processor config: `{key}` must be a number or a list of 3 numbers, found {v}"
+        ),
     }
 }
 
@@ -678,16 +690,25 @@ mod tests {
         let legacy = json!({"feature_extractor_type": "CLIPFeatureExtractor", "size": 336, "crop_size": 336, "resample": 3});
         let p = ImageProcessor::from_json_value(&legacy).unwrap();
         assert_eq!(p.kind, ProcessorKind::Clip);
-        assert_eq!(p.size, ResizeTo::ShortestEdge { shortest: 336, longest: None });
+        assert_eq!(
+            p.size,
+            ResizeTo::ShortestEdge {
+                shortest: 336,
+                longest: None
+            }
+        );
         assert_eq!(p.crop_size, Some((336, 336)));
         let back = ImageProcessor::from_json_value(&p.to_json()).unwrap();
         assert_eq!(back, p);
 
-        let err = ImageProcessor::from_json_value(&json!({"size": 3})).unwrap_err().to_string();
-        assert!(err.contains("`image_processor_type`"), "{err}");
-        let err = ImageProcessor::from_json_value(&json!({"image_processor_type": "ViTImageProcessor"}))
+        let err = ImageProcessor::from_json_value(&json!({"size": 3}))
             .unwrap_err()
             .to_string();
+        assert!(err.contains("`image_processor_type`"), "{err}");
+        let err =
+            ImageProcessor::from_json_value(&json!({"image_processor_type": "ViTImageProcessor"}))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("ViTImageProcessor"), "{err}");
         let err = ImageProcessor::from_json_value(&json!({"image_processor_type": "SiglipImageProcessor", "size": {"max_height": 3, "max_width": 4}}))
             .unwrap_err()
@@ -700,7 +721,15 @@ mod tests {
         let a = Array3::<f32>::from_shape_fn((3, 2, 2), |(c, y, x)| (c * 4 + y * 2 + x) as f32);
         let t = to_tensor(&[a.clone(), a.clone()], &Device::Cpu).unwrap();
         assert_eq!(t.dims(), &[2, 3, 2, 2]);
-        assert_eq!(t.get(1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), a.iter().copied().collect::<Vec<_>>());
+        assert_eq!(
+            t.get(1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            a.iter().copied().collect::<Vec<_>>()
+        );
         let b = Array3::<f32>::zeros((3, 2, 3));
         let err = to_tensor(&[a, b], &Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("image 1 has shape [3, 2, 3]"), "{err}");

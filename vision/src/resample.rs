@@ -160,7 +160,9 @@ fn taps(in_size: usize, out_size: usize, filter: Resample) -> Taps {
         let center = (i as f64 + 0.5) * scale;
         // Truncation toward zero then clamping, as Pillow computes the window.
         let lo = ((center - support + 0.5) as i64).max(0) as usize;
-        let hi = ((center + support + 0.5) as i64).min(in_size as i64).max(lo as i64) as usize;
+        let hi = ((center + support + 0.5) as i64)
+            .min(in_size as i64)
+            .max(lo as i64) as usize;
         let raw: Vec<f64> = (lo..hi)
             .map(|x| filter.kernel((x as f64 - center + 0.5) / filter_scale))
             .collect();
@@ -256,7 +258,11 @@ pub fn resize(src: &Rgb8, out_w: usize, out_h: usize, filter: Resample) -> Resul
         bail!("cannot resize to an empty image ({out_w}×{out_h})");
     }
     if src.width == 0 || src.height == 0 {
-        bail!("cannot resize an empty image ({}×{})", src.width, src.height);
+        bail!(
+            "cannot resize an empty image ({}×{})",
+            src.width,
+            src.height
+        );
     }
     if filter == Resample::Nearest {
         return Ok(resize_nearest(src, out_w, out_h));
@@ -280,7 +286,12 @@ mod tests {
 
     #[test]
     fn kernels_are_interpolating_at_integers() {
-        for f in [Resample::Bilinear, Resample::Bicubic, Resample::Lanczos, Resample::Hamming] {
+        for f in [
+            Resample::Bilinear,
+            Resample::Bicubic,
+            Resample::Lanczos,
+            Resample::Hamming,
+        ] {
             assert_eq!(f.kernel(0.0), 1.0, "{f:?}");
             assert!(f.kernel(1.0).abs() < 1e-12, "{f:?}");
             assert!(f.kernel(2.0).abs() < 1e-12, "{f:?}");
@@ -290,7 +301,13 @@ mod tests {
     #[test]
     fn constant_images_stay_constant_and_identity_is_exact() {
         let img = Rgb8::filled(13, 7, [10, 200, 255]);
-        for f in [Resample::Bilinear, Resample::Bicubic, Resample::Lanczos, Resample::Box, Resample::Nearest] {
+        for f in [
+            Resample::Bilinear,
+            Resample::Bicubic,
+            Resample::Lanczos,
+            Resample::Box,
+            Resample::Nearest,
+        ] {
             let out = resize(&img, 5, 11, f).unwrap();
             assert_eq!(out, Rgb8::filled(5, 11, [10, 200, 255]), "{f:?}");
         }

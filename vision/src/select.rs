@@ -83,7 +83,10 @@ impl FeatureSelect {
         };
         [
             ("vision_feature_layer", layers),
-            ("vision_feature_select_strategy", Value::from(self.strategy.as_str())),
+            (
+                "vision_feature_select_strategy",
+                Value::from(self.strategy.as_str()),
+            ),
         ]
     }
 
@@ -183,7 +186,9 @@ fn parse_layers(v: &Value) -> Result<FeatureLayers> {
             if items.is_empty() {
                 bail!("LLaVA config: `vision_feature_layer` is an empty list");
             }
-            Ok(FeatureLayers::Concat(items.iter().map(int).collect::<Result<_>>()?))
+            Ok(FeatureLayers::Concat(
+                items.iter().map(int).collect::<Result<_>>()?,
+            ))
         }
         other => Ok(FeatureLayers::Single(int(other)?)),
     }
@@ -216,15 +221,22 @@ mod tests {
         assert_eq!(d, FeatureSelect::default());
         // Default strategy drops the first token for SigLIP too (196 → 195), CLIP drops CLS.
         assert_eq!(d.tokens_per_image(&cfg), 195);
-        assert_eq!(d.tokens_per_image(&VisionConfig::defaults(VisionKind::Clip)), 49);
+        assert_eq!(
+            d.tokens_per_image(&VisionConfig::defaults(VisionKind::Clip)),
+            49
+        );
     }
 
     #[test]
     fn bad_entries_are_errors() {
-        let err = FeatureSelect::from_llava_config(&json!({"vision_feature_select_strategy": "cls"}))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("vision_feature_select_strategy") && err.contains("cls"), "{err}");
+        let err =
+            FeatureSelect::from_llava_config(&json!({"vision_feature_select_strategy": "cls"}))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("vision_feature_select_strategy") && err.contains("cls"),
+            "{err}"
+        );
         let err = FeatureSelect::from_llava_config(&json!({"vision_feature_layer": [-1, "x"]}))
             .unwrap_err()
             .to_string();
@@ -234,6 +246,9 @@ mod tests {
             strategy: SelectStrategy::Full,
         };
         let err = sel.resolve(3).unwrap_err().to_string();
-        assert!(err.contains("-4 is out of range") && err.contains("3 hidden states"), "{err}");
+        assert!(
+            err.contains("-4 is out of range") && err.contains("3 hidden states"),
+            "{err}"
+        );
     }
 }

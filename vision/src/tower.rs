@@ -244,8 +244,20 @@ impl EncoderLayer {
             },
             layer_norm2: LayerNorm::new(&pb.pp("layer_norm2"), hidden, eps)?,
             mlp: Mlp {
-                fc1: Linear::new(&mlp.pp("fc1"), hidden, cfg.intermediate_size, true, INIT_STD)?,
-                fc2: Linear::new(&mlp.pp("fc2"), cfg.intermediate_size, hidden, true, INIT_STD)?,
+                fc1: Linear::new(
+                    &mlp.pp("fc1"),
+                    hidden,
+                    cfg.intermediate_size,
+                    true,
+                    INIT_STD,
+                )?,
+                fc2: Linear::new(
+                    &mlp.pp("fc2"),
+                    cfg.intermediate_size,
+                    hidden,
+                    true,
+                    INIT_STD,
+                )?,
                 act: cfg.hidden_act,
             },
         })
@@ -265,17 +277,16 @@ impl Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (n, t, hidden) = x.dims3()?;
         let heads = |proj: &Linear| -> Result<Tensor> {
-            let y = proj.forward(x)?;
             // Half-precision softmax loses accuracy (transformers computes it in f32 too).
-            let y = if y.dtype() == DType::F32 {
-                y
-            } else {
-                y.to_dtype(DType::F32)?
-            };
+            let y = proj.forward(x)?.to_dtype(DType::F32)?;
             Ok(y.reshape((n, t, self.num_heads, self.head_dim))?
                 .transpose(1, 2)?)
         };
-        let (q, k, v) = (heads(&self.q_proj)?, heads(&self.k_proj)?, heads(&self.v_proj)?);
+        let (q, k, v) = (
+            heads(&self.q_proj)?,
+            heads(&self.k_proj)?,
+            heads(&self.v_proj)?,
+        );
         let scale = (self.head_dim as f64).powf(-0.5);
         let o = scaled_dot_product(&q, &k, &v, None, scale)?
             .transpose(1, 2)?

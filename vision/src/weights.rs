@@ -23,7 +23,10 @@ const VISION_MODEL_CHILDREN: [&str; 5] = [
 
 /// Maps a tower-relative weight name to the `vision_model.*` form; other names are unchanged.
 pub fn canonical_vision_name(relative: &str) -> String {
-    if VISION_MODEL_CHILDREN.iter().any(|c| relative.starts_with(c)) {
+    if VISION_MODEL_CHILDREN
+        .iter()
+        .any(|c| relative.starts_with(c))
+    {
         format!("vision_model.{relative}")
     } else {
         relative.to_string()
@@ -69,14 +72,23 @@ mod tests {
             canonical_vision_name("vision_model.post_layernorm.bias"),
             "vision_model.post_layernorm.bias"
         );
-        assert_eq!(canonical_vision_name("text_model.embeddings.x"), "text_model.embeddings.x");
+        assert_eq!(
+            canonical_vision_name("text_model.embeddings.x"),
+            "text_model.embeddings.x"
+        );
 
         let t = Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap();
         let mut src = WeightSource::from_tensors(
             "m.safetensors",
             HashMap::from([
-                ("model.vision_tower.embeddings.patch_embedding.weight".to_string(), t.clone()),
-                ("model.vision_tower.vision_model.pre_layrnorm.weight".to_string(), t.clone()),
+                (
+                    "model.vision_tower.embeddings.patch_embedding.weight".to_string(),
+                    t.clone(),
+                ),
+                (
+                    "model.vision_tower.vision_model.pre_layrnorm.weight".to_string(),
+                    t.clone(),
+                ),
                 ("model.language_model.embed_tokens.weight".to_string(), t),
             ]),
         );
