@@ -77,7 +77,10 @@ pub fn generate(
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); b];
     let mut done = vec![false; b];
     let mut key_mask = batch.mask.clone();
-    let mut next_pos: Vec<u32> = positions.iter().map(|p| p.last().copied().unwrap_or(0) + 1).collect();
+    let mut next_pos: Vec<u32> = positions
+        .iter()
+        .map(|p| p.last().copied().unwrap_or(0) + 1)
+        .collect();
 
     let (prompt_embeds, _) = model.embed(&batch, pixel_values)?;
     let prompt_embeds = prompt_embeds.detach();
@@ -88,7 +91,10 @@ pub fn generate(
         .forward_hidden(&prompt_embeds, &key_mask, &pos, cache.as_mut())?;
     let mut all_embeds = prompt_embeds;
     let mut all_positions = positions;
-    let mut last_logits = model.lm.logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?)?.squeeze(1)?;
+    let mut last_logits = model
+        .lm
+        .logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?)?
+        .squeeze(1)?;
 
     for _ in 0..cfg.max_new_tokens {
         let next = pick_tokens(&last_logits, cfg, &mut rng)?;
@@ -120,19 +126,31 @@ pub fn generate(
         }
         let hidden = match cache.as_mut() {
             Some(cache) => {
-                let step_pos: Vec<Vec<u32>> = all_positions.iter().map(|p| vec![*p.last().unwrap_or(&0)]).collect();
-                model
-                    .lm
-                    .forward_hidden(&step_embeds, &key_mask, &to_positions(&step_pos, device)?, Some(cache))?
+                let step_pos: Vec<Vec<u32>> = all_positions
+                    .iter()
+                    .map(|p| vec![*p.last().unwrap_or(&0)])
+                    .collect();
+                model.lm.forward_hidden(
+                    &step_embeds,
+                    &key_mask,
+                    &to_positions(&step_pos, device)?,
+                    Some(cache),
+                )?
             }
             None => {
                 all_embeds = Tensor::cat(&[&all_embeds, &step_embeds], 1)?;
-                model
-                    .lm
-                    .forward_hidden(&all_embeds, &key_mask, &to_positions(&all_positions, device)?, None)?
+                model.lm.forward_hidden(
+                    &all_embeds,
+                    &key_mask,
+                    &to_positions(&all_positions, device)?,
+                    None,
+                )?
             }
         };
-        last_logits = model.lm.logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?)?.squeeze(1)?;
+        last_logits = model
+            .lm
+            .logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?)?
+            .squeeze(1)?;
     }
     Ok(outputs)
 }
@@ -146,13 +164,13 @@ fn to_positions(rows: &[Vec<u32>], device: &candle_core::Device) -> Result<Tenso
 /// One token per row from `[b, vocab]` logits.
 fn pick_tokens(logits: &Tensor, cfg: &GenerationConfig, rng: &mut SeededRng) -> Result<Vec<u32>> {
     if cfg.temperature <= 0.0 {
-        return Ok(logits.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?);
+        return Ok(logits
+            .argmax(D::Minus1)?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?);
     }
     let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    Ok(rows
-        .iter()
-        .map(|row| sample_row(row, cfg, rng))
-        .collect())
+    Ok(rows.iter().map(|row| sample_row(row, cfg, rng)).collect())
 }
 
 fn sample_row(logits: &[f32], cfg: &GenerationConfig, rng: &mut SeededRng) -> u32 {

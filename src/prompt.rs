@@ -21,13 +21,28 @@ pub struct PromptLayout {
 }
 
 /// End-of-sequence tokens of the tokenizers mmkd meets; whichever the tokenizer has stop generation.
-const END_TOKENS: &[&str] = &["<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>", "<|end_of_text|>"];
+const END_TOKENS: &[&str] = &[
+    "<|endoftext|>",
+    "<|im_end|>",
+    "</s>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+];
 
 impl PromptLayout {
-    pub fn new(bundle: &ModelBundle, template: TemplateName, prompt: &str, with_image: bool) -> Result<Self> {
+    pub fn new(
+        bundle: &ModelBundle,
+        template: TemplateName,
+        prompt: &str,
+        with_image: bool,
+    ) -> Result<Self> {
         let prompt_ids = match template {
             TemplateName::Plain => {
-                let mut ids = if with_image { bundle.image_block() } else { Vec::new() };
+                let mut ids = if with_image {
+                    bundle.image_block()
+                } else {
+                    Vec::new()
+                };
                 ids.extend(bundle.encode(prompt)?);
                 ids
             }
@@ -53,13 +68,19 @@ impl PromptLayout {
 
     /// The whole sequence and the index where the answer starts.
     pub fn with_answer(&self) -> Result<(Vec<u32>, usize)> {
-        anyhow::ensure!(!self.answer_ids.is_empty(), "the answer is empty (no tokens to score)");
+        anyhow::ensure!(
+            !self.answer_ids.is_empty(),
+            "the answer is empty (no tokens to score)"
+        );
         let mut ids = self.prompt_ids.clone();
         ids.extend_from_slice(&self.answer_ids);
         Ok((ids, self.prompt_ids.len()))
     }
 
     pub fn stop_token_ids(&self, bundle: &ModelBundle) -> Vec<u32> {
-        END_TOKENS.iter().filter_map(|t| bundle.token_id(t)).collect()
+        END_TOKENS
+            .iter()
+            .filter_map(|t| bundle.token_id(t))
+            .collect()
     }
 }

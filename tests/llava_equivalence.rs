@@ -14,9 +14,12 @@ const TOL: f32 = 1e-4;
 
 fn load(name: &str) -> LlavaModel {
     let dir = fixture(name);
-    load_llava(dir.to_str().unwrap(), &BuildOptions::new(Trainable::NONE, 0))
-        .unwrap()
-        .0
+    load_llava(
+        dir.to_str().unwrap(),
+        &BuildOptions::new(Trainable::NONE, 0),
+    )
+    .unwrap()
+    .0
 }
 
 fn check_logits(checkpoint: &str, expected_from: &str) {
@@ -52,7 +55,12 @@ fn legacy_key_layout_loads_to_the_same_logits() {
     check_logits("llava_siglip_qwen2_legacy", "llava_siglip_qwen2");
 }
 
-fn greedy(model: &LlavaModel, prompts: &[Vec<u32>], pixels: &candle_core::Tensor, use_cache: bool) -> Vec<Vec<u32>> {
+fn greedy(
+    model: &LlavaModel,
+    prompts: &[Vec<u32>],
+    pixels: &candle_core::Tensor,
+    use_cache: bool,
+) -> Vec<Vec<u32>> {
     let cfg = GenerationConfig {
         max_new_tokens: 6,
         use_cache,
@@ -65,7 +73,13 @@ fn greedy(model: &LlavaModel, prompts: &[Vec<u32>], pixels: &candle_core::Tensor
 fn unpad(ids: &[Vec<u32>], mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
     ids.iter()
         .zip(mask)
-        .map(|(r, m)| r.iter().zip(m).filter(|(_, &m)| m == 1).map(|(&t, _)| t).collect())
+        .map(|(r, m)| {
+            r.iter()
+                .zip(m)
+                .filter(|(_, &m)| m == 1)
+                .map(|(&t, _)| t)
+                .collect()
+        })
         .collect()
 }
 
@@ -80,18 +94,38 @@ fn greedy_generation_matches_transformers_cached_and_uncached() {
         let sample0 = unpad(&ids[..1], &mask[..1]);
         let pixels0 = exp["pixel_values"].narrow(0, 0, 1).unwrap();
         let want = ids2(&exp["generated_ids"]);
-        assert_eq!(greedy(&model, &sample0, &pixels0, true), want, "{name} cached");
-        assert_eq!(greedy(&model, &sample0, &pixels0, false), want, "{name} uncached");
+        assert_eq!(
+            greedy(&model, &sample0, &pixels0, true),
+            want,
+            "{name} cached"
+        );
+        assert_eq!(
+            greedy(&model, &sample0, &pixels0, false),
+            want,
+            "{name} uncached"
+        );
 
         // Samples 0 and 2 together (left-padded inside `generate`), all their images in order.
         let batch_ids = ids2(&exp["generated_ids_batch_input_ids"]);
         let batch_mask = mask2(&exp["generated_ids_batch_attention_mask"]);
         let prompts = unpad(&batch_ids, &batch_mask);
-        let images: usize = prompts.iter().map(|p| p.iter().filter(|&&t| t == model.image_token_id()).count()).sum::<usize>() / n0;
+        let images: usize = prompts
+            .iter()
+            .map(|p| p.iter().filter(|&&t| t == model.image_token_id()).count())
+            .sum::<usize>()
+            / n0;
         let pixels = exp["pixel_values"].narrow(0, 0, images).unwrap();
         let want = ids2(&exp["generated_ids_batch"]);
-        assert_eq!(greedy(&model, &prompts, &pixels, true), want, "{name} batch cached");
-        assert_eq!(greedy(&model, &prompts, &pixels, false), want, "{name} batch uncached");
+        assert_eq!(
+            greedy(&model, &prompts, &pixels, true),
+            want,
+            "{name} batch cached"
+        );
+        assert_eq!(
+            greedy(&model, &prompts, &pixels, false),
+            want,
+            "{name} batch uncached"
+        );
     }
 }
 
@@ -99,7 +133,10 @@ fn greedy_generation_matches_transformers_cached_and_uncached() {
 fn sampling_is_reproducible_for_a_seed() {
     let model = load("llava_siglip_qwen2");
     let exp = expected("llava_siglip_qwen2");
-    let prompt = unpad(&ids2(&exp["input_ids"])[..1], &mask2(&exp["attention_mask"])[..1]);
+    let prompt = unpad(
+        &ids2(&exp["input_ids"])[..1],
+        &mask2(&exp["attention_mask"])[..1],
+    );
     let pixels = exp["pixel_values"].narrow(0, 0, 1).unwrap();
     let cfg = |seed| GenerationConfig {
         max_new_tokens: 8,
@@ -108,7 +145,12 @@ fn sampling_is_reproducible_for_a_seed() {
         seed,
         ..Default::default()
     };
-    let run = |seed| generate(&model, &prompt, Some(&pixels), &cfg(seed), &|_| String::new()).unwrap();
+    let run = |seed| {
+        generate(&model, &prompt, Some(&pixels), &cfg(seed), &|_| {
+            String::new()
+        })
+        .unwrap()
+    };
     assert_eq!(run(3), run(3));
     let differs = (4..10).any(|s| run(s) != run(3));
     assert!(differs, "different seeds never changed the sample");

@@ -69,9 +69,13 @@ impl ModelBundle {
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
     if !path.exists() {
-        bail!("{} does not exist: the checkpoint has no tokenizer", path.display());
+        bail!(
+            "{} does not exist: the checkpoint has no tokenizer",
+            path.display()
+        );
     }
-    Tokenizer::from_file(&path).map_err(|e| anyhow::anyhow!("cannot read tokenizer {}: {e}", path.display()))
+    Tokenizer::from_file(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read tokenizer {}: {e}", path.display()))
 }
 
 /// The image processor: `preprocessor_config.json`, or the `image_processor` entry of
@@ -83,13 +87,15 @@ pub fn load_processor(dir: &Path) -> Result<ImageProcessor> {
     }
     let proc = dir.join("processor_config.json");
     if proc.exists() {
-        let text = std::fs::read_to_string(&proc).with_context(|| format!("reading {}", proc.display()))?;
-        let value: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", proc.display()))?;
+        let text = std::fs::read_to_string(&proc)
+            .with_context(|| format!("reading {}", proc.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", proc.display()))?;
         let inner = value
             .get("image_processor")
             .with_context(|| format!("{} has no `image_processor` entry", proc.display()))?;
-        return ImageProcessor::from_json_value(inner).with_context(|| format!("in {}", proc.display()));
+        return ImageProcessor::from_json_value(inner)
+            .with_context(|| format!("in {}", proc.display()));
     }
     bail!(
         "no image processor config in {} (neither preprocessor_config.json nor processor_config.json)",

@@ -43,7 +43,8 @@ pub struct Composed {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
@@ -52,12 +53,13 @@ pub fn compose(spec: &ComposeSpec, device: &Device) -> Result<Composed> {
     let llm_dir = resolve_model(&spec.llm)?;
     let vision_config = VisionConfig::from_file(&vision_dir.join("config.json"))?;
     let text_value = read_json(&llm_dir.join("config.json"))?;
-    let text_config: TextConfig = serde_json::from_value(text_value.clone()).with_context(|| {
-        format!(
-            "{}: not a supported causal LM config (Qwen2 or Llama family)",
-            llm_dir.join("config.json").display()
-        )
-    })?;
+    let text_config: TextConfig =
+        serde_json::from_value(text_value.clone()).with_context(|| {
+            format!(
+                "{}: not a supported causal LM config (Qwen2 or Llama family)",
+                llm_dir.join("config.json").display()
+            )
+        })?;
     let tokenizer = load_tokenizer(&llm_dir)?;
     let image_token_id = tokenizer.token_to_id(&spec.image_token).with_context(|| {
         format!(
@@ -99,7 +101,9 @@ pub fn compose(spec: &ComposeSpec, device: &Device) -> Result<Composed> {
         "vision_config": vision_json,
     });
     let mut config = LlavaConfig::from_json_str(&config_value.to_string())?;
-    let tokens = config.feature_selection()?.tokens_per_image(&config.vision_config);
+    let tokens = config
+        .feature_selection()?
+        .tokens_per_image(&config.vision_config);
     config
         .extra
         .insert("image_seq_length".into(), Value::from(tokens));

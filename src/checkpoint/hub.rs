@@ -44,7 +44,9 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
         return Ok(path.to_path_buf());
     }
     if path.exists() {
-        bail!("model `{spec}` is a file; expected a checkpoint directory or a hub id like `org/name`");
+        bail!(
+            "model `{spec}` is a file; expected a checkpoint directory or a hub id like `org/name`"
+        );
     }
     if !looks_like_repo_id(spec) {
         bail!("model directory `{spec}` does not exist (and it is not a hub id like `org/name`)");
@@ -62,7 +64,11 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf> {
         let mut shards: Vec<String> = value
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .map(|m| m.values().filter_map(|v| v.as_str().map(String::from)).collect())
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default();
         shards.sort();
         shards.dedup();
@@ -133,7 +139,9 @@ mod tests {
         assert!(looks_like_repo_id("Qwen/Qwen1.5-0.5B"));
         assert!(!looks_like_repo_id("./runs/x"));
         assert!(!looks_like_repo_id("a/b/c"));
-        let err = resolve_model("/definitely/not/here").unwrap_err().to_string();
+        let err = resolve_model("/definitely/not/here")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not exist"), "{err}");
     }
 }

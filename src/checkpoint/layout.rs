@@ -73,7 +73,10 @@ mod tests {
             llava_key("language_model.model.layers.0.mlp.up_proj.weight").unwrap(),
             "model.language_model.layers.0.mlp.up_proj.weight"
         );
-        assert_eq!(llava_key("language_model.lm_head.weight").unwrap(), "lm_head.weight");
+        assert_eq!(
+            llava_key("language_model.lm_head.weight").unwrap(),
+            "lm_head.weight"
+        );
         for key in [
             "vision_tower.vision_model.post_layernorm.bias",
             "vision_tower.post_layernorm.bias",
@@ -94,7 +97,10 @@ mod tests {
             "model.multi_modal_projector.linear_1.weight"
         );
         assert_eq!(llava_key("lm_head.weight").unwrap(), "lm_head.weight");
-        assert_eq!(vision_key("text_model.embeddings.token_embedding.weight"), None);
+        assert_eq!(
+            vision_key("text_model.embeddings.token_embedding.weight"),
+            None
+        );
         assert_eq!(
             llm_key("model.embed_tokens.weight").unwrap(),
             "model.language_model.embed_tokens.weight"

@@ -54,7 +54,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ..Default::default()
     };
     let decode = |ids: &[u32]| bundle.decode(ids).unwrap_or_default();
-    let out = generate(&bundle.model, &[layout.prompt_ids().to_vec()], pixels.as_ref(), &cfg, &decode)?;
+    let out = generate(
+        &bundle.model,
+        &[layout.prompt_ids().to_vec()],
+        pixels.as_ref(),
+        &cfg,
+        &decode,
+    )?;
     let ids = &out[0];
     println!("{}", bundle.decode(ids)?);
     if args.show_ids {

@@ -63,7 +63,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
         },
         ModuleInfo {
             module: "multi_modal_projector".into(),
-            architecture: format!("{} ({})", cfg.projector_type.name(), serde_json::to_string(&cfg.projector_hidden_act)?),
+            architecture: format!(
+                "{} ({})",
+                cfg.projector_type.name(),
+                serde_json::to_string(&cfg.projector_hidden_act)?
+            ),
             parameters: model.store.count(PROJECTOR_PREFIX),
             dtype: dtype_of(PROJECTOR_PREFIX),
         },
@@ -77,7 +81,11 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 t.num_attention_heads,
                 t.kv_heads(),
                 t.vocab_size,
-                if t.tie_word_embeddings { ", tied lm_head" } else { "" }
+                if t.tie_word_embeddings {
+                    ", tied lm_head"
+                } else {
+                    ""
+                }
             ),
             parameters: lm_params,
             dtype: dtype_of(LM_PREFIX),
@@ -98,9 +106,15 @@ pub fn run(args: InspectArgs) -> Result<()> {
         return Ok(());
     }
     println!("model: {} ({})", info.model, info.directory);
-    println!("{:<24} {:>14}  {:<8} architecture", "module", "parameters", "dtype");
+    println!(
+        "{:<24} {:>14}  {:<8} architecture",
+        "module", "parameters", "dtype"
+    );
     for m in &info.modules {
-        println!("{:<24} {:>14}  {:<8} {}", m.module, m.parameters, m.dtype, m.architecture);
+        println!(
+            "{:<24} {:>14}  {:<8} {}",
+            m.module, m.parameters, m.dtype, m.architecture
+        );
     }
     println!("{:<24} {:>14}", "total", info.total_parameters);
     println!(

@@ -38,15 +38,28 @@ pub struct ScoreResult {
 }
 
 /// Scores `answer` after `prompt` (and the image) with `bundle`'s model.
-pub fn score(bundle: &ModelBundle, layout: &PromptLayout, image: Option<&PathBuf>) -> Result<ScoreResult> {
+pub fn score(
+    bundle: &ModelBundle,
+    layout: &PromptLayout,
+    image: Option<&PathBuf>,
+) -> Result<ScoreResult> {
     let (ids, answer_start) = layout.with_answer()?;
-    ensure!(answer_start > 0, "the prompt is empty: nothing conditions the first answer token");
-    let pixels = image.map(|p| bundle.pixel_values(std::slice::from_ref(p))).transpose()?;
+    ensure!(
+        answer_start > 0,
+        "the prompt is empty: nothing conditions the first answer token"
+    );
+    let pixels = image
+        .map(|p| bundle.pixel_values(std::slice::from_ref(p)))
+        .transpose()?;
     let batch = TokenBatch::right_padded(std::slice::from_ref(&ids), 0);
     let out = bundle.model.forward(&batch, pixels.as_ref())?;
     let n = ids.len() - answer_start;
     // Logit t predicts token t + 1.
-    let logits = out.logits.narrow(1, answer_start - 1, n)?.squeeze(0)?.to_dtype(DType::F32)?;
+    let logits = out
+        .logits
+        .narrow(1, answer_start - 1, n)?
+        .squeeze(0)?
+        .to_dtype(DType::F32)?;
     let logprobs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
     let answer_tokens = ids[answer_start..].to_vec();
     let answer_logprobs: Vec<f32> = answer_tokens
@@ -72,7 +85,12 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     }
     println!("{:>8}  {:<16} {:>10}", "token", "text", "logprob");
     for (tok, lp) in result.answer_tokens.iter().zip(&result.answer_logprobs) {
-        println!("{:>8}  {:<16} {:>10.4}", tok, format!("{:?}", bundle.decode(&[*tok])?), lp);
+        println!(
+            "{:>8}  {:<16} {:>10.4}",
+            tok,
+            format!("{:?}", bundle.decode(&[*tok])?),
+            lp
+        );
     }
     println!("sum log-probability: {:.4}", result.sum_logprob);
     Ok(())

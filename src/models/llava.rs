@@ -28,10 +28,26 @@ pub struct Trainable {
 }
 
 impl Trainable {
-    pub const NONE: Self = Self { vision: false, projector: false, llm: false };
-    pub const ALL: Self = Self { vision: true, projector: true, llm: true };
-    pub const PROJECTOR: Self = Self { vision: false, projector: true, llm: false };
-    pub const PROJECTOR_AND_LLM: Self = Self { vision: false, projector: true, llm: true };
+    pub const NONE: Self = Self {
+        vision: false,
+        projector: false,
+        llm: false,
+    };
+    pub const ALL: Self = Self {
+        vision: true,
+        projector: true,
+        llm: true,
+    };
+    pub const PROJECTOR: Self = Self {
+        vision: false,
+        projector: true,
+        llm: false,
+    };
+    pub const PROJECTOR_AND_LLM: Self = Self {
+        vision: false,
+        projector: true,
+        llm: true,
+    };
 }
 
 /// How to build a model's parameters.
@@ -119,7 +135,11 @@ pub struct LlavaModel {
 impl LlavaModel {
     /// Builds the model from `config`, loading what `source` holds (already in the current key
     /// layout) and initialising the rest from `options.seed`.
-    pub fn build(config: &LlavaConfig, source: Arc<WeightSource>, options: &BuildOptions) -> Result<Self> {
+    pub fn build(
+        config: &LlavaConfig,
+        source: Arc<WeightSource>,
+        options: &BuildOptions,
+    ) -> Result<Self> {
         let store = ParamStore::new();
         let root = ParamBuilder::new(&store, source, options.seed, &options.device)
             .frozen_dtype(options.frozen_dtype);
@@ -146,7 +166,8 @@ impl LlavaModel {
         let head_pb = root
             .trainable(t.llm)
             .strict(options.require.contains(&LM_PREFIX));
-        let lm = CausalLm::new(&lm_pb, &head_pb, &config.text_config).context("building the language model")?;
+        let lm = CausalLm::new(&lm_pb, &head_pb, &config.text_config)
+            .context("building the language model")?;
         Ok(Self {
             config: config.clone(),
             store,
@@ -191,20 +212,32 @@ impl LlavaModel {
 
     fn vision_dtype(&self) -> DType {
         self.store
-            .get(&format!("{VISION_PREFIX}.vision_model.embeddings.patch_embedding.weight"))
+            .get(&format!(
+                "{VISION_PREFIX}.vision_model.embeddings.patch_embedding.weight"
+            ))
             .map(|p| p.tensor.dtype())
             .unwrap_or(DType::F32)
     }
 
     /// Input embeddings with image features spliced in.
-    pub fn embed(&self, batch: &TokenBatch, pixel_values: Option<&Tensor>) -> Result<(Tensor, VisualPositions)> {
+    pub fn embed(
+        &self,
+        batch: &TokenBatch,
+        pixel_values: Option<&Tensor>,
+    ) -> Result<(Tensor, VisualPositions)> {
         let visual = VisualPositions::find(&batch.ids, self.config.image_token_id);
         // Image positions are overwritten; look up id 0 there so ids beyond the vocabulary work.
         let lookup: Vec<u32> = batch
             .ids
             .iter()
             .flatten()
-            .map(|&t| if t == self.config.image_token_id { 0 } else { t })
+            .map(|&t| {
+                if t == self.config.image_token_id {
+                    0
+                } else {
+                    t
+                }
+            })
             .collect();
         let ids = Tensor::from_vec(lookup, (batch.batch_size(), batch.seq_len()), &self.device)?;
         let text = self.lm.embed(&ids)?;
@@ -214,12 +247,22 @@ impl LlavaModel {
     }
 
     /// Full forward of a right-padded batch: hidden states and logits at every position.
-    pub fn forward(&self, batch: &TokenBatch, pixel_values: Option<&Tensor>) -> Result<LlavaOutput> {
+    pub fn forward(
+        &self,
+        batch: &TokenBatch,
+        pixel_values: Option<&Tensor>,
+    ) -> Result<LlavaOutput> {
         let (embeds, visual) = self.embed(batch, pixel_values)?;
         let positions = arange_positions(batch.batch_size(), batch.seq_len(), 0, &self.device)?;
-        let hidden = self.lm.forward_hidden(&embeds, &batch.mask, &positions, None)?;
+        let hidden = self
+            .lm
+            .forward_hidden(&embeds, &batch.mask, &positions, None)?;
         let logits = self.lm.logits(&hidden)?;
-        Ok(LlavaOutput { hidden, logits, visual })
+        Ok(LlavaOutput {
+            hidden,
+            logits,
+            visual,
+        })
     }
 
     /// A fresh KV cache for generation.

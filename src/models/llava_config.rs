@@ -67,20 +67,26 @@ mod vision_json {
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<VisionConfig, D::Error> {
         let value = Value::deserialize(d)?;
-        VisionConfig::from_json_value(&value).map_err(|e| serde::de::Error::custom(format!("{e:#}")))
+        VisionConfig::from_json_value(&value)
+            .map_err(|e| serde::de::Error::custom(format!("{e:#}")))
     }
 }
 
 impl LlavaConfig {
     /// Reads `config.json`, with errors naming the file and the offending key.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_json_str(&text).with_context(|| format!("invalid LLaVA config {}", path.display()))
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Self::from_json_str(&text)
+            .with_context(|| format!("invalid LLaVA config {}", path.display()))
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text).context("not valid JSON")?;
-        let model_type = value.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let model_type = value
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         anyhow::ensure!(
             model_type == "llava",
             "unsupported architecture: model_type is `{model_type}`, mmkd loads `llava` checkpoints \
