@@ -246,3 +246,37 @@ fn a_missing_image_file_is_named() {
     ]);
     assert!(!ok && err.contains("/no/such.png"), "{err}");
 }
+
+/// Hub ids resolve through the Hugging Face cache under `HF_HOME`; offline, an uncached repo is
+/// an error naming it.
+#[test]
+fn hub_ids_resolve_from_the_local_cache_and_name_the_repo_when_absent() {
+    let home = tempfile::tempdir().unwrap();
+    let home_str = home.path().to_str().unwrap();
+    let (ok, _, err) = common::mmkd_with_env(
+        &["inspect", "mmkd-test/not-cached"],
+        &[("HF_HOME", home_str)],
+    );
+    assert!(
+        !ok && err.contains("mmkd-test/not-cached") && err.contains("not in the local cache"),
+        "{err}"
+    );
+
+    // Lay the fixture out as hf-hub's cache does: refs/main → snapshots/<commit>/files.
+    let repo = home.path().join("hub/models--mmkd-test--tiny-llava");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for entry in std::fs::read_dir(fixture("llava_clip_llama")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    let (ok, out, err) = common::mmkd_with_env(
+        &["inspect", "mmkd-test/tiny-llava", "--json"],
+        &[("HF_HOME", home_str)],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("\"image_tokens_per_image\":16"), "{out}");
+}

@@ -41,11 +41,17 @@ pub fn mask2(t: &Tensor) -> Vec<Vec<u8>> {
 
 /// Runs the `mmkd` binary; returns (exit success, stdout, stderr).
 pub fn mmkd(args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mmkd"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("running mmkd");
+    mmkd_with_env(args, &[])
+}
+
+/// Runs the `mmkd` binary with extra environment variables (offline hub by default).
+pub fn mmkd_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mmkd"));
+    cmd.args(args).env("HF_HUB_OFFLINE", "1");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("running mmkd");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
