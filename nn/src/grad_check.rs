@@ -23,7 +23,7 @@ pub fn params_without_gradient_in(store: &ParamStore, grads: &GradStore) -> Resu
                     .max(0)?
                     .to_dtype(DType::F32)?
                     .to_scalar::<f32>()?;
-                if !(max > 0.0) {
+                if max.is_nan() || max <= 0.0 {
                     missing.push(format!("{name} (zero gradient)"));
                 }
             }

@@ -6,6 +6,7 @@
 //! - transformers 5 `save_pretrained` default: `language_model.model.*`, `language_model.lm_head.*`,
 //!   `vision_tower.*` (no `vision_model.`), `multi_modal_projector.*`;
 //! - transformers 4 / Hub checkpoints: as above with `vision_tower.vision_model.*`.
+//!
 //! Saving writes transformers 5's default `save_pretrained` layout.
 
 use crate::models::llava::{LM_PREFIX, PROJECTOR_PREFIX, VISION_PREFIX};

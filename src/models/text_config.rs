@@ -98,13 +98,13 @@ impl TextConfig {
             Some(other) => anyhow::bail!("rope scaling type `{other}` is not supported"),
         }
         anyhow::ensure!(
-            self.hidden_size % self.num_attention_heads == 0 || self.head_dim.is_some(),
+            self.hidden_size.is_multiple_of(self.num_attention_heads) || self.head_dim.is_some(),
             "hidden_size {} is not divisible by num_attention_heads {}",
             self.hidden_size,
             self.num_attention_heads
         );
         anyhow::ensure!(
-            self.num_attention_heads % self.kv_heads() == 0,
+            self.num_attention_heads.is_multiple_of(self.kv_heads()),
             "num_attention_heads {} is not a multiple of num_key_value_heads {}",
             self.num_attention_heads,
             self.kv_heads()
