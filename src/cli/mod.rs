@@ -1,5 +1,6 @@
 //! The `mmkd` command line: one module per subcommand, this file only dispatches.
 
+pub mod data;
 pub mod generate;
 pub mod inspect;
 pub mod score;
@@ -26,6 +27,8 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Generate an answer to a prompt about an image.
     Generate(generate::GenerateArgs),
+    /// Data sets: synthetic data, tokenizer training, data checks.
+    Data(data::DataArgs),
 }
 
 pub fn run() -> Result<()> {
@@ -34,5 +37,6 @@ pub fn run() -> Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Data(args) => data::run(args),
     }
 }

@@ -1,0 +1,219 @@
+//! `mmkd data …`: make the synthetic data set, train a tokenizer, check a data file.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use mmkd_datasets::check::{check_dataset, CheckOptions, TokenCheck};
+use mmkd_datasets::{
+    collect_training_text, generate_synth, image_token_id, load_tokenizer, save_tokenizer, train_bpe, ImageCheck,
+    Progress, SynthConfig, Template, TokenizeConfig, Truncation,
+};
+
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    #[command(subcommand)]
+    pub command: DataCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Generate the synthetic shapes data set (images, LLaVA JSON, evaluation files).
+    Synth(SynthArgs),
+    /// Train a byte-level BPE tokenizer on LLaVA data and save it as tokenizer.json.
+    Tokenizer(TokenizerArgs),
+    /// Check a LLaVA data file: counts, and every problem with its sample id.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Output directory (created; must not already hold a data set).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Number of training images.
+    #[arg(long, default_value_t = 2000)]
+    pub train: usize,
+    /// Number of validation images.
+    #[arg(long, default_value_t = 200)]
+    pub val: usize,
+    /// Number of test images.
+    #[arg(long, default_value_t = 200)]
+    pub test: usize,
+    /// Image width and height in pixels.
+    #[arg(long = "image-size", default_value_t = 64)]
+    pub image_size: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizerArgs {
+    /// A LLaVA JSON/JSONL file, or a directory searched for them.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long = "vocab-size", default_value_t = 1024)]
+    pub vocab_size: usize,
+    /// Where to write tokenizer.json.
+    #[arg(long, default_value = "tokenizer.json")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ImageCheckArg {
+    None,
+    Exists,
+    Header,
+    Decode,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TruncationArg {
+    Truncate,
+    Skip,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The LLaVA JSON or JSONL file.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Directory the samples' image paths are relative to.
+    #[arg(long)]
+    pub images: PathBuf,
+    /// Template name (plain, vicuna_v1, phi, qwen2_base, chatml, llama3) or TOML file; with
+    /// --tokenizer, every sample is tokenized and its labels verified.
+    #[arg(long, requires = "tokenizer")]
+    pub template: Option<String>,
+    /// tokenizer.json (or a directory holding one).
+    #[arg(long, requires = "template")]
+    pub tokenizer: Option<PathBuf>,
+    /// Positions per image block when counting tokens.
+    #[arg(long = "tokens-per-image", default_value_t = 1)]
+    pub tokens_per_image: usize,
+    #[arg(long = "max-length", default_value_t = 2048)]
+    pub max_length: usize,
+    #[arg(long, value_enum, default_value_t = TruncationArg::Truncate)]
+    pub truncation: TruncationArg,
+    /// How far to check images: decode fully by default.
+    #[arg(long = "image-check", value_enum, default_value_t = ImageCheckArg::Decode)]
+    pub image_check: ImageCheckArg,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn run(args: DataArgs) -> Result<()> {
+    match args.command {
+        DataCommand::Synth(a) => synth(a),
+        DataCommand::Tokenizer(a) => tokenizer(a),
+        DataCommand::Check(a) => check(a),
+    }
+}
+
+/// Progress bars on stderr (hidden when stderr is not a terminal).
+struct Bars(Mutex<Option<ProgressBar>>);
+
+impl Bars {
+    fn new() -> Self {
+        Bars(Mutex::new(None))
+    }
+}
+
+impl Progress for Bars {
+    fn start(&self, stage: &str, total: u64) {
+        let bar = ProgressBar::new(total).with_message(stage.to_string());
+        if let Ok(style) = ProgressStyle::with_template("{msg:>16} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})") {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        if let Ok(mut slot) = self.0.lock() {
+            *slot = Some(bar);
+        }
+    }
+    fn inc(&self, n: u64) {
+        if let Ok(slot) = self.0.lock() {
+            if let Some(bar) = slot.as_ref() {
+                bar.inc(n);
+            }
+        }
+    }
+    fn finish(&self) {
+        if let Ok(mut slot) = self.0.lock() {
+            if let Some(bar) = slot.take() {
+                bar.finish_and_clear();
+            }
+        }
+    }
+}
+
+fn synth(a: SynthArgs) -> Result<()> {
+    let cfg = SynthConfig { seed: a.seed, train: a.train, val: a.val, test: a.test, image_size: a.image_size };
+    let start = std::time::Instant::now();
+    let summary = generate_synth(&a.out, &cfg, &Bars::new())?;
+    let images = summary.train.images + summary.val.images + summary.test.images;
+    println!("wrote {images} images and their data to {} in {:.1?}", a.out.display(), start.elapsed());
+    for (name, s) in [("train", &summary.train), ("val", &summary.val), ("test", &summary.test)] {
+        println!(
+            "  {name}: {} images, {} pretrain samples, {} instruct samples ({} text-only), {} questions, {} POPE questions",
+            s.images, s.pretrain_samples, s.instruct_samples, s.text_only_samples, s.questions, s.pope_questions
+        );
+    }
+    Ok(())
+}
+
+fn tokenizer(a: TokenizerArgs) -> Result<()> {
+    let (texts, files) = collect_training_text(&a.data)?;
+    let tok = train_bpe(&texts, a.vocab_size)?;
+    save_tokenizer(&tok, &a.out)?;
+    println!(
+        "trained a {}-token byte-level BPE tokenizer on {} texts from {} file(s); wrote {}",
+        tok.get_vocab_size(true),
+        texts.len(),
+        files.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn check(a: CheckArgs) -> Result<()> {
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let image_check = match a.image_check {
+        ImageCheckArg::None => ImageCheck::None,
+        ImageCheckArg::Exists => ImageCheck::Exists,
+        ImageCheckArg::Header => ImageCheck::Header,
+        ImageCheckArg::Decode => ImageCheck::Decode,
+    };
+    let loaded = match (&a.template, &a.tokenizer) {
+        (Some(t), Some(p)) => Some((Template::by_name_or_path(t)?, load_tokenizer(p)?)),
+        _ => None,
+    };
+    let tokens = match &loaded {
+        Some((template, tokenizer)) => Some(TokenCheck {
+            tokenizer,
+            template,
+            config: TokenizeConfig {
+                image_token_id: image_token_id(tokenizer)?,
+                tokens_per_image: a.tokens_per_image,
+                max_length: a.max_length,
+                truncation: match a.truncation {
+                    TruncationArg::Truncate => Truncation::Truncate,
+                    TruncationArg::Skip => Truncation::Skip,
+                },
+            },
+        }),
+        None => None,
+    };
+    let opts = CheckOptions { image_check, threads, tokens };
+    let report = check_dataset(&a.data, &a.images, &opts, &Bars::new())?;
+    println!("{report}");
+    for p in &report.problems {
+        println!("  {p}");
+    }
+    let errors = report.data_errors();
+    if errors > 0 {
+        bail!("{errors} sample(s) of {} have data errors; fix or remove them before training", a.data.display());
+    }
+    Ok(())
+}
