@@ -24,6 +24,7 @@ fn main() -> Result<()> {
         SaveAssets {
             tokenizer_dir: Some(&dir),
             processor: Some(&processor),
+            tokenizer: None,
         },
     )?;
     println!("saved {} to {out}", dir.display());

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod cli;
+pub mod config;
 pub mod distill;
 pub mod generate;
 pub mod models;

@@ -176,6 +176,11 @@ impl ParamBuilder {
         &self.device
     }
 
+    /// The weights this builder loads from.
+    pub fn source(&self) -> Arc<WeightSource> {
+        self.source.clone()
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

@@ -32,6 +32,8 @@ pub const TOKENIZER_FILES: &[&str] = &[
 pub struct SaveAssets<'a> {
     /// Directory whose tokenizer files are copied.
     pub tokenizer_dir: Option<&'a Path>,
+    /// A tokenizer written as `tokenizer.json` (over any copied one).
+    pub tokenizer: Option<&'a tokenizers::Tokenizer>,
     /// Image processor written as `preprocessor_config.json` and `processor_config.json`.
     pub processor: Option<&'a mmkd_vision::ImageProcessor>,
 }
@@ -63,6 +65,13 @@ pub fn load_llava(model: &str, options: &BuildOptions) -> Result<(LlavaModel, Pa
 /// Saves `model` to `out` (config, weights, tokenizer and image processor), atomically: written
 /// to a temporary sibling directory, then renamed into place.
 pub fn save_llava(model: &LlavaModel, out: &Path, assets: SaveAssets<'_>) -> Result<()> {
+    let tmp = temp_sibling(out)?;
+    write_llava_files(model, &tmp, assets)?;
+    replace_dir(&tmp, out)
+}
+
+/// A fresh, empty temporary directory next to `out` (same filesystem, so renames are atomic).
+pub fn temp_sibling(out: &Path) -> Result<PathBuf> {
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -77,8 +86,12 @@ pub fn save_llava(model: &LlavaModel, out: &Path, assets: SaveAssets<'_>) -> Res
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
-    std::fs::create_dir_all(&tmp)?;
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    Ok(tmp)
+}
 
+/// Writes the checkpoint files of `model` into the existing directory `dir`.
+pub fn write_llava_files(model: &LlavaModel, dir: &Path, assets: SaveAssets<'_>) -> Result<()> {
     let mut config = model.config.clone();
     // mmkd never builds SigLIP's pooling head; say so, or transformers would expect its weights.
     if config.vision_config.kind == mmkd_vision::config::VisionKind::Siglip {
@@ -91,27 +104,33 @@ pub fn save_llava(model: &LlavaModel, out: &Path, assets: SaveAssets<'_>) -> Res
         "architectures".into(),
         serde_json::json!(["LlavaForConditionalGeneration"]),
     );
-    std::fs::write(tmp.join("config.json"), config.to_json_string()?)?;
+    std::fs::write(dir.join("config.json"), config.to_json_string()?)?;
     let tensors = model
         .store
         .tensors()
         .into_iter()
         .map(|(name, t)| (layout::saved_key(&name), t))
         .collect();
-    save_safetensors(&tensors, &tmp.join(SAFETENSORS_SINGLE))?;
-    if let Some(dir) = assets.tokenizer_dir {
+    save_safetensors(&tensors, &dir.join(SAFETENSORS_SINGLE))?;
+    if let Some(src) = assets.tokenizer_dir {
         for file in TOKENIZER_FILES {
-            let src = dir.join(file);
-            if src.exists() {
-                std::fs::copy(&src, tmp.join(file))
-                    .with_context(|| format!("copying {}", src.display()))?;
+            let from = src.join(file);
+            if from.exists() {
+                std::fs::copy(&from, dir.join(file))
+                    .with_context(|| format!("copying {}", from.display()))?;
             }
         }
     }
-    if let Some(processor) = assets.processor {
-        write_processor_configs(&tmp, processor, model)?;
+    if let Some(tokenizer) = assets.tokenizer {
+        let path = dir.join("tokenizer.json");
+        tokenizer
+            .save(&path, false)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     }
-    replace_dir(&tmp, out)
+    if let Some(processor) = assets.processor {
+        write_processor_configs(dir, processor, model)?;
+    }
+    Ok(())
 }
 
 /// Moves `tmp` to `out`, replacing any previous `out` only once the new one is complete.

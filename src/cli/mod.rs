@@ -4,9 +4,12 @@ pub mod data;
 pub mod generate;
 pub mod inspect;
 pub mod score;
+pub mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+
+use crate::config::Stage;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -29,6 +32,14 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Data sets: synthetic data, tokenizer training, data checks.
     Data(data::DataArgs),
+    /// PT: train the projector on captions (plain template, cross-entropy).
+    Pretrain(train::StageArgs),
+    /// SFT: train projector + LLM on instructions (chat template, cross-entropy).
+    Sft(train::StageArgs),
+    /// DPT: projector only, CE + α·L_res + β·L_vis + γ·L_rel against --teacher.
+    Dpt(train::StageArgs),
+    /// DFT: projector + LLM, CE + α·L_res + β·L_vis + γ·L_rel against --teacher.
+    Dft(train::StageArgs),
 }
 
 pub fn run() -> Result<()> {
@@ -38,5 +49,9 @@ pub fn run() -> Result<()> {
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Data(args) => data::run(args),
+        Command::Pretrain(args) => train::run(args, Stage::Pretrain),
+        Command::Sft(args) => train::run(args, Stage::Sft),
+        Command::Dpt(args) => train::run(args, Stage::Dpt),
+        Command::Dft(args) => train::run(args, Stage::Dft),
     }
 }

@@ -56,6 +56,8 @@ pub struct BuildOptions {
     pub trainable: Trainable,
     /// Seed for parameters absent from the weights.
     pub seed: u64,
+    /// Seed of a fresh vision tower (models that should share one use the same value).
+    pub vision_seed: u64,
     /// Dtype of frozen modules (f32, or f16/bf16 to save memory).
     pub frozen_dtype: DType,
     /// Which module prefixes must be present in the weights (others may be freshly initialised).
@@ -68,6 +70,7 @@ impl BuildOptions {
         Self {
             trainable,
             seed,
+            vision_seed: 0,
             frozen_dtype: DType::F32,
             require: vec![VISION_PREFIX, PROJECTOR_PREFIX, LM_PREFIX],
             device: Device::Cpu,
@@ -149,7 +152,13 @@ impl LlavaModel {
                 .strict(options.require.contains(&prefix))
         };
         let t = options.trainable;
-        let vision = VisionTower::new(&module(VISION_PREFIX, t.vision), &config.vision_config)
+        let vision_pb =
+            ParamBuilder::new(&store, root.source(), options.vision_seed, &options.device)
+                .frozen_dtype(options.frozen_dtype)
+                .pp(VISION_PREFIX)
+                .trainable(t.vision)
+                .strict(options.require.contains(&VISION_PREFIX));
+        let vision = VisionTower::new(&vision_pb, &config.vision_config)
             .context("building the vision tower")?;
         let selection = config.feature_selection()?;
         let projector = Projector::new(

@@ -1,0 +1,132 @@
+//! `mmkd pretrain | sft | dpt | dft`: run one training stage from a preset.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use crate::config::preset::apply_override;
+use crate::config::settings::expand_override;
+use crate::config::{load_document, Role, Stage, StageSettings};
+use crate::train::{run_stage, StageRun};
+
+#[derive(Debug, Args)]
+pub struct StageArgs {
+    /// Preset name (shapes-tiny, shapes-small, llava-kd-qwen1.5-0.5b, llava-kd-qwen2.5-0.5b) or TOML file.
+    #[arg(long, default_value = "shapes-small")]
+    pub config: String,
+    /// Override a preset value: `key.path=value`; a key without a dot applies to this stage
+    /// (`--set lr=1e-4` = `--set stages.<stage>.lr=1e-4`). Repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Which model of the preset to build when starting fresh.
+    #[arg(long, value_enum, default_value = "student")]
+    pub role: Role,
+    /// Start from this checkpoint (the previous stage's output).
+    #[arg(long)]
+    pub init: Option<String>,
+    /// Compose the model from this vision checkpoint (with --llm) instead of the preset's.
+    #[arg(long, requires = "llm")]
+    pub vision: Option<String>,
+    /// Compose the model from this LLM checkpoint (with --vision).
+    #[arg(long, requires = "vision")]
+    pub llm: Option<String>,
+    /// Teacher checkpoint (dpt, dft).
+    #[arg(long)]
+    pub teacher: Option<String>,
+    /// LLaVA JSON/JSONL data (default: the preset's data file for this stage).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Image root the data's image paths are relative to (default: the preset's `data.images`).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Tokenizer (tokenizer.json) of a freshly built model.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Output directory: the trained model, metrics.jsonl, loss.png, summary.json, checkpoints/.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long)]
+    pub save_every: Option<usize>,
+    /// Continue from the newest checkpoint in --out.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Print the summary as one JSON line at the end.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Resolves the preset for a stage with the command's overrides applied.
+pub fn resolve_settings(args: &StageArgs, stage: Stage) -> Result<StageSettings> {
+    let mut doc = load_document(&args.config)?;
+    let mut sets: Vec<String> = args.set.iter().map(|s| expand_override(s, stage)).collect();
+    if let Some(n) = args.max_steps {
+        sets.push(format!("stages.{}.max_steps={n}", stage.name()));
+    }
+    if let Some(n) = args.save_every {
+        sets.push(format!("stages.{}.save_every={n}", stage.name()));
+    }
+    if let Some(seed) = args.seed {
+        sets.push(format!("stages.{}.seed={seed}", stage.name()));
+    }
+    for set in &sets {
+        apply_override(&mut doc.table, set)?;
+    }
+    let mut settings = StageSettings::resolve(&doc, stage, args.role)?;
+    if let (Some(vision), Some(llm)) = (&args.vision, &args.llm) {
+        settings.model.vision = Some(vision.clone());
+        settings.model.llm = Some(llm.clone());
+        settings.model.vision_config = None;
+        settings.model.text_config = None;
+    }
+    Ok(settings)
+}
+
+pub fn run(args: StageArgs, stage: Stage) -> Result<()> {
+    let settings = resolve_settings(&args, stage)?;
+    let data = args
+        .data
+        .clone()
+        .or_else(|| settings.default_data())
+        .with_context(|| format!("no data for `{}`: pass --data FILE", stage.name()))?;
+    let images = args
+        .images
+        .clone()
+        .or_else(|| settings.data.images.clone())
+        .with_context(|| "no image root: pass --images DIR".to_string())?;
+    let run = StageRun {
+        settings,
+        init: args.init.clone(),
+        teacher: args.teacher.clone(),
+        data,
+        images,
+        out: args.out.clone(),
+        tokenizer: args.tokenizer.clone(),
+        resume: args.resume,
+        progress: !args.quiet,
+    };
+    let summary = run_stage(&run)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "{}: {} steps, {} samples, loss {:.4} → {:.4}, {:.1} samples/s, {:.1}s; model in {}",
+            stage.name(),
+            summary.steps,
+            summary.samples_seen,
+            summary.first_loss,
+            summary.final_loss,
+            summary.samples_per_s,
+            summary.wall_seconds,
+            args.out.display()
+        );
+    }
+    Ok(())
+}

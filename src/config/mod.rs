@@ -1,0 +1,8 @@
+//! Presets: TOML files with inheritance (`inherits = "name"`) and `--set key=value` overrides,
+//! validated against typed settings so an unknown or misspelt key is an error naming it.
+
+pub mod preset;
+pub mod settings;
+
+pub use preset::{builtin_preset_names, load_document, Document};
+pub use settings::{DataSettings, ModelSpec, Role, Stage, StageSettings, TrainSettings};

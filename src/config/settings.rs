@@ -1,0 +1,406 @@
+//! Typed settings resolved from a preset document for one stage and one model role.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+use super::preset::{merge, Document};
+use crate::distill::DistillLossConfig;
+use crate::train::ScheduleConfig;
+
+/// The four training stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// PT: projector only, `plain` template, cross-entropy.
+    Pretrain,
+    /// SFT: projector + LLM, chat template, cross-entropy.
+    Sft,
+    /// DPT: projector only; CE + α·L_res + β·L_vis + γ·L_rel against a teacher.
+    Dpt,
+    /// DFT: projector + LLM; same loss.
+    Dft,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Pretrain => "pretrain",
+            Stage::Sft => "sft",
+            Stage::Dpt => "dpt",
+            Stage::Dft => "dft",
+        }
+    }
+
+    pub fn distills(self) -> bool {
+        matches!(self, Stage::Dpt | Stage::Dft)
+    }
+
+    pub fn trains_llm(self) -> bool {
+        matches!(self, Stage::Sft | Stage::Dft)
+    }
+
+    /// Pre-training stages use the caption data and the `plain` template.
+    pub fn is_pretraining(self) -> bool {
+        matches!(self, Stage::Pretrain | Stage::Dpt)
+    }
+
+    /// The paper's settings (TinyLLaVA recipe): lr 1e-3 for projector-only stages, 2e-5
+    /// otherwise; cosine with 3 % warmup; no weight decay; one epoch.
+    fn defaults(self) -> Table {
+        let lr = if self.is_pretraining() { 1e-3 } else { 2e-5 };
+        let mut t = Table::new();
+        t.insert("lr".into(), Value::Float(lr));
+        t
+    }
+}
+
+/// Which model of a preset a stage trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Teacher,
+    Student,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Teacher => "teacher",
+            Role::Student => "student",
+        }
+    }
+}
+
+/// How a model is first built (stage 1), when no `--init` checkpoint is given.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Vision checkpoint: hub id or directory (SigLIP/CLIP).
+    pub vision: Option<String>,
+    /// Causal-LM checkpoint: hub id or directory (Qwen2/Llama family).
+    pub llm: Option<String>,
+    /// A fresh vision tower (Hugging Face `SiglipVisionConfig` / `CLIPVisionConfig` keys).
+    pub vision_config: Option<Table>,
+    /// A fresh language model (Hugging Face `Qwen2Config` / `LlamaConfig` keys);
+    /// `vocab_size` defaults to the tokenizer's size.
+    pub text_config: Option<Table>,
+    #[serde(default = "default_projector")]
+    pub projector: String,
+    #[serde(default = "default_feature_layer")]
+    pub feature_layer: Value,
+    #[serde(default = "default_strategy")]
+    pub select_strategy: String,
+    #[serde(default = "default_image_token")]
+    pub image_token: String,
+    /// Seed of the fresh parameters.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl Default for ModelSpec {
+    fn default() -> Self {
+        toml::from_str("").expect("every model setting has a default")
+    }
+}
+
+fn default_projector() -> String {
+    "mlp2x_gelu".into()
+}
+fn default_feature_layer() -> Value {
+    Value::Integer(-2)
+}
+fn default_strategy() -> String {
+    "default".into()
+}
+fn default_image_token() -> String {
+    "<image>".into()
+}
+
+/// Data settings shared by the stages.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DataSettings {
+    /// Template of the chat stages (SFT, DFT); pre-training stages use `plain`.
+    #[serde(default = "default_chat_template")]
+    pub chat_template: String,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    /// Caption data of the pre-training stages (LLaVA JSON/JSONL), when not given by `--data`.
+    pub pretrain_data: Option<PathBuf>,
+    /// Instruction data of the chat stages.
+    pub instruct_data: Option<PathBuf>,
+    /// Image root, when not given by `--images`.
+    pub images: Option<PathBuf>,
+    /// Tokenizer for freshly built models (`tokenizer.json`).
+    pub tokenizer: Option<PathBuf>,
+}
+
+fn default_chat_template() -> String {
+    "phi".into()
+}
+fn default_max_length() -> usize {
+    2048
+}
+
+impl Default for DataSettings {
+    fn default() -> Self {
+        toml::from_str("").expect("all data settings have defaults")
+    }
+}
+
+/// Optimisation settings of one stage.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSettings {
+    pub lr: f64,
+    /// Learning-rate multiplier of the projector when the LLM trains too.
+    #[serde(default = "one")]
+    pub projector_lr_scale: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    #[serde(default = "one_usize")]
+    pub epochs: usize,
+    /// Stop after this many optimizer steps (the schedule is laid out for them).
+    pub max_steps: Option<usize>,
+    /// Samples per forward pass.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (global batch = batch_size × grad_accum).
+    #[serde(default = "one_usize")]
+    pub grad_accum: usize,
+    /// Global-norm clipping (0 disables).
+    #[serde(default = "one")]
+    pub max_grad_norm: f64,
+    /// Checkpoint every N optimizer steps (0: only at the end).
+    #[serde(default)]
+    pub save_every: usize,
+    /// Checkpoints kept.
+    #[serde(default = "default_keep")]
+    pub keep_last: usize,
+    #[serde(default)]
+    pub seed: u64,
+    /// Template override for this stage.
+    pub template: Option<String>,
+    /// Dtype of frozen modules: f32, bf16 or f16.
+    #[serde(default = "default_frozen_dtype")]
+    pub frozen_dtype: String,
+    /// Keep image and text-only samples apart and group by length.
+    #[serde(default = "yes")]
+    pub group_by_modality_length: bool,
+    /// Cut both vocabularies to this size when teacher and student differ only by padding.
+    pub truncate_vocab: Option<usize>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn one_usize() -> usize {
+    1
+}
+fn default_batch() -> usize {
+    8
+}
+fn default_keep() -> usize {
+    2
+}
+fn default_frozen_dtype() -> String {
+    "f32".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// Everything one stage of one model needs.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StageSettings {
+    pub stage: Stage,
+    pub role: Role,
+    pub model: ModelSpec,
+    pub data: DataSettings,
+    pub train: TrainSettings,
+    pub distill: DistillLossConfig,
+}
+
+impl StageSettings {
+    /// Resolves `doc` for `stage` and `role`: the stage's paper defaults, then `[train]`, then
+    /// `[stages.<stage>]`, then `[<role>.train]` / `[<role>.stages.<stage>]` overrides.
+    pub fn resolve(doc: &Document, stage: Stage, role: Role) -> Result<Self> {
+        let known = [
+            "description",
+            "models",
+            "data",
+            "train",
+            "stages",
+            "distill",
+            "demo",
+            "teacher",
+            "student",
+        ];
+        for key in doc.table.keys() {
+            if !known.contains(&key.as_str()) {
+                bail!(
+                    "{}: unknown key `{key}` (known: {})",
+                    doc.origin[0],
+                    known.join(", ")
+                );
+            }
+        }
+        let section = |name: &str| -> Result<Table> {
+            match doc.table.get(name) {
+                None => Ok(Table::new()),
+                Some(Value::Table(t)) => Ok(t.clone()),
+                Some(other) => bail!("{}: `{name}` must be a table, found {other}", doc.origin[0]),
+            }
+        };
+        let sub = |t: &Table, name: &str| -> Table {
+            match t.get(name) {
+                Some(Value::Table(t)) => t.clone(),
+                _ => Table::new(),
+            }
+        };
+        let stages = section("stages")?;
+        for key in stages.keys() {
+            if !["pretrain", "sft", "dpt", "dft"].contains(&key.as_str()) {
+                bail!(
+                    "{}: unknown stage `stages.{key}` (pretrain, sft, dpt, dft)",
+                    doc.origin[0]
+                );
+            }
+        }
+        let role_table = section(role.name())?;
+        let mut train = stage.defaults();
+        merge(&mut train, section("train")?);
+        merge(&mut train, sub(&stages, stage.name()));
+        merge(&mut train, sub(&role_table, "train"));
+        merge(&mut train, sub(&sub(&role_table, "stages"), stage.name()));
+        let train: TrainSettings = Value::Table(train).try_into().with_context(|| {
+            format!(
+                "{}: in the `train` settings of stage {}",
+                doc.origin[0],
+                stage.name()
+            )
+        })?;
+
+        let models = section("models")?;
+        let model: ModelSpec = match models.get(role.name()) {
+            Some(v) => v
+                .clone()
+                .try_into()
+                .with_context(|| format!("{}: in `models.{}`", doc.origin[0], role.name()))?,
+            None => ModelSpec::default(),
+        };
+        let data: DataSettings = Value::Table(section("data")?)
+            .try_into()
+            .with_context(|| format!("{}: in `data`", doc.origin[0]))?;
+        let distill: DistillLossConfig = Value::Table(section("distill")?)
+            .try_into()
+            .with_context(|| format!("{}: in `distill`", doc.origin[0]))?;
+        distill.validate()?;
+        let settings = Self {
+            stage,
+            role,
+            model,
+            data,
+            train,
+            distill,
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        anyhow::ensure!(t.batch_size > 0, "train.batch_size must be at least 1");
+        anyhow::ensure!(t.grad_accum > 0, "train.grad_accum must be at least 1");
+        anyhow::ensure!(t.lr.is_finite() && t.lr >= 0.0, "train.lr must be ≥ 0");
+        anyhow::ensure!(
+            ["f32", "bf16", "f16"].contains(&t.frozen_dtype.as_str()),
+            "train.frozen_dtype must be f32, bf16 or f16, found `{}`",
+            t.frozen_dtype
+        );
+        Ok(())
+    }
+
+    /// The conversation template of this stage.
+    pub fn template(&self) -> String {
+        match &self.train.template {
+            Some(t) => t.clone(),
+            None if self.stage.is_pretraining() => "plain".into(),
+            None => self.data.chat_template.clone(),
+        }
+    }
+
+    /// The data file of this stage from the preset (`--data` wins).
+    pub fn default_data(&self) -> Option<PathBuf> {
+        if self.stage.is_pretraining() {
+            self.data.pretrain_data.clone()
+        } else {
+            self.data.instruct_data.clone()
+        }
+    }
+
+    pub fn as_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A stage-specific shorthand: `--set lr=1e-4` means `stages.<stage>.lr` when the key has no dot.
+pub fn expand_override(assignment: &str, stage: Stage) -> String {
+    match assignment.split_once('=') {
+        Some((key, _)) if !key.contains('.') && !key.trim().is_empty() => {
+            format!("stages.{}.{}", stage.name(), assignment.trim_start())
+        }
+        _ => assignment.to_string(),
+    }
+}
+
+/// Settings of several stages at once (the demo resolves them all up front to fail early).
+pub type StagePlan = BTreeMap<(Role, Stage), StageSettings>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::preset::{apply_override, load_document};
+
+    #[test]
+    fn stage_defaults_then_sections_then_overrides() {
+        let mut doc = load_document("shapes-tiny").unwrap();
+        let pt = StageSettings::resolve(&doc, Stage::Pretrain, Role::Student).unwrap();
+        assert_eq!(pt.template(), "plain");
+        apply_override(&mut doc.table, &expand_override("lr=0.5", Stage::Sft)).unwrap();
+        let sft = StageSettings::resolve(&doc, Stage::Sft, Role::Student).unwrap();
+        assert_eq!(sft.train.lr, 0.5);
+        assert_ne!(sft.template(), "plain");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let mut doc = load_document("shapes-tiny").unwrap();
+        apply_override(&mut doc.table, "train.learning_rate=1").unwrap();
+        let err = format!(
+            "{:#}",
+            StageSettings::resolve(&doc, Stage::Sft, Role::Student).unwrap_err()
+        );
+        assert!(err.contains("learning_rate"), "{err}");
+        let mut doc = load_document("shapes-tiny").unwrap();
+        apply_override(&mut doc.table, "distill.gama_rel=1").unwrap();
+        let err = format!(
+            "{:#}",
+            StageSettings::resolve(&doc, Stage::Dft, Role::Student).unwrap_err()
+        );
+        assert!(err.contains("gama_rel"), "{err}");
+        let mut doc = load_document("shapes-tiny").unwrap();
+        apply_override(&mut doc.table, "stages.sftt.lr=1").unwrap();
+        let err = format!(
+            "{:#}",
+            StageSettings::resolve(&doc, Stage::Sft, Role::Student).unwrap_err()
+        );
+        assert!(err.contains("sftt"), "{err}");
+    }
+}

@@ -1,0 +1,115 @@
+//! Resumable training state: periodic checkpoints under `OUT/checkpoints/step-NNNNNNNN/`, each a
+//! loadable model directory plus `optimizer.safetensors` and `trainer_state.json`, written
+//! atomically (temporary directory + rename) with the last K kept.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use mmkd_datasets::Cursor;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{replace_dir, temp_sibling, write_llava_files, SaveAssets};
+use crate::models::llava::LlavaModel;
+use crate::train::AdamW;
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// Everything besides weights and moments that a resumed run needs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    pub stage: String,
+    /// Optimizer steps taken.
+    pub step: usize,
+    pub total_steps: usize,
+    /// Where the next batch comes from.
+    pub cursor: Cursor,
+    pub samples_seen: usize,
+    /// Digest of the resolved settings, so a resume with other settings is refused.
+    pub settings_digest: String,
+}
+
+pub fn checkpoints_dir(out: &Path) -> PathBuf {
+    out.join("checkpoints")
+}
+
+fn step_dir(out: &Path, step: usize) -> PathBuf {
+    checkpoints_dir(out).join(format!("step-{step:08}"))
+}
+
+/// Writes a checkpoint atomically and prunes old ones.
+pub fn save_checkpoint(
+    out: &Path,
+    model: &LlavaModel,
+    assets: SaveAssets<'_>,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    keep_last: usize,
+) -> Result<PathBuf> {
+    let final_dir = step_dir(out, state.step);
+    let tmp = temp_sibling(&final_dir)?;
+    write_llava_files(model, &tmp, assets)?;
+    optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
+    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
+    replace_dir(&tmp, &final_dir)?;
+    prune(out, keep_last.max(1))?;
+    Ok(final_dir)
+}
+
+fn list_checkpoints(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let dir = checkpoints_dir(out);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<usize>().ok())
+        else {
+            continue;
+        };
+        // Only complete checkpoints have their state file (it is written last, before the rename).
+        if path.join(STATE_FILE).exists() {
+            found.push((step, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+fn prune(out: &Path, keep: usize) -> Result<()> {
+    let all = list_checkpoints(out)?;
+    let excess = all.len().saturating_sub(keep);
+    for (_, path) in all.into_iter().take(excess) {
+        std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint of a run, if any.
+pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
+    Ok(list_checkpoints(out)?.pop().map(|(_, p)| p))
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
+    let path = dir.join(STATE_FILE);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a trainer state", path.display()))
+}
+
+/// A stable digest of a JSON value (FNV-1a over its canonical text).
+pub fn digest(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    let mut hash: u64 = 0xcbf29ce484222325;
+    for b in text.as_bytes() {
+        hash ^= *b as u64;
+        hash = hash.wrapping_mul(0x100000001b3);
+    }
+    format!("{hash:016x}")
+}

@@ -1,0 +1,589 @@
+//! The training loop shared by the four stages: data → batches → (teacher) forward → loss →
+//! backward → accumulation → clipping → AdamW, with metrics, progress, atomic checkpoints and
+//! resume.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use indicatif::{ProgressBar, ProgressStyle};
+use mmkd_datasets::{
+    collate, BatchSampler, CollateConfig, ImageCheck, LlavaDataset, PaddingSide, SampleShape,
+    SamplerConfig, Template, TokenizeConfig, TokenizedDataset, Truncation,
+};
+use serde::Serialize;
+
+use super::init::{from_checkpoint, from_spec, parse_dtype, PreparedModel};
+use super::metrics::{plot_losses, read_metrics, MetricsLog, StepMetrics};
+use super::state::{
+    digest, latest_checkpoint, read_state, save_checkpoint, TrainerState, OPTIMIZER_FILE,
+};
+use super::{
+    clip_grad_norm, grad_global_norm, AdamW, AdamWConfig, GradAccumulator, LrSchedule,
+    ParamGroupConfig,
+};
+use crate::checkpoint::{temp_sibling, write_llava_files, SaveAssets};
+use crate::config::{Stage, StageSettings};
+use crate::distill::{distill_loss, truncate_vocab, DistillBatch, LossTerms, RelationHidden};
+use crate::models::llava::{LlavaModel, TokenBatch, Trainable, PROJECTOR_PREFIX};
+
+/// One stage run as the CLI (or the demo) asks for it.
+#[derive(Clone, Debug)]
+pub struct StageRun {
+    pub settings: StageSettings,
+    /// Previous stage's checkpoint (required for SFT and DFT).
+    pub init: Option<String>,
+    /// Teacher checkpoint (DPT and DFT).
+    pub teacher: Option<String>,
+    pub data: PathBuf,
+    pub images: PathBuf,
+    pub out: PathBuf,
+    /// Tokenizer for freshly built models.
+    pub tokenizer: Option<PathBuf>,
+    pub resume: bool,
+    /// Draw a progress bar (off in tests).
+    pub progress: bool,
+}
+
+/// What a finished stage reports (also written to `OUT/summary.json`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StageSummary {
+    pub stage: Stage,
+    pub steps: usize,
+    pub samples_seen: usize,
+    pub wall_seconds: f64,
+    pub samples_per_s: f64,
+    pub first_loss: f32,
+    pub final_loss: f32,
+    pub data_records: usize,
+    pub data_kept: usize,
+    pub data_truncated: usize,
+    /// Records not trained on, by reason.
+    pub data_skipped: std::collections::BTreeMap<String, usize>,
+    pub model_origin: String,
+    pub parameters_trained: usize,
+    pub settings: serde_json::Value,
+}
+
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// Whether `out` holds a finished stage (its summary is written last).
+pub fn stage_finished(out: &Path) -> bool {
+    out.join(SUMMARY_FILE).exists()
+}
+
+fn trainable_for(stage: Stage) -> Trainable {
+    if stage.trains_llm() {
+        Trainable::PROJECTOR_AND_LLM
+    } else {
+        Trainable::PROJECTOR
+    }
+}
+
+/// Checks that a teacher can distil into the student: same visual tokens per image, same image
+/// preprocessing, same vocabulary (or an explicit truncation). Returns the vocabulary to cut to.
+pub fn check_compatible(
+    student: &PreparedModel,
+    teacher: &PreparedModel,
+    truncate: Option<usize>,
+) -> Result<Option<usize>> {
+    let (s, t) = (&student.model, &teacher.model);
+    ensure!(
+        s.tokens_per_image() == t.tokens_per_image(),
+        "teacher and student disagree on visual tokens per image ({} vs {}): their positions would not line up",
+        t.tokens_per_image(),
+        s.tokens_per_image()
+    );
+    ensure!(
+        s.image_token_id() == t.image_token_id(),
+        "teacher and student use different image token ids ({} vs {})",
+        t.image_token_id(),
+        s.image_token_id()
+    );
+    ensure!(
+        student.processor == teacher.processor,
+        "teacher and student preprocess images differently (compare their preprocessor configs): \
+         a shared vision input is required"
+    );
+    let (sv, tv) = (
+        s.config.text_config.vocab_size,
+        t.config.text_config.vocab_size,
+    );
+    match truncate {
+        Some(n) => {
+            ensure!(
+                n <= sv && n <= tv,
+                "truncate_vocab = {n} exceeds a vocabulary (teacher {tv}, student {sv})"
+            );
+            Ok(Some(n))
+        }
+        None if sv == tv => Ok(None),
+        None => bail!(
+            "teacher vocabulary ({tv}) differs from the student's ({sv}); if they differ only by padding, \
+             set train.truncate_vocab = {} to cut both to the smaller",
+            sv.min(tv)
+        ),
+    }
+}
+
+fn labels_tensor(labels: &ndarray::Array2<i64>, device: &Device) -> Result<Tensor> {
+    let (b, s) = labels.dim();
+    Ok(Tensor::from_vec(
+        labels.iter().copied().collect::<Vec<_>>(),
+        (b, s),
+        device,
+    )?)
+}
+
+fn token_batch(batch: &mmkd_datasets::Batch) -> TokenBatch {
+    TokenBatch {
+        ids: batch
+            .input_ids
+            .rows()
+            .into_iter()
+            .map(|r| r.to_vec())
+            .collect(),
+        mask: batch
+            .attention_mask
+            .rows()
+            .into_iter()
+            .map(|r| r.to_vec())
+            .collect(),
+    }
+}
+
+fn pixel_values(batch: &mmkd_datasets::Batch, prepared: &PreparedModel) -> Result<Option<Tensor>> {
+    if batch.images.is_empty() {
+        return Ok(None);
+    }
+    let images = batch.load_images(2)?;
+    let arrays = images
+        .iter()
+        .zip(&batch.images)
+        .map(|(img, meta)| {
+            prepared.processor.preprocess(img).with_context(|| {
+                format!(
+                    "sample {}: image {}",
+                    batch.sample_ids[meta.row],
+                    meta.path.display()
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(mmkd_vision::to_tensor(
+        &arrays,
+        prepared.model.device(),
+    )?))
+}
+
+struct Teacher {
+    prepared: PreparedModel,
+    truncate: Option<usize>,
+}
+
+/// The loss of one micro-batch.
+fn batch_loss(
+    student: &LlavaModel,
+    teacher: Option<&Teacher>,
+    tokens: &TokenBatch,
+    labels: &Tensor,
+    pixels: Option<&Tensor>,
+    settings: &StageSettings,
+) -> Result<LossTerms> {
+    let out = student.forward(tokens, pixels)?;
+    let Some(teacher) = teacher else {
+        return LossTerms::ce_only(&out.logits, labels);
+    };
+    let t_out = teacher.prepared.model.forward(tokens, pixels)?;
+    let t_logits = t_out.logits.detach();
+    let mask: Vec<u8> = out.visual.mask.iter().flatten().copied().collect();
+    let visual_mask = Tensor::from_vec(
+        mask,
+        (tokens.batch_size(), tokens.seq_len()),
+        student.device(),
+    )?;
+    let (s_logits, t_logits) = match teacher.truncate {
+        Some(n) => (
+            truncate_vocab(&out.logits, n)?,
+            truncate_vocab(&t_logits, n)?,
+        ),
+        None => (out.logits.clone(), t_logits),
+    };
+    let t_hidden = t_out.hidden.detach();
+    let relation_hidden = teacher.truncate.is_none().then(|| RelationHidden {
+        student_hidden: &out.hidden,
+        student_head: student.lm.lm_head_weight(),
+        teacher_hidden: &t_hidden,
+        teacher_head: teacher.prepared.model.lm.lm_head_weight(),
+    });
+    distill_loss(
+        &DistillBatch {
+            student_logits: &s_logits,
+            teacher_logits: &t_logits,
+            labels,
+            visual_mask: &visual_mask,
+            relation_hidden,
+        },
+        &settings.distill,
+    )
+}
+
+fn finite_or_stop(value: f64, what: &str, step: usize, ids: &[String], out: &Path) -> Result<()> {
+    if value.is_finite() {
+        return Ok(());
+    }
+    let last = latest_checkpoint(out)?
+        .map(|p| format!("the last good checkpoint is {}", p.display()))
+        .unwrap_or_else(|| "no checkpoint was written yet".into());
+    bail!(
+        "{what} is {value} at step {} (samples {}): stopping; {last}. Lower the learning rate or check the data",
+        step + 1,
+        ids.join(", ")
+    )
+}
+
+/// Runs one stage to completion (or resumes it) and writes the trained model to `run.out`.
+pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
+    let settings = &run.settings;
+    let stage = settings.stage;
+    let started = Instant::now();
+    std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
+    let settings_json = settings.as_json();
+    let settings_digest = digest(
+        &serde_json::json!({"settings": settings_json, "data": run.data, "images": run.images, "init": run.init, "teacher": run.teacher}),
+    );
+    let frozen_dtype = parse_dtype(&settings.train.frozen_dtype)?;
+    let trainable = trainable_for(stage);
+
+    // Resume point.
+    let resume_from = if run.resume {
+        let ckpt = latest_checkpoint(&run.out)?.with_context(|| {
+            format!(
+                "--resume: no complete checkpoint in {}",
+                super::state::checkpoints_dir(&run.out).display()
+            )
+        })?;
+        let state = read_state(&ckpt)?;
+        ensure!(
+            state.settings_digest == settings_digest,
+            "--resume: {} was written with other settings, data or models; resume with the same command",
+            ckpt.display()
+        );
+        Some((ckpt, state))
+    } else {
+        if latest_checkpoint(&run.out)?.is_some() {
+            bail!(
+                "{} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out",
+                run.out.display()
+            );
+        }
+        None
+    };
+
+    // Models.
+    let student = match (&resume_from, &run.init) {
+        (Some((ckpt, _)), _) => from_checkpoint(
+            ckpt.to_str().context("non-UTF-8 path")?,
+            trainable,
+            frozen_dtype,
+        )?,
+        (None, Some(init)) => from_checkpoint(init, trainable, frozen_dtype)?,
+        (None, None) if stage.is_pretraining() => {
+            let tokenizer = run
+                .tokenizer
+                .clone()
+                .or_else(|| settings.data.tokenizer.clone());
+            from_spec(
+                &settings.model,
+                tokenizer.as_deref(),
+                trainable,
+                frozen_dtype,
+            )?
+        }
+        (None, None) => bail!(
+            "`{}` continues a trained model: pass --init DIR (the previous stage's output)",
+            stage.name()
+        ),
+    };
+    let teacher = if stage.distills() {
+        let spec = run.teacher.as_deref().with_context(|| {
+            format!(
+                "`{}` distils from a teacher: pass --teacher DIR",
+                stage.name()
+            )
+        })?;
+        let prepared =
+            from_checkpoint(spec, Trainable::NONE, frozen_dtype).context("loading the teacher")?;
+        let truncate = check_compatible(&student, &prepared, settings.train.truncate_vocab)?;
+        Some(Teacher { prepared, truncate })
+    } else {
+        None
+    };
+    let model = &student.model;
+
+    // Data.
+    let template_name = settings.template();
+    let template = if Path::new(&template_name).is_file() {
+        Template::from_file(Path::new(&template_name))?
+    } else {
+        Template::builtin(&template_name)?
+    };
+    let mut dataset = LlavaDataset::read(&run.data, &run.images)?;
+    dataset.verify_images(ImageCheck::Exists, 2, &|_| {});
+    let tokenize = TokenizeConfig {
+        image_token_id: model.image_token_id(),
+        tokens_per_image: model.tokens_per_image(),
+        max_length: settings.data.max_length,
+        truncation: Truncation::Truncate,
+    };
+    let data = TokenizedDataset::build(
+        &dataset,
+        &student.tokenizer,
+        &template,
+        &tokenize,
+        2,
+        &|_| {},
+    )?;
+    let report = &data.report;
+    if !report.problems.is_empty() {
+        eprintln!(
+            "{}: {} of {} records skipped ({}); first: {}",
+            stage.name(),
+            report.problems.len(),
+            report.records,
+            report
+                .skipped_by_kind()
+                .iter()
+                .map(|(k, n)| format!("{k:?}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            report.problems[0]
+        );
+    }
+    ensure!(
+        !data.samples.is_empty(),
+        "no usable sample in {}",
+        run.data.display()
+    );
+
+    let mut sampler_cfg = SamplerConfig::new(settings.train.batch_size, settings.train.seed);
+    sampler_cfg.group_by_modality_length = settings.train.group_by_modality_length;
+    let cursor = resume_from
+        .as_ref()
+        .map(|(_, s)| s.cursor)
+        .unwrap_or_default();
+    let mut sampler = BatchSampler::new(SampleShape::of(&data.samples), sampler_cfg, cursor)?;
+    let accum_steps = settings.train.grad_accum;
+    let total_steps = match settings.train.max_steps {
+        Some(n) => n,
+        None => (settings.train.epochs * sampler.batches_per_epoch())
+            .div_ceil(accum_steps)
+            .max(1),
+    };
+    let collate_cfg = CollateConfig {
+        pad_token_id: 0,
+        padding_side: PaddingSide::Right,
+        pad_to_multiple_of: 1,
+    };
+
+    // Optimisation.
+    let vars = model.store.trainable_vars();
+    let mut optimizer = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            weight_decay: settings.train.weight_decay,
+            groups: vec![ParamGroupConfig {
+                name: "projector".into(),
+                prefixes: vec![format!("{PROJECTOR_PREFIX}.")],
+                lr_scale: settings.train.projector_lr_scale,
+                weight_decay: settings.train.weight_decay,
+            }],
+            ..Default::default()
+        },
+    )?;
+    let (start_step, mut samples_seen) = match &resume_from {
+        Some((ckpt, state)) => {
+            optimizer.load(&ckpt.join(OPTIMIZER_FILE))?;
+            (state.step, state.samples_seen)
+        }
+        None => (0, 0),
+    };
+    let schedule = LrSchedule::new(&settings.train.schedule, settings.train.lr, total_steps)?;
+    let mut log = MetricsLog::open(
+        &run.out.join("metrics.jsonl"),
+        resume_from.as_ref().map(|(_, s)| s.step),
+    )?;
+    let assets = SaveAssets {
+        tokenizer_dir: Some(&student.tokenizer_dir),
+        tokenizer: Some(&student.tokenizer),
+        processor: Some(&student.processor),
+    };
+
+    let bar = if run.progress {
+        let bar = ProgressBar::new(total_steps as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>9} [{bar:30}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(stage.name());
+        bar.set_position(start_step as u64);
+        bar
+    } else {
+        ProgressBar::hidden()
+    };
+
+    for step in start_step..total_steps {
+        let step_started = Instant::now();
+        let mut accum = GradAccumulator::new(&vars);
+        let mut terms_sum = [0f64; 5];
+        let mut terms_seen = [0usize; 5];
+        let mut step_samples = 0;
+        for _ in 0..accum_steps {
+            let indices = sampler.next_batch();
+            let refs: Vec<_> = indices.iter().map(|&i| &data.samples[i]).collect();
+            let batch = collate(&refs, &indices, &collate_cfg);
+            let tokens = token_batch(&batch);
+            let labels = labels_tensor(&batch.labels, model.device())?;
+            let pixels = pixel_values(&batch, &student)?;
+            let terms = batch_loss(
+                model,
+                teacher.as_ref(),
+                &tokens,
+                &labels,
+                pixels.as_ref(),
+                settings,
+            )?;
+            finite_or_stop(
+                terms.total_value as f64,
+                "the loss",
+                step,
+                &batch.sample_ids,
+                &run.out,
+            )?;
+            let grads = terms.total.backward()?;
+            accum.add(&grads)?;
+            step_samples += batch.batch_size();
+            for (i, v) in [
+                Some(terms.total_value),
+                terms.ce,
+                terms.l_res,
+                terms.l_vis,
+                terms.l_rel,
+            ]
+            .iter()
+            .enumerate()
+            {
+                if let Some(v) = v {
+                    terms_sum[i] += *v as f64;
+                    terms_seen[i] += 1;
+                }
+            }
+        }
+        let mut grads = accum.mean()?;
+        let grad_norm = if settings.train.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, &vars, settings.train.max_grad_norm)?
+        } else {
+            grad_global_norm(&grads, &vars)?
+        };
+        finite_or_stop(grad_norm, "the gradient norm", step, &[], &run.out)?;
+        let lr = schedule.lr(step);
+        optimizer.step(&grads, lr)?;
+        samples_seen += step_samples;
+
+        let mean =
+            |i: usize| (terms_seen[i] > 0).then(|| (terms_sum[i] / terms_seen[i] as f64) as f32);
+        let metrics = StepMetrics {
+            step: step + 1,
+            epoch: sampler.cursor().epoch,
+            loss: mean(0).unwrap_or(f32::NAN),
+            ce: mean(1),
+            l_res: mean(2),
+            l_vis: mean(3),
+            l_rel: mean(4),
+            grad_norm,
+            lr,
+            samples_per_s: step_samples as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
+            samples: samples_seen,
+        };
+        log.append(&metrics)?;
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.1} samples/s",
+            metrics.loss, lr, metrics.samples_per_s
+        ));
+        bar.inc(1);
+
+        let done = step + 1;
+        if settings.train.save_every > 0
+            && done % settings.train.save_every == 0
+            && done < total_steps
+        {
+            let state = TrainerState {
+                stage: stage.name().into(),
+                step: done,
+                total_steps,
+                cursor: sampler.cursor(),
+                samples_seen,
+                settings_digest: settings_digest.clone(),
+            };
+            save_checkpoint(
+                &run.out,
+                model,
+                assets,
+                &optimizer,
+                &state,
+                settings.train.keep_last,
+            )?;
+        }
+    }
+    bar.finish_and_clear();
+
+    // The final model goes into OUT itself, file by file (each rename is atomic); the summary,
+    // written last, marks the stage as finished.
+    let tmp = temp_sibling(&run.out.join("final"))?;
+    write_llava_files(model, &tmp, assets)?;
+    for entry in std::fs::read_dir(&tmp)? {
+        let entry = entry?;
+        std::fs::rename(entry.path(), run.out.join(entry.file_name()))?;
+    }
+    std::fs::remove_dir_all(&tmp)?;
+    let all_metrics = read_metrics(&run.out.join("metrics.jsonl"))?;
+    plot_losses(&all_metrics, &run.out.join("loss.png"))?;
+    let wall = started.elapsed().as_secs_f64();
+    let summary = StageSummary {
+        stage,
+        steps: total_steps,
+        samples_seen,
+        wall_seconds: wall,
+        samples_per_s: median(all_metrics.iter().map(|m| m.samples_per_s).collect()),
+        first_loss: all_metrics.first().map(|m| m.loss).unwrap_or(f32::NAN),
+        final_loss: all_metrics.last().map(|m| m.loss).unwrap_or(f32::NAN),
+        data_records: report.records,
+        data_kept: report.kept,
+        data_truncated: report.truncated,
+        data_skipped: report
+            .skipped_by_kind()
+            .into_iter()
+            .map(|(k, n)| (format!("{k:?}"), n))
+            .collect(),
+        model_origin: student.origin.clone(),
+        parameters_trained: model.store.count_trainable(),
+        settings: settings_json,
+    };
+    std::fs::write(
+        run.out.join(SUMMARY_FILE),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    Ok(summary)
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
