@@ -580,6 +580,25 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
     Ok(summary)
 }
 
+fn ensure_finite_params(
+    vars: &[(String, candle_core::Var)],
+    step: usize,
+    out: &Path,
+) -> Result<()> {
+    for (name, var) in vars {
+        let sum = var
+            .as_tensor()
+            .abs()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            finite_or_stop(sum, &format!("parameter `{name}`"), step, &[], out)?;
+        }
+    }
+    Ok(())
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     if values.is_empty() {
         return 0.0;
