@@ -6,7 +6,8 @@
 //! A conversation is laid out as
 //! `bos + system_prefix + system + system_suffix`, then for every round
 //! `user_prefix + question + user_suffix + assistant_prefix + ANSWER + answer_end + assistant_suffix`,
-//! where only `ANSWER + answer_end` is supervised.
+//! where only `ANSWER + answer_end` is supervised (plus the whitespace ending `assistant_prefix`
+//! when `supervise_separator_whitespace` is set, as in LLaVA v1 and TinyLLaVA).
 
 use std::path::Path;
 
@@ -72,6 +73,13 @@ pub struct Template {
     /// Only one question/answer round per sample (`plain`).
     #[serde(default)]
     pub single_round: bool,
+    /// Supervise the whitespace that ends the prompt before each answer (the space of
+    /// "ASSISTANT: ") together with the answer. This is what LLaVA v1's and TinyLLaVA's label
+    /// arithmetic does (the instruction length is counted without that space): with byte-level
+    /// BPE the space is usually inside the answer's first token anyway ("Ġred"); when the
+    /// tokenizer keeps it apart, it is supervised all the same.
+    #[serde(default)]
+    pub supervise_separator_whitespace: bool,
 }
 
 /// The shipped templates, by name.

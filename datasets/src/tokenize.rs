@@ -179,8 +179,13 @@ fn layout(sample: &Sample, template: &Template) -> Result<Vec<Piece>, (ProblemKi
         }
         text.push_str(&template.user_suffix);
         text.push_str(&template.assistant_prefix);
+        let separator = if template.supervise_separator_whitespace {
+            text.split_off(text.trim_end().len())
+        } else {
+            String::new()
+        };
         pieces.push(Piece::Text { text: std::mem::take(&mut text), answer: None });
-        pieces.push(Piece::Text { text: format!("{}{}", round.answer, template.answer_end), answer: Some(r) });
+        pieces.push(Piece::Text { text: format!("{separator}{}{}", round.answer, template.answer_end), answer: Some(r) });
         text.push_str(&template.assistant_suffix);
     }
     pieces.push(Piece::Text { text, answer: None });
@@ -328,7 +333,8 @@ fn check_answers(
         let Some((_, answer_range)) = chunk.answers.iter().find(|(owner, _)| *owner == r) else {
             return Err(format!("answer {} is missing from the laid-out text", r + 1));
         };
-        // Bytes the answer's tokens cover beyond the answer itself must be separator whitespace.
+        // Bytes the answer's tokens cover beyond the answer itself must be separator whitespace
+        // (the answer range itself may start with the separator, see the template).
         let before = chunk.text.get(span.start.min(answer_range.start)..answer_range.start);
         let after = chunk.text.get(answer_range.end..span.end.max(answer_range.end));
         match (before, after) {

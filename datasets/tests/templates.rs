@@ -1,7 +1,9 @@
 //! Template layouts, ids and labels against hand-worked expectations.
 //!
 //! The tokenizer here maps every byte to its own id (no merges) and the special tokens to 256..,
-//! so the expected ids below follow from the written-out text alone.
+//! so the expected ids below follow from the written-out text alone. In vicuna_v1, phi and
+//! qwen2_base the space of "ASSISTANT: " is supervised with the answer (LLaVA's label
+//! arithmetic); with this tokenizer it is a token of its own, so it shows up in `A(" red")`.
 
 mod common;
 
@@ -109,11 +111,11 @@ fn vicuna_v1_layout() {
             Ps("<s>"),
             P(&sys_user),
             Img,
-            P("\nWhat color? ASSISTANT: "),
-            A("red"),
+            P("\nWhat color? ASSISTANT:"),
+            A(" red"),
             As("</s>"),
-            P("USER: And the shape? ASSISTANT: "),
-            A("circle"),
+            P("USER: And the shape? ASSISTANT:"),
+            A(" circle"),
             As("</s>"),
         ],
     );
@@ -125,11 +127,11 @@ fn phi_and_qwen2_base_layout() {
     let segs = [
         P(&sys_user),
         Img,
-        P("\nWhat color? ASSISTANT: "),
-        A("red"),
+        P("\nWhat color? ASSISTANT:"),
+        A(" red"),
         As("<|endoftext|>"),
-        P("USER: And the shape? ASSISTANT: "),
-        A("circle"),
+        P("USER: And the shape? ASSISTANT:"),
+        A(" circle"),
         As("<|endoftext|>"),
     ];
     let phi = assert_layout("phi", two_rounds(), &segs);
@@ -207,14 +209,14 @@ fn several_images_stay_where_written_and_missing_placeholder_goes_first() {
         {"from": "human", "value": "Compare <image> and <image>."}, {"from": "gpt", "value": "same"}]});
     let sys_user = format!("{VICUNA_SYSTEM} USER: Compare ");
     let out =
-        assert_layout("phi", record, &[P(&sys_user), Img, P(" and "), Img, P(". ASSISTANT: "), A("same"), As("<|endoftext|>")]);
+        assert_layout("phi", record, &[P(&sys_user), Img, P(" and "), Img, P(". ASSISTANT:"), A(" same"), As("<|endoftext|>")]);
     let first = sys_user.len();
     assert_eq!(out.image_spans, vec![first..first + TPI, first + TPI + 5..first + 2 * TPI + 5]);
     // An image sample without placeholder: LLaVA puts the image before the first question.
     let record = json!({"id": "n", "image": "a.png", "conversations": [
         {"from": "human", "value": "What color?"}, {"from": "gpt", "value": "red"}]});
     let sys_user = format!("{VICUNA_SYSTEM} USER: ");
-    assert_layout("phi", record, &[P(&sys_user), Img, P("\nWhat color? ASSISTANT: "), A("red"), As("<|endoftext|>")]);
+    assert_layout("phi", record, &[P(&sys_user), Img, P("\nWhat color? ASSISTANT:"), A(" red"), As("<|endoftext|>")]);
 }
 
 fn phi_two_rounds(max_length: usize, truncation: Truncation) -> Result<TokenizedSample, mmkd_datasets::Problem> {
@@ -284,7 +286,7 @@ fn supervised_tokens_that_do_not_decode_to_the_answer_are_reported() {
     assert_eq!(err.kind, ProblemKind::TokenizationMismatch);
     assert_eq!(
         err.message,
-        "answer 1: the supervised tokens decode to \"red<|endoftext|>\", but the answer is \"Red<|endoftext|>\""
+        "answer 1: the supervised tokens decode to \" red<|endoftext|>\", but the answer is \"Red<|endoftext|>\""
     );
 }
 
