@@ -5,13 +5,17 @@ mod common;
 
 use std::path::Path;
 
-use mmkd_datasets::{load_tokenizer, render_text, tokenize_sample, Template, TokenizeConfig, Truncation};
+use mmkd_datasets::{
+    load_tokenizer, render_text, tokenize_sample, Template, TokenizeConfig, Truncation,
+};
 use serde_json::Value;
 
 #[test]
 fn phi_and_plain_match_the_python_reference_token_for_token() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
-    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("phi_reference.json")).unwrap()).unwrap();
+    let fixture: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("phi_reference.json")).unwrap())
+            .unwrap();
     let tok = load_tokenizer(&dir.join(fixture["tokenizer"].as_str().unwrap())).unwrap();
     let image_token_id = fixture["image_token_id"].as_u64().unwrap() as u32;
     assert_eq!(tok.token_to_id("<image>"), Some(image_token_id));
@@ -28,7 +32,11 @@ fn phi_and_plain_match_the_python_reference_token_for_token() {
         let template = Template::builtin(case["template"].as_str().unwrap()).unwrap();
         let sample = common::sample(case["record"].clone()).unwrap();
         let id = &sample.reference.name();
-        assert_eq!(render_text(&sample, &template).unwrap(), case["prompt"].as_str().unwrap(), "{id}: prompt text");
+        assert_eq!(
+            render_text(&sample, &template).unwrap(),
+            case["prompt"].as_str().unwrap(),
+            "{id}: prompt text"
+        );
         let out = tokenize_sample(&sample, &tok, &template, &cfg).unwrap();
         let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         let labels: Vec<i64> = serde_json::from_value(case["labels"].clone()).unwrap();

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 pub mod data;
 
 #[derive(Debug, Parser)]
-#[command(name = "mmkd", version, about = "Distil multimodal LLMs (LLaVA-KD) from the command line")]
+#[command(
+    name = "mmkd",
+    version,
+    about = "Distil multimodal LLMs (LLaVA-KD) from the command line"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
