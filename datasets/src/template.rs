@@ -200,6 +200,11 @@ impl Template {
         out.push_str(&self.human_content(question, if first { num_images } else { 0 }));
         out.push_str(&self.user_suffix);
         out.push_str(&self.assistant_prefix);
+        if self.supervise_separator_whitespace {
+            // The separator space was trained as part of the answer (usually inside its first
+            // token, "Ġred"), so the model is left to produce it, as LLaVA's "ASSISTANT:" prompt does.
+            out.truncate(out.trim_end().len());
+        }
         out
     }
 
@@ -285,7 +290,7 @@ mod tests {
         let sys = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
         assert_eq!(
             t.generation_prompt(&[("What color?", "red")], "What shape?", 1),
-            format!("{sys} USER: <image>\nWhat color? ASSISTANT: red<|endoftext|>USER: What shape? ASSISTANT: ")
+            format!("{sys} USER: <image>\nWhat color? ASSISTANT: red<|endoftext|>USER: What shape? ASSISTANT:")
         );
     }
 }

@@ -237,6 +237,34 @@ struct Chunk {
     answers: Vec<(usize, Range<usize>)>,
 }
 
+/// Tokenize a prompt holding `<image>` placeholders (e.g. [`Template::generation_prompt`]) the
+/// way training samples are tokenized: chunks between placeholders are encoded whole and each
+/// placeholder becomes `tokens_per_image` copies of `image_token_id`. Returns the ids and the
+/// positions of each image block.
+pub fn tokenize_prompt(
+    prompt: &str,
+    tokenizer: &Tokenizer,
+    image_token_id: u32,
+    tokens_per_image: usize,
+) -> Result<(Vec<u32>, Vec<Range<usize>>)> {
+    let mut ids = Vec::new();
+    let mut blocks = Vec::new();
+    for (c, chunk) in prompt.split(IMAGE_PLACEHOLDER).enumerate() {
+        if c > 0 {
+            let start = ids.len();
+            ids.extend(std::iter::repeat_n(image_token_id, tokens_per_image));
+            blocks.push(start..ids.len());
+        }
+        if !chunk.is_empty() {
+            let enc = tokenizer
+                .encode(chunk, false)
+                .map_err(|e| anyhow::anyhow!("cannot tokenize prompt chunk {chunk:?}: {e}"))?;
+            ids.extend_from_slice(enc.get_ids());
+        }
+    }
+    Ok((ids, blocks))
+}
+
 /// The full conversation text with `<image>` placeholders: what LLaVA would tokenize.
 pub fn render_text(sample: &Sample, template: &Template) -> Result<String, Problem> {
     let pieces =

@@ -369,3 +369,38 @@ fn a_tokenizer_without_the_template_tokens_is_refused() {
         "template chatml uses \"<|im_start|>\" but the tokenizer does not have it as one token; add it as a special token"
     );
 }
+
+/// A generation prompt tokenizes to exactly the training ids before the last answer's first
+/// supervised token, for every chat template: what the model sees at inference is what it was
+/// trained to continue.
+#[test]
+fn generation_prompts_match_training_prefixes() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer.json");
+    let bpe = mmkd_datasets::load_tokenizer(&fixture).unwrap();
+    for tok in [byte_tokenizer(), bpe] {
+        let image_token_id = tok.token_to_id("<image>").unwrap();
+        let cfg = TokenizeConfig {
+            image_token_id,
+            ..config(4096)
+        };
+        for name in ["vicuna_v1", "phi", "qwen2_base", "chatml", "llama3"] {
+            let t = Template::builtin(name).unwrap();
+            let trained = tokenize_sample(&sample(two_rounds()).unwrap(), &tok, &t, &cfg).unwrap();
+            // The second answer's first supervised position.
+            let mut last_start = None;
+            for i in 1..trained.labels.len() {
+                if trained.labels[i] != IGNORE_INDEX && trained.labels[i - 1] == IGNORE_INDEX {
+                    last_start = Some(i);
+                }
+            }
+            let cut = last_start.unwrap();
+            let prompt =
+                t.generation_prompt(&[("What color?\n<image>", "red")], "And the shape?", 1);
+            let (ids, blocks) =
+                mmkd_datasets::tokenize_prompt(&prompt, &tok, image_token_id, TPI).unwrap();
+            assert_eq!(ids, trained.input_ids[..cut], "{name}");
+            assert_eq!(blocks, trained.image_spans, "{name}");
+        }
+    }
+}
