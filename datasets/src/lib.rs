@@ -31,8 +31,8 @@ pub use sampler::{epoch_batches, BatchSampler, Cursor, SampleShape, SamplerConfi
 pub use synth::{generate as generate_synth, SynthConfig, SynthSummary};
 pub use template::{HumanText, ImagePlacement, Template};
 pub use tokenize::{
-    check_tokenizer, image_token_id, render_text, tokenize_sample, TokenizeConfig, TokenizedSample,
-    Truncation, IGNORE_INDEX,
+    check_tokenizer, image_token_id, render_text, tokenize_prompt, tokenize_sample, TokenizeConfig,
+    TokenizedSample, Truncation, IGNORE_INDEX,
 };
 pub use tokenizer_train::{
     collect_training_text, load_tokenizer, save_tokenizer, train_bpe, SPECIAL_TOKENS,

@@ -6,7 +6,8 @@
 //! A conversation is laid out as
 //! `bos + system_prefix + system + system_suffix`, then for every round
 //! `user_prefix + question + user_suffix + assistant_prefix + ANSWER + answer_end + assistant_suffix`,
-//! where only `ANSWER + answer_end` is supervised.
+//! where only `ANSWER + answer_end` is supervised (plus the whitespace ending `assistant_prefix`
+//! when `supervise_separator_whitespace` is set, as in LLaVA v1 and TinyLLaVA).
 
 use std::path::Path;
 
@@ -72,6 +73,13 @@ pub struct Template {
     /// Only one question/answer round per sample (`plain`).
     #[serde(default)]
     pub single_round: bool,
+    /// Supervise the whitespace that ends the prompt before each answer (the space of
+    /// "ASSISTANT: ") together with the answer. This is what LLaVA v1's and TinyLLaVA's label
+    /// arithmetic does (the instruction length is counted without that space): with byte-level
+    /// BPE the space is usually inside the answer's first token anyway ("Ġred"); when the
+    /// tokenizer keeps it apart, it is supervised all the same.
+    #[serde(default)]
+    pub supervise_separator_whitespace: bool,
 }
 
 /// The shipped templates, by name.
@@ -192,6 +200,11 @@ impl Template {
         out.push_str(&self.human_content(question, if first { num_images } else { 0 }));
         out.push_str(&self.user_suffix);
         out.push_str(&self.assistant_prefix);
+        if self.supervise_separator_whitespace {
+            // The separator space was trained as part of the answer (usually inside its first
+            // token, "Ġred"), so the model is left to produce it, as LLaVA's "ASSISTANT:" prompt does.
+            out.truncate(out.trim_end().len());
+        }
         out
     }
 
@@ -277,7 +290,7 @@ mod tests {
         let sys = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.";
         assert_eq!(
             t.generation_prompt(&[("What color?", "red")], "What shape?", 1),
-            format!("{sys} USER: <image>\nWhat color? ASSISTANT: red<|endoftext|>USER: What shape? ASSISTANT: ")
+            format!("{sys} USER: <image>\nWhat color? ASSISTANT: red<|endoftext|>USER: What shape? ASSISTANT:")
         );
     }
 }

@@ -200,12 +200,17 @@ fn layout(sample: &Sample, template: &Template) -> Result<Vec<Piece>, (ProblemKi
         }
         text.push_str(&template.user_suffix);
         text.push_str(&template.assistant_prefix);
+        let separator = if template.supervise_separator_whitespace {
+            text.split_off(text.trim_end().len())
+        } else {
+            String::new()
+        };
         pieces.push(Piece::Text {
             text: std::mem::take(&mut text),
             answer: None,
         });
         pieces.push(Piece::Text {
-            text: format!("{}{}", round.answer, template.answer_end),
+            text: format!("{separator}{}{}", round.answer, template.answer_end),
             answer: Some(r),
         });
         text.push_str(&template.assistant_suffix);
@@ -230,6 +235,34 @@ fn layout(sample: &Sample, template: &Template) -> Result<Vec<Piece>, (ProblemKi
 struct Chunk {
     text: String,
     answers: Vec<(usize, Range<usize>)>,
+}
+
+/// Tokenize a prompt holding `<image>` placeholders (e.g. [`Template::generation_prompt`]) the
+/// way training samples are tokenized: chunks between placeholders are encoded whole and each
+/// placeholder becomes `tokens_per_image` copies of `image_token_id`. Returns the ids and the
+/// positions of each image block.
+pub fn tokenize_prompt(
+    prompt: &str,
+    tokenizer: &Tokenizer,
+    image_token_id: u32,
+    tokens_per_image: usize,
+) -> Result<(Vec<u32>, Vec<Range<usize>>)> {
+    let mut ids = Vec::new();
+    let mut blocks = Vec::new();
+    for (c, chunk) in prompt.split(IMAGE_PLACEHOLDER).enumerate() {
+        if c > 0 {
+            let start = ids.len();
+            ids.extend(std::iter::repeat_n(image_token_id, tokens_per_image));
+            blocks.push(start..ids.len());
+        }
+        if !chunk.is_empty() {
+            let enc = tokenizer
+                .encode(chunk, false)
+                .map_err(|e| anyhow::anyhow!("cannot tokenize prompt chunk {chunk:?}: {e}"))?;
+            ids.extend_from_slice(enc.get_ids());
+        }
+    }
+    Ok((ids, blocks))
 }
 
 /// The full conversation text with `<image>` placeholders: what LLaVA would tokenize.
@@ -281,9 +314,7 @@ pub fn tokenize_sample(
         image_spans: Vec::new(),
         truncated: false,
     };
-    // Per round: the token positions labelled for it and the chunk byte span they cover.
-    let mut supervised: Vec<Option<(Range<usize>, usize, Range<usize>)>> =
-        vec![None; sample.num_rounds()];
+    let mut supervised: Vec<Option<AnswerTokens>> = vec![None; sample.num_rounds()];
     for (c, chunk) in chunks.iter().enumerate() {
         if c > 0 {
             let start = out.input_ids.len();
@@ -322,8 +353,16 @@ pub fn tokenize_sample(
             if let Some((round, _)) = owner {
                 let entry = &mut supervised[*round];
                 match entry {
-                    None => *entry = Some((pos..pos + 1, c, s..e)),
-                    Some((positions, _, span)) => {
+                    None => {
+                        *entry = Some(AnswerTokens {
+                            positions: pos..pos + 1,
+                            chunk: c,
+                            span: s..e,
+                        })
+                    }
+                    Some(AnswerTokens {
+                        positions, span, ..
+                    }) => {
                         if positions.end != pos {
                             return Err(problem(
                                 ProblemKind::TokenizationMismatch,
@@ -354,6 +393,17 @@ fn overlaps(token: Range<usize>, answer: &Range<usize>) -> bool {
     }
 }
 
+/// The tokens labelled for one answer.
+#[derive(Debug, Clone)]
+struct AnswerTokens {
+    /// Positions in the output sequence.
+    positions: Range<usize>,
+    /// The chunk they come from.
+    chunk: usize,
+    /// The chunk bytes they cover.
+    span: Range<usize>,
+}
+
 /// Every answer must own a contiguous token run that decodes to exactly the answer and its end
 /// marker, apart from whitespace the tokenizer attached in front.
 fn check_answers(
@@ -361,12 +411,17 @@ fn check_answers(
     template: &Template,
     tokenizer: &Tokenizer,
     chunks: &[Chunk],
-    supervised: &[Option<(Range<usize>, usize, Range<usize>)>],
+    supervised: &[Option<AnswerTokens>],
     out: &TokenizedSample,
 ) -> Result<(), String> {
     for (r, round) in sample.rounds().enumerate() {
         let expected = format!("{}{}", round.answer, template.answer_end);
-        let Some((positions, c, span)) = &supervised[r] else {
+        let Some(AnswerTokens {
+            positions,
+            chunk: c,
+            span,
+        }) = &supervised[r]
+        else {
             return Err(format!("answer {} got no supervised token", r + 1));
         };
         let chunk = &chunks[*c];
@@ -376,7 +431,8 @@ fn check_answers(
                 r + 1
             ));
         };
-        // Bytes the answer's tokens cover beyond the answer itself must be separator whitespace.
+        // Bytes the answer's tokens cover beyond the answer itself must be separator whitespace
+        // (the answer range itself may start with the separator, see the template).
         let before = chunk
             .text
             .get(span.start.min(answer_range.start)..answer_range.start);

@@ -1,7 +1,9 @@
 //! Template layouts, ids and labels against hand-worked expectations.
 //!
 //! The tokenizer here maps every byte to its own id (no merges) and the special tokens to 256..,
-//! so the expected ids below follow from the written-out text alone.
+//! so the expected ids below follow from the written-out text alone. In vicuna_v1, phi and
+//! qwen2_base the space of "ASSISTANT: " is supervised with the answer (LLaVA's label
+//! arithmetic); with this tokenizer it is a token of its own, so it shows up in `A(" red")`.
 
 mod common;
 
@@ -132,11 +134,11 @@ fn vicuna_v1_layout() {
             Ps("<s>"),
             P(&sys_user),
             Img,
-            P("\nWhat color? ASSISTANT: "),
-            A("red"),
+            P("\nWhat color? ASSISTANT:"),
+            A(" red"),
             As("</s>"),
-            P("USER: And the shape? ASSISTANT: "),
-            A("circle"),
+            P("USER: And the shape? ASSISTANT:"),
+            A(" circle"),
             As("</s>"),
         ],
     );
@@ -148,11 +150,11 @@ fn phi_and_qwen2_base_layout() {
     let segs = [
         P(&sys_user),
         Img,
-        P("\nWhat color? ASSISTANT: "),
-        A("red"),
+        P("\nWhat color? ASSISTANT:"),
+        A(" red"),
         As("<|endoftext|>"),
-        P("USER: And the shape? ASSISTANT: "),
-        A("circle"),
+        P("USER: And the shape? ASSISTANT:"),
+        A(" circle"),
         As("<|endoftext|>"),
     ];
     let phi = assert_layout("phi", two_rounds(), &segs);
@@ -237,8 +239,8 @@ fn several_images_stay_where_written_and_missing_placeholder_goes_first() {
             Img,
             P(" and "),
             Img,
-            P(". ASSISTANT: "),
-            A("same"),
+            P(". ASSISTANT:"),
+            A(" same"),
             As("<|endoftext|>"),
         ],
     );
@@ -257,8 +259,8 @@ fn several_images_stay_where_written_and_missing_placeholder_goes_first() {
         &[
             P(&sys_user),
             Img,
-            P("\nWhat color? ASSISTANT: "),
-            A("red"),
+            P("\nWhat color? ASSISTANT:"),
+            A(" red"),
             As("<|endoftext|>"),
         ],
     );
@@ -354,7 +356,7 @@ fn supervised_tokens_that_do_not_decode_to_the_answer_are_reported() {
     assert_eq!(err.kind, ProblemKind::TokenizationMismatch);
     assert_eq!(
         err.message,
-        "answer 1: the supervised tokens decode to \"red<|endoftext|>\", but the answer is \"Red<|endoftext|>\""
+        "answer 1: the supervised tokens decode to \" red<|endoftext|>\", but the answer is \"Red<|endoftext|>\""
     );
 }
 
@@ -366,4 +368,39 @@ fn a_tokenizer_without_the_template_tokens_is_refused() {
         err.to_string(),
         "template chatml uses \"<|im_start|>\" but the tokenizer does not have it as one token; add it as a special token"
     );
+}
+
+/// A generation prompt tokenizes to exactly the training ids before the last answer's first
+/// supervised token, for every chat template: what the model sees at inference is what it was
+/// trained to continue.
+#[test]
+fn generation_prompts_match_training_prefixes() {
+    let fixture =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizer.json");
+    let bpe = mmkd_datasets::load_tokenizer(&fixture).unwrap();
+    for tok in [byte_tokenizer(), bpe] {
+        let image_token_id = tok.token_to_id("<image>").unwrap();
+        let cfg = TokenizeConfig {
+            image_token_id,
+            ..config(4096)
+        };
+        for name in ["vicuna_v1", "phi", "qwen2_base", "chatml", "llama3"] {
+            let t = Template::builtin(name).unwrap();
+            let trained = tokenize_sample(&sample(two_rounds()).unwrap(), &tok, &t, &cfg).unwrap();
+            // The second answer's first supervised position.
+            let mut last_start = None;
+            for i in 1..trained.labels.len() {
+                if trained.labels[i] != IGNORE_INDEX && trained.labels[i - 1] == IGNORE_INDEX {
+                    last_start = Some(i);
+                }
+            }
+            let cut = last_start.unwrap();
+            let prompt =
+                t.generation_prompt(&[("What color?\n<image>", "red")], "And the shape?", 1);
+            let (ids, blocks) =
+                mmkd_datasets::tokenize_prompt(&prompt, &tok, image_token_id, TPI).unwrap();
+            assert_eq!(ids, trained.input_ids[..cut], "{name}");
+            assert_eq!(blocks, trained.image_spans, "{name}");
+        }
+    }
 }

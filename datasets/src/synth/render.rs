@@ -110,10 +110,10 @@ pub fn render(scene: &Scene, image_size: u32) -> RgbImage {
     }
     let mut rng = ChaCha8Rng::seed_from_u64(scene.noise_seed);
     let mut img = RgbImage::new(image_size, image_size);
-    for (i, pixel) in img.pixels_mut().enumerate() {
-        for c in 0..3 {
+    for (pixel, value) in img.pixels_mut().zip(&px) {
+        for (out, v) in pixel.0.iter_mut().zip(value) {
             let noise = rng.gen_range(-NOISE..=NOISE) as f32;
-            pixel.0[c] = (px[i][c] + noise).round().clamp(0.0, 255.0) as u8;
+            *out = (v + noise).round().clamp(0.0, 255.0) as u8;
         }
     }
     img
