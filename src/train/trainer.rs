@@ -521,6 +521,8 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
             && done % settings.train.save_every == 0
             && done < total_steps
         {
+            // Never checkpoint weights an overflowing update has already ruined.
+            ensure_finite_params(&vars, step, &run.out)?;
             let state = TrainerState {
                 stage: stage.name().into(),
                 step: done,
