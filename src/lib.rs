@@ -2,6 +2,8 @@
 //!
 //! - [`models`]: differentiable Qwen2/Llama decoders, the LLaVA projector and splice.
 //! - [`checkpoint`]: Hugging Face LLaVA checkpoint directories (load, compose, save).
+//! - [`eval`]: evaluation metrics (VQA, captions, POPE, multiple choice) and their file readers.
 //! - [`cli`]: the `mmkd` command line.
 
 pub mod cli;
+pub mod eval;
