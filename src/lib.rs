@@ -4,13 +4,16 @@
 //! - [`checkpoint`]: Hugging Face LLaVA checkpoint directories (load, compose, save, hub).
 //! - [`generate`]: batched KV-cached generation.
 //! - [`distill`]: the divergence family, MDist (L_res, L_vis), RDist and cross-entropy.
-//! - [`train`]: AdamW with parameter groups, gradient clipping/accumulation, LR schedules.
+//! - [`train`]: AdamW, schedules, the stage loop with checkpoints and resume.
+//! - [`config`]: presets (TOML with inheritance and overrides).
+//! - [`eval`]: VQA accuracy, caption metrics, POPE, multiple choice.
 //! - [`cli`]: the `mmkd` command line.
 
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod distill;
+pub mod eval;
 pub mod generate;
 pub mod models;
 pub mod prompt;
