@@ -7,6 +7,7 @@
 //! - [`train`]: AdamW, schedules, the stage loop with checkpoints and resume.
 //! - [`config`]: presets (TOML with inheritance and overrides).
 //! - [`eval`]: VQA accuracy, caption metrics, POPE, multiple choice.
+//! - [`evaluate`]: running a model over benchmarks (batched generation + scoring).
 //! - [`cli`]: the `mmkd` command line.
 
 pub mod checkpoint;
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod distill;
 pub mod eval;
+pub mod evaluate;
 pub mod generate;
 pub mod models;
 pub mod prompt;

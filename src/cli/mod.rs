@@ -1,6 +1,7 @@
 //! The `mmkd` command line: one module per subcommand, this file only dispatches.
 
 pub mod data;
+pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod score;
@@ -32,6 +33,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Data sets: synthetic data, tokenizer training, data checks.
     Data(data::DataArgs),
+    /// Evaluate a model: VQA, captions, POPE, multiple choice; compare runs.
+    Eval(eval::EvalArgs),
     /// PT: train the projector on captions (plain template, cross-entropy).
     Pretrain(train::StageArgs),
     /// SFT: train projector + LLM on instructions (chat template, cross-entropy).
@@ -49,6 +52,7 @@ pub fn run() -> Result<()> {
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Data(args) => data::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Pretrain(args) => train::run(args, Stage::Pretrain),
         Command::Sft(args) => train::run(args, Stage::Sft),
         Command::Dpt(args) => train::run(args, Stage::Dpt),
