@@ -13,6 +13,7 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod distill;
 pub mod eval;
 pub mod evaluate;

@@ -1,6 +1,7 @@
 //! The `mmkd` command line: one module per subcommand, this file only dispatches.
 
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
@@ -33,6 +34,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Data sets: synthetic data, tokenizer training, data checks.
     Data(data::DataArgs),
+    /// The end-to-end demo: synthetic data, teacher, baseline and distilled students, report.
+    Demo(demo::DemoArgs),
     /// Evaluate a model: VQA, captions, POPE, multiple choice; compare runs.
     Eval(eval::EvalArgs),
     /// PT: train the projector on captions (plain template, cross-entropy).
@@ -53,6 +56,7 @@ pub fn run() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Data(args) => data::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Pretrain(args) => train::run(args, Stage::Pretrain),
         Command::Sft(args) => train::run(args, Stage::Sft),
         Command::Dpt(args) => train::run(args, Stage::Dpt),

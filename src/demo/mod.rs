@@ -1,0 +1,365 @@
+//! `mmkd demo`: the whole of mmkd on built-in data. Makes the synthetic shapes data and a
+//! tokenizer, trains a teacher (PT → SFT), a baseline student (PT → SFT) and a distilled student
+//! of the same size and step budget (DPT → SFT → DFT), evaluates all three on the held-out test
+//! split and writes `report.md` and `report.json`. Finished stages are skipped on re-runs.
+
+pub mod report;
+pub mod settings;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::config::preset::apply_override;
+use crate::config::{load_document, Document, Role, Stage, StageSettings};
+use crate::evaluate::run::{eval_captions, eval_pope, eval_vqa, EvalResults};
+use crate::evaluate::Answerer;
+use crate::train::{run_stage, stage_finished, StageRun};
+use settings::DemoSettings;
+
+/// The three models the demo compares.
+pub const MODELS: [&str; 3] = ["teacher", "baseline", "distilled"];
+
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    pub preset: String,
+    pub out: PathBuf,
+    pub seeds: usize,
+    pub overrides: Vec<String>,
+    pub progress: bool,
+}
+
+/// One model's results for one seed.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelResult {
+    pub vqa_accuracy: f64,
+    pub vqa_by_category: std::collections::BTreeMap<String, f64>,
+    pub caption_cider: f64,
+    pub caption_bleu_4: f64,
+    pub caption_rouge_l: f64,
+    pub pope_f1: f64,
+    pub params: usize,
+    pub train_seconds: f64,
+    pub dir: PathBuf,
+}
+
+fn say(progress: bool, msg: &str) {
+    if progress {
+        eprintln!("{msg}");
+    }
+}
+
+/// The demo's data directory: synthetic data and tokenizer, made once.
+fn prepare_data(out: &Path, demo: &DemoSettings, progress: bool) -> Result<PathBuf> {
+    let data = out.join("data");
+    if !data.join("manifest.json").exists() {
+        say(
+            progress,
+            &format!(
+                "data: synthesising {} train / {} val / {} test scenes",
+                demo.train, demo.val, demo.test
+            ),
+        );
+        let cfg = mmkd_datasets::SynthConfig {
+            seed: demo.data_seed,
+            train: demo.train,
+            val: demo.val,
+            test: demo.test,
+            image_size: demo.image_size,
+        };
+        let bar: Box<dyn mmkd_datasets::Progress> = Box::new(mmkd_datasets::NoProgress);
+        mmkd_datasets::generate_synth(&data, &cfg, bar.as_ref())?;
+    }
+    let tokenizer = data.join("tokenizer.json");
+    if !tokenizer.exists() {
+        say(progress, "data: training the tokenizer");
+        let (texts, _) = mmkd_datasets::collect_training_text(&data.join("train"))?;
+        let tok = mmkd_datasets::train_bpe(&texts, demo.vocab_size)?;
+        mmkd_datasets::save_tokenizer(&tok, &tokenizer)?;
+    }
+    Ok(data)
+}
+
+struct StagePlan<'a> {
+    stage: Stage,
+    role: Role,
+    dir: &'a str,
+    init: Option<&'a str>,
+    teacher: Option<&'a str>,
+    epochs: usize,
+}
+
+fn run_plan(
+    doc: &Document,
+    seed_dir: &Path,
+    data: &Path,
+    plan: &StagePlan<'_>,
+    seed: u64,
+    progress: bool,
+) -> Result<f64> {
+    let out = seed_dir.join(plan.dir);
+    if stage_finished(&out) {
+        say(progress, &format!("{}: done earlier, skipped", plan.dir));
+        return Ok(0.0);
+    }
+    let mut doc = doc.clone();
+    apply_override(
+        &mut doc.table,
+        &format!("stages.{}.epochs={}", plan.stage.name(), plan.epochs),
+    )?;
+    let mut settings = StageSettings::resolve(&doc, plan.stage, plan.role)?;
+    settings.train.seed = seed;
+    settings.model.seed = settings.model.seed.wrapping_add(1000 * seed);
+    let file = if plan.stage.is_pretraining() {
+        "pretrain.json"
+    } else {
+        "instruct.json"
+    };
+    say(
+        progress,
+        &format!(
+            "{}: {} ({} epoch(s))",
+            plan.dir,
+            plan.stage.name(),
+            plan.epochs
+        ),
+    );
+    let started = Instant::now();
+    run_stage(&StageRun {
+        settings,
+        init: plan.init.map(|d| seed_dir.join(d).display().to_string()),
+        teacher: plan.teacher.map(|d| seed_dir.join(d).display().to_string()),
+        data: data.join("train").join(file),
+        images: data.to_path_buf(),
+        out,
+        tokenizer: Some(data.join("tokenizer.json")),
+        resume: false,
+        progress,
+    })
+    .with_context(|| format!("demo stage {}", plan.dir))?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn evaluate(
+    model_dir: &Path,
+    eval_dir: &Path,
+    data: &Path,
+    demo: &DemoSettings,
+    template: &str,
+    progress: bool,
+) -> Result<Vec<EvalResults>> {
+    let answerer = Answerer::load(
+        model_dir.to_str().context("non-UTF-8 path")?,
+        template,
+        demo.eval_batch_size,
+        demo.max_new_tokens,
+    )?;
+    let test = data.join("test");
+    let mut caption_answerer = Answerer::load(
+        model_dir.to_str().context("non-UTF-8 path")?,
+        template,
+        demo.eval_batch_size,
+        demo.caption_max_new_tokens,
+    )?;
+    caption_answerer.model_id = answerer.model_id.clone();
+    let vqa = if eval_dir.join("vqa/results.json").exists() {
+        serde_json::from_str(&std::fs::read_to_string(eval_dir.join("vqa/results.json"))?)?
+    } else {
+        eval_vqa(
+            &answerer,
+            &test.join("questions.jsonl"),
+            data,
+            Some(&test.join("answers.jsonl")),
+            "",
+            &eval_dir.join("vqa"),
+            progress,
+        )?
+    };
+    let caption = if eval_dir.join("caption/results.json").exists() {
+        serde_json::from_str(&std::fs::read_to_string(
+            eval_dir.join("caption/results.json"),
+        )?)?
+    } else {
+        eval_captions(
+            &caption_answerer,
+            &test.join("captions.jsonl"),
+            data,
+            None,
+            &eval_dir.join("caption"),
+            progress,
+        )?
+    };
+    let pope = if eval_dir.join("pope/results.json").exists() {
+        serde_json::from_str(&std::fs::read_to_string(
+            eval_dir.join("pope/results.json"),
+        )?)?
+    } else {
+        let files: Vec<PathBuf> = ["random", "popular", "adversarial"]
+            .iter()
+            .map(|s| test.join(format!("pope_{s}.jsonl")))
+            .collect();
+        eval_pope(&answerer, &files, data, &eval_dir.join("pope"), progress)?
+    };
+    Ok(vec![vqa, caption, pope])
+}
+
+fn model_result(
+    results: &[EvalResults],
+    params: usize,
+    train_seconds: f64,
+    dir: &Path,
+) -> ModelResult {
+    let get = |k: &str| {
+        results
+            .iter()
+            .find_map(|r| r.headline.get(k).copied())
+            .unwrap_or(f64::NAN)
+    };
+    let vqa_by_category = results[0]
+        .headline
+        .iter()
+        .filter(|(k, _)| k.starts_with("vqa_") && *k != "vqa_accuracy")
+        .map(|(k, v)| (k.trim_start_matches("vqa_").to_string(), *v))
+        .collect();
+    ModelResult {
+        vqa_accuracy: get("vqa_accuracy"),
+        vqa_by_category,
+        caption_cider: get("caption_cider"),
+        caption_bleu_4: get("caption_bleu_4"),
+        caption_rouge_l: get("caption_rouge_l"),
+        pope_f1: get("pope_f1"),
+        params,
+        train_seconds,
+        dir: dir.to_path_buf(),
+    }
+}
+
+/// Runs the demo; returns the path of `report.md`.
+pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
+    let started = Instant::now();
+    let mut doc = load_document(&options.preset)?;
+    for set in &options.overrides {
+        apply_override(&mut doc.table, set)?;
+    }
+    let demo = DemoSettings::from_document(&doc)?;
+    std::fs::create_dir_all(&options.out)
+        .with_context(|| format!("creating {}", options.out.display()))?;
+    let data = prepare_data(&options.out, &demo, options.progress)?;
+    let chat_template = StageSettings::resolve(&doc, Stage::Sft, Role::Student)?.template();
+
+    let mut per_seed = Vec::new();
+    for seed in 0..options.seeds.max(1) as u64 {
+        let seed_dir = options.out.join(format!("seed-{seed}"));
+        let plans = [
+            StagePlan {
+                stage: Stage::Pretrain,
+                role: Role::Teacher,
+                dir: "teacher/pt",
+                init: None,
+                teacher: None,
+                epochs: demo.teacher_pt_epochs,
+            },
+            StagePlan {
+                stage: Stage::Sft,
+                role: Role::Teacher,
+                dir: "teacher/sft",
+                init: Some("teacher/pt"),
+                teacher: None,
+                epochs: demo.teacher_sft_epochs,
+            },
+            StagePlan {
+                stage: Stage::Pretrain,
+                role: Role::Student,
+                dir: "baseline/pt",
+                init: None,
+                teacher: None,
+                epochs: demo.student_pt_epochs,
+            },
+            // Same step budget as the distilled student: its SFT gets the DFT epochs too.
+            StagePlan {
+                stage: Stage::Sft,
+                role: Role::Student,
+                dir: "baseline/sft",
+                init: Some("baseline/pt"),
+                teacher: None,
+                epochs: demo.student_sft_epochs + demo.student_dft_epochs,
+            },
+            StagePlan {
+                stage: Stage::Dpt,
+                role: Role::Student,
+                dir: "distilled/dpt",
+                init: None,
+                teacher: Some("teacher/sft"),
+                epochs: demo.student_pt_epochs,
+            },
+            StagePlan {
+                stage: Stage::Sft,
+                role: Role::Student,
+                dir: "distilled/sft",
+                init: Some("distilled/dpt"),
+                teacher: None,
+                epochs: demo.student_sft_epochs,
+            },
+            StagePlan {
+                stage: Stage::Dft,
+                role: Role::Student,
+                dir: "distilled/dft",
+                init: Some("distilled/sft"),
+                teacher: Some("teacher/sft"),
+                epochs: demo.student_dft_epochs,
+            },
+        ];
+        let mut seconds = std::collections::HashMap::new();
+        for plan in &plans {
+            let s = run_plan(&doc, &seed_dir, &data, plan, seed, options.progress)?;
+            *seconds
+                .entry(plan.dir.split('/').next().unwrap_or(""))
+                .or_insert(0.0) += s;
+        }
+        let finals = [
+            ("teacher", "teacher/sft"),
+            ("baseline", "baseline/sft"),
+            ("distilled", "distilled/dft"),
+        ];
+        let mut results = std::collections::BTreeMap::new();
+        for (name, dir) in finals {
+            say(options.progress, &format!("eval: {name} (seed {seed})"));
+            let model_dir = seed_dir.join(dir);
+            let evals = evaluate(
+                &model_dir,
+                &seed_dir.join("eval").join(name),
+                &data,
+                &demo,
+                &chat_template,
+                options.progress,
+            )?;
+            let weights = crate::checkpoint::read_weights(&model_dir, &candle_core::Device::Cpu)?;
+            let count = weights
+                .names()
+                .filter_map(|n| weights.get(n))
+                .map(|t| t.elem_count())
+                .sum();
+            results.insert(
+                name.to_string(),
+                model_result(
+                    &evals,
+                    count,
+                    *seconds.get(name).unwrap_or(&0.0),
+                    &model_dir,
+                ),
+            );
+        }
+        per_seed.push((seed, seed_dir, results));
+    }
+    report::write(
+        &options.out,
+        &options.preset,
+        &demo,
+        &data,
+        &chat_template,
+        &per_seed,
+        started.elapsed().as_secs_f64(),
+    )
+}

@@ -1,0 +1,263 @@
+//! `report.json` (for machines) and `report.md` (for people) of a demo run.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+
+use super::settings::DemoSettings;
+use super::{ModelResult, MODELS};
+use crate::evaluate::files::{read_records, AnswerLine, PredictionLine, QuestionLine};
+
+type SeedResults = (u64, PathBuf, BTreeMap<String, ModelResult>);
+
+fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len().max(1) as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (values.len() - 1) as f64
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+fn collect(per_seed: &[SeedResults], model: &str, f: impl Fn(&ModelResult) -> f64) -> Vec<f64> {
+    per_seed
+        .iter()
+        .filter_map(|(_, _, r)| r.get(model).map(&f))
+        .collect()
+}
+
+fn cell(values: &[f64], decimals: usize) -> String {
+    let (m, s) = mean_std(values);
+    if values.len() > 1 {
+        format!("{m:.decimals$} ± {s:.decimals$}")
+    } else {
+        format!("{m:.decimals$}")
+    }
+}
+
+/// Writes both reports; returns the path of `report.md`.
+pub fn write(
+    out: &Path,
+    preset: &str,
+    demo: &DemoSettings,
+    data: &Path,
+    template: &str,
+    per_seed: &[SeedResults],
+    wall_seconds: f64,
+) -> Result<PathBuf> {
+    let metric_fns: Vec<(&str, Box<dyn Fn(&ModelResult) -> f64>)> = vec![
+        ("vqa_accuracy", Box::new(|r: &ModelResult| r.vqa_accuracy)),
+        ("caption_cider", Box::new(|r: &ModelResult| r.caption_cider)),
+        (
+            "caption_bleu_4",
+            Box::new(|r: &ModelResult| r.caption_bleu_4),
+        ),
+        (
+            "caption_rouge_l",
+            Box::new(|r: &ModelResult| r.caption_rouge_l),
+        ),
+        ("pope_f1", Box::new(|r: &ModelResult| r.pope_f1)),
+    ];
+    let mut results = serde_json::Map::new();
+    for model in MODELS {
+        let mut obj = serde_json::Map::new();
+        for (name, f) in &metric_fns {
+            let values = collect(per_seed, model, f);
+            let (m, s) = mean_std(&values);
+            obj.insert(name.to_string(), json!(m));
+            obj.insert(format!("{name}_std"), json!(s));
+            obj.insert(format!("{name}_per_seed"), json!(values));
+        }
+        let params = per_seed
+            .first()
+            .and_then(|(_, _, r)| r.get(model))
+            .map(|r| r.params)
+            .unwrap_or(0);
+        obj.insert("params".into(), json!(params));
+        let mut categories: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for (_, _, r) in per_seed {
+            if let Some(m) = r.get(model) {
+                for (k, v) in &m.vqa_by_category {
+                    categories.entry(k.clone()).or_default().push(*v);
+                }
+            }
+        }
+        obj.insert(
+            "vqa_by_category".into(),
+            json!(categories
+                .iter()
+                .map(|(k, v)| (k.clone(), mean_std(v).0))
+                .collect::<BTreeMap<_, _>>()),
+        );
+        results.insert(model.to_string(), Value::Object(obj));
+    }
+    let report = json!({
+        "preset": preset,
+        "wall_seconds": wall_seconds,
+        "seeds": per_seed.len(),
+        "template": template,
+        "data": {"dir": data, "train": demo.train, "val": demo.val, "test": demo.test, "image_size": demo.image_size},
+        "demo": demo,
+        "results": results,
+        "per_seed": per_seed.iter().map(|(s, dir, r)| json!({"seed": s, "dir": dir, "results": r})).collect::<Vec<_>>(),
+    });
+    std::fs::write(
+        out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+
+    let mut md = String::new();
+    md.push_str("# mmkd demo: does distillation help a small vision-language model?\n\n");
+    md.push_str(&format!(
+        "Preset `{preset}`, {} seed(s), {:.0} s wall time. Synthetic shapes data: {} train / {} test scenes at {} px; \
+         chat template `{template}`. The baseline student (PT → SFT) and the distilled student (DPT → SFT → DFT) have the \
+         same architecture and the same number of optimizer steps; the teacher is larger.\n\n",
+        per_seed.len(), wall_seconds, demo.train, demo.test, demo.image_size
+    ));
+    md.push_str("| model | params | VQA acc (%) | CIDEr-D | BLEU-4 | ROUGE-L | POPE F1 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    for model in MODELS {
+        let params = per_seed
+            .first()
+            .and_then(|(_, _, r)| r.get(model))
+            .map(|r| r.params)
+            .unwrap_or(0);
+        let v = |f: &dyn Fn(&ModelResult) -> f64, d| cell(&collect(per_seed, model, f), d);
+        md.push_str(&format!(
+            "| {model} | {params} | {} | {} | {} | {} | {} |\n",
+            v(&|r| r.vqa_accuracy, 2),
+            v(&|r| r.caption_cider, 3),
+            v(&|r| r.caption_bleu_4, 3),
+            v(&|r| r.caption_rouge_l, 3),
+            v(&|r| r.pope_f1, 2)
+        ));
+    }
+    md.push('\n');
+    let acc = |m: &str| mean_std(&collect(per_seed, m, |r| r.vqa_accuracy)).0;
+    let (t, b, d) = (acc("teacher"), acc("baseline"), acc("distilled"));
+    md.push_str(&format!(
+        "**Verdict (VQA accuracy):** distilled {} baseline by {:+.2} points; teacher {} both ({:.2} vs {:.2} / {:.2}).\n\n",
+        if d > b { "beats" } else { "does not beat" },
+        d - b,
+        if t > d && t > b { "beats" } else { "does not beat" },
+        t,
+        b,
+        d
+    ));
+    // Per-category accuracy.
+    let mut cats: Vec<String> = per_seed
+        .first()
+        .and_then(|(_, _, r)| r.get("teacher"))
+        .map(|r| r.vqa_by_category.keys().cloned().collect())
+        .unwrap_or_default();
+    cats.sort();
+    if !cats.is_empty() {
+        md.push_str(&format!(
+            "| VQA category | {} |\n| --- |{}\n",
+            MODELS.join(" | "),
+            " ---: |".repeat(MODELS.len())
+        ));
+        for c in &cats {
+            let cells: Vec<String> = MODELS
+                .iter()
+                .map(|m| {
+                    cell(
+                        &collect(per_seed, m, |r| {
+                            r.vqa_by_category.get(c).copied().unwrap_or(f64::NAN)
+                        }),
+                        1,
+                    )
+                })
+                .collect();
+            md.push_str(&format!("| {c} | {} |\n", cells.join(" | ")));
+        }
+        md.push('\n');
+    }
+    if let Some((_, seed_dir, _)) = per_seed.first() {
+        let rel = |p: &Path| p.strip_prefix(out).unwrap_or(p).display().to_string();
+        md.push_str("## Loss curves (seed 0)\n\nBlack: total loss; blue: CE; orange: L_res; green: L_vis; red: L_rel (log scale, smoothed).\n\n");
+        for stage in [
+            "teacher/pt",
+            "teacher/sft",
+            "baseline/pt",
+            "baseline/sft",
+            "distilled/dpt",
+            "distilled/sft",
+            "distilled/dft",
+        ] {
+            md.push_str(&format!(
+                "**{stage}**\n\n![{stage}]({})\n\n",
+                rel(&seed_dir.join(stage).join("loss.png"))
+            ));
+        }
+        md.push_str(&examples_section(out, seed_dir, data, demo.examples)?);
+    }
+    let path = out.join("report.md");
+    std::fs::write(&path, md)?;
+    Ok(path)
+}
+
+/// A few test images with the question, the truth and each model's answer.
+fn examples_section(out: &Path, seed_dir: &Path, data: &Path, n: usize) -> Result<String> {
+    let questions: Vec<QuestionLine> = read_records(&data.join("test/questions.jsonl"))?;
+    let answers: Vec<AnswerLine> = read_records(&data.join("test/answers.jsonl"))?;
+    let truth: HashMap<&str, &AnswerLine> = answers
+        .iter()
+        .map(|a| (a.question_id.as_str(), a))
+        .collect();
+    let mut preds: HashMap<&str, HashMap<String, String>> = HashMap::new();
+    for model in MODELS {
+        let path = seed_dir
+            .join("eval")
+            .join(model)
+            .join("vqa/predictions.jsonl");
+        let lines: Vec<PredictionLine> =
+            read_records(&path).with_context(|| format!("reading {}", path.display()))?;
+        preds.insert(
+            model,
+            lines.into_iter().map(|p| (p.question_id, p.text)).collect(),
+        );
+    }
+    let images_dir = out.join("report_images");
+    std::fs::create_dir_all(&images_dir)?;
+    let mut md = String::from("## Examples (seed 0, test split)\n\n| image | question | truth | teacher | baseline | distilled |\n| --- | --- | --- | --- | --- | --- |\n");
+    // One question per image, from the first `n` images.
+    let mut seen = std::collections::HashSet::new();
+    for q in questions.iter().filter(|q| q.image.is_some()) {
+        let image = q.image.clone().unwrap_or_default();
+        if seen.len() >= n && !seen.contains(&image) {
+            break;
+        }
+        if !seen.insert(image.clone()) {
+            continue;
+        }
+        let file = Path::new(&image)
+            .file_name()
+            .map(|f| f.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let _ = std::fs::copy(data.join(&image), images_dir.join(&file));
+        let cell = |m: &str| {
+            preds
+                .get(m)
+                .and_then(|p| p.get(&q.question_id))
+                .cloned()
+                .unwrap_or_default()
+                .replace('|', "/")
+        };
+        md.push_str(&format!(
+            "| ![](report_images/{file}) | {} | {} | {} | {} | {} |\n",
+            q.text.replace('\n', " "),
+            truth
+                .get(q.question_id.as_str())
+                .map(|a| a.answers.join(" / "))
+                .unwrap_or_default(),
+            cell("teacher"),
+            cell("baseline"),
+            cell("distilled")
+        ));
+    }
+    Ok(md)
+}

@@ -1,0 +1,60 @@
+//! The `[demo]` table of a preset: data sizes and each stage's epochs.
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Document;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoSettings {
+    pub train: usize,
+    pub val: usize,
+    pub test: usize,
+    pub image_size: u32,
+    #[serde(default)]
+    pub data_seed: u64,
+    pub vocab_size: usize,
+    pub teacher_pt_epochs: usize,
+    pub teacher_sft_epochs: usize,
+    pub student_pt_epochs: usize,
+    pub student_sft_epochs: usize,
+    pub student_dft_epochs: usize,
+    #[serde(default = "default_eval_batch")]
+    pub eval_batch_size: usize,
+    #[serde(default = "default_max_new_tokens")]
+    pub max_new_tokens: usize,
+    #[serde(default = "default_caption_tokens")]
+    pub caption_max_new_tokens: usize,
+    /// Test images shown with each model's answers in the report.
+    #[serde(default = "default_examples")]
+    pub examples: usize,
+}
+
+fn default_eval_batch() -> usize {
+    32
+}
+fn default_max_new_tokens() -> usize {
+    8
+}
+fn default_caption_tokens() -> usize {
+    32
+}
+fn default_examples() -> usize {
+    4
+}
+
+impl DemoSettings {
+    pub fn from_document(doc: &Document) -> Result<Self> {
+        let table = doc.table.get("demo").with_context(|| {
+            format!(
+                "{} has no [demo] table: it is not a demo preset",
+                doc.origin[0]
+            )
+        })?;
+        table
+            .clone()
+            .try_into()
+            .with_context(|| format!("{}: in [demo]", doc.origin[0]))
+    }
+}
