@@ -71,8 +71,8 @@ fn check_against_fixture(f: &Fixture, got: &mmkd::eval::caption::CaptionScores) 
         f.scores.bleu_3,
         f.scores.bleu_4,
     ];
-    for k in 0..4 {
-        assert_close(&format!("bleu_{}", k + 1), got.bleu[k], want[k]);
+    for (k, (g, w)) in got.bleu.iter().zip(want).enumerate() {
+        assert_close(&format!("bleu_{}", k + 1), *g, w);
     }
     assert_close("rouge_l", got.rouge_l, f.scores.rouge_l);
     assert_close("cider", got.cider, f.scores.cider);

@@ -50,16 +50,19 @@ pub enum MetricsTask {
         /// References: JSONL (`question_id`, `answers`) or a COCO caption annotation JSON.
         #[arg(long)]
         refs: PathBuf,
+        /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
     },
     /// POPE hallucination metrics (accuracy, precision, recall, F1, yes-ratio) per split.
     Pope {
+        /// Predictions: LLaVA answers JSONL (`question_id`, `text`).
         #[arg(long)]
         pred: PathBuf,
         /// Labels JSONL: `question_id`, `label` ("yes"/"no") or `answers`, optional `category`.
         #[arg(long)]
         answers: PathBuf,
+        /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
     },

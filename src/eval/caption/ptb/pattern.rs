@@ -105,7 +105,7 @@ impl Re {
 
     fn step(&self, text: &[char], starts: &[usize]) -> Vec<usize> {
         match self {
-            Re::Pred(f) => one_char(text, starts, |c| f(c)),
+            Re::Pred(f) => one_char(text, starts, f),
             Re::AnyOf(set) => one_char(text, starts, |c| set.contains(c)),
             Re::NoneOf(set) => one_char(text, starts, |c| !set.contains(c)),
             Re::Lit(word) => {
