@@ -90,6 +90,48 @@ fn vqa_json_matches_the_fixture() {
         want["per_category"]["how many"]["count"]
     );
     assert_eq!(got["exact_match_count"], 3);
+    assert_eq!(got["processor"], "official");
+}
+
+#[test]
+fn vqa_evalai_processor_option() {
+    let out = mmkd(&[
+        "metrics",
+        "vqa",
+        "--pred",
+        path_str(&fixture("vqa_pred.jsonl")),
+        "--answers",
+        path_str(&fixture("vqa_answers.jsonl")),
+        "--processor",
+        "evalai",
+        "--json",
+    ]);
+    let got = last_json(&out);
+    let want: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("vqa_fixture.json")).expect("read"))
+            .expect("json");
+    assert_eq!(got["processor"], "eval_ai");
+    assert!(
+        (got["accuracy"].as_f64().expect("accuracy")
+            - want["accuracy_evalai"].as_f64().expect("want"))
+        .abs()
+            < 1e-9
+    );
+    let bad = mmkd(&[
+        "metrics",
+        "vqa",
+        "--pred",
+        "p",
+        "--answers",
+        "a",
+        "--processor",
+        "nope",
+    ]);
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "clap rejects an unknown processor"
+    );
 }
 
 #[test]
@@ -105,7 +147,7 @@ fn vqa_table_is_markdown() {
     assert!(out.status.success());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("| accuracy |"), "{stdout}");
-    assert!(stdout.contains("| 77.03 |"), "{stdout}");
+    assert!(stdout.contains("| 75.64 |"), "{stdout}");
     assert!(
         stdout.contains("| answer type | count | accuracy |"),
         "{stdout}"
@@ -295,7 +337,7 @@ fn prediction_without_text_names_the_line() {
 #[test]
 fn missing_predictions_list_ids_and_count() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // Only the first 30 of the 37 fixture questions.
+    // Only the first 30 of the 39 fixture questions.
     let lines: Vec<String> = std::fs::read_to_string(fixture("vqa_pred.jsonl"))
         .expect("read")
         .lines()
@@ -314,9 +356,9 @@ fn missing_predictions_list_ids_and_count() {
     assert_fails_with(
         &out,
         &[
-            "partial.jsonl has no prediction for 7 of the 37 ids",
+            "partial.jsonl has no prediction for 9 of the 39 ids",
             "1030, 1031, 1032, 1033, 1034",
-            "(2 more)",
+            "(4 more)",
         ],
     );
 }

@@ -4,11 +4,15 @@
 use std::path::PathBuf;
 
 use mmkd::eval::readers::{load_vqa_examples, read_vqa_questions};
+use mmkd::eval::vqa::normalize::evalai_normalize;
 use mmkd::eval::vqa::normalize::{
     normalize_prediction, process_digit_article, process_ground_truths, process_punctuation,
     CONTRACTIONS,
 };
-use mmkd::eval::vqa::{evaluate_vqa, score_vqa_answer, VqaScoring};
+use mmkd::eval::vqa::{
+    evaluate_vqa, evaluate_vqa_with, score_vqa_answer, score_vqa_answer_with, VqaProcessor,
+    VqaScoring,
+};
 use serde::Deserialize;
 
 fn strings(items: &[&str]) -> Vec<String> {
@@ -215,6 +219,8 @@ struct ExpectedQuestion {
     question_id: String,
     accuracy: f64,
     normalized_prediction: String,
+    accuracy_evalai: f64,
+    normalized_evalai: String,
 }
 
 #[derive(Deserialize)]
@@ -226,6 +232,7 @@ struct Group {
 #[derive(Deserialize)]
 struct Fixture {
     accuracy: f64,
+    accuracy_evalai: f64,
     count: usize,
     per_answer_type: std::collections::BTreeMap<String, Group>,
     per_category: std::collections::BTreeMap<String, Group>,
@@ -286,8 +293,51 @@ fn matches_python_port_of_official_logic_official_files() {
 #[test]
 fn reads_the_official_question_file() {
     let q = read_vqa_questions(&fixture_path("vqa_questions.json")).expect("questions");
-    assert_eq!(q.len(), 37);
+    assert_eq!(q.len(), 39);
     assert_eq!(q[0].id.as_str(), "1000");
     assert_eq!(q[0].value.image_id.as_str(), "42");
     assert_eq!(q[0].value.question, "Question 0?");
+}
+
+#[test]
+fn evalai_processor_matches_python_port_of_m4c_evaluator() {
+    let f: Fixture = serde_json::from_str(
+        &std::fs::read_to_string(fixture_path("vqa_fixture.json")).expect("read"),
+    )
+    .expect("json");
+    let examples = load_vqa_examples(
+        &fixture_path("vqa_pred.jsonl"),
+        &fixture_path("vqa_answers.jsonl"),
+    )
+    .expect("load");
+    let s = evaluate_vqa_with(&examples, VqaProcessor::EvalAi).expect("summary");
+    for (want, (id, got)) in f.questions.iter().zip(&s.questions) {
+        assert!(
+            (got.accuracy - want.accuracy_evalai).abs() < 1e-12,
+            "question {id}: {} vs {}",
+            got.accuracy,
+            want.accuracy_evalai
+        );
+        assert_eq!(
+            got.normalized_prediction, want.normalized_evalai,
+            "question {id}"
+        );
+    }
+    assert!((s.accuracy - f.accuracy_evalai).abs() < 1e-9);
+}
+
+#[test]
+fn evalai_processor_differs_where_documented() {
+    // Lowercases and processes every ground truth: capitalised identical answers now match.
+    let yes = ten(&[(10, "Yes")]);
+    assert_eq!(
+        score_vqa_answer_with("yes", &yes, VqaProcessor::EvalAi)
+            .expect("score")
+            .accuracy,
+        1.0
+    );
+    // Deletes ',' and '?' before anything else, and splits "'s".
+    assert_eq!(evalai_normalize("red,white?"), "redwhite");
+    assert_eq!(evalai_normalize("The man's hat"), "man 's hat");
+    assert_eq!(evalai_normalize("1,000"), "1000");
 }

@@ -2,7 +2,7 @@
 //!
 //! Without `--json` a markdown table is printed; with `--json` the output is one JSON object on
 //! one line (the last line printed):
-//! - vqa: `{"accuracy", "per_answer_type": {type: {"accuracy", "count"}}, "per_category": {..},
+//! - vqa: `{"accuracy", "processor", "per_answer_type": {type: {"accuracy", "count"}}, "per_category": {..},
 //!   "count", "exact_match_count"}` — accuracies in 0–100;
 //! - caption: `{"bleu_1".."bleu_4", "rouge_l", "cider", "meteor": null, "meteor_note", "count"}`
 //!   on pycocoevalcap's scale (BLEU, ROUGE-L in 0–1; CIDEr-D as pycocoevalcap returns it);
@@ -13,14 +13,32 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::eval::caption::{evaluate_captions, CaptionScores, METEOR_NOTE};
 use crate::eval::pope::{evaluate_pope, PopeMetrics};
 use crate::eval::readers::{load_caption_examples, load_pope_examples, load_vqa_examples};
 use crate::eval::results::MetricsReport;
-use crate::eval::vqa::{evaluate_vqa, GroupAccuracy};
+use crate::eval::vqa::{evaluate_vqa_with, GroupAccuracy, VqaProcessor};
+
+/// The VQA answer processor, as a command-line value.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ProcessorArg {
+    /// The official vqaEval.py (default).
+    Official,
+    /// EvalAI's processor as in LLaVA's m4c_evaluator (TextVQA).
+    Evalai,
+}
+
+impl From<ProcessorArg> for VqaProcessor {
+    fn from(p: ProcessorArg) -> Self {
+        match p {
+            ProcessorArg::Official => VqaProcessor::Official,
+            ProcessorArg::Evalai => VqaProcessor::EvalAi,
+        }
+    }
+}
 
 #[derive(Debug, Args)]
 pub struct MetricsArgs {
@@ -38,6 +56,9 @@ pub enum MetricsTask {
         /// References: answers JSONL or the official VQAv2 annotation JSON.
         #[arg(long)]
         answers: PathBuf,
+        /// Answer normalization.
+        #[arg(long, value_enum, default_value = "official")]
+        processor: ProcessorArg,
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
@@ -71,6 +92,7 @@ pub enum MetricsTask {
 #[derive(Serialize)]
 struct VqaJson<'a> {
     accuracy: f64,
+    processor: VqaProcessor,
     per_answer_type: &'a BTreeMap<String, GroupAccuracy>,
     per_category: &'a BTreeMap<String, GroupAccuracy>,
     count: usize,
@@ -126,13 +148,15 @@ pub fn run(args: MetricsArgs) -> Result<()> {
         MetricsTask::Vqa {
             pred,
             answers,
+            processor,
             json,
         } => {
             let examples = load_vqa_examples(&pred, &answers)?;
-            let summary = evaluate_vqa(&examples)?;
+            let summary = evaluate_vqa_with(&examples, processor.into())?;
             if json {
                 print_json(&VqaJson {
                     accuracy: summary.accuracy,
+                    processor: summary.processor,
                     per_answer_type: &summary.per_answer_type,
                     per_category: &summary.per_category,
                     count: summary.count,

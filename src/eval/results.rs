@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::caption::{CaptionScores, METEOR_NOTE};
 use super::choice::ChoiceSummary;
 use super::pope::{PopeMetrics, PopeSummary};
-use super::vqa::{GroupAccuracy, VqaSummary};
+use super::vqa::{GroupAccuracy, VqaProcessor, VqaSummary};
 
 /// How a metric's value is scaled (decides how it is printed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +141,12 @@ impl MetricsReport {
                 name: "category".into(),
                 rows: group_rows(&s.per_category),
             });
+        }
+        if s.processor == VqaProcessor::EvalAi {
+            r.notes.push(
+                "answers normalized with EvalAI's processor (as LLaVA's m4c_evaluator), not vqaEval.py's"
+                    .to_string(),
+            );
         }
         if s.exact_match_count > 0 {
             r.notes.push(format!(
