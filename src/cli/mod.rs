@@ -5,6 +5,7 @@ pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod metrics;
 pub mod score;
 pub mod train;
 
@@ -38,6 +39,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Evaluate a model: VQA, captions, POPE, multiple choice; compare runs.
     Eval(eval::EvalArgs),
+    /// Score prediction files against references (VQA, captions, POPE); no model needed.
+    Metrics(metrics::MetricsArgs),
     /// PT: train the projector on captions (plain template, cross-entropy).
     Pretrain(train::StageArgs),
     /// SFT: train projector + LLM on instructions (chat template, cross-entropy).
@@ -57,6 +60,7 @@ pub fn run() -> Result<()> {
         Command::Data(args) => data::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Demo(args) => demo::run(args),
+        Command::Metrics(args) => metrics::run(args),
         Command::Pretrain(args) => train::run(args, Stage::Pretrain),
         Command::Sft(args) => train::run(args, Stage::Sft),
         Command::Dpt(args) => train::run(args, Stage::Dpt),

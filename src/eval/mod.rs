@@ -8,4 +8,6 @@ pub mod choice;
 pub mod ids;
 pub mod pope;
 pub mod pytext;
+pub mod readers;
+pub mod results;
 pub mod vqa;

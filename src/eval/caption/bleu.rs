@@ -77,9 +77,9 @@ pub fn corpus_bleu(candidates: &[Vec<&str>], references: &[Vec<Vec<&str>>]) -> B
     }
     let mut bleu = [0.0; MAX_N];
     let mut product = 1.0;
-    for k in 0..MAX_N {
+    for (k, b) in bleu.iter_mut().enumerate() {
         product *= (total.matches[k] as f64 + TINY) / (total.guesses[k] as f64 + SMALL);
-        bleu[k] = product.powf(1.0 / (k as f64 + 1.0));
+        *b = product.powf(1.0 / (k as f64 + 1.0));
     }
     let ratio = (total.candidate_len as f64 + TINY) / (total.reference_len as f64 + SMALL);
     if ratio < 1.0 {

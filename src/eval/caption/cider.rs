@@ -53,15 +53,15 @@ fn similarity(cand: &CaptionVector, reference: &CaptionVector) -> [f64; MAX_N] {
     let delta = cand.length as f64 - reference.length as f64;
     let penalty = (-(delta * delta) / (2.0 * SIGMA * SIGMA)).exp();
     let mut val = [0.0; MAX_N];
-    for n in 0..MAX_N {
+    for (n, v) in val.iter_mut().enumerate() {
         for (gram, &c) in &cand.vec[n] {
             let r = reference.vec[n].get(gram).copied().unwrap_or(0.0);
-            val[n] += c.min(r) * r;
+            *v += c.min(r) * r;
         }
         if cand.norm[n] != 0.0 && reference.norm[n] != 0.0 {
-            val[n] /= cand.norm[n] * reference.norm[n];
+            *v /= cand.norm[n] * reference.norm[n];
         }
-        val[n] *= penalty;
+        *v *= penalty;
     }
     val
 }

@@ -6,6 +6,9 @@
 //! With a single reference answer that formula is always 0, so such questions are scored by
 //! **exact match** instead, after applying the full prediction normalization to both the
 //! prediction and the reference (GQA-style single-answer sets); the summary counts them.
+//!
+//! The answer processor is the official `vqaEval.py` one unless [`VqaProcessor::EvalAi`] is
+//! chosen (see [`normalize`] for the differences).
 
 pub mod normalize;
 
@@ -15,7 +18,8 @@ use anyhow::{bail, Result};
 use serde::Serialize;
 
 use super::ids::SampleId;
-use normalize::{normalize_prediction, process_ground_truths};
+pub use normalize::VqaProcessor;
+use normalize::{evalai_normalize, normalize_prediction, process_ground_truths};
 
 /// How one question was scored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -39,13 +43,26 @@ pub struct VqaQuestionScore {
     pub matching_answers: usize,
 }
 
-/// Score one prediction against its reference answers.
+/// Score one prediction against its reference answers with the official processor.
 pub fn score_vqa_answer(prediction: &str, answers: &[String]) -> Result<VqaQuestionScore> {
-    let normalized = normalize_prediction(prediction);
+    score_vqa_answer_with(prediction, answers, VqaProcessor::Official)
+}
+
+/// Score one prediction against its reference answers with the chosen processor.
+pub fn score_vqa_answer_with(
+    prediction: &str,
+    answers: &[String],
+    processor: VqaProcessor,
+) -> Result<VqaQuestionScore> {
+    let full = match processor {
+        VqaProcessor::Official => normalize_prediction,
+        VqaProcessor::EvalAi => evalai_normalize,
+    };
+    let normalized = full(prediction);
     match answers.len() {
         0 => bail!("no reference answers"),
         1 => {
-            let hit = normalize_prediction(&answers[0]) == normalized;
+            let hit = full(&answers[0]) == normalized;
             Ok(VqaQuestionScore {
                 accuracy: if hit { 1.0 } else { 0.0 },
                 scoring: VqaScoring::ExactMatch,
@@ -54,7 +71,10 @@ pub fn score_vqa_answer(prediction: &str, answers: &[String]) -> Result<VqaQuest
             })
         }
         n => {
-            let gts = process_ground_truths(answers);
+            let gts = match processor {
+                VqaProcessor::Official => process_ground_truths(answers),
+                VqaProcessor::EvalAi => answers.iter().map(|a| evalai_normalize(a)).collect(),
+            };
             let matching = gts.iter().filter(|g| **g == normalized).count();
             // Leave answer i out: the others match `matching` times, minus one if i matched.
             let sum: f64 = gts
@@ -97,6 +117,7 @@ pub struct GroupAccuracy {
 /// Dataset-level VQA accuracy with breakdowns.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VqaSummary {
+    pub processor: VqaProcessor,
     /// Mean accuracy × 100 (the official script rounds this to 2 decimals; not rounded here).
     pub accuracy: f64,
     pub count: usize,
@@ -119,8 +140,13 @@ fn group_means(groups: BTreeMap<String, Vec<f64>>) -> BTreeMap<String, GroupAccu
         .collect()
 }
 
-/// Score every question and aggregate. Errors name the question that has no reference answers.
+/// Score every question with the official processor and aggregate.
 pub fn evaluate_vqa(examples: &[VqaExample]) -> Result<VqaSummary> {
+    evaluate_vqa_with(examples, VqaProcessor::Official)
+}
+
+/// Score every question and aggregate. Errors name the question that has no reference answers.
+pub fn evaluate_vqa_with(examples: &[VqaExample], processor: VqaProcessor) -> Result<VqaSummary> {
     if examples.is_empty() {
         bail!("no questions to score");
     }
@@ -128,7 +154,7 @@ pub fn evaluate_vqa(examples: &[VqaExample]) -> Result<VqaSummary> {
     let mut by_type: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut by_category: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for ex in examples {
-        let score = score_vqa_answer(&ex.prediction, &ex.answers)
+        let score = score_vqa_answer_with(&ex.prediction, &ex.answers, processor)
             .map_err(|e| anyhow::anyhow!("question {}: {e}", ex.id))?;
         if let Some(t) = &ex.answer_type {
             by_type.entry(t.clone()).or_default().push(score.accuracy);
@@ -147,6 +173,7 @@ pub fn evaluate_vqa(examples: &[VqaExample]) -> Result<VqaSummary> {
         .filter(|(_, s)| s.scoring == VqaScoring::ExactMatch)
         .count();
     Ok(VqaSummary {
+        processor,
         accuracy: 100.0 * total / questions.len() as f64,
         count: questions.len(),
         exact_match_count,

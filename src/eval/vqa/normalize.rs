@@ -1,7 +1,7 @@
 //! Answer normalization of the official VQA evaluation (`vqaEval.py`, GT-Vision-Lab/VQA master).
 //!
 //! Which processor this is, and how it differs from the others in use:
-//! - **Followed here: the official `vqaEval.py`** (the VQAv2 challenge script). The prediction is
+//! - **Followed by default: the official `vqaEval.py`** (the VQAv2 challenge script). The prediction is
 //!   cleaned (newlines/tabs → space, strip), then `processPunctuation`, then
 //!   `processDigitArticle`. Ground-truth answers are left untouched when all of a question's
 //!   answers are identical, and get `processPunctuation` only (no lowercasing, no number words,
@@ -12,6 +12,7 @@
 //!   the same punctuation / digit-article steps; and it processes **every** ground-truth answer
 //!   with the full pipeline, whether or not the answers agree. The two disagree e.g. when ground
 //!   truths are capitalised ("Yes" × 10 never matches in vqaEval.py, always in EvalAI).
+//!   It is available here as [`VqaProcessor::EvalAi`] (for TextVQA numbers comparable to LLaVA's).
 //! - An older revision of `vqaEval.py` had a different punctuation list (with `'` and `:`, without
 //!   `{ } - !`); the master revision's list is used here.
 //!
@@ -179,11 +180,38 @@ fn lookup<'a>(table: &'a [(&'a str, &'a str)], word: &str) -> Option<&'a str> {
     table.iter().find(|(k, _)| *k == word).map(|(_, v)| *v)
 }
 
+/// Which answer processor to apply (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VqaProcessor {
+    /// The official `vqaEval.py`: full normalization of the prediction, ground truths
+    /// punctuation-processed only when they disagree.
+    #[default]
+    Official,
+    /// EvalAI's `EvalAIAnswerProcessor` (LLaVA's `m4c_evaluator.py`): lowercase, drop ',' and
+    /// '?', split "'s", then the same steps; applied to the prediction and every ground truth.
+    EvalAi,
+}
+
 /// `commaStrip` = `(\d)(,)(\d)`: does the text contain digit, comma, digit anywhere?
 fn has_digit_comma_digit(chars: &[char]) -> bool {
     chars
         .windows(3)
         .any(|w| is_decimal_digit(w[0]) && w[1] == ',' && is_decimal_digit(w[2]))
+}
+
+/// EvalAI's `COMMA_STRIP` = `(?<=\d)(\,)+(?=\d)`: a digit, one or more commas, a digit.
+fn has_digit_commas_digit(chars: &[char]) -> bool {
+    chars.iter().enumerate().any(|(i, &c)| {
+        if !is_decimal_digit(c) {
+            return false;
+        }
+        let commas = chars[i + 1..].iter().take_while(|&&x| x == ',').count();
+        commas > 0
+            && chars
+                .get(i + 1 + commas)
+                .is_some_and(|&d| is_decimal_digit(d))
+    })
 }
 
 /// `processPunctuation`. For each mark: if the *original* text has the mark next to a space
@@ -192,7 +220,11 @@ fn has_digit_comma_digit(chars: &[char]) -> bool {
 /// by a digit are deleted (at most [`MAX_PERIODS_REMOVED`]). Case is untouched.
 pub fn process_punctuation(text: &str) -> String {
     let original: Vec<char> = text.chars().collect();
-    let digit_comma_digit = has_digit_comma_digit(&original);
+    punctuation_with(text, has_digit_comma_digit(&original))
+}
+
+fn punctuation_with(text: &str, digit_comma_digit: bool) -> String {
+    let original: Vec<char> = text.chars().collect();
     let mut out = text.to_string();
     for p in PUNCTUATION {
         let touches_space = original
@@ -245,6 +277,20 @@ pub fn process_digit_article(text: &str) -> String {
 pub fn normalize_prediction(answer: &str) -> String {
     let flat = answer.replace(['\n', '\t'], " ");
     process_digit_article(&process_punctuation(py_strip(&flat)))
+}
+
+/// EvalAI's full answer processing (`EvalAIAnswerProcessor.__call__`), used for predictions
+/// and ground truths alike.
+pub fn evalai_normalize(answer: &str) -> String {
+    // word_tokenize: lowercase, delete ',' and '?', split "'s", strip.
+    let lowered = answer
+        .to_lowercase()
+        .replace([',', '?'], "")
+        .replace("'s", " 's");
+    let flat = py_strip(&lowered).replace(['\n', '\t'], " ");
+    let text = py_strip(&flat);
+    let chars: Vec<char> = text.chars().collect();
+    process_digit_article(&punctuation_with(text, has_digit_commas_digit(&chars)))
 }
 
 /// Ground-truth answers as the official script compares them: unchanged when all answers are

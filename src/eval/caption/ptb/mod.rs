@@ -50,7 +50,11 @@ struct Match {
 
 fn longest_match(text: &[char], pos: usize) -> Option<Match> {
     let mut best: Option<(usize, Match)> = None;
+    let first = text[pos];
     for (i, r) in all_rules().iter().enumerate() {
+        if !r.pattern.can_start(first) {
+            continue;
+        }
         let ends = r.pattern.ends(text, pos);
         // Longest total length (token + trailing context) for this rule; ties → longer token.
         let mut candidate: Option<(usize, usize)> = None;

@@ -64,6 +64,40 @@ fn sorted_unique(mut v: Vec<usize>) -> Vec<usize> {
 }
 
 impl Re {
+    /// Whether the pattern matches the empty string.
+    pub fn nullable(&self) -> bool {
+        match self {
+            Re::Pred(_) | Re::AnyOf(_) | Re::NoneOf(_) => false,
+            Re::Lit(w) => w.is_empty(),
+            Re::Seq(parts) => parts.iter().all(Re::nullable),
+            Re::Alt(parts) => parts.iter().any(Re::nullable),
+            Re::Rep(inner, min, _) => *min == 0 || inner.nullable(),
+        }
+    }
+
+    /// Whether a non-empty match can start with `c` (a cheap filter before [`Re::ends`]).
+    pub fn can_start(&self, c: char) -> bool {
+        match self {
+            Re::Pred(f) => f(c),
+            Re::AnyOf(set) => set.contains(c),
+            Re::NoneOf(set) => !set.contains(c),
+            Re::Lit(w) => w.chars().next().is_some_and(|f| f.eq_ignore_ascii_case(&c)),
+            Re::Seq(parts) => {
+                for p in parts {
+                    if p.can_start(c) {
+                        return true;
+                    }
+                    if !p.nullable() {
+                        return false;
+                    }
+                }
+                false
+            }
+            Re::Alt(parts) => parts.iter().any(|p| p.can_start(c)),
+            Re::Rep(inner, _, _) => inner.can_start(c),
+        }
+    }
+
     /// All positions where a match starting at `start` can end (sorted, unique).
     pub fn ends(&self, text: &[char], start: usize) -> Vec<usize> {
         self.step(text, &[start])
@@ -71,7 +105,7 @@ impl Re {
 
     fn step(&self, text: &[char], starts: &[usize]) -> Vec<usize> {
         match self {
-            Re::Pred(f) => one_char(text, starts, |c| f(c)),
+            Re::Pred(f) => one_char(text, starts, f),
             Re::AnyOf(set) => one_char(text, starts, |c| set.contains(c)),
             Re::NoneOf(set) => one_char(text, starts, |c| !set.contains(c)),
             Re::Lit(word) => {
@@ -150,6 +184,11 @@ mod tests {
         assert_eq!(digits.ends(&chars("a"), 0), Vec::<usize>::new());
         let bounded = rep(any_of("ab"), 2, Some(3));
         assert_eq!(bounded.ends(&chars("abab"), 0), vec![2, 3]);
+        assert!(digits.can_start('7') && !digits.can_start('x'));
+        let maybe_sign = seq(vec![opt(any_of("+-")), digits.clone()]);
+        assert!(
+            maybe_sign.can_start('-') && maybe_sign.can_start('3') && !maybe_sign.can_start('a')
+        );
         let word = seq(vec![lit("can"), opt(lit("not"))]);
         assert_eq!(word.ends(&chars("CANNOT"), 0), vec![3, 6]);
         assert_eq!(none_of(" ").ends(&chars(" x"), 1), vec![2]);

@@ -806,10 +806,11 @@ pub fn rules() -> Vec<Rule> {
             ]),
             PushBack(1),
         ),
+        // "Co. Ltd", "Pty. Limited": no sentence break before the company suffix.
         rule_before(
-            "pty_ltd",
-            lit("Pty."),
-            seq(vec![plus(space()), lit("Ltd")]),
+            "company_ltd",
+            seq(vec![lits(&["Co", "Pty"]), lit(".")]),
+            seq(vec![space(), lits(&["Ltd", "Limited"])]),
             Keep,
         ),
         rule_before(
