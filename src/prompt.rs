@@ -1,63 +1,96 @@
-//! Laying out a single prompt (and optional answer) as token ids for scoring and generation.
+//! Laying out a single prompt (and optional answer) as token ids for `score` and `generate`.
+//!
+//! `plain` is the exact layout of LLaVA's pretraining: the image's feature tokens, then the
+//! prompt, then the answer, each tokenized on its own without special tokens. Any conversation
+//! template (`phi`, `chatml`, … or a TOML file) lays out one round exactly as training does, so a
+//! score is the log-probability the fine-tuned model was trained to maximise.
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use mmkd_datasets::{
+    tokenize_prompt, tokenize_sample, Role, Sample, SampleRef, Template, TokenizeConfig, Truncation, Turn,
+    IGNORE_INDEX,
+};
 
 use crate::checkpoint::bundle::ModelBundle;
 
-/// Templates available to `score` / `generate`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum TemplateName {
-    /// The image's feature tokens, then the prompt, then the answer, each tokenized on its own
-    /// without special tokens (LLaVA's pretraining layout).
-    Plain,
-}
+/// End-of-sequence tokens of the tokenizers mmkd meets; whichever the tokenizer has stop generation.
+const END_TOKENS: &[&str] = &["<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>", "<|end_of_text|>"];
 
 /// Token ids of a prompt, and optionally of an answer that follows it.
 #[derive(Clone, Debug)]
 pub struct PromptLayout {
-    template: TemplateName,
+    template: Option<Template>,
+    prompt_text: String,
+    with_image: bool,
     prompt_ids: Vec<u32>,
     answer_ids: Vec<u32>,
 }
 
-/// End-of-sequence tokens of the tokenizers mmkd meets; whichever the tokenizer has stop generation.
-const END_TOKENS: &[&str] = &[
-    "<|endoftext|>",
-    "<|im_end|>",
-    "</s>",
-    "<|eot_id|>",
-    "<|end_of_text|>",
-];
-
 impl PromptLayout {
-    pub fn new(
-        bundle: &ModelBundle,
-        template: TemplateName,
-        prompt: &str,
-        with_image: bool,
-    ) -> Result<Self> {
-        let prompt_ids = match template {
-            TemplateName::Plain => {
-                let mut ids = if with_image {
-                    bundle.image_block()
-                } else {
-                    Vec::new()
-                };
-                ids.extend(bundle.encode(prompt)?);
-                ids
-            }
+    /// `template` is `plain` or a template name/path.
+    pub fn new(bundle: &ModelBundle, template: &str, prompt: &str, with_image: bool) -> Result<Self> {
+        let model = &bundle.model;
+        let (template, prompt_ids) = if template == "plain" {
+            let mut ids = if with_image { bundle.image_block() } else { Vec::new() };
+            ids.extend(bundle.encode(prompt)?);
+            (None, ids)
+        } else {
+            let t = Template::by_name_or_path(template)?;
+            let text = t.generation_prompt(&[], prompt, usize::from(with_image));
+            let (ids, _) = tokenize_prompt(&text, &bundle.tokenizer, model.image_token_id(), model.tokens_per_image())?;
+            (Some(t), ids)
         };
         Ok(Self {
             template,
+            prompt_text: prompt.to_string(),
+            with_image,
             prompt_ids,
             answer_ids: Vec::new(),
         })
     }
 
-    /// Appends the answer's tokens.
+    /// Appends the answer's tokens: on their own for `plain`; for a chat template, the tokens
+    /// training supervises for this answer (without the closing end-of-turn token).
     pub fn answer(mut self, answer: &str, bundle: &ModelBundle) -> Result<Self> {
-        self.answer_ids = match self.template {
-            TemplateName::Plain => bundle.encode(answer)?,
+        self.answer_ids = match &self.template {
+            None => bundle.encode(answer)?,
+            Some(t) => {
+                let model = &bundle.model;
+                let sample = Sample {
+                    reference: SampleRef { index: 0, id: Some("score".into()), line: None },
+                    images: if self.with_image { vec![PathBuf::from("image")] } else { Vec::new() },
+                    turns: vec![
+                        Turn { role: Role::Human, value: self.prompt_text.clone() },
+                        Turn { role: Role::Gpt, value: answer.to_string() },
+                    ],
+                };
+                let cfg = TokenizeConfig {
+                    image_token_id: model.image_token_id(),
+                    tokens_per_image: model.tokens_per_image(),
+                    max_length: usize::MAX,
+                    truncation: Truncation::Truncate,
+                };
+                let tokenized = tokenize_sample(&sample, &bundle.tokenizer, t, &cfg)
+                    .map_err(|p| anyhow::anyhow!("{p}"))
+                    .context("laying out the answer with the template")?;
+                let start = tokenized
+                    .labels
+                    .iter()
+                    .position(|&l| l != IGNORE_INDEX)
+                    .context("the template supervises no answer token")?;
+                let end_len = bundle.encode(&t.answer_end)?.len();
+                let supervised: Vec<u32> = tokenized.input_ids[start..]
+                    .iter()
+                    .zip(&tokenized.labels[start..])
+                    .take_while(|(_, &l)| l != IGNORE_INDEX)
+                    .map(|(&id, _)| id)
+                    .collect();
+                // The prompt is what precedes the first supervised token in training.
+                self.prompt_ids = tokenized.input_ids[..start].to_vec();
+                supervised[..supervised.len().saturating_sub(end_len)].to_vec()
+            }
         };
         Ok(self)
     }
@@ -68,19 +101,22 @@ impl PromptLayout {
 
     /// The whole sequence and the index where the answer starts.
     pub fn with_answer(&self) -> Result<(Vec<u32>, usize)> {
-        anyhow::ensure!(
-            !self.answer_ids.is_empty(),
-            "the answer is empty (no tokens to score)"
-        );
+        anyhow::ensure!(!self.answer_ids.is_empty(), "the answer is empty (no tokens to score)");
         let mut ids = self.prompt_ids.clone();
         ids.extend_from_slice(&self.answer_ids);
         Ok((ids, self.prompt_ids.len()))
     }
 
     pub fn stop_token_ids(&self, bundle: &ModelBundle) -> Vec<u32> {
-        END_TOKENS
-            .iter()
-            .filter_map(|t| bundle.token_id(t))
-            .collect()
+        let mut ids: Vec<u32> = END_TOKENS.iter().filter_map(|t| bundle.token_id(t)).collect();
+        if let Some(t) = &self.template {
+            if let Some(id) = bundle.token_id(t.answer_end.trim()) {
+                ids.push(id);
+            }
+        } else if let Some(nl) = bundle.encode("\n").ok().filter(|v| v.len() == 1) {
+            // `plain` captions end with a newline.
+            ids.push(nl[0]);
+        }
+        ids
     }
 }

@@ -8,7 +8,7 @@ use clap::Args;
 use crate::checkpoint::bundle::ModelBundle;
 use crate::generate::{generate, GenerationConfig};
 use crate::models::llava::{BuildOptions, Trainable};
-use crate::prompt::{PromptLayout, TemplateName};
+use crate::prompt::PromptLayout;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -18,8 +18,10 @@ pub struct GenerateArgs {
     pub image: Option<PathBuf>,
     #[arg(long)]
     pub prompt: String,
+    /// `plain` (image, prompt, answer, each tokenized alone) or a conversation template
+    /// (phi, chatml, vicuna_v1, qwen2_base, llama3, or a TOML file).
     #[arg(long, default_value = "plain")]
-    pub template: TemplateName,
+    pub template: String,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 = greedy decoding.
@@ -38,7 +40,7 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let bundle = ModelBundle::load(&args.model, &BuildOptions::new(Trainable::NONE, 0))?;
-    let layout = PromptLayout::new(&bundle, args.template, &args.prompt, args.image.is_some())?;
+    let layout = PromptLayout::new(&bundle, &args.template, &args.prompt, args.image.is_some())?;
     let pixels = args
         .image
         .as_ref()

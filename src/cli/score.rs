@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::checkpoint::bundle::ModelBundle;
 use crate::models::llava::{BuildOptions, TokenBatch, Trainable};
-use crate::prompt::{PromptLayout, TemplateName};
+use crate::prompt::PromptLayout;
 
 #[derive(Debug, Args)]
 pub struct ScoreArgs {
@@ -23,9 +23,10 @@ pub struct ScoreArgs {
     pub prompt: String,
     #[arg(long)]
     pub answer: String,
-    /// Conversation template laying out image, prompt and answer.
+    /// `plain` (image, prompt, answer, each tokenized alone) or a conversation template
+    /// (phi, chatml, vicuna_v1, qwen2_base, llama3, or a TOML file).
     #[arg(long, default_value = "plain")]
-    pub template: TemplateName,
+    pub template: String,
     #[arg(long)]
     pub json: bool,
 }
@@ -76,7 +77,7 @@ pub fn score(
 
 pub fn run(args: ScoreArgs) -> Result<()> {
     let bundle = ModelBundle::load(&args.model, &BuildOptions::new(Trainable::NONE, 0))?;
-    let layout = PromptLayout::new(&bundle, args.template, &args.prompt, args.image.is_some())?
+    let layout = PromptLayout::new(&bundle, &args.template, &args.prompt, args.image.is_some())?
         .answer(&args.answer, &bundle)?;
     let result = score(&bundle, &layout, args.image.as_ref())?;
     if args.json {
