@@ -360,7 +360,6 @@ pub fn join_by_id<P, R>(
     if !problems.is_empty() {
         bail!("{}", problems.join("; "));
     }
-    drop(ref_ids);
     Ok(references
         .into_iter()
         .filter_map(|r| preds.remove(&r.id).map(|p| (r.id, p, r.value)))

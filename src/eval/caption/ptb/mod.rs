@@ -19,7 +19,8 @@
 //!   then split in two while ROUGE-L (`split(" ")`) does not.
 //!
 //! Known deviations: characters outside the Basic Multilingual Plane (emoji) are deleted, as in the
-//! jar, but letters are classified with today's Unicode tables rather than JFlex 1.4's; newline
+//! jar, except inside a URL, where the jar keeps them (it sees two UTF-16 units); letters are
+//! classified with today's Unicode tables rather than JFlex 1.4's; newline
 //! characters other than '\n' inside a caption (`\r`, U+2028, …) are treated as spaces, whereas
 //! pycocoevalcap would start a new line and misalign every later caption.
 

@@ -5,6 +5,8 @@
 //! Literals are ASCII-caseless (JFlex `%caseless`); character classes are case-sensitive, as in
 //! JFlex, where `%caseless` does not reach inside classes.
 
+use std::collections::HashSet;
+
 /// A pattern over a slice of chars.
 #[derive(Debug, Clone)]
 pub enum Re {
@@ -98,6 +100,25 @@ impl Re {
         }
     }
 
+    /// Whether the pattern always matches exactly one character (a class or a union of classes).
+    fn is_single_char(&self) -> bool {
+        match self {
+            Re::Pred(_) | Re::AnyOf(_) | Re::NoneOf(_) => true,
+            Re::Alt(parts) => parts.iter().all(Re::is_single_char),
+            _ => false,
+        }
+    }
+
+    fn matches_char(&self, c: char) -> bool {
+        match self {
+            Re::Pred(f) => f(c),
+            Re::AnyOf(set) => set.contains(c),
+            Re::NoneOf(set) => !set.contains(c),
+            Re::Alt(parts) => parts.iter().any(|p| p.matches_char(c)),
+            _ => false,
+        }
+    }
+
     /// All positions where a match starting at `start` can end (sorted, unique).
     pub fn ends(&self, text: &[char], start: usize) -> Vec<usize> {
         self.step(text, &[start])
@@ -134,7 +155,37 @@ impl Re {
                 cur
             }
             Re::Alt(parts) => {
-                sorted_unique(parts.iter().flat_map(|p| p.step(text, starts)).collect())
+                let mut out = Vec::new();
+                for p in parts {
+                    if p.nullable() {
+                        out.extend(p.step(text, starts));
+                        continue;
+                    }
+                    // Skip alternatives that cannot start here (most of a long literal list).
+                    let viable: Vec<usize> = starts
+                        .iter()
+                        .copied()
+                        .filter(|&s| s < text.len() && p.can_start(text[s]))
+                        .collect();
+                    if !viable.is_empty() {
+                        out.extend(p.step(text, &viable));
+                    }
+                }
+                sorted_unique(out)
+            }
+            Re::Rep(inner, min, max) if inner.is_single_char() => {
+                // Fast path for runs of one character class: scan each run once.
+                let mut result = Vec::new();
+                for &s in starts {
+                    let limit = max.map_or(text.len(), |m| (s + m).min(text.len()));
+                    let run = (s..limit)
+                        .take_while(|&i| inner.matches_char(text[i]))
+                        .count();
+                    if run >= *min {
+                        result.extend(s + min..=s + run);
+                    }
+                }
+                sorted_unique(result)
             }
             Re::Rep(inner, min, max) => {
                 let mut result: Vec<usize> = if *min == 0 {
@@ -142,6 +193,7 @@ impl Re {
                 } else {
                     Vec::new()
                 };
+                let mut seen: HashSet<usize> = result.iter().copied().collect();
                 let mut frontier = starts.to_vec();
                 let mut k = 0;
                 while max.is_none_or(|m| k < m) && !frontier.is_empty() {
@@ -150,7 +202,7 @@ impl Re {
                     if k >= *min {
                         // A position already reached after >= min repetitions was (or will be)
                         // expanded with at least as many repetitions left.
-                        frontier.retain(|p| !result.contains(p));
+                        frontier.retain(|p| seen.insert(*p));
                         result.extend(frontier.iter().copied());
                     }
                 }
@@ -184,6 +236,10 @@ mod tests {
         assert_eq!(digits.ends(&chars("a"), 0), Vec::<usize>::new());
         let bounded = rep(any_of("ab"), 2, Some(3));
         assert_eq!(bounded.ends(&chars("abab"), 0), vec![2, 3]);
+        assert_eq!(bounded.ends(&chars("ab"), 1), Vec::<usize>::new());
+        // The general path (multi-char inner pattern) agrees with the single-class fast path.
+        let pairs = rep(seq(vec![any_of("ab"), any_of("ab")]), 1, Some(2));
+        assert_eq!(pairs.ends(&chars("ababa"), 0), vec![2, 4]);
         assert!(digits.can_start('7') && !digits.can_start('x'));
         let maybe_sign = seq(vec![opt(any_of("+-")), digits.clone()]);
         assert!(

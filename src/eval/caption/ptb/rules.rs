@@ -5,7 +5,10 @@
 //! The lexer semantics are JFlex's: at each position every rule is tried, the longest match wins
 //! (trailing context counts towards the length but is not consumed), ties go to the earlier rule.
 //! The rule list and the character classes were reconstructed from the PTBLexer specification's
-//! documented behaviour and checked against the 3.4.1 jar (see `tests/eval_ptb_tokenizer.rs`).
+//! documented behaviour and checked against the 3.4.1 jar: the committed fixture
+//! (`tests/eval_ptb_tokenizer.rs`, 860 lines) matches exactly, and during development ~100,000
+//! generated caption-like and noise lines differed only where a URL contains a character outside
+//! the Basic Multilingual Plane (the jar sees two UTF-16 units there).
 
 use super::pattern::*;
 use crate::eval::pytext::is_decimal_digit;
