@@ -9,14 +9,20 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use mmkd_datasets::{
-    tokenize_prompt, tokenize_sample, Role, Sample, SampleRef, Template, TokenizeConfig, Truncation, Turn,
-    IGNORE_INDEX,
+    tokenize_prompt, tokenize_sample, Role, Sample, SampleRef, Template, TokenizeConfig,
+    Truncation, Turn, IGNORE_INDEX,
 };
 
 use crate::checkpoint::bundle::ModelBundle;
 
 /// End-of-sequence tokens of the tokenizers mmkd meets; whichever the tokenizer has stop generation.
-const END_TOKENS: &[&str] = &["<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>", "<|end_of_text|>"];
+const END_TOKENS: &[&str] = &[
+    "<|endoftext|>",
+    "<|im_end|>",
+    "</s>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+];
 
 /// Token ids of a prompt, and optionally of an answer that follows it.
 #[derive(Clone, Debug)]
@@ -30,16 +36,30 @@ pub struct PromptLayout {
 
 impl PromptLayout {
     /// `template` is `plain` or a template name/path.
-    pub fn new(bundle: &ModelBundle, template: &str, prompt: &str, with_image: bool) -> Result<Self> {
+    pub fn new(
+        bundle: &ModelBundle,
+        template: &str,
+        prompt: &str,
+        with_image: bool,
+    ) -> Result<Self> {
         let model = &bundle.model;
         let (template, prompt_ids) = if template == "plain" {
-            let mut ids = if with_image { bundle.image_block() } else { Vec::new() };
+            let mut ids = if with_image {
+                bundle.image_block()
+            } else {
+                Vec::new()
+            };
             ids.extend(bundle.encode(prompt)?);
             (None, ids)
         } else {
             let t = Template::by_name_or_path(template)?;
             let text = t.generation_prompt(&[], prompt, usize::from(with_image));
-            let (ids, _) = tokenize_prompt(&text, &bundle.tokenizer, model.image_token_id(), model.tokens_per_image())?;
+            let (ids, _) = tokenize_prompt(
+                &text,
+                &bundle.tokenizer,
+                model.image_token_id(),
+                model.tokens_per_image(),
+            )?;
             (Some(t), ids)
         };
         Ok(Self {
@@ -59,11 +79,25 @@ impl PromptLayout {
             Some(t) => {
                 let model = &bundle.model;
                 let sample = Sample {
-                    reference: SampleRef { index: 0, id: Some("score".into()), line: None },
-                    images: if self.with_image { vec![PathBuf::from("image")] } else { Vec::new() },
+                    reference: SampleRef {
+                        index: 0,
+                        id: Some("score".into()),
+                        line: None,
+                    },
+                    images: if self.with_image {
+                        vec![PathBuf::from("image")]
+                    } else {
+                        Vec::new()
+                    },
                     turns: vec![
-                        Turn { role: Role::Human, value: self.prompt_text.clone() },
-                        Turn { role: Role::Gpt, value: answer.to_string() },
+                        Turn {
+                            role: Role::Human,
+                            value: self.prompt_text.clone(),
+                        },
+                        Turn {
+                            role: Role::Gpt,
+                            value: answer.to_string(),
+                        },
                     ],
                 };
                 let cfg = TokenizeConfig {
@@ -101,14 +135,20 @@ impl PromptLayout {
 
     /// The whole sequence and the index where the answer starts.
     pub fn with_answer(&self) -> Result<(Vec<u32>, usize)> {
-        anyhow::ensure!(!self.answer_ids.is_empty(), "the answer is empty (no tokens to score)");
+        anyhow::ensure!(
+            !self.answer_ids.is_empty(),
+            "the answer is empty (no tokens to score)"
+        );
         let mut ids = self.prompt_ids.clone();
         ids.extend_from_slice(&self.answer_ids);
         Ok((ids, self.prompt_ids.len()))
     }
 
     pub fn stop_token_ids(&self, bundle: &ModelBundle) -> Vec<u32> {
-        let mut ids: Vec<u32> = END_TOKENS.iter().filter_map(|t| bundle.token_id(t)).collect();
+        let mut ids: Vec<u32> = END_TOKENS
+            .iter()
+            .filter_map(|t| bundle.token_id(t))
+            .collect();
         if let Some(t) = &self.template {
             if let Some(id) = bundle.token_id(t.answer_end.trim()) {
                 ids.push(id);

@@ -90,6 +90,7 @@ const BUILTIN: &[(&str, &str)] = &[
     ("qwen2_base", include_str!("../templates/qwen2_base.toml")),
     ("chatml", include_str!("../templates/chatml.toml")),
     ("llama3", include_str!("../templates/llama3.toml")),
+    ("compact", include_str!("../templates/compact.toml")),
 ];
 
 impl Template {

@@ -384,7 +384,14 @@ fn generation_prompts_match_training_prefixes() {
             image_token_id,
             ..config(4096)
         };
-        for name in ["vicuna_v1", "phi", "qwen2_base", "chatml", "llama3"] {
+        for name in [
+            "vicuna_v1",
+            "phi",
+            "qwen2_base",
+            "chatml",
+            "llama3",
+            "compact",
+        ] {
             let t = Template::builtin(name).unwrap();
             let trained = tokenize_sample(&sample(two_rounds()).unwrap(), &tok, &t, &cfg).unwrap();
             // The second answer's first supervised position.
