@@ -5,8 +5,10 @@
 //! - [`generate`]: batched KV-cached generation.
 //! - [`distill`]: the divergence family, MDist (L_res, L_vis), RDist and cross-entropy.
 //! - [`train`]: AdamW with parameter groups, gradient clipping/accumulation, LR schedules.
+//! - [`bench`]: the distillation-step benchmark (`mmkd bench`).
 //! - [`cli`]: the `mmkd` command line.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod distill;

@@ -123,7 +123,11 @@ pub fn collate(samples: &[&TokenizedSample], indices: &[usize], cfg: &CollateCon
             attention_mask[[row, offset + t]] = 1;
         }
         for (path, span) in s.images.iter().zip(&s.image_spans) {
-            images.push(BatchImage { row, path: path.clone(), positions: span.start + offset..span.end + offset });
+            images.push(BatchImage {
+                row,
+                path: path.clone(),
+                positions: span.start + offset..span.end + offset,
+            });
         }
     }
     Batch {
@@ -141,13 +145,21 @@ pub fn collate(samples: &[&TokenizedSample], indices: &[usize], cfg: &CollateCon
 mod tests {
     use super::*;
 
-    fn sample(id: &str, ids: Vec<u32>, labels: Vec<i64>, image: Option<Range<usize>>) -> TokenizedSample {
+    fn sample(
+        id: &str,
+        ids: Vec<u32>,
+        labels: Vec<i64>,
+        image: Option<Range<usize>>,
+    ) -> TokenizedSample {
         TokenizedSample {
             id: id.into(),
             index: 0,
             input_ids: ids,
             labels,
-            images: image.iter().map(|_| PathBuf::from(format!("{id}.png"))).collect(),
+            images: image
+                .iter()
+                .map(|_| PathBuf::from(format!("{id}.png")))
+                .collect(),
             image_spans: image.into_iter().collect(),
             truncated: false,
         }
@@ -155,24 +167,59 @@ mod tests {
 
     #[test]
     fn right_and_left_padding() {
-        let a = sample("a", vec![5, 9, 9, 6, 7], vec![-100, -100, -100, 6, 7], Some(1..3));
+        let a = sample(
+            "a",
+            vec![5, 9, 9, 6, 7],
+            vec![-100, -100, -100, 6, 7],
+            Some(1..3),
+        );
         let b = sample("b", vec![8, 3], vec![-100, 3], None);
-        let cfg = CollateConfig { pad_token_id: 0, padding_side: PaddingSide::Right, pad_to_multiple_of: 4 };
+        let cfg = CollateConfig {
+            pad_token_id: 0,
+            padding_side: PaddingSide::Right,
+            pad_to_multiple_of: 4,
+        };
         let batch = collate(&[&a, &b], &[4, 7], &cfg);
         assert_eq!(batch.input_ids.shape(), &[2, 8]);
-        assert_eq!(batch.input_ids.row(0).to_vec(), vec![5, 9, 9, 6, 7, 0, 0, 0]);
-        assert_eq!(batch.input_ids.row(1).to_vec(), vec![8, 3, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(batch.labels.row(1).to_vec(), vec![-100, 3, -100, -100, -100, -100, -100, -100]);
-        assert_eq!(batch.attention_mask.row(0).to_vec(), vec![1, 1, 1, 1, 1, 0, 0, 0]);
+        assert_eq!(
+            batch.input_ids.row(0).to_vec(),
+            vec![5, 9, 9, 6, 7, 0, 0, 0]
+        );
+        assert_eq!(
+            batch.input_ids.row(1).to_vec(),
+            vec![8, 3, 0, 0, 0, 0, 0, 0]
+        );
+        assert_eq!(
+            batch.labels.row(1).to_vec(),
+            vec![-100, 3, -100, -100, -100, -100, -100, -100]
+        );
+        assert_eq!(
+            batch.attention_mask.row(0).to_vec(),
+            vec![1, 1, 1, 1, 1, 0, 0, 0]
+        );
         assert_eq!(batch.lengths, vec![5, 2]);
         assert_eq!(batch.sample_indices, vec![4, 7]);
-        assert_eq!(batch.images, vec![BatchImage { row: 0, path: "a.png".into(), positions: 1..3 }]);
+        assert_eq!(
+            batch.images,
+            vec![BatchImage {
+                row: 0,
+                path: "a.png".into(),
+                positions: 1..3
+            }]
+        );
 
-        let cfg = CollateConfig { pad_token_id: 1, padding_side: PaddingSide::Left, pad_to_multiple_of: 1 };
+        let cfg = CollateConfig {
+            pad_token_id: 1,
+            padding_side: PaddingSide::Left,
+            pad_to_multiple_of: 1,
+        };
         let batch = collate(&[&b, &a], &[7, 4], &cfg);
         assert_eq!(batch.input_ids.row(0).to_vec(), vec![1, 1, 1, 8, 3]);
         assert_eq!(batch.attention_mask.row(0).to_vec(), vec![0, 0, 0, 1, 1]);
-        assert_eq!(batch.labels.row(0).to_vec(), vec![-100, -100, -100, -100, 3]);
+        assert_eq!(
+            batch.labels.row(0).to_vec(),
+            vec![-100, -100, -100, -100, 3]
+        );
         assert_eq!(batch.images[0].row, 1);
         assert_eq!(batch.images[0].positions, 1..3);
     }
@@ -182,10 +229,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut a = sample("cat-1", vec![5, 9], vec![-100, -100], Some(1..2));
         a.images = vec![dir.path().join("nope.png")];
-        let cfg = CollateConfig { pad_token_id: 0, padding_side: PaddingSide::Right, pad_to_multiple_of: 1 };
+        let cfg = CollateConfig {
+            pad_token_id: 0,
+            padding_side: PaddingSide::Right,
+            pad_to_multiple_of: 1,
+        };
         let err = collate(&[&a], &[0], &cfg).load_images(2).unwrap_err();
         assert_eq!(err.sample_id, "cat-1");
         assert!(err.to_string().starts_with("sample cat-1: image "), "{err}");
-        assert!(err.to_string().ends_with("nope.png: file not found"), "{err}");
+        assert!(
+            err.to_string().ends_with("nope.png: file not found"),
+            "{err}"
+        );
     }
 }

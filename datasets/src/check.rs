@@ -59,7 +59,11 @@ impl Distribution {
 
 impl fmt::Display for Distribution {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "min {} / median {} / p95 {} / max {} (mean {:.1})", self.min, self.median, self.p95, self.max, self.mean)
+        write!(
+            f,
+            "min {} / median {} / p95 {} / max {} (mean {:.1})",
+            self.min, self.median, self.p95, self.max, self.mean
+        )
     }
 }
 
@@ -89,7 +93,10 @@ pub struct CheckReport {
 impl CheckReport {
     /// Problems that are defects of the data (not samples merely too long).
     pub fn data_errors(&self) -> usize {
-        self.problems.iter().filter(|p| p.kind.is_data_error()).count()
+        self.problems
+            .iter()
+            .filter(|p| p.kind.is_data_error())
+            .count()
     }
 }
 
@@ -97,7 +104,11 @@ impl fmt::Display for CheckReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "file: {}", self.file.display())?;
         writeln!(f, "records: {}", self.records)?;
-        writeln!(f, "usable samples: {} ({} with images, {} text-only)", self.usable, self.with_images, self.text_only)?;
+        writeln!(
+            f,
+            "usable samples: {} ({} with images, {} text-only)",
+            self.usable, self.with_images, self.text_only
+        )?;
         writeln!(f, "images: {}", self.images)?;
         if let Some(d) = &self.rounds {
             writeln!(f, "rounds per sample: {d}")?;
@@ -123,7 +134,12 @@ impl fmt::Display for CheckReport {
 
 /// Check `data` with images under `image_root`. Fails only when the file cannot be read at all
 /// (missing, malformed JSON list) or the tokenizer cannot serve the template.
-pub fn check_dataset(data: &Path, image_root: &Path, opts: &CheckOptions, progress: &dyn Progress) -> Result<CheckReport> {
+pub fn check_dataset(
+    data: &Path,
+    image_root: &Path,
+    opts: &CheckOptions,
+    progress: &dyn Progress,
+) -> Result<CheckReport> {
     let mut dataset = LlavaDataset::read(data, image_root)?;
     progress.start("images", dataset.samples.len() as u64);
     dataset.verify_images(opts.image_check, opts.threads, &|n| progress.inc(n));
@@ -133,8 +149,14 @@ pub fn check_dataset(data: &Path, image_root: &Path, opts: &CheckOptions, progre
     let mut tokenized: Option<Vec<TokenizedSample>> = None;
     if let Some(tc) = &opts.tokens {
         progress.start("tokenize", dataset.samples.len() as u64);
-        let (kept, token_problems) =
-            tokenize_samples(&dataset.samples, tc.tokenizer, tc.template, &tc.config, opts.threads, &|n| progress.inc(n))?;
+        let (kept, token_problems) = tokenize_samples(
+            &dataset.samples,
+            tc.tokenizer,
+            tc.template,
+            &tc.config,
+            opts.threads,
+            &|n| progress.inc(n),
+        )?;
         progress.finish();
         problems.extend(token_problems);
         problems.sort_by_key(|p| p.sample.index);
@@ -146,7 +168,11 @@ pub fn check_dataset(data: &Path, image_root: &Path, opts: &CheckOptions, progre
         Some(kept) => kept.iter().map(|s| s.index).collect(),
         None => dataset.samples.iter().map(|s| s.reference.index).collect(),
     };
-    let usable: Vec<_> = dataset.samples.iter().filter(|s| usable_indices.contains(&s.reference.index)).collect();
+    let usable: Vec<_> = dataset
+        .samples
+        .iter()
+        .filter(|s| usable_indices.contains(&s.reference.index))
+        .collect();
     Ok(CheckReport {
         file: data.to_path_buf(),
         records: dataset.records,
@@ -155,9 +181,16 @@ pub fn check_dataset(data: &Path, image_root: &Path, opts: &CheckOptions, progre
         text_only: usable.iter().filter(|s| !s.has_images()).count(),
         images: usable.iter().map(|s| s.images.len()).sum(),
         rounds: Distribution::of(usable.iter().map(|s| s.num_rounds()).collect()),
-        tokens: tokenized.as_ref().and_then(|k| Distribution::of(k.iter().map(|s| s.len()).collect())),
-        supervised_tokens: tokenized.as_ref().and_then(|k| Distribution::of(k.iter().map(|s| s.supervised_count()).collect())),
-        truncated: tokenized.as_ref().map(|k| k.iter().filter(|s| s.truncated).count()).unwrap_or(0),
+        tokens: tokenized
+            .as_ref()
+            .and_then(|k| Distribution::of(k.iter().map(|s| s.len()).collect())),
+        supervised_tokens: tokenized
+            .as_ref()
+            .and_then(|k| Distribution::of(k.iter().map(|s| s.supervised_count()).collect())),
+        truncated: tokenized
+            .as_ref()
+            .map(|k| k.iter().filter(|s| s.truncated).count())
+            .unwrap_or(0),
         problems,
     })
 }

@@ -35,7 +35,11 @@ pub struct ImageFault {
 }
 
 fn fault(path: &Path, kind: ProblemKind, reason: impl Into<String>) -> ImageFault {
-    ImageFault { path: path.display().to_string(), kind, reason: reason.into() }
+    ImageFault {
+        path: path.display().to_string(),
+        kind,
+        reason: reason.into(),
+    }
 }
 
 fn open(path: &Path) -> Result<ImageReader<BufReader<File>>, ImageFault> {
@@ -44,7 +48,11 @@ fn open(path: &Path) -> Result<ImageReader<BufReader<File>>, ImageFault> {
         _ => fault(path, ProblemKind::MissingImage, format!("cannot open: {e}")),
     })?;
     if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
-        return Err(fault(path, ProblemKind::MissingImage, "is a directory, not an image file"));
+        return Err(fault(
+            path,
+            ProblemKind::MissingImage,
+            "is a directory, not an image file",
+        ));
     }
     // The format is guessed from the content first so a mislabelled extension still decodes.
     ImageReader::new(BufReader::new(file))
@@ -62,11 +70,19 @@ fn open(path: &Path) -> Result<ImageReader<BufReader<File>>, ImageFault> {
 
 fn classify(path: &Path, err: ImageError) -> ImageFault {
     match err {
-        ImageError::Unsupported(e) => fault(path, ProblemKind::UnsupportedImage, format!("unsupported: {e}")),
+        ImageError::Unsupported(e) => fault(
+            path,
+            ProblemKind::UnsupportedImage,
+            format!("unsupported: {e}"),
+        ),
         ImageError::IoError(e) if e.kind() == ErrorKind::NotFound => {
             fault(path, ProblemKind::MissingImage, "file not found")
         }
-        other => fault(path, ProblemKind::CorruptImage, format!("cannot decode: {other}")),
+        other => fault(
+            path,
+            ProblemKind::CorruptImage,
+            format!("cannot decode: {other}"),
+        ),
     }
 }
 
@@ -74,7 +90,11 @@ fn classify(path: &Path, err: ImageError) -> ImageFault {
 pub fn load_image(path: &Path) -> Result<DynamicImage, ImageFault> {
     let reader = open(path)?;
     if reader.format().is_none() {
-        return Err(fault(path, ProblemKind::UnsupportedImage, "unrecognised image format"));
+        return Err(fault(
+            path,
+            ProblemKind::UnsupportedImage,
+            "unrecognised image format",
+        ));
     }
     reader.decode().map_err(|e| classify(path, e))
 }
@@ -85,16 +105,33 @@ pub fn check_image(path: &Path, level: ImageCheck) -> Result<(), ImageFault> {
         ImageCheck::None => Ok(()),
         ImageCheck::Exists => match std::fs::metadata(path) {
             Ok(m) if m.is_file() => Ok(()),
-            Ok(_) => Err(fault(path, ProblemKind::MissingImage, "is not a regular file")),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(fault(path, ProblemKind::MissingImage, "file not found")),
-            Err(e) => Err(fault(path, ProblemKind::MissingImage, format!("cannot stat: {e}"))),
+            Ok(_) => Err(fault(
+                path,
+                ProblemKind::MissingImage,
+                "is not a regular file",
+            )),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                Err(fault(path, ProblemKind::MissingImage, "file not found"))
+            }
+            Err(e) => Err(fault(
+                path,
+                ProblemKind::MissingImage,
+                format!("cannot stat: {e}"),
+            )),
         },
         ImageCheck::Header => {
             let reader = open(path)?;
             if reader.format().is_none() {
-                return Err(fault(path, ProblemKind::UnsupportedImage, "unrecognised image format"));
+                return Err(fault(
+                    path,
+                    ProblemKind::UnsupportedImage,
+                    "unrecognised image format",
+                ));
             }
-            reader.into_dimensions().map(|_| ()).map_err(|e| classify(path, e))
+            reader
+                .into_dimensions()
+                .map(|_| ())
+                .map_err(|e| classify(path, e))
         }
         ImageCheck::Decode => load_image(path).map(|_| ()),
     }

@@ -19,19 +19,21 @@ pub mod template;
 pub mod tokenize;
 pub mod tokenizer_train;
 
-pub use check::{check_dataset, CheckOptions, CheckReport, Distribution, TokenCheck};
 pub use batch::{collate, Batch, BatchImage, BatchImageError, CollateConfig, PaddingSide};
+pub use check::{check_dataset, CheckOptions, CheckReport, Distribution, TokenCheck};
 pub use image_io::{check_image, load_image, ImageCheck, ImageFault};
 pub use prepare::{PrepareReport, TokenizedDataset};
 pub use problem::{Problem, ProblemKind, SampleRef};
 pub use progress::{NoProgress, Progress};
-pub use synth::{generate as generate_synth, SynthConfig, SynthSummary};
-pub use tokenizer_train::{collect_training_text, load_tokenizer, save_tokenizer, train_bpe, SPECIAL_TOKENS};
 pub use reader::{FileFormat, LlavaDataset};
 pub use sample::{Role, Round, Sample, Turn, IMAGE_PLACEHOLDER};
 pub use sampler::{epoch_batches, BatchSampler, Cursor, SampleShape, SamplerConfig};
+pub use synth::{generate as generate_synth, SynthConfig, SynthSummary};
 pub use template::{HumanText, ImagePlacement, Template};
 pub use tokenize::{
-    check_tokenizer, image_token_id, render_text, tokenize_sample, TokenizeConfig, TokenizedSample, Truncation,
-    IGNORE_INDEX,
+    check_tokenizer, image_token_id, render_text, tokenize_sample, TokenizeConfig, TokenizedSample,
+    Truncation, IGNORE_INDEX,
+};
+pub use tokenizer_train::{
+    collect_training_text, load_tokenizer, save_tokenizer, train_bpe, SPECIAL_TOKENS,
 };

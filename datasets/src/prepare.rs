@@ -40,7 +40,10 @@ impl PrepareReport {
 
     /// Problems that are defects in the data (everything except samples too long to fit).
     pub fn data_errors(&self) -> usize {
-        self.problems.iter().filter(|p| p.kind.is_data_error()).count()
+        self.problems
+            .iter()
+            .filter(|p| p.kind.is_data_error())
+            .count()
     }
 }
 
@@ -74,7 +77,14 @@ impl TokenizedDataset {
         threads: usize,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<TokenizedDataset> {
-        let (samples, problems) = tokenize_samples(&dataset.samples, tokenizer, template, cfg, threads, progress)?;
+        let (samples, problems) = tokenize_samples(
+            &dataset.samples,
+            tokenizer,
+            template,
+            cfg,
+            threads,
+            progress,
+        )?;
         let mut all_problems = dataset.problems.clone();
         all_problems.extend(problems);
         all_problems.sort_by_key(|p| p.sample.index);
@@ -114,7 +124,10 @@ pub fn tokenize_samples(
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
     });
     let mut kept = Vec::new();
     let mut problems = Vec::new();

@@ -127,7 +127,11 @@ pub struct Problem {
 
 impl Problem {
     pub fn new(sample: SampleRef, kind: ProblemKind, message: impl Into<String>) -> Self {
-        Problem { sample, kind, message: message.into() }
+        Problem {
+            sample,
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -138,7 +142,9 @@ impl fmt::Display for Problem {
 }
 
 /// Counts of problems by kind.
-pub fn count_by_kind<'a>(problems: impl IntoIterator<Item = &'a Problem>) -> BTreeMap<ProblemKind, usize> {
+pub fn count_by_kind<'a>(
+    problems: impl IntoIterator<Item = &'a Problem>,
+) -> BTreeMap<ProblemKind, usize> {
     let mut counts = BTreeMap::new();
     for p in problems {
         *counts.entry(p.kind).or_insert(0) += 1;

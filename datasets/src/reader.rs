@@ -56,14 +56,22 @@ impl LlavaDataset {
             records += 1;
             match record {
                 Ok(record) => {
-                    let reference = SampleRef { index, id: record_id(&record), line };
+                    let reference = SampleRef {
+                        index,
+                        id: record_id(&record),
+                        line,
+                    };
                     match Sample::from_json(&record, reference, image_root) {
                         Ok(s) => samples.push(s),
                         Err(p) => problems.push(p),
                     }
                 }
                 Err(message) => {
-                    let reference = SampleRef { index, id: None, line };
+                    let reference = SampleRef {
+                        index,
+                        id: None,
+                        line,
+                    };
                     problems.push(Problem::new(reference, ProblemKind::MalformedJson, message));
                 }
             }
@@ -72,12 +80,24 @@ impl LlavaDataset {
             FileFormat::JsonList => read_list(path, &mut accept)?,
             FileFormat::JsonLines => read_lines(path, &mut accept)?,
         }
-        Ok(LlavaDataset { path: path.to_path_buf(), image_root: image_root.to_path_buf(), format, records, samples, problems })
+        Ok(LlavaDataset {
+            path: path.to_path_buf(),
+            image_root: image_root.to_path_buf(),
+            format,
+            records,
+            samples,
+            problems,
+        })
     }
 
     /// Check every image of every sample at `level`, moving samples with an unusable image to
     /// `problems`. Runs on `threads` threads; `progress` is called with the number of samples done.
-    pub fn verify_images(&mut self, level: ImageCheck, threads: usize, progress: &(dyn Fn(u64) + Sync)) {
+    pub fn verify_images(
+        &mut self,
+        level: ImageCheck,
+        threads: usize,
+        progress: &(dyn Fn(u64) + Sync),
+    ) {
         if level == ImageCheck::None {
             return;
         }
@@ -91,9 +111,17 @@ impl LlavaDataset {
                     scope.spawn(move || {
                         part.iter()
                             .map(|s| {
-                                let verdict = s.images.iter().find_map(|p| check_image(p, level).err()).map(|fault| {
-                                    Problem::new(s.reference.clone(), fault.kind, format!("image {}: {}", fault.path, fault.reason))
-                                });
+                                let verdict = s
+                                    .images
+                                    .iter()
+                                    .find_map(|p| check_image(p, level).err())
+                                    .map(|fault| {
+                                        Problem::new(
+                                            s.reference.clone(),
+                                            fault.kind,
+                                            format!("image {}: {}", fault.path, fault.reason),
+                                        )
+                                    });
                                 progress(1);
                                 verdict
                             })
@@ -101,7 +129,10 @@ impl LlavaDataset {
                     })
                 })
                 .collect();
-            handles.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+                .collect()
         });
         for (sample, verdict) in samples.into_iter().zip(verdicts) {
             match verdict {
@@ -119,16 +150,26 @@ impl LlavaDataset {
 }
 
 fn detect_format(path: &Path) -> Result<FileFormat> {
-    let file = File::open(path).with_context(|| format!("cannot open data file {}", path.display()))?;
+    let file =
+        File::open(path).with_context(|| format!("cannot open data file {}", path.display()))?;
     let mut reader = BufReader::new(file);
     let mut buf = [0u8; 4096];
     loop {
-        let n = reader.read(&mut buf).with_context(|| format!("cannot read data file {}", path.display()))?;
+        let n = reader
+            .read(&mut buf)
+            .with_context(|| format!("cannot read data file {}", path.display()))?;
         if n == 0 {
             bail!("data file {} is empty", path.display());
         }
-        if let Some(&b) = buf[..n].iter().find(|b| !b.is_ascii_whitespace() && **b != 0xEF && **b != 0xBB && **b != 0xBF) {
-            return Ok(if b == b'[' { FileFormat::JsonList } else { FileFormat::JsonLines });
+        if let Some(&b) = buf[..n]
+            .iter()
+            .find(|b| !b.is_ascii_whitespace() && **b != 0xEF && **b != 0xBB && **b != 0xBF)
+        {
+            return Ok(if b == b'[' {
+                FileFormat::JsonList
+            } else {
+                FileFormat::JsonLines
+            });
         }
     }
 }
@@ -138,7 +179,13 @@ pub(crate) struct JsonErrorAt<'a>(pub &'a serde_json::Error);
 
 impl fmt::Display for JsonErrorAt<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "line {}, column {}: {}", self.0.line(), self.0.column(), message_of(self.0))
+        write!(
+            f,
+            "line {}, column {}: {}",
+            self.0.line(),
+            self.0.column(),
+            message_of(self.0)
+        )
     }
 }
 
@@ -159,25 +206,39 @@ fn read_list(path: &Path, accept: Accept) -> Result<()> {
             Ok(())
         }
     }
-    let file = File::open(path).with_context(|| format!("cannot open data file {}", path.display()))?;
+    let file =
+        File::open(path).with_context(|| format!("cannot open data file {}", path.display()))?;
     let mut de = serde_json::Deserializer::from_reader(BufReader::with_capacity(1 << 20, file));
     de.deserialize_seq(Elements(accept))
         .and_then(|()| de.end())
-        .map_err(|e| anyhow::anyhow!("malformed JSON in {} at {}", path.display(), JsonErrorAt(&e)))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "malformed JSON in {} at {}",
+                path.display(),
+                JsonErrorAt(&e)
+            )
+        })
 }
 
 /// Feeds every non-blank line to `accept`, parsed or with the reason it is malformed.
 fn read_lines(path: &Path, accept: Accept) -> Result<()> {
-    let file = File::open(path).with_context(|| format!("cannot open data file {}", path.display()))?;
+    let file =
+        File::open(path).with_context(|| format!("cannot open data file {}", path.display()))?;
     for (i, line) in BufReader::with_capacity(1 << 20, file).lines().enumerate() {
         let line_no = i + 1;
-        let line = line.with_context(|| format!("cannot read {} line {line_no}", path.display()))?;
+        let line =
+            line.with_context(|| format!("cannot read {} line {line_no}", path.display()))?;
         let text = line.trim_start_matches('\u{feff}');
         if text.trim().is_empty() {
             continue;
         }
         let parsed = serde_json::from_str::<Value>(text).map_err(|e| {
-            format!("malformed JSON in {} at line {line_no}, column {}: {}", path.display(), e.column(), message_of(&e))
+            format!(
+                "malformed JSON in {} at line {line_no}, column {}: {}",
+                path.display(),
+                e.column(),
+                message_of(&e)
+            )
         });
         accept(parsed, Some(line_no));
     }
@@ -187,5 +248,7 @@ fn read_lines(path: &Path, accept: Accept) -> Result<()> {
 /// serde_json's message without the " at line L column C" it appends.
 fn message_of(e: &serde_json::Error) -> String {
     let text = e.to_string();
-    text.rsplit_once(" at line ").map(|(m, _)| m.to_string()).unwrap_or(text)
+    text.rsplit_once(" at line ")
+        .map(|(m, _)| m.to_string())
+        .unwrap_or(text)
 }

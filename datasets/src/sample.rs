@@ -49,7 +49,10 @@ pub struct Round<'a> {
 impl Sample {
     /// The question/answer pairs in order.
     pub fn rounds(&self) -> impl Iterator<Item = Round<'_>> {
-        self.turns.chunks(2).map(|pair| Round { question: &pair[0].value, answer: &pair[1].value })
+        self.turns.chunks(2).map(|pair| Round {
+            question: &pair[0].value,
+            answer: &pair[1].value,
+        })
     }
 
     pub fn num_rounds(&self) -> usize {
@@ -62,19 +65,32 @@ impl Sample {
 
     /// The number of `<image>` placeholders written in the human turns.
     pub fn placeholder_count(&self) -> usize {
-        self.turns.iter().filter(|t| t.role == Role::Human).map(|t| t.value.matches(IMAGE_PLACEHOLDER).count()).sum()
+        self.turns
+            .iter()
+            .filter(|t| t.role == Role::Human)
+            .map(|t| t.value.matches(IMAGE_PLACEHOLDER).count())
+            .sum()
     }
 
     /// Build a sample from one JSON record, or say what is wrong with it.
-    pub fn from_json(record: &Value, reference: SampleRef, image_root: &Path) -> Result<Sample, Problem> {
+    pub fn from_json(
+        record: &Value,
+        reference: SampleRef,
+        image_root: &Path,
+    ) -> Result<Sample, Problem> {
         let problem = |kind, msg: String| Problem::new(reference.clone(), kind, msg);
         let Some(obj) = record.as_object() else {
-            return Err(problem(ProblemKind::NotAnObject, format!("record is {}, not a JSON object", json_kind(record))));
+            return Err(problem(
+                ProblemKind::NotAnObject,
+                format!("record is {}, not a JSON object", json_kind(record)),
+            ));
         };
 
         let images = match obj.get("image") {
             None | Some(Value::Null) => Vec::new(),
-            Some(Value::String(s)) => vec![image_path(s, image_root).map_err(|m| problem(ProblemKind::BadField, m))?],
+            Some(Value::String(s)) => {
+                vec![image_path(s, image_root).map_err(|m| problem(ProblemKind::BadField, m))?]
+            }
             Some(Value::Array(items)) => {
                 let mut paths = Vec::with_capacity(items.len());
                 for (i, item) in items.iter().enumerate() {
@@ -84,30 +100,44 @@ impl Sample {
                             format!("`image[{i}]` is {}, not a path string", json_kind(item)),
                         ));
                     };
-                    paths.push(image_path(s, image_root).map_err(|m| problem(ProblemKind::BadField, m))?);
+                    paths.push(
+                        image_path(s, image_root).map_err(|m| problem(ProblemKind::BadField, m))?,
+                    );
                 }
                 paths
             }
             Some(other) => {
                 return Err(problem(
                     ProblemKind::BadField,
-                    format!("`image` is {}, not a path string or a list of paths", json_kind(other)),
+                    format!(
+                        "`image` is {}, not a path string or a list of paths",
+                        json_kind(other)
+                    ),
                 ))
             }
         };
 
         let turns_json = match obj.get("conversations") {
             None | Some(Value::Null) => {
-                return Err(problem(ProblemKind::MissingConversations, "no `conversations` field".into()))
+                return Err(problem(
+                    ProblemKind::MissingConversations,
+                    "no `conversations` field".into(),
+                ))
             }
             Some(Value::Array(items)) if items.is_empty() => {
-                return Err(problem(ProblemKind::MissingConversations, "`conversations` is empty".into()))
+                return Err(problem(
+                    ProblemKind::MissingConversations,
+                    "`conversations` is empty".into(),
+                ))
             }
             Some(Value::Array(items)) => items,
             Some(other) => {
                 return Err(problem(
                     ProblemKind::BadField,
-                    format!("`conversations` is {}, not a list of turns", json_kind(other)),
+                    format!(
+                        "`conversations` is {}, not a list of turns",
+                        json_kind(other)
+                    ),
                 ))
             }
         };
@@ -118,15 +148,24 @@ impl Sample {
         }
         check_turn_order(&turns).map_err(|(kind, msg)| problem(kind, msg))?;
 
-        let sample = Sample { reference: reference.clone(), images, turns };
-        sample.check_placeholders().map_err(|(kind, msg)| problem(kind, msg))?;
+        let sample = Sample {
+            reference: reference.clone(),
+            images,
+            turns,
+        };
+        sample
+            .check_placeholders()
+            .map_err(|(kind, msg)| problem(kind, msg))?;
         Ok(sample)
     }
 
     fn check_placeholders(&self) -> Result<(), (ProblemKind, String)> {
         for (i, t) in self.turns.iter().enumerate() {
             if t.role == Role::Gpt && t.value.contains(IMAGE_PLACEHOLDER) {
-                return Err((ProblemKind::PlaceholderInAnswer, format!("turn {i} (gpt) contains `{IMAGE_PLACEHOLDER}`")));
+                return Err((
+                    ProblemKind::PlaceholderInAnswer,
+                    format!("turn {i} (gpt) contains `{IMAGE_PLACEHOLDER}`"),
+                ));
             }
         }
         let placeholders = self.placeholder_count();
@@ -157,21 +196,47 @@ fn image_path(s: &str, image_root: &Path) -> Result<PathBuf, String> {
 
 fn parse_turn(t: &Value, i: usize) -> Result<Turn, (ProblemKind, String)> {
     let Some(obj) = t.as_object() else {
-        return Err((ProblemKind::BadField, format!("turn {i} is {}, not an object", json_kind(t))));
+        return Err((
+            ProblemKind::BadField,
+            format!("turn {i} is {}, not an object", json_kind(t)),
+        ));
     };
     let role = match obj.get("from") {
         Some(Value::String(s)) if s == "human" => Role::Human,
         Some(Value::String(s)) if s == "gpt" => Role::Gpt,
         Some(Value::String(s)) => {
-            return Err((ProblemKind::UnknownRole, format!("turn {i} has unknown `from` {s:?} (expected \"human\" or \"gpt\")")))
+            return Err((
+                ProblemKind::UnknownRole,
+                format!("turn {i} has unknown `from` {s:?} (expected \"human\" or \"gpt\")"),
+            ))
         }
-        None => return Err((ProblemKind::BadField, format!("turn {i} has no `from` field"))),
-        Some(other) => return Err((ProblemKind::BadField, format!("turn {i} `from` is {}, not a string", json_kind(other)))),
+        None => {
+            return Err((
+                ProblemKind::BadField,
+                format!("turn {i} has no `from` field"),
+            ))
+        }
+        Some(other) => {
+            return Err((
+                ProblemKind::BadField,
+                format!("turn {i} `from` is {}, not a string", json_kind(other)),
+            ))
+        }
     };
     let value = match obj.get("value") {
         Some(Value::String(s)) => s.clone(),
-        None => return Err((ProblemKind::BadField, format!("turn {i} has no `value` field"))),
-        Some(other) => return Err((ProblemKind::BadField, format!("turn {i} `value` is {}, not a string", json_kind(other)))),
+        None => {
+            return Err((
+                ProblemKind::BadField,
+                format!("turn {i} has no `value` field"),
+            ))
+        }
+        Some(other) => {
+            return Err((
+                ProblemKind::BadField,
+                format!("turn {i} `value` is {}, not a string", json_kind(other)),
+            ))
+        }
     };
     Ok(Turn { role, value })
 }
@@ -186,11 +251,20 @@ fn check_turn_order(turns: &[Turn]) -> Result<(), (ProblemKind, String)> {
             ));
         }
         if t.role == Role::Gpt && t.value.trim().is_empty() {
-            return Err((ProblemKind::EmptyAnswer, format!("turn {i} (gpt) is an empty answer")));
+            return Err((
+                ProblemKind::EmptyAnswer,
+                format!("turn {i} (gpt) is an empty answer"),
+            ));
         }
     }
     if turns.len() % 2 == 1 {
-        return Err((ProblemKind::BadTurnOrder, format!("the last turn ({}) is a human turn without an answer", turns.len() - 1)));
+        return Err((
+            ProblemKind::BadTurnOrder,
+            format!(
+                "the last turn ({}) is a human turn without an answer",
+                turns.len() - 1
+            ),
+        ));
     }
     Ok(())
 }

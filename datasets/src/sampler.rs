@@ -22,7 +22,13 @@ pub struct SampleShape {
 
 impl SampleShape {
     pub fn of(samples: &[TokenizedSample]) -> Vec<SampleShape> {
-        samples.iter().map(|s| SampleShape { len: s.len(), has_images: s.has_images() }).collect()
+        samples
+            .iter()
+            .map(|s| SampleShape {
+                len: s.len(),
+                has_images: s.has_images(),
+            })
+            .collect()
     }
 }
 
@@ -44,7 +50,14 @@ pub struct SamplerConfig {
 
 impl SamplerConfig {
     pub fn new(batch_size: usize, seed: u64) -> Self {
-        SamplerConfig { batch_size, seed, shuffle: true, group_by_modality_length: true, length_group_batches: 16, drop_last: false }
+        SamplerConfig {
+            batch_size,
+            seed,
+            shuffle: true,
+            group_by_modality_length: true,
+            length_group_batches: 16,
+            drop_last: false,
+        }
     }
 }
 
@@ -62,7 +75,8 @@ pub fn epoch_batches(shapes: &[SampleShape], cfg: &SamplerConfig, epoch: u64) ->
     rng.set_stream(epoch);
     let bs = cfg.batch_size.max(1);
     let groups: Vec<Vec<usize>> = if cfg.group_by_modality_length {
-        let (image, text): (Vec<usize>, Vec<usize>) = (0..shapes.len()).partition(|&i| shapes[i].has_images);
+        let (image, text): (Vec<usize>, Vec<usize>) =
+            (0..shapes.len()).partition(|&i| shapes[i].has_images);
         vec![image, text]
     } else {
         vec![(0..shapes.len()).collect()]
@@ -108,12 +122,22 @@ impl BatchSampler {
         }
         let plan = epoch_batches(&shapes, &cfg, cursor.epoch);
         if plan.is_empty() {
-            bail!("no batch can be formed from {} samples with batch size {} (drop_last = {})", shapes.len(), cfg.batch_size, cfg.drop_last);
+            bail!(
+                "no batch can be formed from {} samples with batch size {} (drop_last = {})",
+                shapes.len(),
+                cfg.batch_size,
+                cfg.drop_last
+            );
         }
         if cursor.batch > plan.len() {
             bail!("cursor batch {} is past the {} batches of epoch {}; was the data or batch size changed?", cursor.batch, plan.len(), cursor.epoch);
         }
-        Ok(BatchSampler { shapes, cfg, cursor, epoch_plan: plan })
+        Ok(BatchSampler {
+            shapes,
+            cfg,
+            cursor,
+            epoch_plan: plan,
+        })
     }
 
     /// The position of the next batch; store it to resume.
@@ -128,7 +152,10 @@ impl BatchSampler {
     /// The next batch's sample indices; moves to the next epoch after the last batch.
     pub fn next_batch(&mut self) -> Vec<usize> {
         if self.cursor.batch >= self.epoch_plan.len() {
-            self.cursor = Cursor { epoch: self.cursor.epoch + 1, batch: 0 };
+            self.cursor = Cursor {
+                epoch: self.cursor.epoch + 1,
+                batch: 0,
+            };
             self.epoch_plan = epoch_batches(&self.shapes, &self.cfg, self.cursor.epoch);
         }
         let batch = self.epoch_plan[self.cursor.batch].clone();
@@ -143,7 +170,12 @@ mod tests {
 
     fn shapes(n: usize) -> Vec<SampleShape> {
         // Lengths all different; every third sample text-only.
-        (0..n).map(|i| SampleShape { len: 10 + (i * 37) % 101, has_images: i % 3 != 0 }).collect()
+        (0..n)
+            .map(|i| SampleShape {
+                len: 10 + (i * 37) % 101,
+                has_images: i % 3 != 0,
+            })
+            .collect()
     }
 
     #[test]
@@ -173,22 +205,45 @@ mod tests {
     #[test]
     fn length_grouping_puts_neighbouring_lengths_together() {
         // 64 image samples of lengths 0..64 in one window: each batch of 4 holds 4 consecutive lengths.
-        let s: Vec<SampleShape> = (0..64).map(|i| SampleShape { len: i, has_images: true }).collect();
-        let cfg = SamplerConfig { length_group_batches: 16, ..SamplerConfig::new(4, 9) };
+        let s: Vec<SampleShape> = (0..64)
+            .map(|i| SampleShape {
+                len: i,
+                has_images: true,
+            })
+            .collect();
+        let cfg = SamplerConfig {
+            length_group_batches: 16,
+            ..SamplerConfig::new(4, 9)
+        };
         for b in epoch_batches(&s, &cfg, 0) {
             let lens: Vec<usize> = b.iter().map(|&i| s[i].len).collect();
-            assert_eq!(lens.iter().max().unwrap() - lens.iter().min().unwrap(), 3, "{lens:?}");
+            assert_eq!(
+                lens.iter().max().unwrap() - lens.iter().min().unwrap(),
+                3,
+                "{lens:?}"
+            );
         }
     }
 
     #[test]
     fn drop_last_and_no_shuffle() {
         let s = shapes(10); // 6 image, 4 text-only samples
-        let cfg = SamplerConfig { shuffle: false, drop_last: true, group_by_modality_length: true, ..SamplerConfig::new(4, 0) };
+        let cfg = SamplerConfig {
+            shuffle: false,
+            drop_last: true,
+            group_by_modality_length: true,
+            ..SamplerConfig::new(4, 0)
+        };
         let b = epoch_batches(&s, &cfg, 0);
         assert_eq!(b.len(), 2, "{b:?}"); // one full image batch, one full text batch
-        let cfg = SamplerConfig { group_by_modality_length: false, ..cfg };
-        assert_eq!(epoch_batches(&s, &cfg, 0), vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
+        let cfg = SamplerConfig {
+            group_by_modality_length: false,
+            ..cfg
+        };
+        assert_eq!(
+            epoch_batches(&s, &cfg, 0),
+            vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]
+        );
     }
 
     #[test]
@@ -200,7 +255,13 @@ mod tests {
         let first: Vec<Vec<usize>> = (0..per_epoch - 2).map(|_| full.next_batch()).collect();
         assert_eq!(first.len(), per_epoch - 2);
         let cursor = full.cursor();
-        assert_eq!(cursor, Cursor { epoch: 0, batch: per_epoch - 2 });
+        assert_eq!(
+            cursor,
+            Cursor {
+                epoch: 0,
+                batch: per_epoch - 2
+            }
+        );
         let rest: Vec<Vec<usize>> = (0..per_epoch + 3).map(|_| full.next_batch()).collect();
         let mut resumed = BatchSampler::new(s, cfg, cursor).unwrap();
         let again: Vec<Vec<usize>> = (0..per_epoch + 3).map(|_| resumed.next_batch()).collect();
@@ -212,7 +273,15 @@ mod tests {
     fn bad_cursor_and_empty_data_are_errors() {
         let s = shapes(8);
         let cfg = SamplerConfig::new(4, 0);
-        let err = BatchSampler::new(s, cfg, Cursor { epoch: 0, batch: 99 }).unwrap_err();
+        let err = BatchSampler::new(
+            s,
+            cfg,
+            Cursor {
+                epoch: 0,
+                batch: 99,
+            },
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("cursor batch 99 is past"), "{err}");
         assert!(BatchSampler::new(Vec::new(), cfg, Cursor::default()).is_err());
     }

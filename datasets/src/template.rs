@@ -93,21 +93,27 @@ impl Template {
     /// A shipped template by name.
     pub fn builtin(name: &str) -> Result<Template> {
         let Some((_, text)) = BUILTIN.iter().find(|(n, _)| *n == name) else {
-            bail!("unknown template {name:?}; shipped templates: {}", Self::builtin_names().join(", "));
+            bail!(
+                "unknown template {name:?}; shipped templates: {}",
+                Self::builtin_names().join(", ")
+            );
         };
         Self::from_toml_str(text, &format!("built-in template {name}"))
     }
 
     /// Parse a template from TOML text; `origin` names it in errors.
     pub fn from_toml_str(text: &str, origin: &str) -> Result<Template> {
-        let t: Template = toml::from_str(text).with_context(|| format!("invalid template in {origin}"))?;
-        t.validate().with_context(|| format!("invalid template in {origin}"))?;
+        let t: Template =
+            toml::from_str(text).with_context(|| format!("invalid template in {origin}"))?;
+        t.validate()
+            .with_context(|| format!("invalid template in {origin}"))?;
         Ok(t)
     }
 
     /// Load a template from a TOML file.
     pub fn from_file(path: &Path) -> Result<Template> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read template {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read template {}", path.display()))?;
         Self::from_toml_str(&text, &path.display().to_string())
     }
 
@@ -120,7 +126,10 @@ impl Template {
         if path.is_file() {
             return Self::from_file(path);
         }
-        bail!("{spec:?} is neither a shipped template ({}) nor a template file", Self::builtin_names().join(", "))
+        bail!(
+            "{spec:?} is neither a shipped template ({}) nor a template file",
+            Self::builtin_names().join(", ")
+        )
     }
 
     fn validate(&self) -> Result<()> {
@@ -141,7 +150,10 @@ impl Template {
         ];
         for (name, value) in fields {
             if value.contains(crate::sample::IMAGE_PLACEHOLDER) {
-                bail!("`{name}` contains the image placeholder {:?}", crate::sample::IMAGE_PLACEHOLDER);
+                bail!(
+                    "`{name}` contains the image placeholder {:?}",
+                    crate::sample::IMAGE_PLACEHOLDER
+                );
             }
         }
         Ok(())
@@ -149,13 +161,21 @@ impl Template {
 
     /// The text before the first question (BOS and system block).
     pub fn preamble(&self) -> String {
-        format!("{}{}{}{}", self.bos, self.system_prefix, self.system, self.system_suffix)
+        format!(
+            "{}{}{}{}",
+            self.bos, self.system_prefix, self.system, self.system_suffix
+        )
     }
 
     /// The prompt text for generation: the conversation so far (all rounds answered) followed by
     /// `question` and the assistant prefix, with images as `<image>` placeholders. `history` holds
     /// (question, answer) pairs; images are placed as in training.
-    pub fn generation_prompt(&self, history: &[(&str, &str)], question: &str, num_images: usize) -> String {
+    pub fn generation_prompt(
+        &self,
+        history: &[(&str, &str)],
+        question: &str,
+        num_images: usize,
+    ) -> String {
         let mut out = self.preamble();
         let mut first = true;
         for (q, a) in history {
@@ -185,7 +205,10 @@ impl Template {
         match self.human_text {
             HumanText::ImagesOnly => TAG.repeat(images),
             HumanText::Keep if images == 0 => question.to_string(),
-            HumanText::Keep if images == 1 && (self.image_placement == ImagePlacement::Front || written == 0) => {
+            HumanText::Keep
+                if images == 1
+                    && (self.image_placement == ImagePlacement::Front || written == 0) =>
+            {
                 let rest = question.replace(TAG, "");
                 let rest = rest.trim();
                 if rest.is_empty() {
@@ -195,7 +218,11 @@ impl Template {
                 }
             }
             HumanText::Keep if written == 0 => {
-                format!("{}{}", format!("{TAG}{}", self.image_separator).repeat(images), question.trim())
+                format!(
+                    "{}{}",
+                    format!("{TAG}{}", self.image_separator).repeat(images),
+                    question.trim()
+                )
             }
             HumanText::Keep => question.to_string(),
         }
@@ -226,11 +253,20 @@ mod tests {
     #[test]
     fn front_placement_moves_single_image_like_llava() {
         let t = Template::builtin("phi").unwrap();
-        assert_eq!(t.human_content("What is this?\n<image>", 1), "<image>\nWhat is this?");
+        assert_eq!(
+            t.human_content("What is this?\n<image>", 1),
+            "<image>\nWhat is this?"
+        );
         assert_eq!(t.human_content("  Describe.  ", 1), "<image>\nDescribe.");
         assert_eq!(t.human_content("<image>", 1), "<image>");
-        assert_eq!(t.human_content("Compare <image> and <image>.", 2), "Compare <image> and <image>.");
-        assert_eq!(t.human_content("Compare them.", 2), "<image>\n<image>\nCompare them.");
+        assert_eq!(
+            t.human_content("Compare <image> and <image>.", 2),
+            "Compare <image> and <image>."
+        );
+        assert_eq!(
+            t.human_content("Compare them.", 2),
+            "<image>\n<image>\nCompare them."
+        );
         let plain = Template::builtin("plain").unwrap();
         assert_eq!(plain.human_content("Describe.\n<image>", 1), "<image>");
     }

@@ -86,7 +86,9 @@ impl TokenizedSample {
 pub fn image_token_id(tokenizer: &Tokenizer) -> Result<u32> {
     match tokenizer.token_to_id(IMAGE_PLACEHOLDER) {
         Some(id) => Ok(id),
-        None => bail!("the tokenizer has no {IMAGE_PLACEHOLDER:?} token; add it as a special token"),
+        None => {
+            bail!("the tokenizer has no {IMAGE_PLACEHOLDER:?} token; add it as a special token")
+        }
     }
 }
 
@@ -113,7 +115,10 @@ pub fn check_tokenizer(tokenizer: &Tokenizer, template: &Template) -> Result<()>
     for field in fields {
         for marker in special_markers(field) {
             let single = tokenizer.token_to_id(marker).is_some()
-                && tokenizer.encode(marker, false).map(|e| e.get_ids().len() == 1).unwrap_or(false);
+                && tokenizer
+                    .encode(marker, false)
+                    .map(|e| e.get_ids().len() == 1)
+                    .unwrap_or(false);
             if !single {
                 bail!(
                     "template {} uses {marker:?} but the tokenizer does not have it as one token; add it as a special token",
@@ -131,7 +136,9 @@ fn special_markers(text: &str) -> Vec<&str> {
     let mut rest = text;
     let mut base = 0;
     while let Some(open) = rest.find('<') {
-        let Some(len) = rest[open..].find('>') else { break };
+        let Some(len) = rest[open..].find('>') else {
+            break;
+        };
         let marker = &rest[open..open + len + 1];
         if len >= 2 && !marker.chars().any(char::is_whitespace) && !marker[1..].contains('<') {
             out.push(&text[base + open..base + open + len + 1]);
@@ -149,7 +156,10 @@ fn special_markers(text: &str) -> Vec<&str> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
     /// Text; `answer` is the round index when the text is a supervised answer (with its end).
-    Text { text: String, answer: Option<usize> },
+    Text {
+        text: String,
+        answer: Option<usize>,
+    },
     Image,
 }
 
@@ -159,28 +169,45 @@ fn layout(sample: &Sample, template: &Template) -> Result<Vec<Piece>, (ProblemKi
     if template.single_round && rounds != 1 {
         return Err((
             ProblemKind::TemplateMismatch,
-            format!("template {} takes one human turn and one gpt turn; the sample has {rounds} rounds", template.name),
+            format!(
+                "template {} takes one human turn and one gpt turn; the sample has {rounds} rounds",
+                template.name
+            ),
         ));
     }
-    let unplaced_images = if sample.placeholder_count() == 0 { sample.images.len() } else { 0 };
+    let unplaced_images = if sample.placeholder_count() == 0 {
+        sample.images.len()
+    } else {
+        0
+    };
     let mut pieces = Vec::new();
     let mut text = template.preamble();
     for (r, round) in sample.rounds().enumerate() {
         text.push_str(&template.user_prefix);
-        let content = template.human_content(round.question, if r == 0 { unplaced_images } else { 0 });
+        let content =
+            template.human_content(round.question, if r == 0 { unplaced_images } else { 0 });
         let mut parts = content.split(IMAGE_PLACEHOLDER);
         if let Some(first) = parts.next() {
             text.push_str(first);
         }
         for part in parts {
-            pieces.push(Piece::Text { text: std::mem::take(&mut text), answer: None });
+            pieces.push(Piece::Text {
+                text: std::mem::take(&mut text),
+                answer: None,
+            });
             pieces.push(Piece::Image);
             text.push_str(part);
         }
         text.push_str(&template.user_suffix);
         text.push_str(&template.assistant_prefix);
-        pieces.push(Piece::Text { text: std::mem::take(&mut text), answer: None });
-        pieces.push(Piece::Text { text: format!("{}{}", round.answer, template.answer_end), answer: Some(r) });
+        pieces.push(Piece::Text {
+            text: std::mem::take(&mut text),
+            answer: None,
+        });
+        pieces.push(Piece::Text {
+            text: format!("{}{}", round.answer, template.answer_end),
+            answer: Some(r),
+        });
         text.push_str(&template.assistant_suffix);
     }
     pieces.push(Piece::Text { text, answer: None });
@@ -188,7 +215,11 @@ fn layout(sample: &Sample, template: &Template) -> Result<Vec<Piece>, (ProblemKi
     if images != sample.images.len() {
         return Err((
             ProblemKind::ImageCountMismatch,
-            format!("template {} places {images} image(s) but the sample has {}", template.name, sample.images.len()),
+            format!(
+                "template {} places {images} image(s) but the sample has {}",
+                template.name,
+                sample.images.len()
+            ),
         ));
     }
     Ok(pieces)
@@ -203,7 +234,8 @@ struct Chunk {
 
 /// The full conversation text with `<image>` placeholders: what LLaVA would tokenize.
 pub fn render_text(sample: &Sample, template: &Template) -> Result<String, Problem> {
-    let pieces = layout(sample, template).map_err(|(k, m)| Problem::new(sample.reference.clone(), k, m))?;
+    let pieces =
+        layout(sample, template).map_err(|(k, m)| Problem::new(sample.reference.clone(), k, m))?;
     Ok(pieces
         .iter()
         .map(|p| match p {
@@ -250,20 +282,28 @@ pub fn tokenize_sample(
         truncated: false,
     };
     // Per round: the token positions labelled for it and the chunk byte span they cover.
-    let mut supervised: Vec<Option<(Range<usize>, usize, Range<usize>)>> = vec![None; sample.num_rounds()];
+    let mut supervised: Vec<Option<(Range<usize>, usize, Range<usize>)>> =
+        vec![None; sample.num_rounds()];
     for (c, chunk) in chunks.iter().enumerate() {
         if c > 0 {
             let start = out.input_ids.len();
-            out.input_ids.extend(std::iter::repeat_n(cfg.image_token_id, cfg.tokens_per_image));
-            out.labels.extend(std::iter::repeat_n(IGNORE_INDEX, cfg.tokens_per_image));
+            out.input_ids.extend(std::iter::repeat_n(
+                cfg.image_token_id,
+                cfg.tokens_per_image,
+            ));
+            out.labels
+                .extend(std::iter::repeat_n(IGNORE_INDEX, cfg.tokens_per_image));
             out.image_spans.push(start..out.input_ids.len());
         }
         if chunk.text.is_empty() {
             continue;
         }
-        let enc = tokenizer
-            .encode(chunk.text.as_str(), false)
-            .map_err(|e| problem(ProblemKind::TokenizationMismatch, format!("the tokenizer failed: {e}")))?;
+        let enc = tokenizer.encode(chunk.text.as_str(), false).map_err(|e| {
+            problem(
+                ProblemKind::TokenizationMismatch,
+                format!("the tokenizer failed: {e}"),
+            )
+        })?;
         for (&id, &(s, e)) in enc.get_ids().iter().zip(enc.get_offsets()) {
             let pos = out.input_ids.len();
             if id == cfg.image_token_id {
@@ -274,7 +314,11 @@ pub fn tokenize_sample(
             }
             let owner = chunk.answers.iter().find(|(_, r)| overlaps(s..e, r));
             out.input_ids.push(id);
-            out.labels.push(if owner.is_some() { i64::from(id) } else { IGNORE_INDEX });
+            out.labels.push(if owner.is_some() {
+                i64::from(id)
+            } else {
+                IGNORE_INDEX
+            });
             if let Some((round, _)) = owner {
                 let entry = &mut supervised[*round];
                 match entry {
@@ -295,7 +339,8 @@ pub fn tokenize_sample(
         }
     }
 
-    check_answers(sample, template, tokenizer, &chunks, &supervised, &out).map_err(|m| problem(ProblemKind::TokenizationMismatch, m))?;
+    check_answers(sample, template, tokenizer, &chunks, &supervised, &out)
+        .map_err(|m| problem(ProblemKind::TokenizationMismatch, m))?;
     truncate(&mut out, cfg).map_err(|m| problem(ProblemKind::TooLong, m))?;
     Ok(out)
 }
@@ -326,11 +371,18 @@ fn check_answers(
         };
         let chunk = &chunks[*c];
         let Some((_, answer_range)) = chunk.answers.iter().find(|(owner, _)| *owner == r) else {
-            return Err(format!("answer {} is missing from the laid-out text", r + 1));
+            return Err(format!(
+                "answer {} is missing from the laid-out text",
+                r + 1
+            ));
         };
         // Bytes the answer's tokens cover beyond the answer itself must be separator whitespace.
-        let before = chunk.text.get(span.start.min(answer_range.start)..answer_range.start);
-        let after = chunk.text.get(answer_range.end..span.end.max(answer_range.end));
+        let before = chunk
+            .text
+            .get(span.start.min(answer_range.start)..answer_range.start);
+        let after = chunk
+            .text
+            .get(answer_range.end..span.end.max(answer_range.end));
         match (before, after) {
             (Some(b), Some(a)) if b.trim().is_empty() && a.is_empty() => {}
             (Some(b), Some(a)) => {
@@ -341,10 +393,17 @@ fn check_answers(
                     a
                 ))
             }
-            _ => return Err(format!("answer {} token offsets fall inside a character", r + 1)),
+            _ => {
+                return Err(format!(
+                    "answer {} token offsets fall inside a character",
+                    r + 1
+                ))
+            }
         }
         let ids = &out.input_ids[positions.clone()];
-        let decoded = tokenizer.decode(ids, false).map_err(|e| format!("cannot decode answer {}: {e}", r + 1))?;
+        let decoded = tokenizer
+            .decode(ids, false)
+            .map_err(|e| format!("cannot decode answer {}: {e}", r + 1))?;
         if decoded.trim_start() != expected.trim_start() {
             return Err(format!(
                 "answer {}: the supervised tokens decode to {decoded:?}, but the answer is {expected:?}",
@@ -363,7 +422,12 @@ fn truncate(out: &mut TokenizedSample, cfg: &TokenizeConfig) -> Result<(), Strin
     if cfg.truncation == Truncation::Skip {
         return Err(format!("{len} tokens exceed max_length {}", cfg.max_length));
     }
-    if let Some((k, block)) = out.image_spans.iter().enumerate().find(|(_, s)| s.end > cfg.max_length) {
+    if let Some((k, block)) = out
+        .image_spans
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.end > cfg.max_length)
+    {
         return Err(format!(
             "{len} tokens exceed max_length {} and a cut there would cut off image {} (positions {}..{})",
             cfg.max_length,
@@ -375,7 +439,10 @@ fn truncate(out: &mut TokenizedSample, cfg: &TokenizeConfig) -> Result<(), Strin
     out.input_ids.truncate(cfg.max_length);
     out.labels.truncate(cfg.max_length);
     if out.supervised_count() == 0 {
-        return Err(format!("{len} tokens exceed max_length {} and no answer token is left before the cut", cfg.max_length));
+        return Err(format!(
+            "{len} tokens exceed max_length {} and no answer token is left before the cut",
+            cfg.max_length
+        ));
     }
     out.truncated = true;
     Ok(())

@@ -33,12 +33,19 @@ pub const SPECIAL_TOKENS: &[&str] = &[
 /// Truncation and padding stored in the file are switched off: mmkd truncates around image
 /// blocks and pads batches itself.
 pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
-    let mut tokenizer =
-        Tokenizer::from_file(&file).map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
-    tokenizer
-        .with_truncation(None)
-        .map_err(|e| anyhow!("cannot disable truncation of tokenizer {}: {e}", file.display()))?;
+    let file = if path.is_dir() {
+        path.join("tokenizer.json")
+    } else {
+        path.to_path_buf()
+    };
+    let mut tokenizer = Tokenizer::from_file(&file)
+        .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
+    tokenizer.with_truncation(None).map_err(|e| {
+        anyhow!(
+            "cannot disable truncation of tokenizer {}: {e}",
+            file.display()
+        )
+    })?;
     tokenizer.with_padding(None);
     Ok(tokenizer)
 }
@@ -78,10 +85,15 @@ pub fn collect_training_text(data: &Path) -> Result<(Vec<String>, Vec<PathBuf>)>
 
 fn find_json_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let path = entry.with_context(|| format!("cannot list {}", dir.display()))?.path();
+        let path = entry
+            .with_context(|| format!("cannot list {}", dir.display()))?
+            .path();
         if path.is_dir() {
             find_json_files(&path, out)?;
-        } else if matches!(path.extension().and_then(|e| e.to_str()), Some("json" | "jsonl")) {
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("json" | "jsonl")
+        ) {
             out.push(path);
         }
     }
@@ -93,7 +105,9 @@ fn find_json_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 fn template_text() -> Vec<String> {
     let mut out = Vec::new();
     for name in Template::builtin_names() {
-        let Ok(t) = Template::builtin(name) else { continue };
+        let Ok(t) = Template::builtin(name) else {
+            continue;
+        };
         let mut text = t.generation_prompt(&[("question", "answer")], "question", 0);
         for special in SPECIAL_TOKENS {
             text = text.replace(special, " ");
@@ -108,36 +122,52 @@ fn template_text() -> Vec<String> {
 pub fn train_bpe(texts: &[String], vocab_size: usize) -> Result<Tokenizer> {
     let floor = 256 + SPECIAL_TOKENS.len();
     if vocab_size < floor {
-        bail!("vocab size {vocab_size} is below {floor} (256 bytes + {} special tokens)", SPECIAL_TOKENS.len());
+        bail!(
+            "vocab size {vocab_size} is below {floor} (256 bytes + {} special tokens)",
+            SPECIAL_TOKENS.len()
+        );
     }
     let byte_level = ByteLevel::new(false, false, true);
-    let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> = TokenizerBuilder::new()
-        .with_model(BPE::default())
-        .with_normalizer(None)
-        .with_pre_tokenizer(Some(byte_level))
-        .with_post_processor(Some(byte_level))
-        .with_decoder(Some(byte_level))
-        .build()
-        .map_err(|e| anyhow!("cannot build tokenizer: {e}"))?;
+    let mut tokenizer: TokenizerImpl<BPE, NormalizerWrapper, ByteLevel, ByteLevel, ByteLevel> =
+        TokenizerBuilder::new()
+            .with_model(BPE::default())
+            .with_normalizer(None)
+            .with_pre_tokenizer(Some(byte_level))
+            .with_post_processor(Some(byte_level))
+            .with_decoder(Some(byte_level))
+            .build()
+            .map_err(|e| anyhow!("cannot build tokenizer: {e}"))?;
     let mut trainer = BpeTrainer::builder()
         .vocab_size(vocab_size)
         .min_frequency(2)
         .show_progress(false)
-        .special_tokens(SPECIAL_TOKENS.iter().map(|t| AddedToken::from(*t, true)).collect())
+        .special_tokens(
+            SPECIAL_TOKENS
+                .iter()
+                .map(|t| AddedToken::from(*t, true))
+                .collect(),
+        )
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let corpus = texts.iter().cloned().chain(template_text());
-    tokenizer.train(&mut trainer, corpus).map_err(|e| anyhow!("tokenizer training failed: {e}"))?;
-    let json = tokenizer.to_string(false).map_err(|e| anyhow!("cannot serialise tokenizer: {e}"))?;
+    tokenizer
+        .train(&mut trainer, corpus)
+        .map_err(|e| anyhow!("tokenizer training failed: {e}"))?;
+    let json = tokenizer
+        .to_string(false)
+        .map_err(|e| anyhow!("cannot serialise tokenizer: {e}"))?;
     Tokenizer::from_str(&json).map_err(|e| anyhow!("cannot reload trained tokenizer: {e}"))
 }
 
 /// Save in the Hugging Face `tokenizer.json` format.
 pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    tokenizer.save(path, true).map_err(|e| anyhow!("cannot write tokenizer {}: {e}", path.display()))
+    tokenizer
+        .save(path, true)
+        .map_err(|e| anyhow!("cannot write tokenizer {}: {e}", path.display()))
 }
 
 #[cfg(test)]
@@ -178,7 +208,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/tokenizer.json");
         save_tokenizer(&a, &path).unwrap();
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(json["model"]["type"], "BPE");
         assert_eq!(json["added_tokens"][1]["content"], "<image>");
         let loaded = load_tokenizer(dir.path().join("sub").as_path()).unwrap();

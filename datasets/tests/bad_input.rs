@@ -8,7 +8,8 @@ use std::path::Path;
 use common::{byte_tokenizer, special};
 use mmkd_datasets::check::{check_dataset, CheckOptions, TokenCheck};
 use mmkd_datasets::{
-    ImageCheck, LlavaDataset, NoProgress, ProblemKind, Template, TokenizeConfig, TokenizedDataset, Truncation,
+    ImageCheck, LlavaDataset, NoProgress, ProblemKind, Template, TokenizeConfig, TokenizedDataset,
+    Truncation,
 };
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -18,7 +19,9 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 }
 
 fn png(dir: &Path, name: &str) {
-    image::RgbImage::from_pixel(8, 8, image::Rgb([200, 10, 10])).save(dir.join(name)).unwrap();
+    image::RgbImage::from_pixel(8, 8, image::Rgb([200, 10, 10]))
+        .save(dir.join(name))
+        .unwrap();
 }
 
 #[test]
@@ -32,7 +35,10 @@ fn malformed_json_list_names_file_line_and_column() {
     let err = LlavaDataset::read(&path, dir.path()).unwrap_err();
     assert_eq!(
         err.to_string(),
-        format!("malformed JSON in {} at line 3, column 12: expected `,` or `}}`", path.display())
+        format!(
+            "malformed JSON in {} at line 3, column 12: expected `,` or `}}`",
+            path.display()
+        )
     );
 }
 
@@ -40,7 +46,11 @@ fn malformed_json_list_names_file_line_and_column() {
 fn malformed_jsonl_line_is_a_counted_problem_and_the_rest_is_read() {
     let dir = tempfile::tempdir().unwrap();
     let good = r#"{"id": "ok", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}"#;
-    let path = write(dir.path(), "data.jsonl", &format!("{good}\n{{\"id\": \"broken\", \"conv\n\n{good}\n"));
+    let path = write(
+        dir.path(),
+        "data.jsonl",
+        &format!("{good}\n{{\"id\": \"broken\", \"conv\n\n{good}\n"),
+    );
     let ds = LlavaDataset::read(&path, dir.path()).unwrap();
     assert_eq!(ds.records, 3);
     assert_eq!(ds.samples.len(), 2);
@@ -51,16 +61,33 @@ fn malformed_jsonl_line_is_a_counted_problem_and_the_rest_is_read() {
     assert_eq!(p.sample.line, Some(2));
     assert_eq!(
         p.message,
-        format!("malformed JSON in {} at line 2, column 22: EOF while parsing a string", path.display())
+        format!(
+            "malformed JSON in {} at line 2, column 22: EOF while parsing a string",
+            path.display()
+        )
     );
-    assert_eq!(p.to_string(), format!("sample #1 (no id) at line 2: {} [malformed_json]", p.message));
+    assert_eq!(
+        p.to_string(),
+        format!(
+            "sample #1 (no id) at line 2: {} [malformed_json]",
+            p.message
+        )
+    );
 }
 
 /// One bad record per case: (record, kind, message).
 fn record_cases() -> Vec<(&'static str, ProblemKind, &'static str)> {
     vec![
-        (r#"{"id": "no-conv", "image": "a.png"}"#, ProblemKind::MissingConversations, "no `conversations` field"),
-        (r#"{"id": "empty-conv", "conversations": []}"#, ProblemKind::MissingConversations, "`conversations` is empty"),
+        (
+            r#"{"id": "no-conv", "image": "a.png"}"#,
+            ProblemKind::MissingConversations,
+            "no `conversations` field",
+        ),
+        (
+            r#"{"id": "empty-conv", "conversations": []}"#,
+            ProblemKind::MissingConversations,
+            "`conversations` is empty",
+        ),
         (
             r#"{"id": "role", "conversations": [{"from": "human", "value": "Hi"}, {"from": "assistant", "value": "Yo"}]}"#,
             ProblemKind::UnknownRole,
@@ -101,7 +128,11 @@ fn record_cases() -> Vec<(&'static str, ProblemKind, &'static str)> {
             ProblemKind::BadField,
             "turn 0 `value` is a number, not a string",
         ),
-        (r#"[1, 2]"#, ProblemKind::NotAnObject, "record is a list, not a JSON object"),
+        (
+            r#"[1, 2]"#,
+            ProblemKind::NotAnObject,
+            "record is a list, not a JSON object",
+        ),
     ]
 }
 
@@ -125,7 +156,11 @@ fn each_bad_record_is_reported_with_its_id_and_reason() {
     for (p, (record, kind, message)) in ds.problems.iter().zip(&cases) {
         assert_eq!((p.kind, p.message.as_str()), (*kind, *message), "{record}");
         let id: serde_json::Value = serde_json::from_str(record).unwrap();
-        assert_eq!(p.sample.id.as_deref(), id.get("id").and_then(|v| v.as_str()), "{record}");
+        assert_eq!(
+            p.sample.id.as_deref(),
+            id.get("id").and_then(|v| v.as_str()),
+            "{record}"
+        );
     }
 }
 
@@ -133,8 +168,16 @@ fn each_bad_record_is_reported_with_its_id_and_reason() {
 fn missing_corrupt_and_unsupported_images_are_caught() {
     let dir = tempfile::tempdir().unwrap();
     png(dir.path(), "good.png");
-    std::fs::write(dir.path().join("corrupt.png"), b"\x89PNG\r\n\x1a\nthis is not a png").unwrap();
-    std::fs::write(dir.path().join("picture.tif"), b"II*\x00\x08\x00\x00\x00rest of a tiff").unwrap();
+    std::fs::write(
+        dir.path().join("corrupt.png"),
+        b"\x89PNG\r\n\x1a\nthis is not a png",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("picture.tif"),
+        b"II*\x00\x08\x00\x00\x00rest of a tiff",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("notes.txt"), b"just text").unwrap();
     let sample = |id: &str, image: &str| {
         format!(
@@ -155,15 +198,44 @@ fn missing_corrupt_and_unsupported_images_are_caught() {
     let mut ds = LlavaDataset::read(&path, root).unwrap();
     ds.verify_images(ImageCheck::Decode, 2, &|_| {});
     assert_eq!(ds.samples.len(), 1);
-    let got: Vec<(String, ProblemKind, String)> =
-        ds.problems.iter().map(|p| (p.sample.name(), p.kind, p.message.clone())).collect();
+    let got: Vec<(String, ProblemKind, String)> = ds
+        .problems
+        .iter()
+        .map(|p| (p.sample.name(), p.kind, p.message.clone()))
+        .collect();
     let at = |name: &str| root.join(name).display().to_string();
-    assert_eq!(got[0], ("missing".into(), ProblemKind::MissingImage, format!("image {}: file not found", at("missing.png"))));
+    assert_eq!(
+        got[0],
+        (
+            "missing".into(),
+            ProblemKind::MissingImage,
+            format!("image {}: file not found", at("missing.png"))
+        )
+    );
     assert_eq!(got[1].1, ProblemKind::CorruptImage);
-    assert!(got[1].2.starts_with(&format!("image {}: cannot decode: ", at("corrupt.png"))), "{}", got[1].2);
+    assert!(
+        got[1]
+            .2
+            .starts_with(&format!("image {}: cannot decode: ", at("corrupt.png"))),
+        "{}",
+        got[1].2
+    );
     assert_eq!(got[2].1, ProblemKind::UnsupportedImage, "{}", got[2].2);
-    assert!(got[2].2.starts_with(&format!("image {}: unsupported: ", at("picture.tif"))), "{}", got[2].2);
-    assert_eq!(got[3], ("text".into(), ProblemKind::UnsupportedImage, format!("image {}: unrecognised image format", at("notes.txt"))));
+    assert!(
+        got[2]
+            .2
+            .starts_with(&format!("image {}: unsupported: ", at("picture.tif"))),
+        "{}",
+        got[2].2
+    );
+    assert_eq!(
+        got[3],
+        (
+            "text".into(),
+            ProblemKind::UnsupportedImage,
+            format!("image {}: unrecognised image format", at("notes.txt"))
+        )
+    );
 
     // The cheap check only sees the missing file.
     let mut ds = LlavaDataset::read(&path, root).unwrap();
@@ -189,13 +261,38 @@ fn the_build_report_counts_every_skipped_sample() {
     .join("\n");
     let path = write(dir.path(), "d.jsonl", &text);
     let ds = LlavaDataset::read(&path, dir.path()).unwrap();
-    let cfg = TokenizeConfig { image_token_id: special("<image>"), tokens_per_image: 4, max_length: 300, truncation: Truncation::Truncate };
-    let built = TokenizedDataset::build(&ds, &byte_tokenizer(), &Template::builtin("phi").unwrap(), &cfg, 2, &|_| {}).unwrap();
+    let cfg = TokenizeConfig {
+        image_token_id: special("<image>"),
+        tokens_per_image: 4,
+        max_length: 300,
+        truncation: Truncation::Truncate,
+    };
+    let built = TokenizedDataset::build(
+        &ds,
+        &byte_tokenizer(),
+        &Template::builtin("phi").unwrap(),
+        &cfg,
+        2,
+        &|_| {},
+    )
+    .unwrap();
     let ids: Vec<&str> = built.samples.iter().map(|s| s.id.as_str()).collect();
     assert_eq!(ids, vec!["ok", "text"]);
     let r = &built.report;
-    assert_eq!((r.records, r.kept, r.truncated, r.problems.len(), r.data_errors()), (4, 2, 0, 2, 1));
-    assert_eq!(r.to_string(), "4 records: 2 kept (0 truncated), 2 skipped (missing_conversations 1, too_long 1)");
+    assert_eq!(
+        (
+            r.records,
+            r.kept,
+            r.truncated,
+            r.problems.len(),
+            r.data_errors()
+        ),
+        (4, 2, 0, 2, 1)
+    );
+    assert_eq!(
+        r.to_string(),
+        "4 records: 2 kept (0 truncated), 2 skipped (missing_conversations 1, too_long 1)"
+    );
 }
 
 #[test]
@@ -217,11 +314,25 @@ fn check_reports_counts_and_problems() {
         tokens: Some(TokenCheck {
             tokenizer: &tok,
             template: &template,
-            config: TokenizeConfig { image_token_id: special("<image>"), tokens_per_image: 10, max_length: 4096, truncation: Truncation::Truncate },
+            config: TokenizeConfig {
+                image_token_id: special("<image>"),
+                tokens_per_image: 10,
+                max_length: 4096,
+                truncation: Truncation::Truncate,
+            },
         }),
     };
     let report = check_dataset(&path, dir.path(), &opts, &NoProgress).unwrap();
-    assert_eq!((report.records, report.usable, report.with_images, report.text_only, report.images), (3, 2, 1, 1, 1));
+    assert_eq!(
+        (
+            report.records,
+            report.usable,
+            report.with_images,
+            report.text_only,
+            report.images
+        ),
+        (3, 2, 1, 1, 1)
+    );
     assert_eq!(report.data_errors(), 1);
     assert_eq!(report.problems[0].sample.name(), "gone");
     assert_eq!(report.problems[0].kind, ProblemKind::MissingImage);
@@ -230,5 +341,10 @@ fn check_reports_counts_and_problems() {
     // Supervised tokens, by hand: "red" + <|im_end|> + "yes" + <|im_end|> = 8 and "Hello" + <|im_end|> = 6.
     let sup = report.supervised_tokens.unwrap();
     assert_eq!((sup.min, sup.max), (6, 8));
-    assert!(report.to_string().contains("usable samples: 2 (1 with images, 1 text-only)"), "{report}");
+    assert!(
+        report
+            .to_string()
+            .contains("usable samples: 2 (1 with images, 1 text-only)"),
+        "{report}"
+    );
 }

@@ -5,14 +5,20 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 
 use mmkd_datasets::{
-    collate, generate_synth, image_token_id, load_tokenizer, BatchSampler, CollateConfig, Cursor, ImageCheck,
-    LlavaDataset, NoProgress, PaddingSide, SampleShape, SamplerConfig, SynthConfig, Template, TokenizeConfig,
-    TokenizedDataset, Truncation,
+    collate, generate_synth, image_token_id, load_tokenizer, BatchSampler, CollateConfig, Cursor,
+    ImageCheck, LlavaDataset, NoProgress, PaddingSide, SampleShape, SamplerConfig, SynthConfig,
+    Template, TokenizeConfig, TokenizedDataset, Truncation,
 };
 use serde_json::Value;
 
 fn cfg(seed: u64) -> SynthConfig {
-    SynthConfig { seed, train: 40, val: 12, test: 12, image_size: 32 }
+    SynthConfig {
+        seed,
+        train: 40,
+        val: 12,
+        test: 12,
+        image_size: 32,
+    }
 }
 
 /// Every file under `dir`, by relative path, with its bytes.
@@ -23,7 +29,10 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
             if p.is_dir() {
                 walk(root, &p, out);
             } else {
-                out.insert(p.strip_prefix(root).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(root).unwrap().display().to_string(),
+                    std::fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -33,17 +42,29 @@ fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
 fn same_seed_same_bytes_other_seed_other_data() {
-    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
     generate_synth(a.path(), &cfg(5), &NoProgress).unwrap();
     generate_synth(b.path(), &cfg(5), &NoProgress).unwrap();
     generate_synth(c.path(), &cfg(6), &NoProgress).unwrap();
     let (ta, tb, tc) = (tree(a.path()), tree(b.path()), tree(c.path()));
-    let names: Vec<&str> = ta.keys().map(|k| k.as_str()).filter(|k| !k.starts_with("images/")).collect();
+    let names: Vec<&str> = ta
+        .keys()
+        .map(|k| k.as_str())
+        .filter(|k| !k.starts_with("images/"))
+        .collect();
     assert_eq!(
         names,
         vec![
@@ -77,28 +98,54 @@ fn same_seed_same_bytes_other_seed_other_data() {
     assert_ne!(ta["images/train/000000.png"], tc["images/train/000000.png"]);
     // Refuses to write over a data set.
     let err = generate_synth(a.path(), &cfg(5), &NoProgress).unwrap_err();
-    assert!(err.to_string().ends_with("already holds a data set (manifest.json); choose an empty directory"), "{err}");
+    assert!(
+        err.to_string()
+            .ends_with("already holds a data set (manifest.json); choose an empty directory"),
+        "{err}"
+    );
 }
 
 fn scene_keys(path: &Path) -> HashSet<String> {
-    jsonl(path).iter().map(|s| s["objects"].to_string()).collect()
+    jsonl(path)
+        .iter()
+        .map(|s| s["objects"].to_string())
+        .collect()
 }
 
 #[test]
 fn splits_are_disjoint_and_answers_match_the_scenes() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = SynthConfig { seed: 1, train: 300, val: 40, test: 40, image_size: 32 };
+    let cfg = SynthConfig {
+        seed: 1,
+        train: 300,
+        val: 40,
+        test: 40,
+        image_size: 32,
+    };
     let summary = generate_synth(dir.path(), &cfg, &NoProgress).unwrap();
     assert_eq!(summary.train.text_only_samples, 15);
-    let (train, val, test) =
-        (scene_keys(&dir.path().join("train/scenes.jsonl")), scene_keys(&dir.path().join("val/scenes.jsonl")), scene_keys(&dir.path().join("test/scenes.jsonl")));
-    assert_eq!((train.len(), val.len(), test.len()), (300, 40, 40), "scenes are distinct within splits");
+    let (train, val, test) = (
+        scene_keys(&dir.path().join("train/scenes.jsonl")),
+        scene_keys(&dir.path().join("val/scenes.jsonl")),
+        scene_keys(&dir.path().join("test/scenes.jsonl")),
+    );
+    assert_eq!(
+        (train.len(), val.len(), test.len()),
+        (300, 40, 40),
+        "scenes are distinct within splits"
+    );
     assert!(train.is_disjoint(&val) && train.is_disjoint(&test) && val.is_disjoint(&test));
 
-    let scenes: BTreeMap<String, Value> =
-        jsonl(&dir.path().join("test/scenes.jsonl")).into_iter().map(|s| (s["image"].as_str().unwrap().to_string(), s)).collect();
+    let scenes: BTreeMap<String, Value> = jsonl(&dir.path().join("test/scenes.jsonl"))
+        .into_iter()
+        .map(|s| (s["image"].as_str().unwrap().to_string(), s))
+        .collect();
     let has = |image: &str, color: &str, shape: &str| {
-        scenes[image]["objects"].as_array().unwrap().iter().any(|o| o["color"] == color && o["shape"] == shape)
+        scenes[image]["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["color"] == color && o["shape"] == shape)
     };
     let questions = jsonl(&dir.path().join("test/questions.jsonl"));
     let answers = jsonl(&dir.path().join("test/answers.jsonl"));
@@ -106,7 +153,9 @@ fn splits_are_disjoint_and_answers_match_the_scenes() {
     let mut categories = BTreeMap::new();
     for (q, a) in questions.iter().zip(&answers) {
         assert_eq!(q["question_id"], a["question_id"]);
-        *categories.entry(q["category"].as_str().unwrap().to_string()).or_insert(0) += 1;
+        *categories
+            .entry(q["category"].as_str().unwrap().to_string())
+            .or_insert(0) += 1;
         let image = q["image"].as_str().unwrap();
         let objects = scenes[image]["objects"].as_array().unwrap();
         let answer = a["answers"][0].as_str().unwrap();
@@ -115,9 +164,15 @@ fn splits_are_disjoint_and_answers_match_the_scenes() {
             assert_eq!(answer, objects.len().to_string());
             assert_eq!(a["answer_type"], "number");
         }
-        if let Some(rest) = text.strip_prefix("Where is the ").and_then(|r| r.strip_suffix('?')) {
+        if let Some(rest) = text
+            .strip_prefix("Where is the ")
+            .and_then(|r| r.strip_suffix('?'))
+        {
             let (color, shape) = rest.split_once(' ').unwrap();
-            let o = objects.iter().find(|o| o["color"] == color && o["shape"] == shape).unwrap();
+            let o = objects
+                .iter()
+                .find(|o| o["color"] == color && o["shape"] == shape)
+                .unwrap();
             assert_eq!(answer, o["position"]);
         }
     }
@@ -149,26 +204,58 @@ fn synthetic_data_runs_through_the_whole_pipeline() {
     let tok_path = dir.path().join("tok/tokenizer.json");
     mmkd_datasets::save_tokenizer(&tok, &tok_path).unwrap();
     let tok = load_tokenizer(&tok_path).unwrap();
-    let tcfg = TokenizeConfig { image_token_id: image_token_id(&tok).unwrap(), tokens_per_image: 16, max_length: 512, truncation: Truncation::Truncate };
+    let tcfg = TokenizeConfig {
+        image_token_id: image_token_id(&tok).unwrap(),
+        tokens_per_image: 16,
+        max_length: 512,
+        truncation: Truncation::Truncate,
+    };
 
-    for (file, template) in [("train/pretrain.json", "plain"), ("train/instruct.json", "phi"), ("val/instruct.json", "chatml")] {
+    for (file, template) in [
+        ("train/pretrain.json", "plain"),
+        ("train/instruct.json", "phi"),
+        ("val/instruct.json", "chatml"),
+    ] {
         let mut ds = LlavaDataset::read(&dir.path().join(file), dir.path()).unwrap();
         ds.verify_images(ImageCheck::Decode, 2, &|_| {});
-        let built = TokenizedDataset::build(&ds, &tok, &Template::builtin(template).unwrap(), &tcfg, 2, &|_| {}).unwrap();
-        assert!(built.report.problems.is_empty(), "{file} with {template}: {:?}", built.report.problems);
+        let built = TokenizedDataset::build(
+            &ds,
+            &tok,
+            &Template::builtin(template).unwrap(),
+            &tcfg,
+            2,
+            &|_| {},
+        )
+        .unwrap();
+        assert!(
+            built.report.problems.is_empty(),
+            "{file} with {template}: {:?}",
+            built.report.problems
+        );
         assert_eq!(built.report.kept, ds.records);
 
         if template == "phi" {
             assert_eq!(built.samples.iter().filter(|s| !s.has_images()).count(), 2);
             let shapes = SampleShape::of(&built.samples);
-            let mut sampler = BatchSampler::new(shapes, SamplerConfig::new(4, 0), Cursor::default()).unwrap();
+            let mut sampler =
+                BatchSampler::new(shapes, SamplerConfig::new(4, 0), Cursor::default()).unwrap();
             let indices = sampler.next_batch();
             let rows: Vec<_> = indices.iter().map(|&i| &built.samples[i]).collect();
-            let batch = collate(&rows, &indices, &CollateConfig { pad_token_id: 0, padding_side: PaddingSide::Right, pad_to_multiple_of: 8 });
+            let batch = collate(
+                &rows,
+                &indices,
+                &CollateConfig {
+                    pad_token_id: 0,
+                    padding_side: PaddingSide::Right,
+                    pad_to_multiple_of: 8,
+                },
+            );
             assert_eq!(batch.seq_len() % 8, 0);
             let images = batch.load_images(2).unwrap();
             assert_eq!(images.len(), batch.images.len());
-            assert!(images.iter().all(|im| im.width() == 32 && im.height() == 32));
+            assert!(images
+                .iter()
+                .all(|im| im.width() == 32 && im.height() == 32));
         }
     }
 }

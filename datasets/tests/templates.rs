@@ -7,7 +7,8 @@ mod common;
 
 use common::{byte_tokenizer, byte_tokenizer_with, sample, special};
 use mmkd_datasets::{
-    check_tokenizer, tokenize_sample, ProblemKind, Template, TokenizeConfig, TokenizedSample, Truncation, IGNORE_INDEX,
+    check_tokenizer, tokenize_sample, ProblemKind, Template, TokenizeConfig, TokenizedSample,
+    Truncation, IGNORE_INDEX,
 };
 use serde_json::{json, Value};
 
@@ -38,12 +39,20 @@ fn expected(segs: &[Seg]) -> (Vec<u32>, Vec<i64>) {
             P(t) | A(t) => {
                 for b in t.bytes() {
                     ids.push(b as u32);
-                    labels.push(if matches!(seg, A(_)) { b as i64 } else { IGNORE_INDEX });
+                    labels.push(if matches!(seg, A(_)) {
+                        b as i64
+                    } else {
+                        IGNORE_INDEX
+                    });
                 }
             }
             Ps(t) | As(t) => {
                 ids.push(special(t));
-                labels.push(if matches!(seg, As(_)) { special(t) as i64 } else { IGNORE_INDEX });
+                labels.push(if matches!(seg, As(_)) {
+                    special(t) as i64
+                } else {
+                    IGNORE_INDEX
+                });
             }
             Img => {
                 ids.extend([special("<image>"); TPI]);
@@ -55,7 +64,12 @@ fn expected(segs: &[Seg]) -> (Vec<u32>, Vec<i64>) {
 }
 
 fn config(max_length: usize) -> TokenizeConfig {
-    TokenizeConfig { image_token_id: special("<image>"), tokens_per_image: TPI, max_length, truncation: Truncation::Truncate }
+    TokenizeConfig {
+        image_token_id: special("<image>"),
+        tokens_per_image: TPI,
+        max_length,
+        truncation: Truncation::Truncate,
+    }
 }
 
 fn run(template: &str, record: Value) -> TokenizedSample {
@@ -94,9 +108,18 @@ fn plain_is_image_then_caption_and_newline_all_supervised() {
 #[test]
 fn plain_rejects_several_rounds() {
     let t = Template::builtin("plain").unwrap();
-    let err = tokenize_sample(&sample(two_rounds()).unwrap(), &byte_tokenizer(), &t, &config(4096)).unwrap_err();
+    let err = tokenize_sample(
+        &sample(two_rounds()).unwrap(),
+        &byte_tokenizer(),
+        &t,
+        &config(4096),
+    )
+    .unwrap_err();
     assert_eq!(err.kind, ProblemKind::TemplateMismatch);
-    assert_eq!(err.message, "template plain takes one human turn and one gpt turn; the sample has 2 rounds");
+    assert_eq!(
+        err.message,
+        "template plain takes one human turn and one gpt turn; the sample has 2 rounds"
+    );
 }
 
 #[test]
@@ -206,20 +229,50 @@ fn several_images_stay_where_written_and_missing_placeholder_goes_first() {
     let record = json!({"id": "m", "image": ["a.png", "b.png"], "conversations": [
         {"from": "human", "value": "Compare <image> and <image>."}, {"from": "gpt", "value": "same"}]});
     let sys_user = format!("{VICUNA_SYSTEM} USER: Compare ");
-    let out =
-        assert_layout("phi", record, &[P(&sys_user), Img, P(" and "), Img, P(". ASSISTANT: "), A("same"), As("<|endoftext|>")]);
+    let out = assert_layout(
+        "phi",
+        record,
+        &[
+            P(&sys_user),
+            Img,
+            P(" and "),
+            Img,
+            P(". ASSISTANT: "),
+            A("same"),
+            As("<|endoftext|>"),
+        ],
+    );
     let first = sys_user.len();
-    assert_eq!(out.image_spans, vec![first..first + TPI, first + TPI + 5..first + 2 * TPI + 5]);
+    assert_eq!(
+        out.image_spans,
+        vec![first..first + TPI, first + TPI + 5..first + 2 * TPI + 5]
+    );
     // An image sample without placeholder: LLaVA puts the image before the first question.
     let record = json!({"id": "n", "image": "a.png", "conversations": [
         {"from": "human", "value": "What color?"}, {"from": "gpt", "value": "red"}]});
     let sys_user = format!("{VICUNA_SYSTEM} USER: ");
-    assert_layout("phi", record, &[P(&sys_user), Img, P("\nWhat color? ASSISTANT: "), A("red"), As("<|endoftext|>")]);
+    assert_layout(
+        "phi",
+        record,
+        &[
+            P(&sys_user),
+            Img,
+            P("\nWhat color? ASSISTANT: "),
+            A("red"),
+            As("<|endoftext|>"),
+        ],
+    );
 }
 
-fn phi_two_rounds(max_length: usize, truncation: Truncation) -> Result<TokenizedSample, mmkd_datasets::Problem> {
+fn phi_two_rounds(
+    max_length: usize,
+    truncation: Truncation,
+) -> Result<TokenizedSample, mmkd_datasets::Problem> {
     let t = Template::builtin("phi").unwrap();
-    let cfg = TokenizeConfig { truncation, ..config(max_length) };
+    let cfg = TokenizeConfig {
+        truncation,
+        ..config(max_length)
+    };
     tokenize_sample(&sample(two_rounds()).unwrap(), &byte_tokenizer(), &t, &cfg)
 }
 
@@ -252,11 +305,19 @@ fn truncation_keeps_image_blocks_whole() {
     // A cut after the image but before any answer token: nothing left to learn, skipped.
     let err = phi_two_rounds(image.end + 2, Truncation::Truncate).unwrap_err();
     assert_eq!(err.kind, ProblemKind::TooLong);
-    assert!(err.message.ends_with("no answer token is left before the cut"), "{}", err.message);
+    assert!(
+        err.message
+            .ends_with("no answer token is left before the cut"),
+        "{}",
+        err.message
+    );
 
     // Skip policy: anything too long is skipped.
     let err = phi_two_rounds(n - 1, Truncation::Skip).unwrap_err();
-    assert_eq!(err.message, format!("{n} tokens exceed max_length {}", n - 1));
+    assert_eq!(
+        err.message,
+        format!("{n} tokens exceed max_length {}", n - 1)
+    );
     assert!(!phi_two_rounds(n, Truncation::Skip).unwrap().truncated);
 }
 
@@ -273,14 +334,23 @@ fn a_token_spanning_prompt_and_answer_is_reported_not_trained() {
     let err = tokenize_sample(&sample(record).unwrap(), &tok, &t, &config(4096)).unwrap_err();
     assert_eq!(err.kind, ProblemKind::TokenizationMismatch);
     assert_eq!(err.sample.id.as_deref(), Some("x7"));
-    assert_eq!(err.message, "answer 1 shares tokens with the surrounding prompt (\":\" before, \"\" after)");
+    assert_eq!(
+        err.message,
+        "answer 1 shares tokens with the surrounding prompt (\":\" before, \"\" after)"
+    );
 }
 
 #[test]
 fn supervised_tokens_that_do_not_decode_to_the_answer_are_reported() {
     let tok = byte_tokenizer_with(&[], json!({"type": "Lowercase"}));
     let record = json!({"id": "low", "conversations": [{"from": "human", "value": "Color?"}, {"from": "gpt", "value": "Red"}]});
-    let err = tokenize_sample(&sample(record).unwrap(), &tok, &Template::builtin("phi").unwrap(), &config(4096)).unwrap_err();
+    let err = tokenize_sample(
+        &sample(record).unwrap(),
+        &tok,
+        &Template::builtin("phi").unwrap(),
+        &config(4096),
+    )
+    .unwrap_err();
     assert_eq!(err.kind, ProblemKind::TokenizationMismatch);
     assert_eq!(
         err.message,
@@ -297,4 +367,3 @@ fn a_tokenizer_without_the_template_tokens_is_refused() {
         "template chatml uses \"<|im_start|>\" but the tokenizer does not have it as one token; add it as a special token"
     );
 }
-

@@ -8,8 +8,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mmkd_datasets::check::{check_dataset, CheckOptions, TokenCheck};
 use mmkd_datasets::{
-    collect_training_text, generate_synth, image_token_id, load_tokenizer, save_tokenizer, train_bpe, ImageCheck,
-    Progress, SynthConfig, Template, TokenizeConfig, Truncation,
+    collect_training_text, generate_synth, image_token_id, load_tokenizer, save_tokenizer,
+    train_bpe, ImageCheck, Progress, SynthConfig, Template, TokenizeConfig, Truncation,
 };
 
 #[derive(Debug, Args)]
@@ -125,7 +125,9 @@ impl Bars {
 impl Progress for Bars {
     fn start(&self, stage: &str, total: u64) {
         let bar = ProgressBar::new(total).with_message(stage.to_string());
-        if let Ok(style) = ProgressStyle::with_template("{msg:>16} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})") {
+        if let Ok(style) =
+            ProgressStyle::with_template("{msg:>16} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")
+        {
             bar.set_style(style.progress_chars("=> "));
         }
         if let Ok(mut slot) = self.0.lock() {
@@ -149,12 +151,26 @@ impl Progress for Bars {
 }
 
 fn synth(a: SynthArgs) -> Result<()> {
-    let cfg = SynthConfig { seed: a.seed, train: a.train, val: a.val, test: a.test, image_size: a.image_size };
+    let cfg = SynthConfig {
+        seed: a.seed,
+        train: a.train,
+        val: a.val,
+        test: a.test,
+        image_size: a.image_size,
+    };
     let start = std::time::Instant::now();
     let summary = generate_synth(&a.out, &cfg, &Bars::new())?;
     let images = summary.train.images + summary.val.images + summary.test.images;
-    println!("wrote {images} images and their data to {} in {:.1?}", a.out.display(), start.elapsed());
-    for (name, s) in [("train", &summary.train), ("val", &summary.val), ("test", &summary.test)] {
+    println!(
+        "wrote {images} images and their data to {} in {:.1?}",
+        a.out.display(),
+        start.elapsed()
+    );
+    for (name, s) in [
+        ("train", &summary.train),
+        ("val", &summary.val),
+        ("test", &summary.test),
+    ] {
         println!(
             "  {name}: {} images, {} pretrain samples, {} instruct samples ({} text-only), {} questions, {} POPE questions",
             s.images, s.pretrain_samples, s.instruct_samples, s.text_only_samples, s.questions, s.pope_questions
@@ -178,7 +194,11 @@ fn tokenizer(a: TokenizerArgs) -> Result<()> {
 }
 
 fn check(a: CheckArgs) -> Result<()> {
-    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let threads = a.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
     let image_check = match a.image_check {
         ImageCheckArg::None => ImageCheck::None,
         ImageCheckArg::Exists => ImageCheck::Exists,
@@ -205,7 +225,11 @@ fn check(a: CheckArgs) -> Result<()> {
         }),
         None => None,
     };
-    let opts = CheckOptions { image_check, threads, tokens };
+    let opts = CheckOptions {
+        image_check,
+        threads,
+        tokens,
+    };
     let report = check_dataset(&a.data, &a.images, &opts, &Bars::new())?;
     println!("{report}");
     for p in &report.problems {
@@ -213,7 +237,10 @@ fn check(a: CheckArgs) -> Result<()> {
     }
     let errors = report.data_errors();
     if errors > 0 {
-        bail!("{errors} sample(s) of {} have data errors; fix or remove them before training", a.data.display());
+        bail!(
+            "{errors} sample(s) of {} have data errors; fix or remove them before training",
+            a.data.display()
+        );
     }
     Ok(())
 }

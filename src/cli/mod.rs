@@ -1,5 +1,6 @@
 //! The `mmkd` command line: one module per subcommand, this file only dispatches.
 
+pub mod bench;
 pub mod data;
 pub mod generate;
 pub mod inspect;
@@ -29,6 +30,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Data sets: synthetic data, tokenizer training, data checks.
     Data(data::DataArgs),
+    /// Time one distillation step of a benchmark spec (samples/s, GFLOP/s, memory).
+    Bench(bench::BenchArgs),
 }
 
 pub fn run() -> Result<()> {
@@ -38,5 +41,6 @@ pub fn run() -> Result<()> {
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Data(args) => data::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

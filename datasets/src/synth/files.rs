@@ -26,7 +26,10 @@ pub struct ConversationTurn {
 
 impl ConversationTurn {
     pub fn human(value: String) -> Self {
-        ConversationTurn { from: "human", value }
+        ConversationTurn {
+            from: "human",
+            value,
+        }
     }
     pub fn gpt(value: String) -> Self {
         ConversationTurn { from: "gpt", value }
@@ -109,9 +112,12 @@ impl From<&Object> for ObjectLine {
 
 fn create(path: &Path) -> Result<BufWriter<File>> {
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    Ok(BufWriter::new(File::create(path).with_context(|| format!("cannot create {}", path.display()))?))
+    Ok(BufWriter::new(File::create(path).with_context(|| {
+        format!("cannot create {}", path.display())
+    })?))
 }
 
 /// A JSON list with one compact record per line.
@@ -120,8 +126,10 @@ pub fn write_json_list<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
     let io = |e| anyhow::Error::new(e).context(format!("cannot write {}", path.display()));
     w.write_all(b"[\n").map_err(io)?;
     for (i, r) in records.iter().enumerate() {
-        serde_json::to_writer(&mut w, r).with_context(|| format!("cannot write {}", path.display()))?;
-        w.write_all(if i + 1 < records.len() { b",\n" } else { b"\n" }).map_err(io)?;
+        serde_json::to_writer(&mut w, r)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        w.write_all(if i + 1 < records.len() { b",\n" } else { b"\n" })
+            .map_err(io)?;
     }
     w.write_all(b"]\n").map_err(io)?;
     w.flush().map_err(io)
@@ -132,7 +140,8 @@ pub fn write_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
     let mut w = create(path)?;
     let io = |e| anyhow::Error::new(e).context(format!("cannot write {}", path.display()));
     for r in records {
-        serde_json::to_writer(&mut w, r).with_context(|| format!("cannot write {}", path.display()))?;
+        serde_json::to_writer(&mut w, r)
+            .with_context(|| format!("cannot write {}", path.display()))?;
         w.write_all(b"\n").map_err(io)?;
     }
     w.flush().map_err(io)
@@ -141,6 +150,9 @@ pub fn write_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
 /// Pretty-printed JSON (the manifest).
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
     let mut w = create(path)?;
-    serde_json::to_writer_pretty(&mut w, value).with_context(|| format!("cannot write {}", path.display()))?;
-    w.write_all(b"\n").and_then(|()| w.flush()).with_context(|| format!("cannot write {}", path.display()))
+    serde_json::to_writer_pretty(&mut w, value)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    w.write_all(b"\n")
+        .and_then(|()| w.flush())
+        .with_context(|| format!("cannot write {}", path.display()))
 }

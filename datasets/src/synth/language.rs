@@ -72,7 +72,12 @@ impl Qa {
     fn new(category: Category, question: String, answer: &str, synonyms: &[&str]) -> Qa {
         let mut accepted = vec![answer.to_string()];
         accepted.extend(synonyms.iter().map(|s| s.to_string()));
-        Qa { category, question, answer: answer.to_string(), accepted }
+        Qa {
+            category,
+            question,
+            answer: answer.to_string(),
+            accepted,
+        }
     }
 }
 
@@ -121,7 +126,11 @@ fn full_name(o: &Object) -> String {
 pub fn captions(scene: &Scene) -> Vec<String> {
     let n = scene.objects.len();
     let plain: Vec<String> = scene.objects.iter().map(full_name).collect();
-    let placed: Vec<String> = scene.objects.iter().map(|o| format!("{} {}", full_name(o), in_cell(o.cell))).collect();
+    let placed: Vec<String> = scene
+        .objects
+        .iter()
+        .map(|o| format!("{} {}", full_name(o), in_cell(o.cell)))
+        .collect();
     let short: Vec<String> = scene
         .objects
         .iter()
@@ -131,9 +140,16 @@ pub fn captions(scene: &Scene) -> Vec<String> {
     vec![
         format!("{}.", capitalize(&join_and(&plain))),
         format!("{}.", capitalize(&join_and(&placed))),
-        format!("{} {noun}: {}.", capitalize(NUMBER_WORDS[n]), join_and(&plain)),
+        format!(
+            "{} {noun}: {}.",
+            capitalize(NUMBER_WORDS[n]),
+            join_and(&plain)
+        ),
         format!("A picture of {}.", join_and(&short)),
-        format!("{} on a light grey background.", capitalize(&join_and(&short))),
+        format!(
+            "{} on a light grey background.",
+            capitalize(&join_and(&short))
+        ),
     ]
 }
 
@@ -163,9 +179,17 @@ fn in_cell(cell: Cell) -> String {
 /// A sentence per object, in reading order.
 pub fn detailed_description(scene: &Scene) -> String {
     let n = scene.objects.len();
-    let mut out = if n == 1 { "There is one shape.".to_string() } else { format!("There are {} shapes.", NUMBER_WORDS[n]) };
+    let mut out = if n == 1 {
+        "There is one shape.".to_string()
+    } else {
+        format!("There are {} shapes.", NUMBER_WORDS[n])
+    };
     for o in &scene.objects {
-        out.push_str(&format!(" {} is {}.", capitalize(&full_name(o)), in_cell(o.cell)));
+        out.push_str(&format!(
+            " {} is {}.",
+            capitalize(&full_name(o)),
+            in_cell(o.cell)
+        ));
     }
     out
 }
@@ -186,27 +210,53 @@ pub fn question(scene: &Scene, category: Category, rng: &mut impl Rng) -> Option
     let objects = &scene.objects;
     let o = objects.choose(rng)?;
     Some(match category {
-        Category::Color => Qa::new(category, format!("What color is {}?", by_shape(scene, o)), o.color.name(), &[]),
+        Category::Color => Qa::new(
+            category,
+            format!("What color is {}?", by_shape(scene, o)),
+            o.color.name(),
+            &[],
+        ),
         Category::Shape => {
             let subject = if scene.count_color(o.color) == 1 {
                 format!("the {} object", o.color.name())
             } else {
                 format!("the {} object {}", o.color.name(), in_cell(o.cell))
             };
-            Qa::new(category, format!("What shape is {subject}?"), o.shape.name(), &[])
+            Qa::new(
+                category,
+                format!("What shape is {subject}?"),
+                o.shape.name(),
+                &[],
+            )
         }
-        Category::Size => Qa::new(category, format!("Is the {} large or small?", o.name()), o.size.name(), &[]),
-        Category::Position => Qa::new(category, format!("Where is the {}?", o.name()), o.cell.name(), o.cell.synonyms()),
+        Category::Size => Qa::new(
+            category,
+            format!("Is the {} large or small?", o.name()),
+            o.size.name(),
+            &[],
+        ),
+        Category::Position => Qa::new(
+            category,
+            format!("Where is the {}?", o.name()),
+            o.cell.name(),
+            o.cell.synonyms(),
+        ),
         Category::Count => {
             let (q, n) = match rng.gen_range(0..3) {
                 0 => ("How many shapes are there?".to_string(), objects.len()),
                 1 => {
                     let c = *Color::ALL.choose(rng)?;
-                    (format!("How many {} shapes are there?", c.name()), scene.count_color(c))
+                    (
+                        format!("How many {} shapes are there?", c.name()),
+                        scene.count_color(c),
+                    )
                 }
                 _ => {
                     let s = *Shape::ALL.choose(rng)?;
-                    (format!("How many {} are there?", s.plural()), scene.count_shape(s))
+                    (
+                        format!("How many {} are there?", s.plural()),
+                        scene.count_shape(s),
+                    )
                 }
             };
             let digits = n.to_string();
@@ -214,7 +264,12 @@ pub fn question(scene: &Scene, category: Category, rng: &mut impl Rng) -> Option
         }
         Category::Relation => relation(scene, rng)?,
         Category::Existence => existence(scene, rng),
-        Category::Detail => Qa::new(category, DETAIL_PROMPT.to_string(), &detailed_description(scene), &[]),
+        Category::Detail => Qa::new(
+            category,
+            DETAIL_PROMPT.to_string(),
+            &detailed_description(scene),
+            &[],
+        ),
     })
 }
 
@@ -246,7 +301,11 @@ fn relation(scene: &Scene, rng: &mut impl Rng) -> Option<Qa> {
         }
     }
     let want_yes = rng.gen_bool(0.5);
-    let (pool, answer) = if (want_yes && !yes.is_empty()) || no.is_empty() { (yes, true) } else { (no, false) };
+    let (pool, answer) = if (want_yes && !yes.is_empty()) || no.is_empty() {
+        (yes, true)
+    } else {
+        (no, false)
+    };
     let q = pool.choose(rng)?.clone();
     Some(Qa::new(Category::Relation, q, yes_no(answer), &[]))
 }
@@ -258,36 +317,64 @@ fn existence(scene: &Scene, rng: &mut impl Rng) -> Qa {
     let pick = |yes: &[String], no: &[String], rng: &mut _| -> (String, bool) {
         let use_yes = (want_yes && !yes.is_empty()) || no.is_empty();
         let pool = if use_yes { yes } else { no };
-        (pool.choose(rng).expect("one of the pools is non-empty").clone(), use_yes)
+        (
+            pool.choose(rng)
+                .expect("one of the pools is non-empty")
+                .clone(),
+            use_yes,
+        )
     };
     let (subject, answer) = match rng.gen_range(0..3) {
         0 => {
             let (yes, no): (Vec<String>, Vec<String>) = Color::ALL
                 .iter()
                 .flat_map(|&c| Shape::ALL.iter().map(move |&s| (c, s)))
-                .map(|(c, s)| (format!("{} {} {}", article(c.name()), c.name(), s.name()), scene.has(c, s)))
+                .map(|(c, s)| {
+                    (
+                        format!("{} {} {}", article(c.name()), c.name(), s.name()),
+                        scene.has(c, s),
+                    )
+                })
                 .fold((vec![], vec![]), split_by_truth);
             pick(&yes, &no, rng)
         }
         1 => {
             let (yes, no) = Shape::ALL
                 .iter()
-                .map(|&s| (format!("{} {}", article(s.name()), s.name()), scene.count_shape(s) > 0))
+                .map(|&s| {
+                    (
+                        format!("{} {}", article(s.name()), s.name()),
+                        scene.count_shape(s) > 0,
+                    )
+                })
                 .fold((vec![], vec![]), split_by_truth);
             pick(&yes, &no, rng)
         }
         _ => {
             let (yes, no) = Color::ALL
                 .iter()
-                .map(|&c| (format!("{} {} shape", article(c.name()), c.name()), scene.count_color(c) > 0))
+                .map(|&c| {
+                    (
+                        format!("{} {} shape", article(c.name()), c.name()),
+                        scene.count_color(c) > 0,
+                    )
+                })
                 .fold((vec![], vec![]), split_by_truth);
             pick(&yes, &no, rng)
         }
     };
-    Qa::new(Category::Existence, format!("Is there {subject} in the image?"), yes_no(answer), &[])
+    Qa::new(
+        Category::Existence,
+        format!("Is there {subject} in the image?"),
+        yes_no(answer),
+        &[],
+    )
 }
 
-fn split_by_truth(mut acc: (Vec<String>, Vec<String>), (text, holds): (String, bool)) -> (Vec<String>, Vec<String>) {
+fn split_by_truth(
+    mut acc: (Vec<String>, Vec<String>),
+    (text, holds): (String, bool),
+) -> (Vec<String>, Vec<String>) {
     if holds {
         acc.0.push(text)
     } else {
@@ -320,7 +407,11 @@ pub fn instruction_rounds(scene: &Scene, rng: &mut impl Rng) -> Vec<Qa> {
     let mut attempts = 0;
     while rounds.len() < want && attempts < 50 {
         attempts += 1;
-        let category = if rng.gen_bool(0.05) { Category::Detail } else { *Category::SHORT.choose(rng).expect("non-empty") };
+        let category = if rng.gen_bool(0.05) {
+            Category::Detail
+        } else {
+            *Category::SHORT.choose(rng).expect("non-empty")
+        };
         if let Some(qa) = question(scene, category, rng) {
             if !rounds.iter().any(|r| r.question == qa.question) {
                 rounds.push(qa);
@@ -338,7 +429,15 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn obj(shape: Shape, color: Color, size: Size, row: u8, col: u8) -> Object {
-        Object { shape, color, size, cell: Cell { row, col }, offset: (0.0, 0.0), scale: 1.0, tint: [0; 3] }
+        Object {
+            shape,
+            color,
+            size,
+            cell: Cell { row, col },
+            offset: (0.0, 0.0),
+            scale: 1.0,
+            tint: [0; 3],
+        }
     }
 
     fn scene() -> Scene {
@@ -388,22 +487,34 @@ mod tests {
                     "What shape is the red object in the top left?" => "circle",
                     "What shape is the red object in the bottom right?" => "star",
                     "Is the red circle large or small?" => "large",
-                    "Is the red star large or small?" | "Is the blue circle large or small?" => "small",
+                    "Is the red star large or small?" | "Is the blue circle large or small?" => {
+                        "small"
+                    }
                     "How many shapes are there?" => "3",
                     "How many red shapes are there?" | "How many circles are there?" => "2",
                     "How many blue shapes are there?" | "How many stars are there?" => "1",
                     "Where is the blue circle?" => "center",
-                    "Is the red circle above the red star?" | "Is the red star to the right of the blue circle?" => "yes",
-                    "Is the red star above the red circle?" | "Is the blue circle to the left of the red circle?" => "no",
-                    "Is there a red star in the image?" | "Is there a circle in the image?" => "yes",
-                    "Is there a green shape in the image?" | "Is there a triangle in the image?" => "no",
+                    "Is the red circle above the red star?"
+                    | "Is the red star to the right of the blue circle?" => "yes",
+                    "Is the red star above the red circle?"
+                    | "Is the blue circle to the left of the red circle?" => "no",
+                    "Is there a red star in the image?" | "Is there a circle in the image?" => {
+                        "yes"
+                    }
+                    "Is there a green shape in the image?"
+                    | "Is there a triangle in the image?" => "no",
                     _ => continue,
                 };
                 assert_eq!(qa.answer, expected, "{q}");
             }
         }
         // Colour counts of absent colours are zero, and count answers accept the word.
-        let qa = Qa::new(Category::Count, "How many green shapes are there?".into(), "0", &["zero"]);
+        let qa = Qa::new(
+            Category::Count,
+            "How many green shapes are there?".into(),
+            "0",
+            &["zero"],
+        );
         assert_eq!(qa.accepted, vec!["0", "zero"]);
     }
 
@@ -412,7 +523,9 @@ mod tests {
         let s = scene();
         let mut rng = ChaCha8Rng::seed_from_u64(1);
         for category in [Category::Relation, Category::Existence] {
-            let yes = (0..400).filter(|_| question(&s, category, &mut rng).unwrap().answer == "yes").count();
+            let yes = (0..400)
+                .filter(|_| question(&s, category, &mut rng).unwrap().answer == "yes")
+                .count();
             assert!((160..240).contains(&yes), "{category:?}: {yes} yes of 400");
         }
     }

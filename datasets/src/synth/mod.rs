@@ -39,8 +39,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use files::{
-    write_json, write_json_list, write_jsonl, AnswerLine, CaptionLine, ConversationTurn, LlavaRecord, PopeLine,
-    QuestionLine, SceneLine,
+    write_json, write_json_list, write_jsonl, AnswerLine, CaptionLine, ConversationTurn,
+    LlavaRecord, PopeLine, QuestionLine, SceneLine,
 };
 use language::{Category, CAPTION_EVAL_PROMPT, CAPTION_PROMPTS, TEXT_ONLY};
 use pope::PopeSetting;
@@ -59,7 +59,13 @@ pub struct SynthConfig {
 
 impl Default for SynthConfig {
     fn default() -> Self {
-        SynthConfig { seed: 0, train: 2000, val: 200, test: 200, image_size: 64 }
+        SynthConfig {
+            seed: 0,
+            train: 2000,
+            val: 200,
+            test: 200,
+            image_size: 64,
+        }
     }
 }
 
@@ -133,7 +139,12 @@ const TEXT_ONLY_SAMPLES: u64 = 3;
 const POPE: u64 = 4;
 
 /// Draw `n` scenes not in `taken` (and add them to it).
-fn draw_scenes(cfg: &SynthConfig, split: Split, n: usize, taken: &mut HashSet<SceneKey>) -> Result<Vec<Scene>> {
+fn draw_scenes(
+    cfg: &SynthConfig,
+    split: Split,
+    n: usize,
+    taken: &mut HashSet<SceneKey>,
+) -> Result<Vec<Scene>> {
     let mut rng = stream(cfg.seed, split, SCENES, 0);
     let mut scenes = Vec::with_capacity(n);
     let mut misses = 0usize;
@@ -146,7 +157,10 @@ fn draw_scenes(cfg: &SynthConfig, split: Split, n: usize, taken: &mut HashSet<Sc
         } else {
             misses += 1;
             if misses > 10_000 {
-                bail!("cannot draw {n} distinct {} scenes: the world has run out of new scenes", split.name());
+                bail!(
+                    "cannot draw {n} distinct {} scenes: the world has run out of new scenes",
+                    split.name()
+                );
             }
         }
     }
@@ -162,17 +176,31 @@ fn scene_id(split: Split, i: usize) -> String {
 }
 
 fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     PngEncoder::new_with_quality(BufWriter::new(file), CompressionType::Fast, FilterType::Sub)
-        .write_image(img.as_raw(), img.width(), img.height(), ExtendedColorType::Rgb8)
+        .write_image(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            ExtendedColorType::Rgb8,
+        )
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Render and save every scene of a split, in parallel.
-fn write_images(out: &Path, cfg: &SynthConfig, split: Split, scenes: &[Scene], progress: &dyn Progress) -> Result<()> {
+fn write_images(
+    out: &Path,
+    cfg: &SynthConfig,
+    split: Split,
+    scenes: &[Scene],
+    progress: &dyn Progress,
+) -> Result<()> {
     let dir = out.join("images").join(split.name());
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let threads = thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let chunk = scenes.len().div_ceil(threads).max(1);
     thread::scope(|scope| {
         let handles: Vec<_> = scenes
@@ -183,14 +211,19 @@ fn write_images(out: &Path, cfg: &SynthConfig, split: Split, scenes: &[Scene], p
                 scope.spawn(move || -> Result<()> {
                     for (k, scene) in part.iter().enumerate() {
                         let i = c * chunk + k;
-                        write_png(&out.join(image_path(split, i)), &render::render(scene, cfg.image_size))?;
+                        write_png(
+                            &out.join(image_path(split, i)),
+                            &render::render(scene, cfg.image_size),
+                        )?;
                         progress.inc(1);
                     }
                     Ok(())
                 })
             })
             .collect();
-        handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
     })
 }
 
@@ -204,7 +237,11 @@ fn with_image(question: &str, rng: &mut impl Rng) -> String {
     }
 }
 
-fn training_records(cfg: &SynthConfig, split: Split, scenes: &[Scene]) -> (Vec<LlavaRecord>, Vec<LlavaRecord>, usize) {
+fn training_records(
+    cfg: &SynthConfig,
+    split: Split,
+    scenes: &[Scene],
+) -> (Vec<LlavaRecord>, Vec<LlavaRecord>, usize) {
     let mut pretrain = Vec::with_capacity(scenes.len());
     let mut instruct = Vec::with_capacity(scenes.len());
     for (i, scene) in scenes.iter().enumerate() {
@@ -214,17 +251,33 @@ fn training_records(cfg: &SynthConfig, split: Split, scenes: &[Scene]) -> (Vec<L
             id: format!("{}-cap", scene_id(split, i)),
             image: Some(image_path(split, i)),
             conversations: vec![
-                ConversationTurn::human(CAPTION_PROMPTS.choose(&mut rng).expect("non-empty").to_string()),
+                ConversationTurn::human(
+                    CAPTION_PROMPTS
+                        .choose(&mut rng)
+                        .expect("non-empty")
+                        .to_string(),
+                ),
                 ConversationTurn::gpt(captions.choose(&mut rng).expect("non-empty").clone()),
             ],
         });
         let mut turns = Vec::new();
-        for (r, qa) in language::instruction_rounds(scene, &mut rng).into_iter().enumerate() {
-            let q = if r == 0 { with_image(&qa.question, &mut rng) } else { qa.question };
+        for (r, qa) in language::instruction_rounds(scene, &mut rng)
+            .into_iter()
+            .enumerate()
+        {
+            let q = if r == 0 {
+                with_image(&qa.question, &mut rng)
+            } else {
+                qa.question
+            };
             turns.push(ConversationTurn::human(q));
             turns.push(ConversationTurn::gpt(qa.answer));
         }
-        instruct.push(LlavaRecord { id: scene_id(split, i), image: Some(image_path(split, i)), conversations: turns });
+        instruct.push(LlavaRecord {
+            id: scene_id(split, i),
+            image: Some(image_path(split, i)),
+            conversations: turns,
+        });
     }
     // About one text-only sample per twenty images, as LLaVA's mix has some text-only data.
     let text_only = scenes.len() / 20;
@@ -233,9 +286,18 @@ fn training_records(cfg: &SynthConfig, split: Split, scenes: &[Scene]) -> (Vec<L
         let rounds = rng.gen_range(2..=3);
         let turns = TEXT_ONLY
             .choose_multiple(&mut rng, rounds)
-            .flat_map(|(q, a)| [ConversationTurn::human(q.to_string()), ConversationTurn::gpt(a.to_string())])
+            .flat_map(|(q, a)| {
+                [
+                    ConversationTurn::human(q.to_string()),
+                    ConversationTurn::gpt(a.to_string()),
+                ]
+            })
             .collect();
-        instruct.push(LlavaRecord { id: format!("{}-text-{k:06}", split.name()), image: None, conversations: turns });
+        instruct.push(LlavaRecord {
+            id: format!("{}-text-{k:06}", split.name()),
+            image: None,
+            conversations: turns,
+        });
     }
     (pretrain, instruct, text_only)
 }
@@ -255,10 +317,21 @@ fn eval_records(cfg: &SynthConfig, split: Split, scenes: &[Scene]) -> EvalFiles 
         // A separate stream from the training text so question sets do not shift with it.
         let mut rng = stream(cfg.seed, split, TEXT | 0x100, i as u64);
         for category in Category::SHORT {
-            let Some(qa) = language::question(scene, category, &mut rng) else { continue };
+            let Some(qa) = language::question(scene, category, &mut rng) else {
+                continue;
+            };
             let question_id = questions.len() as u64;
-            questions.push(QuestionLine { question_id, image: image_path(split, i), text: qa.question, category: category.name() });
-            answers.push(AnswerLine { question_id, answers: qa.accepted, answer_type: category.answer_type() });
+            questions.push(QuestionLine {
+                question_id,
+                image: image_path(split, i),
+                text: qa.question,
+                category: category.name(),
+            });
+            answers.push(AnswerLine {
+                question_id,
+                answers: qa.accepted,
+                answer_type: category.answer_type(),
+            });
         }
         captions.push(CaptionLine {
             image_id: scene_id(split, i),
@@ -287,10 +360,21 @@ fn eval_records(cfg: &SynthConfig, split: Split, scenes: &[Scene]) -> EvalFiles 
             (setting, lines)
         })
         .collect();
-    EvalFiles { questions, answers, captions, pope }
+    EvalFiles {
+        questions,
+        answers,
+        captions,
+        pope,
+    }
 }
 
-fn write_split(out: &Path, cfg: &SynthConfig, split: Split, scenes: &[Scene], progress: &dyn Progress) -> Result<SplitSummary> {
+fn write_split(
+    out: &Path,
+    cfg: &SynthConfig,
+    split: Split,
+    scenes: &[Scene],
+    progress: &dyn Progress,
+) -> Result<SplitSummary> {
     progress.start(&format!("{} images", split.name()), scenes.len() as u64);
     write_images(out, cfg, split, scenes, progress)?;
     progress.finish();
@@ -298,8 +382,11 @@ fn write_split(out: &Path, cfg: &SynthConfig, split: Split, scenes: &[Scene], pr
     let (pretrain, instruct, text_only) = training_records(cfg, split, scenes);
     write_json_list(&dir.join("pretrain.json"), &pretrain)?;
     write_json_list(&dir.join("instruct.json"), &instruct)?;
-    let scene_lines: Vec<SceneLine> =
-        scenes.iter().enumerate().map(|(i, s)| SceneLine::new(scene_id(split, i), image_path(split, i), s)).collect();
+    let scene_lines: Vec<SceneLine> = scenes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| SceneLine::new(scene_id(split, i), image_path(split, i), s))
+        .collect();
     write_jsonl(&dir.join("scenes.jsonl"), &scene_lines)?;
     let mut summary = SplitSummary {
         images: scenes.len(),
@@ -332,7 +419,10 @@ pub fn generate(out: &Path, cfg: &SynthConfig, progress: &dyn Progress) -> Resul
         bail!("the train split needs at least one image");
     }
     if out.join("manifest.json").exists() {
-        bail!("{} already holds a data set (manifest.json); choose an empty directory", out.display());
+        bail!(
+            "{} already holds a data set (manifest.json); choose an empty directory",
+            out.display()
+        );
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut taken = HashSet::new();

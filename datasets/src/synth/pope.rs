@@ -24,7 +24,11 @@ pub enum PopeSetting {
 }
 
 impl PopeSetting {
-    pub const ALL: [PopeSetting; 3] = [PopeSetting::Random, PopeSetting::Popular, PopeSetting::Adversarial];
+    pub const ALL: [PopeSetting; 3] = [
+        PopeSetting::Random,
+        PopeSetting::Popular,
+        PopeSetting::Adversarial,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -38,7 +42,10 @@ impl PopeSetting {
 pub type Kind = (Color, Shape);
 
 fn all_kinds() -> Vec<Kind> {
-    Color::ALL.iter().flat_map(|&c| Shape::ALL.iter().map(move |&s| (c, s))).collect()
+    Color::ALL
+        .iter()
+        .flat_map(|&c| Shape::ALL.iter().map(move |&s| (c, s)))
+        .collect()
 }
 
 /// Kinds by decreasing frequency over `scenes` (ties in the fixed kind order).
@@ -55,18 +62,38 @@ pub fn popularity(scenes: &[Scene]) -> Vec<Kind> {
 }
 
 /// (kind, present) pairs for one image: yes, no, yes, no, ...
-pub fn probes(scene: &Scene, setting: PopeSetting, popular: &[Kind], rng: &mut impl Rng) -> Vec<(Kind, bool)> {
+pub fn probes(
+    scene: &Scene,
+    setting: PopeSetting,
+    popular: &[Kind],
+    rng: &mut impl Rng,
+) -> Vec<(Kind, bool)> {
     let present: Vec<Kind> = scene.objects.iter().map(|o| (o.color, o.shape)).collect();
     let mut used: Vec<Kind> = Vec::new();
     let mut out = Vec::new();
     for (o, &kind) in scene.objects.iter().zip(&present) {
         let free = |k: &Kind| !present.contains(k) && !used.contains(k);
         let negative = match setting {
-            PopeSetting::Random => all_kinds().into_iter().filter(free).collect::<Vec<_>>().choose(rng).copied(),
+            PopeSetting::Random => all_kinds()
+                .into_iter()
+                .filter(free)
+                .collect::<Vec<_>>()
+                .choose(rng)
+                .copied(),
             PopeSetting::Popular => popular.iter().copied().find(free),
             PopeSetting::Adversarial => {
-                let near: Vec<Kind> = all_kinds().into_iter().filter(|k| free(k) && near_miss(o, *k)).collect();
-                near.choose(rng).copied().or_else(|| all_kinds().into_iter().filter(free).collect::<Vec<_>>().choose(rng).copied())
+                let near: Vec<Kind> = all_kinds()
+                    .into_iter()
+                    .filter(|k| free(k) && near_miss(o, *k))
+                    .collect();
+                near.choose(rng).copied().or_else(|| {
+                    all_kinds()
+                        .into_iter()
+                        .filter(free)
+                        .collect::<Vec<_>>()
+                        .choose(rng)
+                        .copied()
+                })
             }
         };
         let Some(negative) = negative else { continue };
@@ -83,7 +110,12 @@ fn near_miss(o: &Object, (color, shape): Kind) -> bool {
 
 /// POPE's question wording.
 pub fn question((color, shape): Kind) -> String {
-    format!("Is there {} {} {} in the image?", article(color.name()), color.name(), shape.name())
+    format!(
+        "Is there {} {} {} in the image?",
+        article(color.name()),
+        color.name(),
+        shape.name()
+    )
 }
 
 #[cfg(test)]
@@ -102,7 +134,10 @@ mod tests {
                     shape,
                     color,
                     size: Size::Small,
-                    cell: Cell { row: 0, col: i as u8 },
+                    cell: Cell {
+                        row: 0,
+                        col: i as u8,
+                    },
                     offset: (0.0, 0.0),
                     scale: 1.0,
                     tint: [0; 3],
@@ -139,6 +174,9 @@ mod tests {
                 PopeSetting::Random => {}
             }
         }
-        assert_eq!(question((Color::Red, Shape::Star)), "Is there a red star in the image?");
+        assert_eq!(
+            question((Color::Red, Shape::Star)),
+            "Is there a red star in the image?"
+        );
     }
 }

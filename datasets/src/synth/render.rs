@@ -80,7 +80,8 @@ pub fn render(scene: &Scene, image_size: u32) -> RgbImage {
     let mut px = vec![[bg; 3]; n * n];
     for obj in &scene.objects {
         let (cx, cy, r) = placement(obj, image_size);
-        let color: [f32; 3] = std::array::from_fn(|c| (obj.color.rgb()[c] as i16 + obj.tint[c]).clamp(0, 255) as f32);
+        let color: [f32; 3] =
+            std::array::from_fn(|c| (obj.color.rgb()[c] as i16 + obj.tint[c]).clamp(0, 255) as f32);
         let x0 = ((cx - r).floor().max(0.0)) as usize;
         let x1 = ((cx + r).ceil() as usize).min(n);
         let y0 = ((cy - r).floor().max(0.0)) as usize;
@@ -143,7 +144,9 @@ mod tests {
     }
 
     fn close(a: [u8; 3], b: [u8; 3], tol: i32) -> bool {
-        a.iter().zip(b).all(|(&x, y)| (x as i32 - y as i32).abs() <= tol)
+        a.iter()
+            .zip(b)
+            .all(|(&x, y)| (x as i32 - y as i32).abs() <= tol)
     }
 
     #[test]
@@ -155,7 +158,11 @@ mod tests {
         ]);
         let img = render(&scene, 60);
         // Cell centres of a 60 px image: 10, 30, 50.
-        assert!(close(img.get_pixel(10, 10).0, Color::Red.rgb(), 6), "{:?}", img.get_pixel(10, 10));
+        assert!(
+            close(img.get_pixel(10, 10).0, Color::Red.rgb(), 6),
+            "{:?}",
+            img.get_pixel(10, 10)
+        );
         assert!(close(img.get_pixel(30, 30).0, Color::Blue.rgb(), 6));
         assert!(close(img.get_pixel(50, 50).0, Color::Yellow.rgb(), 6));
         // An empty cell is background grey.
@@ -165,9 +172,13 @@ mod tests {
     #[test]
     fn shapes_differ_where_they_should() {
         // Near the corner of the bounding box: inside the square, outside circle, cross and star.
-        for (shape, expect) in
-            [(Shape::Square, true), (Shape::Circle, false), (Shape::Cross, false), (Shape::Star, false), (Shape::Triangle, false)]
-        {
+        for (shape, expect) in [
+            (Shape::Square, true),
+            (Shape::Circle, false),
+            (Shape::Cross, false),
+            (Shape::Star, false),
+            (Shape::Triangle, false),
+        ] {
             assert_eq!(inside(shape, 0.8, -0.8), expect, "{shape:?}");
         }
         // Triangle: wide at the bottom, narrow at the top; cross: empty between its arms.
@@ -180,10 +191,18 @@ mod tests {
     #[test]
     fn large_objects_cover_more_pixels_than_small_ones() {
         let count = |size| {
-            let img = render(&scene_of(vec![(Shape::Circle, Color::Green, size, 1, 1)]), 64);
-            img.pixels().filter(|p| close(p.0, Color::Green.rgb(), 20)).count()
+            let img = render(
+                &scene_of(vec![(Shape::Circle, Color::Green, size, 1, 1)]),
+                64,
+            );
+            img.pixels()
+                .filter(|p| close(p.0, Color::Green.rgb(), 20))
+                .count()
         };
         let (small, large) = (count(Size::Small), count(Size::Large));
-        assert!(small > 20 && large as f32 > 2.5 * small as f32, "small {small}, large {large}");
+        assert!(
+            small > 20 && large as f32 > 2.5 * small as f32,
+            "small {small}, large {large}"
+        );
     }
 }

@@ -20,7 +20,13 @@ pub enum Shape {
 }
 
 impl Shape {
-    pub const ALL: [Shape; 5] = [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Star, Shape::Cross];
+    pub const ALL: [Shape; 5] = [
+        Shape::Circle,
+        Shape::Square,
+        Shape::Triangle,
+        Shape::Star,
+        Shape::Cross,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -55,7 +61,14 @@ pub enum Color {
 }
 
 impl Color {
-    pub const ALL: [Color; 6] = [Color::Red, Color::Green, Color::Blue, Color::Yellow, Color::Purple, Color::Orange];
+    pub const ALL: [Color; 6] = [
+        Color::Red,
+        Color::Green,
+        Color::Blue,
+        Color::Yellow,
+        Color::Purple,
+        Color::Orange,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -113,17 +126,32 @@ impl Cell {
 
     /// "top left", "top", "top right", "left", "center", ... (short answers).
     pub fn name(self) -> &'static str {
-        const NAMES: [[&str; 3]; 3] =
-            [["top left", "top", "top right"], ["left", "center", "right"], ["bottom left", "bottom", "bottom right"]];
+        const NAMES: [[&str; 3]; 3] = [
+            ["top left", "top", "top right"],
+            ["left", "center", "right"],
+            ["bottom left", "bottom", "bottom right"],
+        ];
         NAMES[self.row as usize][self.col as usize]
     }
 
     /// Other ways of saying the same position, accepted as answers.
     pub fn synonyms(self) -> &'static [&'static str] {
         const SYN: [[&[&str]; 3]; 3] = [
-            [&["upper left", "top-left"], &["top center", "top middle", "upper middle"], &["upper right", "top-right"]],
-            [&["middle left", "center left"], &["middle", "centre"], &["middle right", "center right"]],
-            [&["lower left", "bottom-left"], &["bottom center", "bottom middle", "lower middle"], &["lower right", "bottom-right"]],
+            [
+                &["upper left", "top-left"],
+                &["top center", "top middle", "upper middle"],
+                &["upper right", "top-right"],
+            ],
+            [
+                &["middle left", "center left"],
+                &["middle", "centre"],
+                &["middle right", "center right"],
+            ],
+            [
+                &["lower left", "bottom-left"],
+                &["bottom center", "bottom middle", "lower middle"],
+                &["lower right", "bottom-right"],
+            ],
         ];
         SYN[self.row as usize][self.col as usize]
     }
@@ -170,11 +198,16 @@ pub type SceneKey = Vec<(Shape, Color, Size, Cell)>;
 
 impl Scene {
     pub fn key(&self) -> SceneKey {
-        self.objects.iter().map(|o| (o.shape, o.color, o.size, o.cell)).collect()
+        self.objects
+            .iter()
+            .map(|o| (o.shape, o.color, o.size, o.cell))
+            .collect()
     }
 
     pub fn has(&self, color: Color, shape: Shape) -> bool {
-        self.objects.iter().any(|o| o.color == color && o.shape == shape)
+        self.objects
+            .iter()
+            .any(|o| o.color == color && o.shape == shape)
     }
 
     pub fn count_color(&self, color: Color) -> usize {
@@ -189,8 +222,10 @@ impl Scene {
     pub fn random(rng: &mut impl Rng, count: usize) -> Scene {
         let mut cells: Vec<Cell> = Cell::all().collect();
         cells.shuffle(rng);
-        let mut kinds: Vec<(Color, Shape)> =
-            Color::ALL.iter().flat_map(|&c| Shape::ALL.iter().map(move |&s| (c, s))).collect();
+        let mut kinds: Vec<(Color, Shape)> = Color::ALL
+            .iter()
+            .flat_map(|&c| Shape::ALL.iter().map(move |&s| (c, s)))
+            .collect();
         kinds.shuffle(rng);
         let mut objects: Vec<Object> = cells
             .into_iter()
@@ -203,10 +238,18 @@ impl Scene {
                 cell,
                 offset: (rng.gen_range(-0.1..=0.1), rng.gen_range(-0.1..=0.1)),
                 scale: rng.gen_range(0.92..=1.08),
-                tint: [rng.gen_range(-12..=12), rng.gen_range(-12..=12), rng.gen_range(-12..=12)],
+                tint: [
+                    rng.gen_range(-12..=12),
+                    rng.gen_range(-12..=12),
+                    rng.gen_range(-12..=12),
+                ],
             })
             .collect();
         objects.sort_by_key(|o| o.cell);
-        Scene { objects, noise_seed: rng.gen(), background: rng.gen_range(226..=244) }
+        Scene {
+            objects,
+            noise_seed: rng.gen(),
+            background: rng.gen_range(226..=244),
+        }
     }
 }

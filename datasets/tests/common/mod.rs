@@ -9,7 +9,9 @@ use tokenizers::Tokenizer;
 
 /// GPT-2's byte-to-character table used by byte-level BPE vocabularies.
 fn byte_char(b: u8) -> char {
-    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let printable = |b: u8| {
+        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
     if printable(b) {
         return char::from_u32(b as u32).unwrap();
     }
@@ -63,5 +65,13 @@ pub fn special(token: &str) -> u32 {
 /// A sample from a JSON record, resolving images against `/images`.
 pub fn sample(record: Value) -> Result<Sample, Problem> {
     let id = record.get("id").and_then(|v| v.as_str()).map(String::from);
-    Sample::from_json(&record, SampleRef { index: 0, id, line: None }, Path::new("/images"))
+    Sample::from_json(
+        &record,
+        SampleRef {
+            index: 0,
+            id,
+            line: None,
+        },
+        Path::new("/images"),
+    )
 }
