@@ -16,6 +16,8 @@ pub struct BenchReport {
     pub batch: usize,
     /// candle's matmul threads (`RAYON_NUM_THREADS`, default: physical cores).
     pub threads: usize,
+    /// `CANDLE_NUM_THREADS` (threads of candle's element-wise pool), when set.
+    pub candle_num_threads: Option<String>,
     pub step_s_median: f64,
     pub step_s_min: f64,
     pub step_s_max: f64,
@@ -54,6 +56,7 @@ impl BenchReport {
             warmup,
             batch: spec.batch,
             threads: candle_core::utils::get_num_threads(),
+            candle_num_threads: std::env::var("CANDLE_NUM_THREADS").ok(),
             step_s_median,
             step_s_min: totals.iter().copied().fold(f64::INFINITY, f64::min),
             step_s_max: totals.iter().copied().fold(0.0, f64::max),
@@ -87,7 +90,7 @@ impl BenchReport {
             None => String::new(),
         };
         format!(
-            "samples/s   {:.2}  (median step {:.3} s over {} steps, min {:.3}, max {:.3}; batch {}, {} threads)\n\
+            "samples/s   {:.2}  (median step {:.3} s over {} steps, min {:.3}, max {:.3}; batch {}, {} matmul threads, element-wise threads {})\n\
              GFLOP/s     {:.1}{peak}  ({:.1} GFLOP per step)\n\
              split       teacher fwd {:.3} s ({:.0}%) | student fwd {:.3} s ({:.0}%) | loss {:.3} s ({:.0}%) | backward {:.3} s ({:.0}%) | optimizer {:.3} s ({:.0}%)\n\
              peak memory {:.0} MiB (VmHWM)\n\
@@ -99,6 +102,7 @@ impl BenchReport {
             self.step_s_max,
             self.batch,
             self.threads,
+            self.candle_num_threads.as_deref().unwrap_or("default"),
             self.gflops,
             self.gflop_per_step,
             s.teacher_forward,

@@ -35,6 +35,7 @@ pub enum Command {
 }
 
 pub fn run() -> Result<()> {
+    keep_element_wise_ops_on_the_calling_thread();
     let cli = Cli::parse();
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
@@ -42,5 +43,15 @@ pub fn run() -> Result<()> {
         Command::Generate(args) => generate::run(args),
         Command::Data(args) => data::run(args),
         Command::Bench(args) => bench::run(args),
+    }
+}
+
+/// candle runs element-wise ops on its own busy-waiting thread pool, next to the rayon pool
+/// its matmuls use; on a machine with few cores the two pools fight for them (the DFT step ran
+/// 2× slower on 2 cores, see docs/performance.md). Unless the user chose, element-wise work
+/// stays on the calling thread. Must run before the first tensor op (the pool is built once).
+fn keep_element_wise_ops_on_the_calling_thread() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
