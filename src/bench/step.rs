@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::data::BenchBatch;
 use super::spec::{BenchSpec, LmSpec};
-use crate::distill::{distill_loss, DistillBatch, DistillLossConfig};
+use crate::distill::{distill_loss, DistillBatch, DistillLossConfig, RelationHidden};
 use crate::models::llava::{BuildOptions, LlavaModel, Trainable};
 use crate::train::{AdamW, AdamWConfig};
 
@@ -117,7 +117,13 @@ impl DftStep {
                 teacher_logits: &teacher.logits,
                 labels: &batch.labels,
                 visual_mask: &batch.visual_mask,
-                relation_hidden: None,
+                // Z Zᵀ = H (WᵀW) Hᵀ: the same L_rel without the [visual, vocab] Gram products.
+                relation_hidden: Some(RelationHidden {
+                    student_hidden: &student.hidden,
+                    student_head: self.student.lm.lm_head_weight(),
+                    teacher_hidden: &teacher.hidden,
+                    teacher_head: self.teacher.lm.lm_head_weight(),
+                }),
             },
             &self.loss,
         )
