@@ -8,8 +8,10 @@
 //! - [`config`]: presets (TOML with inheritance and overrides).
 //! - [`eval`]: VQA accuracy, caption metrics, POPE, multiple choice.
 //! - [`evaluate`]: running a model over benchmarks (batched generation + scoring).
+//! - [`bench`]: the distillation-step benchmark (`mmkd bench`).
 //! - [`cli`]: the `mmkd` command line.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -1,5 +1,6 @@
 //! The `mmkd` command line: one module per subcommand, this file only dispatches.
 
+pub mod bench;
 pub mod data;
 pub mod demo;
 pub mod eval;
@@ -41,6 +42,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Score prediction files against references (VQA, captions, POPE); no model needed.
     Metrics(metrics::MetricsArgs),
+    /// Time one distillation step of a benchmark spec (samples/s, GFLOP/s, memory).
+    Bench(bench::BenchArgs),
     /// PT: train the projector on captions (plain template, cross-entropy).
     Pretrain(train::StageArgs),
     /// SFT: train projector + LLM on instructions (chat template, cross-entropy).
@@ -52,6 +55,7 @@ pub enum Command {
 }
 
 pub fn run() -> Result<()> {
+    keep_element_wise_ops_on_the_calling_thread();
     let cli = Cli::parse();
     match cli.command {
         Command::Inspect(args) => inspect::run(args),
@@ -61,9 +65,20 @@ pub fn run() -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Metrics(args) => metrics::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Pretrain(args) => train::run(args, Stage::Pretrain),
         Command::Sft(args) => train::run(args, Stage::Sft),
         Command::Dpt(args) => train::run(args, Stage::Dpt),
         Command::Dft(args) => train::run(args, Stage::Dft),
+    }
+}
+
+/// candle runs element-wise ops on its own busy-waiting thread pool, next to the rayon pool
+/// its matmuls use; on a machine with few cores the two pools fight for them (the DFT step ran
+/// 2× slower on 2 cores, see docs/performance.md). Unless the user chose, element-wise work
+/// stays on the calling thread. Must run before the first tensor op (the pool is built once).
+fn keep_element_wise_ops_on_the_calling_thread() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }

@@ -209,8 +209,11 @@ impl LlavaModel {
     /// Projected features `[n, tokens, hidden]` for pixel values `[n, 3, H, W]`.
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let pixels = pixel_values.to_dtype(self.vision_dtype())?;
-        let out = self.vision.forward(&pixels)?;
-        let mut features = self.selection.select(&out)?.to_dtype(DType::F32)?;
+        // Only the encoder layers the selection reads are run (LLaVA never uses the rest).
+        let mut features = self
+            .selection
+            .features(&self.vision, &pixels)?
+            .to_dtype(DType::F32)?;
         if !self.trainable.vision {
             // Nothing upstream is trainable: cut the graph so backward stops here.
             features = features.detach();

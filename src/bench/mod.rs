@@ -1,0 +1,151 @@
+//! `mmkd bench`: times the LLaVA-KD distilled fine-tuning step described by a benchmark spec
+//! (`shared/bench/spec.json`) with random weights and data, for comparison with the PyTorch peer
+//! (`torch_dft_step.py`) on the same machine. See `docs/performance.md`.
+//!
+//! - [`spec`]: the spec file and the LLaVA configs it stands for.
+//! - [`data`]: the seeded random batch.
+//! - [`step`]: the step itself, timed by phase.
+//! - [`flops`]: the step's analytic FLOP count.
+//! - [`report`]: medians, samples/s, GFLOP/s, peak memory.
+//! - [`memory`], [`matmul_peak`]: peak RSS and a matmul throughput ceiling.
+
+pub mod data;
+pub mod flops;
+pub mod matmul_peak;
+pub mod memory;
+pub mod report;
+pub mod spec;
+pub mod step;
+
+use anyhow::{ensure, Context, Result};
+
+pub use flops::StepFlops;
+pub use report::BenchReport;
+pub use spec::BenchSpec;
+pub use step::{DftStep, StepOutcome, StepTimes};
+
+/// How a benchmark run is carried out.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Timed steps (the report gives their median).
+    pub steps: usize,
+    /// Untimed steps first (allocator and thread-pool warm-up).
+    pub warmup: usize,
+    pub seed: u64,
+    /// Side of the square matmul used for the peak measurement; `None` skips it.
+    pub matmul_peak_size: Option<usize>,
+}
+
+impl Default for BenchOptions {
+    /// The peer's defaults: 6 timed steps after 1 warm-up step.
+    fn default() -> Self {
+        Self {
+            steps: 6,
+            warmup: 1,
+            seed: 0,
+            matmul_peak_size: Some(1024),
+        }
+    }
+}
+
+/// Runs `warmup + steps` steps, calling `on_step` after each, and summarises the timed ones.
+pub fn run(
+    spec: &BenchSpec,
+    options: &BenchOptions,
+    mut on_step: impl FnMut(usize, &StepOutcome),
+) -> Result<BenchReport> {
+    ensure!(options.steps > 0, "`--steps` must be at least 1");
+    let mut step = DftStep::new(spec, options.seed)?;
+    let mut timed = Vec::with_capacity(options.steps);
+    for i in 0..options.warmup + options.steps {
+        let outcome = step.run().with_context(|| format!("benchmark step {i}"))?;
+        on_step(i, &outcome);
+        if i >= options.warmup {
+            timed.push(outcome);
+        }
+    }
+    // Peak memory of the training steps, before the matmul measurement allocates its own.
+    let peak = memory::peak_rss_bytes()?;
+    let matmul_peak = options
+        .matmul_peak_size
+        .map(|n| matmul_peak::matmul_peak_gflops(n, 10))
+        .transpose()?;
+    BenchReport::new(spec, options.warmup, &timed, peak, matmul_peak)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every size small, but every feature of the real spec present (GQA, several layers).
+    pub(crate) fn tiny_spec() -> BenchSpec {
+        BenchSpec::from_json_str(
+            r#"{
+              "vocab": 50, "batch": 2, "prefix_tokens": 2, "prompt_tokens": 3, "response_tokens": 4,
+              "vision": {"image_size": 16, "patch": 8, "hidden": 16, "intermediate": 32, "layers": 2, "heads": 2},
+              "student": {"hidden": 16, "intermediate": 32, "layers": 2, "heads": 4, "kv_heads": 2},
+              "teacher": {"hidden": 24, "intermediate": 40, "layers": 2, "heads": 4, "kv_heads": 2}
+            }"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn one_step_on_a_tiny_spec_reports_finite_positive_numbers() {
+        let spec = tiny_spec();
+        let options = BenchOptions {
+            steps: 2,
+            warmup: 1,
+            seed: 3,
+            matmul_peak_size: Some(16),
+        };
+        let mut seen = Vec::new();
+        let report = run(&spec, &options, |i, _| seen.push(i)).unwrap();
+        assert_eq!(seen, vec![0, 1, 2]);
+        assert_eq!((report.steps, report.warmup, report.batch), (2, 1, 2));
+        let s = &report.split_s;
+        for (name, x) in [
+            ("samples_per_s", report.samples_per_s),
+            ("step_s_median", report.step_s_median),
+            ("gflops", report.gflops),
+            ("gflop_per_step", report.gflop_per_step),
+            ("peak_rss_mib", report.peak_rss_mib),
+            ("matmul_peak", report.matmul_peak_gflops.unwrap()),
+            ("teacher_forward", s.teacher_forward),
+            ("student_forward", s.student_forward),
+            ("loss", s.loss),
+            ("backward", s.backward),
+            ("optimizer", s.optimizer),
+            ("loss value", report.loss_last as f64),
+        ] {
+            assert!(x.is_finite() && x > 0.0, "{name} = {x}");
+        }
+        assert!(report.step_s_min <= report.step_s_median);
+        assert!(report.step_s_median <= report.step_s_max);
+        // AdamW moved the student: the same batch gives a different loss the next step.
+        assert_ne!(report.loss_first, report.loss_last);
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["samples_per_s"].as_f64().unwrap() > 0.0);
+        assert!(json["split_s"]["backward"].as_f64().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn the_step_trains_every_student_parameter_and_nothing_else() {
+        let spec = tiny_spec();
+        let mut step = DftStep::new(&spec, 1).unwrap();
+        let names: Vec<String> = step
+            .student()
+            .store
+            .trainable_vars()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert!(names.iter().all(|n| !n.starts_with("model.vision_tower")));
+        assert!(names
+            .iter()
+            .any(|n| n.starts_with("model.multi_modal_projector")));
+        assert!(names.iter().any(|n| n == "lm_head.weight"));
+        // `run` fails when a trainable parameter gets no gradient.
+        step.run().unwrap();
+    }
+}

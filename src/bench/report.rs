@@ -1,0 +1,146 @@
+//! Summary of a benchmark run: medians over the timed steps, throughput, GFLOP/s, memory.
+
+use anyhow::{ensure, Result};
+use serde::Serialize;
+
+use super::flops::StepFlops;
+use super::spec::BenchSpec;
+use super::step::{StepOutcome, StepTimes};
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub bench: &'static str,
+    /// Timed steps (after `warmup` untimed ones).
+    pub steps: usize,
+    pub warmup: usize,
+    pub batch: usize,
+    /// candle's matmul threads (`RAYON_NUM_THREADS`, default: physical cores).
+    pub threads: usize,
+    /// `CANDLE_NUM_THREADS` (threads of candle's element-wise pool), when set.
+    pub candle_num_threads: Option<String>,
+    pub step_s_median: f64,
+    pub step_s_min: f64,
+    pub step_s_max: f64,
+    /// `batch / step_s_median`.
+    pub samples_per_s: f64,
+    /// Median of each phase over the timed steps.
+    pub split_s: StepTimes,
+    pub flops: StepFlops,
+    pub gflop_per_step: f64,
+    /// `gflop_per_step / step_s_median`.
+    pub gflops: f64,
+    pub matmul_peak_gflops: Option<f64>,
+    /// Peak resident memory of the process (VmHWM).
+    pub peak_rss_mib: f64,
+    pub loss_first: f32,
+    pub loss_last: f32,
+}
+
+impl BenchReport {
+    pub fn new(
+        spec: &BenchSpec,
+        warmup: usize,
+        timed: &[StepOutcome],
+        peak_rss_bytes: u64,
+        matmul_peak_gflops: Option<f64>,
+    ) -> Result<Self> {
+        ensure!(!timed.is_empty(), "no timed step to report");
+        let phase = |f: fn(&StepTimes) -> f64| median(timed.iter().map(|o| f(&o.times)));
+        let totals: Vec<f64> = timed.iter().map(|o| o.wall).collect();
+        let step_s_median = median(totals.iter().copied());
+        let flops = StepFlops::of(spec);
+        let gflop_per_step = flops.total() / 1e9;
+        Ok(Self {
+            bench: "mmkd-dft-step",
+            steps: timed.len(),
+            warmup,
+            batch: spec.batch,
+            threads: candle_core::utils::get_num_threads(),
+            candle_num_threads: std::env::var("CANDLE_NUM_THREADS").ok(),
+            step_s_median,
+            step_s_min: totals.iter().copied().fold(f64::INFINITY, f64::min),
+            step_s_max: totals.iter().copied().fold(0.0, f64::max),
+            samples_per_s: spec.batch as f64 / step_s_median,
+            split_s: StepTimes {
+                teacher_forward: phase(|t| t.teacher_forward),
+                student_forward: phase(|t| t.student_forward),
+                loss: phase(|t| t.loss),
+                backward: phase(|t| t.backward),
+                optimizer: phase(|t| t.optimizer),
+            },
+            flops,
+            gflop_per_step,
+            gflops: gflop_per_step / step_s_median,
+            matmul_peak_gflops,
+            peak_rss_mib: peak_rss_bytes as f64 / (1024.0 * 1024.0),
+            loss_first: timed[0].loss,
+            loss_last: timed[timed.len() - 1].loss,
+        })
+    }
+
+    /// A few human-readable lines.
+    pub fn to_text(&self) -> String {
+        let s = &self.split_s;
+        let pct = |x: f64| 100.0 * x / self.step_s_median;
+        let peak = match self.matmul_peak_gflops {
+            Some(p) => format!(
+                " ({:.0}% of a {p:.1} GFLOP/s matmul peak)",
+                100.0 * self.gflops / p
+            ),
+            None => String::new(),
+        };
+        format!(
+            "samples/s   {:.2}  (median step {:.3} s over {} steps, min {:.3}, max {:.3}; batch {}, {} matmul threads, element-wise threads {})\n\
+             GFLOP/s     {:.1}{peak}  ({:.1} GFLOP per step)\n\
+             split       teacher fwd {:.3} s ({:.0}%) | student fwd {:.3} s ({:.0}%) | loss {:.3} s ({:.0}%) | backward {:.3} s ({:.0}%) | optimizer {:.3} s ({:.0}%)\n\
+             peak memory {:.0} MiB (VmHWM)\n\
+             loss        {:.4} → {:.4}",
+            self.samples_per_s,
+            self.step_s_median,
+            self.steps,
+            self.step_s_min,
+            self.step_s_max,
+            self.batch,
+            self.threads,
+            self.candle_num_threads.as_deref().unwrap_or("default"),
+            self.gflops,
+            self.gflop_per_step,
+            s.teacher_forward,
+            pct(s.teacher_forward),
+            s.student_forward,
+            pct(s.student_forward),
+            s.loss,
+            pct(s.loss),
+            s.backward,
+            pct(s.backward),
+            s.optimizer,
+            pct(s.optimizer),
+            self.peak_rss_mib,
+            self.loss_first,
+            self.loss_last,
+        )
+    }
+}
+
+/// Median (mean of the two middle values for an even count).
+pub fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median([3.0, 1.0, 2.0].into_iter()), 2.0);
+        assert_eq!(median([4.0, 1.0, 3.0, 2.0].into_iter()), 2.5);
+        assert!(median(std::iter::empty()).is_nan());
+    }
+}

@@ -1,0 +1,65 @@
+//! `mmkd bench`: times one LLaVA-KD distillation step of a benchmark spec (random weights and
+//! data) and prints samples/s, GFLOP/s, the phase split and peak memory.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::bench::{self, BenchOptions, BenchSpec};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Benchmark spec (JSON: vocab, batch, token counts, vision/student/teacher sizes).
+    #[arg(long)]
+    pub spec: PathBuf,
+    /// Timed steps; the report gives their median.
+    #[arg(long, default_value_t = 6)]
+    pub steps: usize,
+    /// Untimed steps run first.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Seed of the random weights and batch.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Side of the square f32 matmul whose best GFLOP/s is reported as the machine's peak.
+    #[arg(long, default_value_t = 1024)]
+    pub matmul_peak: usize,
+    /// Skip the matmul peak measurement.
+    #[arg(long)]
+    pub no_matmul_peak: bool,
+    /// End with one JSON line holding every figure (`samples_per_s`, `split_s`, `gflops`, …).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let spec = BenchSpec::from_file(&args.spec)?;
+    let options = BenchOptions {
+        steps: args.steps,
+        warmup: args.warmup,
+        seed: args.seed,
+        matmul_peak_size: (!args.no_matmul_peak).then_some(args.matmul_peak),
+    };
+    let bar = ProgressBar::new((args.warmup + args.steps) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg}")?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("bench");
+    let report = bench::run(&spec, &options, |i, outcome| {
+        let phase = if i < args.warmup { "warm-up" } else { "timed" };
+        bar.set_message(format!(
+            "({phase}) {:.3} s, loss {:.4}",
+            outcome.wall, outcome.loss
+        ));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    println!("{}", report.to_text());
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
