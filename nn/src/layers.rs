@@ -127,13 +127,10 @@ impl RmsNorm {
         })
     }
 
+    /// Fused for f32/f64 (see [`crate::fused::rms_norm`]); half-precision inputs take the
+    /// primitive-op path with f32 statistics.
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let dtype = x.dtype();
-        let x = x.to_dtype(stats_dtype(dtype))?;
-        let rms = (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
-        x.broadcast_div(&rms)?
-            .to_dtype(dtype)?
-            .broadcast_mul(&self.weight.to_dtype(dtype)?)
+        crate::fused::rms_norm(x, &self.weight.to_dtype(x.dtype())?, self.eps)
     }
 }
 

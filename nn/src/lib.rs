@@ -3,11 +3,14 @@
 //! candle's fused CPU ops (`softmax_last_dim`, `rms_norm`, `layer_norm`, `rope`) silently drop
 //! gradients, so every layer here is written from primitive ops whose backward passes are
 //! correct. Parameters live in a [`ParamStore`]: trainable ones as `Var`s, frozen ones as plain
-//! tensors that build no autograd graph.
+//! tensors that build no autograd graph. [`fused`] holds the speed-critical kernels (RMSNorm,
+//! attention softmax, rotary embedding, SwiGLU) as custom ops with their own exact backward
+//! passes, each tested against the primitive-op formulation.
 
 pub mod activation;
 pub mod attention;
 pub mod error;
+pub mod fused;
 pub mod grad_check;
 pub mod layers;
 pub mod params;

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
-use mmkd_nn::attention::{repeat_kv, scaled_dot_product, MASK_VALUE};
+use mmkd_nn::attention::{scaled_dot_product, MASK_VALUE};
 use mmkd_nn::{Embedding, Linear, ParamBuilder, RmsNorm};
 
 use super::text_config::TextConfig;
@@ -95,8 +95,6 @@ impl Attention {
             }
             *slot = Some((k.clone(), v.clone()));
         }
-        let rep = self.heads / self.kv_heads;
-        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = scaled_dot_product(&q, &k, &v, Some(mask), scale)?;
         let out = out
@@ -126,10 +124,12 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
-        Ok(self
-            .down_proj
-            .forward(&gate.mul(&self.up_proj.forward(x)?)?)?)
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let h = match self.act {
+            mmkd_nn::Activation::Silu => mmkd_nn::fused::silu_mul(&gate, &up)?,
+            act => act.forward(&gate)?.mul(&up)?,
+        };
+        Ok(self.down_proj.forward(&h)?)
     }
 }
 
@@ -203,11 +203,7 @@ impl Rope {
 
     /// x: `[b, heads, s, head_dim]`.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let d = x.dim(D::Minus1)?;
-        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?)
+        Ok(mmkd_nn::fused::rope(x, &self.cos, &self.sin)?)
     }
 }
 

@@ -1,0 +1,153 @@
+//! Rotary position embedding in the non-interleaved (`rotate_half`) layout:
+//! y = x ⊙ cos + rotate_half(x) ⊙ sin with rotate_half([x₁, x₂]) = [−x₂, x₁].
+//!
+//! Per pair (i, i + d/2): y₁ = x₁c₁ − x₂s₁, y₂ = x₂c₂ + x₁s₂. The backward pass is the
+//! transposed map: ∂x₁ = ∂y₁c₁ + ∂y₂s₂, ∂x₂ = ∂y₂c₂ − ∂y₁s₁. The tables get no gradient.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+
+use super::{data, for_each_row, has_kernel, storage, Real};
+
+/// Rotates `x` (`[b, heads, s, d]`) by the tables `cos`, `sin` (`[b or 1, 1, s, d]`).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let fits = match (x.dims(), cos.dims()) {
+        (&[b, _, s, d], &[cb, 1, cs, cd]) => {
+            (cb == b || cb == 1) && (cs, cd) == (s, d) && d % 2 == 0 && sin.dims() == cos.dims()
+        }
+        _ => false,
+    };
+    if has_kernel(x) && fits && cos.dtype() == x.dtype() && sin.dtype() == x.dtype() {
+        x.contiguous()?.apply_op3(
+            &cos.contiguous()?,
+            &sin.contiguous()?,
+            Rope { transpose: false },
+        )
+    } else {
+        rope_slow(x, cos, sin)
+    }
+}
+
+/// The reference formulation from primitive ops.
+pub fn rope_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// `transpose` applies the transposed rotation (the backward map).
+struct Rope {
+    transpose: bool,
+}
+
+impl Rope {
+    fn run<T: Real>(&self, x: &[T], cos: &[T], sin: &[T], dims: &[usize], table_batch: usize) -> Vec<T> {
+        let (heads, s, d) = (dims[1], dims[2], dims[3]);
+        let half = d / 2;
+        let mut out = vec![T::zero(); x.len()];
+        for_each_row(&mut out, d, |r, y| {
+            let batch = if table_batch == 1 { 0 } else { r / (heads * s) };
+            let t = (batch * s + r % s) * d;
+            let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
+            let xr = &x[r * d..(r + 1) * d];
+            for i in 0..half {
+                let (x1, x2) = (xr[i], xr[i + half]);
+                if self.transpose {
+                    y[i] = x1 * c[i] + x2 * sn[i + half];
+                    y[i + half] = x2 * c[i + half] - x1 * sn[i];
+                } else {
+                    y[i] = x1 * c[i] - x2 * sn[i];
+                    y[i + half] = x2 * c[i + half] + x1 * sn[i + half];
+                }
+            }
+        });
+        out
+    }
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "mmkd-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        cs: &CpuStorage,
+        cl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (dims, table_batch) = (xl.dims(), cl.dims()[0]);
+        let out = match xs {
+            CpuStorage::F32(_) => storage(self.run::<f32>(
+                data(xs, xl, name)?,
+                data(cs, cl, name)?,
+                data(ss, sl, name)?,
+                dims,
+                table_batch,
+            )),
+            CpuStorage::F64(_) => storage(self.run::<f64>(
+                data(xs, xl, name)?,
+                data(cs, cl, name)?,
+                data(ss, sl, name)?,
+                dims,
+                table_batch,
+            )),
+            _ => candle_core::bail!("{name}: f32/f64 only"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = dy.contiguous()?.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                transpose: !self.transpose,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fused::testing::{check_against_slow, random};
+    use candle_core::DType;
+
+    #[test]
+    fn matches_the_primitive_formulation() {
+        // Per-sample tables (left-padded generation) and tables shared by the batch; the
+        // halves of the tables differ so the check does not rely on HF's duplicated halves.
+        let x = random(&[2, 3, 40, 8], 1, DType::F64);
+        let cos = random(&[2, 1, 40, 8], 2, DType::F64);
+        let sin = random(&[2, 1, 40, 8], 3, DType::F64);
+        check_against_slow(
+            &[x],
+            |a| rope(&a[0], &cos, &sin),
+            |a| rope_slow(&a[0], &cos, &sin),
+            1e-12,
+        );
+        let x = random(&[3, 2, 5, 6], 4, DType::F32);
+        let cos = random(&[1, 1, 5, 6], 5, DType::F32);
+        let sin = random(&[1, 1, 5, 6], 6, DType::F32);
+        check_against_slow(
+            &[x],
+            |a| rope(&a[0], &cos, &sin),
+            |a| rope_slow(&a[0], &cos, &sin),
+            1e-5,
+        );
+    }
+}
