@@ -11,6 +11,8 @@ use super::{ModelResult, MODELS};
 use crate::evaluate::files::{read_records, AnswerLine, PredictionLine, QuestionLine};
 
 type SeedResults = (u64, PathBuf, BTreeMap<String, ModelResult>);
+/// A named metric read from one model's results.
+type MetricFn = (&'static str, Box<dyn Fn(&ModelResult) -> f64>);
 
 fn mean_std(values: &[f64]) -> (f64, f64) {
     let n = values.len().max(1) as f64;
@@ -49,7 +51,7 @@ pub fn write(
     per_seed: &[SeedResults],
     wall_seconds: f64,
 ) -> Result<PathBuf> {
-    let metric_fns: Vec<(&str, Box<dyn Fn(&ModelResult) -> f64>)> = vec![
+    let metric_fns: Vec<MetricFn> = vec![
         ("vqa_accuracy", Box::new(|r: &ModelResult| r.vqa_accuracy)),
         ("caption_cider", Box::new(|r: &ModelResult| r.caption_cider)),
         (

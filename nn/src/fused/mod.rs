@@ -153,19 +153,38 @@ pub(crate) mod testing {
         slow: impl Fn(&[Tensor]) -> Result<Tensor>,
         tol: f64,
     ) {
-        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
         let args: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y_fast = fused(&args).unwrap();
         let y_slow = slow(&args).unwrap();
         let d = max_abs_diff(&y_fast, &y_slow);
         assert!(d < tol, "forward differs by {d}");
         let probe = random(y_fast.dims(), 99, y_fast.dtype());
-        let g_fast = y_fast.mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let g_slow = y_slow.mul(&probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g_fast = y_fast
+            .mul(&probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_slow = y_slow
+            .mul(&probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (i, v) in vars.iter().enumerate() {
             let (a, b) = (
-                g_fast.get(v.as_tensor()).expect("fused op gave no gradient"),
-                g_slow.get(v.as_tensor()).expect("reference gave no gradient"),
+                g_fast
+                    .get(v.as_tensor())
+                    .expect("fused op gave no gradient"),
+                g_slow
+                    .get(v.as_tensor())
+                    .expect("reference gave no gradient"),
             );
             let d = max_abs_diff(a, b);
             assert!(d < tol, "gradient of input {i} differs by {d}");
