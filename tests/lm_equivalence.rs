@@ -4,24 +4,14 @@
 use std::path::Path;
 use std::sync::Arc;
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use mmkd::models::decoder::{arange_positions, CausalLm};
 use mmkd::models::splice::{splice_image_features, VisualPositions};
 use mmkd::models::text_config::TextConfig;
 use mmkd_nn::{ParamBuilder, ParamStore, WeightSource};
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn check(fixture: &str, legacy_prefixes: bool) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -142,6 +142,18 @@ fn run_plan(
     Ok(started.elapsed().as_secs_f64())
 }
 
+/// Reads a finished evaluation's results, or runs it.
+fn cached_or(dir: &Path, run: impl FnOnce() -> Result<EvalResults>) -> Result<EvalResults> {
+    let path = dir.join("results.json");
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        return serde_json::from_str(&text)
+            .with_context(|| format!("{}: not an mmkd results file", path.display()));
+    }
+    run()
+}
+
 fn evaluate(
     model_dir: &Path,
     eval_dir: &Path,
@@ -150,23 +162,14 @@ fn evaluate(
     template: &str,
     progress: bool,
 ) -> Result<Vec<EvalResults>> {
-    let answerer = Answerer::load(
+    let mut answerer = Answerer::load(
         model_dir.to_str().context("non-UTF-8 path")?,
         template,
         demo.eval_batch_size,
         demo.max_new_tokens,
     )?;
     let test = data.join("test");
-    let mut caption_answerer = Answerer::load(
-        model_dir.to_str().context("non-UTF-8 path")?,
-        template,
-        demo.eval_batch_size,
-        demo.caption_max_new_tokens,
-    )?;
-    caption_answerer.model_id = answerer.model_id.clone();
-    let vqa = if eval_dir.join("vqa/results.json").exists() {
-        serde_json::from_str(&std::fs::read_to_string(eval_dir.join("vqa/results.json"))?)?
-    } else {
+    let vqa = cached_or(&eval_dir.join("vqa"), || {
         eval_vqa(
             &answerer,
             &test.join("questions.jsonl"),
@@ -175,33 +178,27 @@ fn evaluate(
             "",
             &eval_dir.join("vqa"),
             progress,
-        )?
-    };
-    let caption = if eval_dir.join("caption/results.json").exists() {
-        serde_json::from_str(&std::fs::read_to_string(
-            eval_dir.join("caption/results.json"),
-        )?)?
-    } else {
+        )
+    })?;
+    let pope = cached_or(&eval_dir.join("pope"), || {
+        let files: Vec<PathBuf> = ["random", "popular", "adversarial"]
+            .iter()
+            .map(|s| test.join(format!("pope_{s}.jsonl")))
+            .collect();
+        eval_pope(&answerer, &files, data, &eval_dir.join("pope"), progress)
+    })?;
+    // Captions are longer than short answers.
+    answerer.generation.max_new_tokens = demo.caption_max_new_tokens;
+    let caption = cached_or(&eval_dir.join("caption"), || {
         eval_captions(
-            &caption_answerer,
+            &answerer,
             &test.join("captions.jsonl"),
             data,
             None,
             &eval_dir.join("caption"),
             progress,
-        )?
-    };
-    let pope = if eval_dir.join("pope/results.json").exists() {
-        serde_json::from_str(&std::fs::read_to_string(
-            eval_dir.join("pope/results.json"),
-        )?)?
-    } else {
-        let files: Vec<PathBuf> = ["random", "popular", "adversarial"]
-            .iter()
-            .map(|s| test.join(format!("pope_{s}.jsonl")))
-            .collect();
-        eval_pope(&answerer, &files, data, &eval_dir.join("pope"), progress)?
-    };
+        )
+    })?;
     Ok(vec![vqa, caption, pope])
 }
 
