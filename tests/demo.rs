@@ -1,0 +1,84 @@
+//! `mmkd demo` end to end on the tiny preset: every stage, evaluation and report, and a re-run
+//! that skips finished work.
+
+mod common;
+
+use common::mmkd;
+
+#[test]
+fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let out_s = out.to_str().unwrap();
+    let (ok, stdout, err) = mmkd(&["demo", "--preset", "shapes-tiny", "--out", out_s]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("| teacher |") && stdout.contains("Verdict"),
+        "{stdout}"
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["preset"], "shapes-tiny");
+    assert!(report["wall_seconds"].as_f64().unwrap() > 0.0);
+    for model in ["teacher", "baseline", "distilled"] {
+        let r = &report["results"][model];
+        for key in ["vqa_accuracy", "caption_cider", "pope_f1"] {
+            let v = r[key].as_f64().unwrap_or(f64::NAN);
+            assert!(v.is_finite() && v >= 0.0, "{model}.{key} = {v}");
+        }
+        assert!(r["params"].as_u64().unwrap() > 0);
+    }
+    // Same architecture and step budget for both students; the teacher is larger.
+    assert_eq!(
+        report["results"]["baseline"]["params"],
+        report["results"]["distilled"]["params"]
+    );
+    assert!(
+        report["results"]["teacher"]["params"].as_u64()
+            > report["results"]["baseline"]["params"].as_u64()
+    );
+    let steps = |stage: &str| -> u64 {
+        let s: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("seed-0").join(stage).join("summary.json")).unwrap(),
+        )
+        .unwrap();
+        s["steps"].as_u64().unwrap()
+    };
+    assert_eq!(steps("baseline/pt"), steps("distilled/dpt"));
+    assert_eq!(
+        steps("baseline/sft"),
+        steps("distilled/sft") + steps("distilled/dft")
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("loss.png") && md.contains("report_images/"),
+        "report lacks curves or examples"
+    );
+    for stage in [
+        "teacher/pt",
+        "teacher/sft",
+        "baseline/pt",
+        "baseline/sft",
+        "distilled/dpt",
+        "distilled/sft",
+        "distilled/dft",
+    ] {
+        assert!(
+            out.join("seed-0").join(stage).join("loss.png").exists(),
+            "{stage}"
+        );
+    }
+
+    let before = std::fs::metadata(out.join("seed-0/teacher/sft/model.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let (ok, _, err) = mmkd(&["demo", "--preset", "shapes-tiny", "--out", out_s]);
+    assert!(ok, "{err}");
+    assert!(err.contains("done earlier, skipped"), "{err}");
+    let after = std::fs::metadata(out.join("seed-0/teacher/sft/model.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after, "a finished stage was trained again");
+}
