@@ -89,7 +89,9 @@ mod tests {
     fn heads_that_do_not_group_are_an_error() {
         let q = random(&[1, 3, 2, 4], 1, DType::F32);
         let k = random(&[1, 2, 2, 4], 2, DType::F32);
-        let err = scaled_dot_product(&q, &k, &k, None, 1.0).unwrap_err().to_string();
+        let err = scaled_dot_product(&q, &k, &k, None, 1.0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("3 query heads cannot share 2"), "{err}");
     }
 }

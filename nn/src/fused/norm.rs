@@ -11,8 +11,7 @@ use super::{data, for_each_row, has_kernel, storage, sum_over_rows, Real};
 /// (otherwise the primitive-op formulation, which computes the statistics in f32).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     if has_kernel(x) && w.dtype() == x.dtype() && w.dims() == [x.dim(D::Minus1)?] {
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, RmsNorm { eps })
+        x.contiguous()?.apply_op2(&w.contiguous()?, RmsNorm { eps })
     } else {
         rms_norm_slow(x, w, eps)
     }
@@ -71,14 +70,12 @@ impl CustomOp2 for RmsNorm {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match xs {
-            CpuStorage::F32(_) => storage(self.fwd::<f32>(
-                data(xs, xl, self.name())?,
-                data(ws, wl, self.name())?,
-            )),
-            CpuStorage::F64(_) => storage(self.fwd::<f64>(
-                data(xs, xl, self.name())?,
-                data(ws, wl, self.name())?,
-            )),
+            CpuStorage::F32(_) => {
+                storage(self.fwd::<f32>(data(xs, xl, self.name())?, data(ws, wl, self.name())?))
+            }
+            CpuStorage::F64(_) => {
+                storage(self.fwd::<f64>(data(xs, xl, self.name())?, data(ws, wl, self.name())?))
+            }
             _ => candle_core::bail!("{}: f32/f64 only", self.name()),
         };
         Ok((out, xl.shape().clone()))

@@ -42,7 +42,14 @@ struct Rope {
 }
 
 impl Rope {
-    fn run<T: Real>(&self, x: &[T], cos: &[T], sin: &[T], dims: &[usize], table_batch: usize) -> Vec<T> {
+    fn run<T: Real>(
+        &self,
+        x: &[T],
+        cos: &[T],
+        sin: &[T],
+        dims: &[usize],
+        table_batch: usize,
+    ) -> Vec<T> {
         let (heads, s, d) = (dims[1], dims[2], dims[3]);
         let half = d / 2;
         let mut out = vec![T::zero(); x.len()];

@@ -24,10 +24,13 @@ pub fn scaled_masked_softmax(x: &Tensor, mask: Option<&Tensor>, scale: f64) -> R
             let mask = mask.to_dtype(x.dtype())?.contiguous()?;
             match (x.dims(), mask.dims()) {
                 (&[b, _, q, k], &[mb, 1, mq, mk]) if (mb == b || mb == 1) && (mq, mk) == (q, k) => {
-                    x.apply_op2(&mask, ScaledSoftmax {
-                        scale,
-                        mask_batch: mb,
-                    })
+                    x.apply_op2(
+                        &mask,
+                        ScaledSoftmax {
+                            scale,
+                            mask_batch: mb,
+                        },
+                    )
                 }
                 _ => scaled_masked_softmax_slow(&x, Some(&mask), scale),
             }
@@ -64,7 +67,11 @@ impl ScaledSoftmax {
             let xr = &x[r * k..(r + 1) * k];
             match mask {
                 Some(m) => {
-                    let batch = if self.mask_batch == 1 { 0 } else { r / (heads * q) };
+                    let batch = if self.mask_batch == 1 {
+                        0
+                    } else {
+                        r / (heads * q)
+                    };
                     let m_row = batch * q + r % q;
                     let mr = &m[m_row * k..(m_row + 1) * k];
                     for ((y, &xv), &mv) in y.iter_mut().zip(xr).zip(mr) {
@@ -77,10 +84,12 @@ impl ScaledSoftmax {
                     }
                 }
             }
-            let max = y.iter().fold(T::neg_infinity(), |a, &v| num_traits::Float::max(a, v));
+            let max = y
+                .iter()
+                .fold(T::neg_infinity(), |a, &v| num_traits::Float::max(a, v));
             let mut sum = T::zero();
             for v in y.iter_mut() {
-                *v = (*v - max).exp();
+                *v = (*v - max).exp_fast();
                 sum += *v;
             }
             let inv = sum.recip();
@@ -168,7 +177,10 @@ impl SoftmaxGrad {
         let mut out = vec![T::zero(); y.len()];
         for_each_row(&mut out, k, |r, dx| {
             let (yr, gr) = (&y[r * k..(r + 1) * k], &dy[r * k..(r + 1) * k]);
-            let dot = yr.iter().zip(gr).fold(T::zero(), |a, (&yv, &gv)| a + yv * gv);
+            let dot = yr
+                .iter()
+                .zip(gr)
+                .fold(T::zero(), |a, (&yv, &gv)| a + yv * gv);
             for ((d, &yv), &gv) in dx.iter_mut().zip(yr).zip(gr) {
                 *d = scale * yv * (gv - dot);
             }
