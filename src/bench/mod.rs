@@ -7,8 +7,10 @@
 //! - [`step`]: the step itself, timed by phase.
 //! - [`flops`]: the step's analytic FLOP count.
 //! - [`report`]: medians, samples/s, GFLOP/s, peak memory.
-//! - [`memory`], [`matmul_peak`]: peak RSS and a matmul throughput ceiling.
+//! - [`memory`], [`cpu_time`], [`matmul_peak`]: peak RSS, process CPU time and a matmul
+//!   throughput ceiling.
 
+pub mod cpu_time;
 pub mod data;
 pub mod flops;
 pub mod matmul_peak;
@@ -57,20 +59,32 @@ pub fn run(
     ensure!(options.steps > 0, "`--steps` must be at least 1");
     let mut step = DftStep::new(spec, options.seed)?;
     let mut timed = Vec::with_capacity(options.steps);
+    let mut cpu_start = 0.0;
     for i in 0..options.warmup + options.steps {
+        if i == options.warmup {
+            cpu_start = cpu_time::process_cpu_seconds()?;
+        }
         let outcome = step.run().with_context(|| format!("benchmark step {i}"))?;
         on_step(i, &outcome);
         if i >= options.warmup {
             timed.push(outcome);
         }
     }
+    let cpu_per_step = (cpu_time::process_cpu_seconds()? - cpu_start) / options.steps as f64;
     // Peak memory of the training steps, before the matmul measurement allocates its own.
     let peak = memory::peak_rss_bytes()?;
     let matmul_peak = options
         .matmul_peak_size
         .map(|n| matmul_peak::matmul_peak_gflops(n, 10))
         .transpose()?;
-    BenchReport::new(spec, options.warmup, &timed, peak, matmul_peak)
+    BenchReport::new(
+        spec,
+        options.warmup,
+        &timed,
+        cpu_per_step,
+        peak,
+        matmul_peak,
+    )
 }
 
 #[cfg(test)]
@@ -110,6 +124,7 @@ mod tests {
             ("gflops", report.gflops),
             ("gflop_per_step", report.gflop_per_step),
             ("peak_rss_mib", report.peak_rss_mib),
+            ("cpu_s_per_step", report.cpu_s_per_step),
             ("matmul_peak", report.matmul_peak_gflops.unwrap()),
             ("teacher_forward", s.teacher_forward),
             ("student_forward", s.student_forward),

@@ -23,6 +23,8 @@ pub struct BenchReport {
     pub step_s_max: f64,
     /// `batch / step_s_median`.
     pub samples_per_s: f64,
+    /// CPU time of all threads per timed step (the work, independent of other processes).
+    pub cpu_s_per_step: f64,
     /// Median of each phase over the timed steps.
     pub split_s: StepTimes,
     pub flops: StepFlops,
@@ -41,6 +43,7 @@ impl BenchReport {
         spec: &BenchSpec,
         warmup: usize,
         timed: &[StepOutcome],
+        cpu_s_per_step: f64,
         peak_rss_bytes: u64,
         matmul_peak_gflops: Option<f64>,
     ) -> Result<Self> {
@@ -61,6 +64,7 @@ impl BenchReport {
             step_s_min: totals.iter().copied().fold(f64::INFINITY, f64::min),
             step_s_max: totals.iter().copied().fold(0.0, f64::max),
             samples_per_s: spec.batch as f64 / step_s_median,
+            cpu_s_per_step,
             split_s: StepTimes {
                 teacher_forward: phase(|t| t.teacher_forward),
                 student_forward: phase(|t| t.student_forward),
@@ -91,6 +95,7 @@ impl BenchReport {
         };
         format!(
             "samples/s   {:.2}  (median step {:.3} s over {} steps, min {:.3}, max {:.3}; batch {}, {} matmul threads, element-wise threads {})\n\
+             CPU time    {:.3} s per step (all threads)\n\
              GFLOP/s     {:.1}{peak}  ({:.1} GFLOP per step)\n\
              split       teacher fwd {:.3} s ({:.0}%) | student fwd {:.3} s ({:.0}%) | loss {:.3} s ({:.0}%) | backward {:.3} s ({:.0}%) | optimizer {:.3} s ({:.0}%)\n\
              peak memory {:.0} MiB (VmHWM)\n\
@@ -103,6 +108,7 @@ impl BenchReport {
             self.batch,
             self.threads,
             self.candle_num_threads.as_deref().unwrap_or("default"),
+            self.cpu_s_per_step,
             self.gflops,
             self.gflop_per_step,
             s.teacher_forward,

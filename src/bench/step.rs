@@ -12,7 +12,9 @@ use serde::Serialize;
 
 use super::data::BenchBatch;
 use super::spec::{BenchSpec, LmSpec};
-use crate::distill::{distill_loss, DistillBatch, DistillLossConfig, RelationHidden};
+use crate::distill::{
+    distill_loss, hidden_form_is_cheaper, DistillBatch, DistillLossConfig, RelationHidden,
+};
 use crate::models::llava::{BuildOptions, LlavaModel, Trainable};
 use crate::train::{AdamW, AdamWConfig};
 
@@ -51,6 +53,7 @@ pub struct DftStep {
     optimizer: AdamW,
     batch: BenchBatch,
     loss: DistillLossConfig,
+    relation_from_hidden: bool,
 }
 
 impl DftStep {
@@ -76,6 +79,12 @@ impl DftStep {
             optimizer,
             batch: BenchBatch::random(spec, seed, &device)?,
             loss: DistillLossConfig::default(),
+            relation_from_hidden: hidden_form_is_cheaper(
+                &vec![spec.image_tokens(); spec.batch],
+                spec.vocab,
+                spec.student.hidden,
+                spec.teacher.hidden,
+            ),
         })
     }
 
@@ -117,8 +126,8 @@ impl DftStep {
                 teacher_logits: &teacher.logits,
                 labels: &batch.labels,
                 visual_mask: &batch.visual_mask,
-                // Z Zᵀ = H (WᵀW) Hᵀ: the same L_rel without the [visual, vocab] Gram products.
-                relation_hidden: Some(RelationHidden {
+                // Z Zᵀ = H (WᵀW) Hᵀ gives the same L_rel; use it only where it is cheaper.
+                relation_hidden: self.relation_from_hidden.then_some(RelationHidden {
                     student_hidden: &student.hidden,
                     student_head: self.student.lm.lm_head_weight(),
                     teacher_hidden: &teacher.hidden,

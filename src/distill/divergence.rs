@@ -114,14 +114,24 @@ impl Divergence {
     ) -> candle_core::Result<Tensor> {
         let dtype = compute_dtype(student_logits);
         let scale = 1.0 / temperature;
-        let s = student_logits.to_dtype(dtype)?.affine(scale, 0.0)?;
-        let t = teacher_logits
-            .detach()
-            .to_dtype(dtype)?
-            .affine(scale, 0.0)?;
+        // At T = 1 the scaling is the identity: skip the two copies it would make.
+        let scaled = |x: Tensor| {
+            if scale == 1.0 {
+                Ok(x)
+            } else {
+                x.affine(scale, 0.0)
+            }
+        };
+        let s = scaled(student_logits.to_dtype(dtype)?)?;
+        let t = scaled(teacher_logits.detach().to_dtype(dtype)?)?;
+        let divergence = self.without_degenerate_mixture();
+        if divergence == Divergence::ForwardKl {
+            // One fused pass per row, with the exact gradient q − p (see mmkd_nn::fused).
+            return mmkd_nn::fused::forward_kl_rows(&s, &t);
+        }
         let log_q = log_softmax(&s)?;
         let log_p = log_softmax(&t)?;
-        match self.without_degenerate_mixture() {
+        match divergence {
             Divergence::ForwardKl => kl_rows(&log_p.exp()?, &log_p, &log_q),
             Divergence::ReverseKl => kl_rows(&log_q.exp()?, &log_q, &log_p),
             Divergence::GeneralizedJsd { beta } => {

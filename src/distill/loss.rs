@@ -6,7 +6,7 @@ use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
 use super::divergence::Divergence;
-use super::logprob::{compute_dtype, log_softmax};
+use super::logprob::compute_dtype;
 use super::mdist::{check_labels, check_pair, rows_loss};
 use super::positions::{gather_rows, response_rows, visual_rows, ResponseRows};
 use super::rdist::{relation_loss, relation_loss_from_hidden};
@@ -247,9 +247,9 @@ fn ce_rows(logits: &Tensor, response: &ResponseRows) -> Result<Option<Tensor>> {
     }
     let rows = gather_rows(logits, &response.rows)?;
     let rows = rows.to_dtype(compute_dtype(&rows))?;
-    let targets = Tensor::from_slice(&response.targets, (response.len(), 1), logits.device())?;
-    let picked = log_softmax(&rows)?.gather(&targets, 1)?;
-    Ok(Some(picked.mean_all()?.neg()?))
+    let targets = Tensor::from_slice(&response.targets, response.len(), logits.device())?;
+    let per_token = mmkd_nn::fused::cross_entropy_rows(&rows, &targets)?;
+    Ok(Some(per_token.mean_all()?))
 }
 
 fn scalar(t: &Tensor) -> Result<f32> {

@@ -17,4 +17,4 @@ pub use loss::{
 };
 pub use mdist::{response_loss, visual_loss};
 pub use positions::{visual_mask_from_ids, IGNORE_INDEX};
-pub use rdist::{relation_loss, relation_loss_from_hidden};
+pub use rdist::{hidden_form_is_cheaper, relation_loss, relation_loss_from_hidden};

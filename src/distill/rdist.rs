@@ -16,6 +16,35 @@ use super::logprob::compute_dtype;
 use super::mdist::check_labels;
 use super::positions::visual_positions_per_sample;
 
+/// Whether [`relation_loss_from_hidden`] costs fewer FLOPs than [`relation_loss`] for a batch
+/// whose samples have `visual_per_sample` visual positions, a vocabulary of `vocab` and hidden
+/// sizes `student_hidden`, `teacher_hidden`. The logits form costs 2·Np²·V per sample and
+/// model; the hidden form 2·V·H² per model (the Gram matrix) plus 2·Np·H² + 2·Np²·H per
+/// sample. The hidden form wins for real vocabularies (V ≫ H), not for small test ones.
+pub fn hidden_form_is_cheaper(
+    visual_per_sample: &[usize],
+    vocab: usize,
+    student_hidden: usize,
+    teacher_hidden: usize,
+) -> bool {
+    let v = vocab as f64;
+    let logits: f64 = visual_per_sample
+        .iter()
+        .map(|&n| 2.0 * 2.0 * (n * n) as f64 * v)
+        .sum();
+    let hidden: f64 = [student_hidden as f64, teacher_hidden as f64]
+        .iter()
+        .map(|&h| {
+            2.0 * v * h * h
+                + visual_per_sample
+                    .iter()
+                    .map(|&n| 2.0 * n as f64 * h * h + 2.0 * (n * n) as f64 * h)
+                    .sum::<f64>()
+        })
+        .sum();
+    hidden < logits
+}
+
 /// Norms below this are clamped before dividing (as `torch.nn.functional.cosine_similarity`).
 const COSINE_EPS: f64 = 1e-8;
 
@@ -238,6 +267,15 @@ mod tests {
             from_hidden.to_scalar::<f64>().unwrap(),
         );
         assert!(a > 1e-3 && (a - b).abs() < 1e-12, "{a} vs {b}");
+    }
+
+    #[test]
+    fn the_cheaper_form_depends_on_the_vocabulary() {
+        // The benchmark spec: 8 samples × 64 visual tokens, V = 2048, H = 256 / 512.
+        assert!(!hidden_form_is_cheaper(&[64; 8], 2048, 256, 512));
+        // A Qwen-sized vocabulary with 576 visual tokens per sample.
+        assert!(hidden_form_is_cheaper(&[576; 8], 151_936, 896, 1536));
+        assert!(!hidden_form_is_cheaper(&[], 151_936, 896, 1536));
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub fn silu_mul_slow(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 }
 
 fn sig<T: Real>(g: T) -> T {
-    (T::one() + (-g).exp()).recip()
+    (T::one() + (-g).exp_fast()).recip()
 }
 
 /// Rows of the last dimension (any split works for element-wise kernels).

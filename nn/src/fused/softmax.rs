@@ -89,7 +89,7 @@ impl ScaledSoftmax {
                 .fold(T::neg_infinity(), |a, &v| num_traits::Float::max(a, v));
             let mut sum = T::zero();
             for v in y.iter_mut() {
-                *v = (*v - max).exp();
+                *v = (*v - max).exp_fast();
                 sum += *v;
             }
             let inv = sum.recip();
