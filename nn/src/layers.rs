@@ -34,26 +34,17 @@ impl Linear {
         self.weight.dim(0).unwrap_or(0)
     }
 
-    /// Works on any rank ≥ 2; the input is made contiguous first (candle's batched matmul fast
-    /// path folds non-contiguous batches wrongly).
+    /// Works on any rank ≥ 1: one fused op for f32/f64 (see [`crate::fused::linear`]), primitive
+    /// ops otherwise. Inputs are made contiguous first (candle's batched matmul fast path folds
+    /// non-contiguous batches wrongly).
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
-        let x = x.contiguous()?;
-        let dims = x.dims().to_vec();
-        let in_dim = dims[dims.len() - 1];
-        let rows = x.elem_count() / in_dim.max(1);
         let w = if self.weight.dtype() != x.dtype() {
             self.weight.to_dtype(x.dtype())?
         } else {
             self.weight.clone()
         };
-        let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
-            None => y,
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank ≥ 1") = self.weight.dim(0)?;
-        y.reshape(out_dims)
+        let b = self.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
+        crate::fused::linear(x, &w, b.as_ref())
     }
 }
 

@@ -10,6 +10,7 @@
 //! primitive-op formulation (the reference each kernel is tested against, values and
 //! gradients) for other dtypes or layouts.
 
+pub mod linear;
 pub mod norm;
 pub mod rope;
 pub mod silu;
@@ -19,6 +20,7 @@ pub mod xent;
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
 use rayon::prelude::*;
 
+pub use linear::linear;
 pub use norm::rms_norm;
 pub use rope::rope;
 pub use silu::silu_mul;

@@ -1,0 +1,356 @@
+//! The affine map y = x Wᵀ + b as one op: one gemm into an output pre-filled with the bias.
+//!
+//! Written with primitive ops, a Linear is four graph nodes (reshape, transpose of W, matmul,
+//! broadcast add) and candle's backward makes a zero tensor plus an addition for each of them.
+//! As one node its backward is three products on constants:
+//! ∂x = ∂y W, ∂W = ∂yᵀ x, ∂b = Σ_rows ∂y.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use gemm::Parallelism;
+
+use super::{data, has_kernel, storage, Real};
+
+/// `x Wᵀ + b` for x `[.., in]`, W `[out, in]`, b `[out]`; `[.., out]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let fits = has_kernel(x)
+        && x.rank() >= 1
+        && x.dim(D::Minus1)? == in_dim
+        && w.dtype() == x.dtype()
+        && b.is_none_or(|b| b.dtype() == x.dtype() && b.dims() == [out_dim]);
+    if !fits {
+        return linear_slow(x, w, b);
+    }
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    match b {
+        Some(b) => x.apply_op3(&w, &b.contiguous()?, Affine),
+        None => x.apply_op2(&w, Affine),
+    }
+}
+
+/// The reference formulation from primitive ops.
+pub fn linear_slow(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let dims = x.dims().to_vec();
+    let in_dim = dims[dims.len() - 1];
+    let rows = x.elem_count() / in_dim.max(1);
+    let y = x.reshape((rows, in_dim))?.matmul(&w.t()?)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank ≥ 1") = w.dim(0)?;
+    y.reshape(out_dims)
+}
+
+/// The number of threads candle's own matmuls use.
+fn parallelism() -> Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+struct Affine;
+
+impl Affine {
+    fn fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, in_dim: usize, out_dim: usize) -> Vec<T> {
+        let rows = x.len() / in_dim.max(1);
+        let mut y = match b {
+            Some(b) => b.iter().copied().cycle().take(rows * out_dim).collect(),
+            None => vec![T::zero(); rows * out_dim],
+        };
+        if rows == 0 || in_dim == 0 || out_dim == 0 {
+            return y;
+        }
+        // dst (rows × out, row-major) := [dst +] x (rows × in) · Wᵀ (in × out, read from W).
+        // SAFETY: every pointer covers the extent its strides address: y is rows·out long,
+        // x rows·in, W out·in; the slices outlive the call.
+        unsafe {
+            gemm::gemm(
+                rows,
+                out_dim,
+                in_dim,
+                y.as_mut_ptr(),
+                1,
+                out_dim as isize,
+                b.is_some(),
+                x.as_ptr(),
+                1,
+                in_dim as isize,
+                w.as_ptr(),
+                in_dim as isize,
+                1,
+                T::one(),
+                T::one(),
+                false,
+                false,
+                false,
+                parallelism(),
+            );
+        }
+        y
+    }
+
+    fn run(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = "mmkd-linear";
+        let (out_dim, in_dim) = (wl.dims()[0], wl.dims()[1]);
+        let out = match xs {
+            CpuStorage::F32(_) => {
+                let b = bias.map(|(s, l)| data::<f32>(s, l, name)).transpose()?;
+                storage(Self::fwd::<f32>(
+                    data(xs, xl, name)?,
+                    data(ws, wl, name)?,
+                    b,
+                    in_dim,
+                    out_dim,
+                ))
+            }
+            CpuStorage::F64(_) => {
+                let b = bias.map(|(s, l)| data::<f64>(s, l, name)).transpose()?;
+                storage(Self::fwd::<f64>(
+                    data(xs, xl, name)?,
+                    data(ws, wl, name)?,
+                    b,
+                    in_dim,
+                    out_dim,
+                ))
+            }
+            _ => candle_core::bail!("{name}: f32/f64 only"),
+        };
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = out_dim;
+        Ok((out, Shape::from(dims)))
+    }
+
+    /// (∂x, ∂W, ∂b) from x, W and ∂y, all treated as constants.
+    fn grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let (out_dim, in_dim) = w.dims2()?;
+        let rows = x.elem_count() / in_dim.max(1);
+        let dy2 = dy.detach().contiguous()?.reshape((rows, out_dim))?;
+        let x2 = x.detach().contiguous()?.reshape((rows, in_dim))?;
+        let dx = dy2.matmul(&w.detach())?.reshape(x.shape())?;
+        let dw = x2.apply_op2_no_bwd(&dy2, &WeightGrad)?;
+        let db = dy2.apply_op1_no_bwd(&ColumnSum)?;
+        Ok((dx, dw, db))
+    }
+}
+
+/// ∂W = ∂yᵀ x (`[out, in]`) from x `[rows, in]` and ∂y `[rows, out]`. gemm is fastest
+/// producing the transpose xᵀ ∂y (`[in, out]`, both operands read down their columns), so it
+/// computes that and transposes in cache-sized blocks.
+struct WeightGrad;
+
+impl WeightGrad {
+    fn run<T: Real>(x: &[T], dy: &[T], rows: usize, in_dim: usize, out_dim: usize) -> Vec<T> {
+        let mut wt = vec![T::zero(); in_dim * out_dim];
+        if rows > 0 && in_dim > 0 && out_dim > 0 {
+            // SAFETY: wt is in·out long, x rows·in, dy rows·out; strides stay inside them.
+            unsafe {
+                gemm::gemm(
+                    in_dim,
+                    out_dim,
+                    rows,
+                    wt.as_mut_ptr(),
+                    1,
+                    out_dim as isize,
+                    false,
+                    x.as_ptr(),
+                    in_dim as isize,
+                    1,
+                    dy.as_ptr(),
+                    1,
+                    out_dim as isize,
+                    T::zero(),
+                    T::one(),
+                    false,
+                    false,
+                    false,
+                    parallelism(),
+                );
+            }
+        }
+        transpose(&wt, in_dim, out_dim)
+    }
+}
+
+/// The `[cols, rows]` transpose of a row-major `[rows, cols]` matrix.
+fn transpose<T: Real>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
+    const BLOCK: usize = 32;
+    let mut t = vec![T::zero(); a.len()];
+    for r0 in (0..rows).step_by(BLOCK) {
+        for c0 in (0..cols).step_by(BLOCK) {
+            for r in r0..(r0 + BLOCK).min(rows) {
+                for c in c0..(c0 + BLOCK).min(cols) {
+                    t[c * rows + r] = a[r * cols + c];
+                }
+            }
+        }
+    }
+    t
+}
+
+impl CustomOp2 for WeightGrad {
+    fn name(&self) -> &'static str {
+        "mmkd-linear-weight-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (rows, in_dim) = (xl.dims()[0], xl.dims()[1]);
+        let out_dim = gl.dims()[1];
+        let out = match xs {
+            CpuStorage::F32(_) => storage(Self::run::<f32>(
+                data(xs, xl, name)?,
+                data(gs, gl, name)?,
+                rows,
+                in_dim,
+                out_dim,
+            )),
+            CpuStorage::F64(_) => storage(Self::run::<f64>(
+                data(xs, xl, name)?,
+                data(gs, gl, name)?,
+                rows,
+                in_dim,
+                out_dim,
+            )),
+            _ => candle_core::bail!("{name}: f32/f64 only"),
+        };
+        Ok((out, Shape::from((out_dim, in_dim))))
+    }
+}
+
+/// Σ over the rows of a `[rows, cols]` matrix (candle's `sum(0)` walks it column by column,
+/// ~40× slower).
+struct ColumnSum;
+
+impl candle_core::CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "mmkd-column-sum"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(a: &[T], cols: usize) -> Vec<T> {
+            super::sum_over_rows(a.len() / cols.max(1), cols, |r, acc| {
+                for (x, &v) in acc.iter_mut().zip(&a[r * cols..(r + 1) * cols]) {
+                    *x += v;
+                }
+            })
+        }
+        let name = self.name();
+        let cols = l.dims()[1];
+        let out = match s {
+            CpuStorage::F32(_) => storage(run::<f32>(data(s, l, name)?, cols)),
+            CpuStorage::F64(_) => storage(run::<f64>(data(s, l, name)?, cols)),
+            _ => candle_core::bail!("{name}: f32/f64 only"),
+        };
+        Ok((out, Shape::from(cols)))
+    }
+}
+
+impl CustomOp2 for Affine {
+    fn name(&self) -> &'static str {
+        "mmkd-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run(xs, xl, ws, wl, None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::grads(x, w, dy)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for Affine {
+    fn name(&self) -> &'static str {
+        "mmkd-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run(xs, xl, ws, wl, Some((bs, bl)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = Self::grads(x, w, dy)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fused::testing::{check_against_slow, random};
+    use candle_core::DType;
+
+    #[test]
+    fn matches_the_primitive_formulation() {
+        let x = random(&[3, 7, 20], 1, DType::F64);
+        let w = random(&[13, 20], 2, DType::F64);
+        let b = random(&[13], 3, DType::F64);
+        check_against_slow(
+            &[x.clone(), w.clone(), b],
+            |a| linear(&a[0], &a[1], Some(&a[2])),
+            |a| linear_slow(&a[0], &a[1], Some(&a[2])),
+            1e-12,
+        );
+        check_against_slow(
+            &[x, w],
+            |a| linear(&a[0], &a[1], None),
+            |a| linear_slow(&a[0], &a[1], None),
+            1e-12,
+        );
+        // f32, a 2-D input, sizes past one gemm block.
+        let x = random(&[300, 70], 4, DType::F32);
+        let w = random(&[90, 70], 5, DType::F32);
+        let b = random(&[90], 6, DType::F32);
+        check_against_slow(
+            &[x, w, b],
+            |a| linear(&a[0], &a[1], Some(&a[2])),
+            |a| linear_slow(&a[0], &a[1], Some(&a[2])),
+            2e-3,
+        );
+    }
+}
