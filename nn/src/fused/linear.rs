@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 use gemm::Parallelism;
 
-use super::{data, has_kernel, storage, Real};
+use super::{data, has_kernel, multiversion, storage, Real};
 
 /// `x Wᵀ + b` for x `[.., in]`, W `[out, in]`, b `[out]`; `[.., out]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -234,6 +234,14 @@ impl CustomOp2 for WeightGrad {
     }
 }
 
+multiversion! {
+    fn add_row<T: Real>(acc: &mut [T], row: &[T]) {
+        for (x, &v) in acc.iter_mut().zip(row) {
+            *x += v;
+        }
+    }
+}
+
 /// Σ over the rows of a `[rows, cols]` matrix (candle's `sum(0)` walks it column by column,
 /// ~40× slower).
 struct ColumnSum;
@@ -246,9 +254,7 @@ impl candle_core::CustomOp1 for ColumnSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(a: &[T], cols: usize) -> Vec<T> {
             super::sum_over_rows(a.len() / cols.max(1), cols, |r, acc| {
-                for (x, &v) in acc.iter_mut().zip(&a[r * cols..(r + 1) * cols]) {
-                    *x += v;
-                }
+                add_row(acc, &a[r * cols..(r + 1) * cols])
             })
         }
         let name = self.name();

@@ -6,7 +6,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
-use super::{data, for_each_row, has_kernel, storage, Real};
+use super::{data, for_each_row, has_kernel, multiversion, storage, Real};
 
 /// Rotates `x` (`[b, heads, s, d]`) by the tables `cos`, `sin` (`[b or 1, 1, s, d]`).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -36,6 +36,27 @@ pub fn rope_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
+multiversion! {
+    /// One row of the rotation (or, with `transpose`, of its transpose).
+    fn rope_row<T: Real>(x: &[T], c: &[T], s: &[T], y: &mut [T], transpose: bool) {
+        let half = x.len() / 2;
+        let (x1, x2) = x.split_at(half);
+        let (c1, c2) = c.split_at(half);
+        let (s1, s2) = s.split_at(half);
+        let (y1, y2) = y.split_at_mut(half);
+        for i in 0..half {
+            let (a, b) = (x1[i], x2[i]);
+            if transpose {
+                y1[i] = a * c1[i] + b * s2[i];
+                y2[i] = b * c2[i] - a * s1[i];
+            } else {
+                y1[i] = a * c1[i] - b * s1[i];
+                y2[i] = b * c2[i] + a * s2[i];
+            }
+        }
+    }
+}
+
 /// `transpose` applies the transposed rotation (the backward map).
 struct Rope {
     transpose: bool,
@@ -51,23 +72,12 @@ impl Rope {
         table_batch: usize,
     ) -> Vec<T> {
         let (heads, s, d) = (dims[1], dims[2], dims[3]);
-        let half = d / 2;
         let mut out = vec![T::zero(); x.len()];
         for_each_row(&mut out, d, |r, y| {
             let batch = if table_batch == 1 { 0 } else { r / (heads * s) };
             let t = (batch * s + r % s) * d;
             let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
-            let xr = &x[r * d..(r + 1) * d];
-            for i in 0..half {
-                let (x1, x2) = (xr[i], xr[i + half]);
-                if self.transpose {
-                    y[i] = x1 * c[i] + x2 * sn[i + half];
-                    y[i + half] = x2 * c[i + half] - x1 * sn[i];
-                } else {
-                    y[i] = x1 * c[i] - x2 * sn[i];
-                    y[i + half] = x2 * c[i + half] + x1 * sn[i + half];
-                }
-            }
+            rope_row(&x[r * d..(r + 1) * d], c, sn, y, self.transpose);
         });
         out
     }
