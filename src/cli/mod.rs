@@ -37,13 +37,16 @@ pub enum Command {
 pub fn run() -> Result<()> {
     keep_element_wise_ops_on_the_calling_thread();
     let cli = Cli::parse();
-    match cli.command {
+    // The command runs on a rayon worker thread, so the parallel kernels and matmuls it starts
+    // share the pool's threads directly instead of waking a sleeping pool from outside (two
+    // futex round trips) for every op.
+    rayon::scope(|_| match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
         Command::Data(args) => data::run(args),
         Command::Bench(args) => bench::run(args),
-    }
+    })
 }
 
 /// candle runs element-wise ops on its own busy-waiting thread pool, next to the rayon pool
