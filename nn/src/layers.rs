@@ -43,7 +43,11 @@ impl Linear {
         } else {
             self.weight.clone()
         };
-        let b = self.bias.as_ref().map(|b| b.to_dtype(x.dtype())).transpose()?;
+        let b = self
+            .bias
+            .as_ref()
+            .map(|b| b.to_dtype(x.dtype()))
+            .transpose()?;
         crate::fused::linear(x, &w, b.as_ref())
     }
 }

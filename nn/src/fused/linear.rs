@@ -52,45 +52,91 @@ fn parallelism() -> Parallelism {
     }
 }
 
+/// A matrix operand: its data and its (row, column) strides.
+#[derive(Clone, Copy)]
+struct Operand<'a, T> {
+    data: &'a [T],
+    rs: usize,
+    cs: usize,
+}
+
+impl<T> Operand<'_, T> {
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
+    }
+}
+
+/// `lhs · rhs` (`m × k` times `k × n`) as a row-major `m × n` matrix, plus `bias` on every row
+/// when given.
+fn matmul<T: Real>(
+    (m, n, k): (usize, usize, usize),
+    lhs: Operand<'_, T>,
+    rhs: Operand<'_, T>,
+    bias: Option<&[T]>,
+) -> Vec<T> {
+    assert!(
+        lhs.covers(m, k) && rhs.covers(k, n),
+        "matmul operands out of bounds"
+    );
+    let len = m * n;
+    let mut y = Vec::with_capacity(len);
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "bias length");
+        for _ in 0..m {
+            y.extend_from_slice(b);
+        }
+    }
+    // SAFETY: the operands cover the extents their strides address (checked above) and y has
+    // room for m·n elements. Without a bias, gemm is told not to read dst (it sets alpha to
+    // 0 and writes every element; k = 0 writes zeros), so all m·n elements are initialised
+    // before set_len.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            bias.is_some(),
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            T::one(),
+            T::one(),
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+        y.set_len(len);
+    }
+    y
+}
+
 struct Affine;
 
 impl Affine {
     fn fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, in_dim: usize, out_dim: usize) -> Vec<T> {
         let rows = x.len() / in_dim.max(1);
-        let mut y = match b {
-            Some(b) => b.iter().copied().cycle().take(rows * out_dim).collect(),
-            None => vec![T::zero(); rows * out_dim],
-        };
-        if rows == 0 || in_dim == 0 || out_dim == 0 {
-            return y;
-        }
-        // dst (rows × out, row-major) := [dst +] x (rows × in) · Wᵀ (in × out, read from W).
-        // SAFETY: every pointer covers the extent its strides address: y is rows·out long,
-        // x rows·in, W out·in; the slices outlive the call.
-        unsafe {
-            gemm::gemm(
-                rows,
-                out_dim,
-                in_dim,
-                y.as_mut_ptr(),
-                1,
-                out_dim as isize,
-                b.is_some(),
-                x.as_ptr(),
-                1,
-                in_dim as isize,
-                w.as_ptr(),
-                in_dim as isize,
-                1,
-                T::one(),
-                T::one(),
-                false,
-                false,
-                false,
-                parallelism(),
-            );
-        }
-        y
+        // y (rows × out) = x (rows × in) · Wᵀ (in × out, read from W [out, in]) + b.
+        matmul(
+            (rows, out_dim, in_dim),
+            Operand {
+                data: x,
+                rs: in_dim,
+                cs: 1,
+            },
+            Operand {
+                data: w,
+                rs: 1,
+                cs: in_dim,
+            },
+            b,
+        )
     }
 
     fn run(
@@ -137,7 +183,9 @@ impl Affine {
         let rows = x.elem_count() / in_dim.max(1);
         let dy2 = dy.detach().contiguous()?.reshape((rows, out_dim))?;
         let x2 = x.detach().contiguous()?.reshape((rows, in_dim))?;
-        let dx = dy2.matmul(&w.detach())?.reshape(x.shape())?;
+        let dx = dy2
+            .apply_op2_no_bwd(&w.detach().contiguous()?, &InputGrad)?
+            .reshape(x.shape())?;
         let dw = x2.apply_op2_no_bwd(&dy2, &WeightGrad)?;
         let db = dy2.apply_op1_no_bwd(&ColumnSum)?;
         Ok((dx, dw, db))
@@ -151,34 +199,77 @@ struct WeightGrad;
 
 impl WeightGrad {
     fn run<T: Real>(x: &[T], dy: &[T], rows: usize, in_dim: usize, out_dim: usize) -> Vec<T> {
-        let mut wt = vec![T::zero(); in_dim * out_dim];
-        if rows > 0 && in_dim > 0 && out_dim > 0 {
-            // SAFETY: wt is in·out long, x rows·in, dy rows·out; strides stay inside them.
-            unsafe {
-                gemm::gemm(
-                    in_dim,
-                    out_dim,
-                    rows,
-                    wt.as_mut_ptr(),
-                    1,
-                    out_dim as isize,
-                    false,
-                    x.as_ptr(),
-                    in_dim as isize,
-                    1,
-                    dy.as_ptr(),
-                    1,
-                    out_dim as isize,
-                    T::zero(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
-                    parallelism(),
-                );
-            }
-        }
+        // ∂Wᵀ (in × out) = xᵀ (in × rows, read down x's columns) · ∂y (rows × out).
+        let wt = matmul(
+            (in_dim, out_dim, rows),
+            Operand {
+                data: x,
+                rs: 1,
+                cs: in_dim,
+            },
+            Operand {
+                data: dy,
+                rs: out_dim,
+                cs: 1,
+            },
+            None,
+        );
         transpose(&wt, in_dim, out_dim)
+    }
+}
+
+/// ∂x = ∂y W (`[rows, in]`) from ∂y `[rows, out]` and W `[out, in]`.
+struct InputGrad;
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "mmkd-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(dy: &[T], w: &[T], rows: usize, out_dim: usize, in_dim: usize) -> Vec<T> {
+            matmul(
+                (rows, in_dim, out_dim),
+                Operand {
+                    data: dy,
+                    rs: out_dim,
+                    cs: 1,
+                },
+                Operand {
+                    data: w,
+                    rs: in_dim,
+                    cs: 1,
+                },
+                None,
+            )
+        }
+        let name = self.name();
+        let (rows, out_dim) = (gl.dims()[0], gl.dims()[1]);
+        let in_dim = wl.dims()[1];
+        let out = match gs {
+            CpuStorage::F32(_) => storage(run::<f32>(
+                data(gs, gl, name)?,
+                data(ws, wl, name)?,
+                rows,
+                out_dim,
+                in_dim,
+            )),
+            CpuStorage::F64(_) => storage(run::<f64>(
+                data(gs, gl, name)?,
+                data(ws, wl, name)?,
+                rows,
+                out_dim,
+                in_dim,
+            )),
+            _ => candle_core::bail!("{name}: f32/f64 only"),
+        };
+        Ok((out, Shape::from((rows, in_dim))))
     }
 }
 

@@ -12,18 +12,20 @@
 //! primitive-op formulation (the reference each kernel is tested against, values and
 //! gradients) for other dtypes or layouts.
 
+pub mod gelu;
 pub mod linear;
 pub mod norm;
 pub mod rope;
-mod simd;
 pub mod silu;
+mod simd;
 pub mod softmax;
 pub mod xent;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
-pub(crate) use simd::{multiversion, Real};
 use rayon::prelude::*;
+pub(crate) use simd::{multiversion, Real};
 
+pub use gelu::{gelu, GeluKind};
 pub use linear::linear;
 pub use norm::rms_norm;
 pub use rope::rope;

@@ -76,7 +76,9 @@ impl RmsNorm {
     fn fwd<T: Real>(&self, x: &[T], w: &[T]) -> Vec<T> {
         let n = w.len();
         let mut out = vec![T::zero(); x.len()];
-        for_each_row(&mut out, n, |r, y| fwd_row(&x[r * n..(r + 1) * n], w, y, self.eps));
+        for_each_row(&mut out, n, |r, y| {
+            fwd_row(&x[r * n..(r + 1) * n], w, y, self.eps)
+        });
         out
     }
 }

@@ -191,7 +191,7 @@ pub(crate) fn level() -> Level {
     })
 }
 
-/// Defines `fn name<T: Real>(args) -> ret` whose body is compiled three times (AVX-512,
+/// Defines `fn name<T: Real>(args) -> ret` (or a non-generic `fn name(args) -> ret`) whose body is compiled three times (AVX-512,
 /// AVX2 + FMA, baseline) and picked at run time by [`level`]. The body must only call
 /// `#[inline(always)]` helpers for them to share the wider instructions.
 macro_rules! multiversion {
@@ -219,6 +219,32 @@ macro_rules! multiversion {
                 }
             }
             imp::<$T>($($arg),*)
+        }
+    };
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        #[inline]
+        pub(crate) fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn imp($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
+                match $crate::fused::simd::level() {
+                    // SAFETY: `level` reported these instruction sets on this CPU.
+                    $crate::fused::simd::Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    $crate::fused::simd::Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    $crate::fused::simd::Level::Baseline => {}
+                }
+            }
+            imp($($arg),*)
         }
     };
 }

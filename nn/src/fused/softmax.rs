@@ -102,7 +102,11 @@ impl ScaledSoftmax {
         let mut out = vec![T::zero(); x.len()];
         for_each_row(&mut out, k, |r, y| {
             let mask_row = mask.map(|m| {
-                let batch = if self.mask_batch == 1 { 0 } else { r / (heads * q) };
+                let batch = if self.mask_batch == 1 {
+                    0
+                } else {
+                    r / (heads * q)
+                };
                 let m_row = batch * q + r % q;
                 &m[m_row * k..(m_row + 1) * k]
             });
