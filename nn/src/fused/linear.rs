@@ -5,10 +5,9 @@
 //! As one node its backward is three products on constants:
 //! ∂x = ∂y W, ∂W = ∂yᵀ x, ∂b = Σ_rows ∂y.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
-use gemm::Parallelism;
-
+use super::gemm::{matmul, Operand};
 use super::{data, has_kernel, multiversion, storage, Real};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 
 /// `x Wᵀ + b` for x `[.., in]`, W `[out, in]`, b `[out]`; `[.., out]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -42,79 +41,6 @@ pub fn linear_slow(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
     let mut out_dims = dims;
     *out_dims.last_mut().expect("rank ≥ 1") = w.dim(0)?;
     y.reshape(out_dims)
-}
-
-/// The number of threads candle's own matmuls use.
-fn parallelism() -> Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
-/// A matrix operand: its data and its (row, column) strides.
-#[derive(Clone, Copy)]
-struct Operand<'a, T> {
-    data: &'a [T],
-    rs: usize,
-    cs: usize,
-}
-
-impl<T> Operand<'_, T> {
-    fn covers(&self, rows: usize, cols: usize) -> bool {
-        rows == 0 || cols == 0 || (rows - 1) * self.rs + (cols - 1) * self.cs < self.data.len()
-    }
-}
-
-/// `lhs · rhs` (`m × k` times `k × n`) as a row-major `m × n` matrix, plus `bias` on every row
-/// when given.
-fn matmul<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    lhs: Operand<'_, T>,
-    rhs: Operand<'_, T>,
-    bias: Option<&[T]>,
-) -> Vec<T> {
-    assert!(
-        lhs.covers(m, k) && rhs.covers(k, n),
-        "matmul operands out of bounds"
-    );
-    let len = m * n;
-    let mut y = Vec::with_capacity(len);
-    if let Some(b) = bias {
-        assert_eq!(b.len(), n, "bias length");
-        for _ in 0..m {
-            y.extend_from_slice(b);
-        }
-    }
-    // SAFETY: the operands cover the extents their strides address (checked above) and y has
-    // room for m·n elements. Without a bias, gemm is told not to read dst (it sets alpha to
-    // 0 and writes every element; k = 0 writes zeros), so all m·n elements are initialised
-    // before set_len.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            bias.is_some(),
-            lhs.data.as_ptr(),
-            lhs.cs as isize,
-            lhs.rs as isize,
-            rhs.data.as_ptr(),
-            rhs.cs as isize,
-            rhs.rs as isize,
-            T::one(),
-            T::one(),
-            false,
-            false,
-            false,
-            parallelism(),
-        );
-        y.set_len(len);
-    }
-    y
 }
 
 struct Affine;

@@ -12,7 +12,9 @@
 //! primitive-op formulation (the reference each kernel is tested against, values and
 //! gradients) for other dtypes or layouts.
 
+pub mod attention;
 pub mod gelu;
+mod gemm;
 pub mod linear;
 pub mod norm;
 pub mod rope;
@@ -25,6 +27,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
 use rayon::prelude::*;
 pub(crate) use simd::{multiversion, Real};
 
+pub use attention::attention;
 pub use gelu::{gelu, GeluKind};
 pub use linear::linear;
 pub use norm::rms_norm;
