@@ -23,8 +23,8 @@ pub enum Activation {
 impl Activation {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Activation::Gelu => x.gelu_erf(),
-            Activation::GeluPytorchTanh => x.gelu(),
+            Activation::Gelu => crate::fused::gelu(x, crate::fused::GeluKind::Erf),
+            Activation::GeluPytorchTanh => crate::fused::gelu(x, crate::fused::GeluKind::Tanh),
             Activation::QuickGelu => x.mul(&sigmoid(&(x * 1.702)?)?),
             Activation::Silu => x.mul(&sigmoid(x)?),
             Activation::Relu => x.relu(),

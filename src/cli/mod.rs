@@ -57,7 +57,10 @@ pub enum Command {
 pub fn run() -> Result<()> {
     keep_element_wise_ops_on_the_calling_thread();
     let cli = Cli::parse();
-    match cli.command {
+    // The command runs on a rayon worker thread, so the parallel kernels and matmuls it starts
+    // share the pool's threads directly instead of waking a sleeping pool from outside (two
+    // futex round trips) for every op.
+    rayon::scope(|_| match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
@@ -70,7 +73,7 @@ pub fn run() -> Result<()> {
         Command::Sft(args) => train::run(args, Stage::Sft),
         Command::Dpt(args) => train::run(args, Stage::Dpt),
         Command::Dft(args) => train::run(args, Stage::Dft),
-    }
+    })
 }
 
 /// candle runs element-wise ops on its own busy-waiting thread pool, next to the rayon pool

@@ -3,15 +3,16 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
-use mmkd_nn::attention::{scaled_dot_product, MASK_VALUE};
+use mmkd_nn::attention::{attention, MASK_VALUE};
 use mmkd_nn::{Embedding, Linear, ParamBuilder, RmsNorm};
 
 use super::text_config::TextConfig;
 
 const INIT_STD: f32 = 0.02;
 
-/// Keys and values of every layer for the positions seen so far (generation only; training
-/// never uses it because candle's in-place cache ops drop gradients).
+/// Keys and values (`[b, positions, kv_heads·head_dim]`) of every layer for the positions seen
+/// so far (generation only; training never uses it because candle's in-place cache ops drop
+/// gradients).
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -29,7 +30,7 @@ impl KvCache {
         self.layers
             .first()
             .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .map(|(k, _)| k.dim(1).unwrap_or(0))
             .unwrap_or(0)
     }
 
@@ -79,28 +80,19 @@ impl Attention {
         mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let split = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, s, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = rope.apply(&split(self.q_proj.forward(x)?, self.heads)?)?;
-        let mut k = rope.apply(&split(self.k_proj.forward(x)?, self.kv_heads)?)?;
-        let mut v = split(self.v_proj.forward(x)?, self.kv_heads)?;
+        // Everything stays in the projections' [b, s, heads·d] layout.
+        let q = rope.apply(&self.q_proj.forward(x)?)?;
+        let mut k = rope.apply(&self.k_proj.forward(x)?)?;
+        let mut v = self.v_proj.forward(x)?;
         if let Some(slot) = cache {
             if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
+                k = Tensor::cat(&[pk, &k], 1)?;
+                v = Tensor::cat(&[pv, &v], 1)?;
             }
             *slot = Some((k.clone(), v.clone()));
         }
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = scaled_dot_product(&q, &k, &v, Some(mask), scale)?;
-        let out = out
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, s, self.heads * self.head_dim))?;
+        let out = attention(&q, &k, &v, self.heads, self.kv_heads, Some(mask), scale)?;
         Ok(self.o_proj.forward(&out)?)
     }
 }
@@ -194,14 +186,14 @@ impl Rope {
         let inv_freq = Tensor::from_vec(inv_freq, (1, 1, half), positions.device())?;
         let pos = positions.to_dtype(DType::F32)?.unsqueeze(D::Minus1)?;
         let freqs = pos.broadcast_mul(&inv_freq)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         Ok(Self {
             cos: emb.cos()?.to_dtype(dtype)?,
             sin: emb.sin()?.to_dtype(dtype)?,
         })
     }
 
-    /// x: `[b, heads, s, head_dim]`.
+    /// x: `[b, s, heads·head_dim]`.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
         Ok(mmkd_nn::fused::rope(x, &self.cos, &self.sin)?)
     }

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use mmkd_nn::attention::scaled_dot_product;
+use mmkd_nn::attention::attention;
 use mmkd_nn::{Activation, Init, LayerNorm, Linear, ParamBuilder};
 
 use crate::config::{VisionConfig, VisionKind};
@@ -275,23 +275,16 @@ impl EncoderLayer {
 impl Attention {
     /// Bidirectional multi-head self-attention over all tokens.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, t, hidden) = x.dims3()?;
-        let heads = |proj: &Linear| -> Result<Tensor> {
-            // Half-precision softmax loses accuracy (transformers computes it in f32 too).
-            let y = proj.forward(x)?.to_dtype(DType::F32)?;
-            Ok(y.reshape((n, t, self.num_heads, self.head_dim))?
-                .transpose(1, 2)?)
-        };
+        // Half-precision softmax loses accuracy (transformers computes it in f32 too).
+        let project =
+            |proj: &Linear| -> Result<Tensor> { Ok(proj.forward(x)?.to_dtype(DType::F32)?) };
         let (q, k, v) = (
-            heads(&self.q_proj)?,
-            heads(&self.k_proj)?,
-            heads(&self.v_proj)?,
+            project(&self.q_proj)?,
+            project(&self.k_proj)?,
+            project(&self.v_proj)?,
         );
         let scale = (self.head_dim as f64).powf(-0.5);
-        let o = scaled_dot_product(&q, &k, &v, None, scale)?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((n, t, hidden))?
+        let o = attention(&q, &k, &v, self.num_heads, self.num_heads, None, scale)?
             .to_dtype(x.dtype())?;
         Ok(self.out_proj.forward(&o)?)
     }

@@ -5,10 +5,9 @@
 //! As one node its backward is three products on constants:
 //! ∂x = ∂y W, ∂W = ∂yᵀ x, ∂b = Σ_rows ∂y.
 
+use super::gemm::{matmul, Operand};
+use super::{data, has_kernel, multiversion, storage, Real};
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
-use gemm::Parallelism;
-
-use super::{data, has_kernel, storage, Real};
 
 /// `x Wᵀ + b` for x `[.., in]`, W `[out, in]`, b `[out]`; `[.., out]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -44,53 +43,26 @@ pub fn linear_slow(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
     y.reshape(out_dims)
 }
 
-/// The number of threads candle's own matmuls use.
-fn parallelism() -> Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => Parallelism::None,
-        n => Parallelism::Rayon(n),
-    }
-}
-
 struct Affine;
 
 impl Affine {
     fn fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, in_dim: usize, out_dim: usize) -> Vec<T> {
         let rows = x.len() / in_dim.max(1);
-        let mut y = match b {
-            Some(b) => b.iter().copied().cycle().take(rows * out_dim).collect(),
-            None => vec![T::zero(); rows * out_dim],
-        };
-        if rows == 0 || in_dim == 0 || out_dim == 0 {
-            return y;
-        }
-        // dst (rows × out, row-major) := [dst +] x (rows × in) · Wᵀ (in × out, read from W).
-        // SAFETY: every pointer covers the extent its strides address: y is rows·out long,
-        // x rows·in, W out·in; the slices outlive the call.
-        unsafe {
-            gemm::gemm(
-                rows,
-                out_dim,
-                in_dim,
-                y.as_mut_ptr(),
-                1,
-                out_dim as isize,
-                b.is_some(),
-                x.as_ptr(),
-                1,
-                in_dim as isize,
-                w.as_ptr(),
-                in_dim as isize,
-                1,
-                T::one(),
-                T::one(),
-                false,
-                false,
-                false,
-                parallelism(),
-            );
-        }
-        y
+        // y (rows × out) = x (rows × in) · Wᵀ (in × out, read from W [out, in]) + b.
+        matmul(
+            (rows, out_dim, in_dim),
+            Operand {
+                data: x,
+                rs: in_dim,
+                cs: 1,
+            },
+            Operand {
+                data: w,
+                rs: 1,
+                cs: in_dim,
+            },
+            b,
+        )
     }
 
     fn run(
@@ -137,7 +109,9 @@ impl Affine {
         let rows = x.elem_count() / in_dim.max(1);
         let dy2 = dy.detach().contiguous()?.reshape((rows, out_dim))?;
         let x2 = x.detach().contiguous()?.reshape((rows, in_dim))?;
-        let dx = dy2.matmul(&w.detach())?.reshape(x.shape())?;
+        let dx = dy2
+            .apply_op2_no_bwd(&w.detach().contiguous()?, &InputGrad)?
+            .reshape(x.shape())?;
         let dw = x2.apply_op2_no_bwd(&dy2, &WeightGrad)?;
         let db = dy2.apply_op1_no_bwd(&ColumnSum)?;
         Ok((dx, dw, db))
@@ -151,34 +125,77 @@ struct WeightGrad;
 
 impl WeightGrad {
     fn run<T: Real>(x: &[T], dy: &[T], rows: usize, in_dim: usize, out_dim: usize) -> Vec<T> {
-        let mut wt = vec![T::zero(); in_dim * out_dim];
-        if rows > 0 && in_dim > 0 && out_dim > 0 {
-            // SAFETY: wt is in·out long, x rows·in, dy rows·out; strides stay inside them.
-            unsafe {
-                gemm::gemm(
-                    in_dim,
-                    out_dim,
-                    rows,
-                    wt.as_mut_ptr(),
-                    1,
-                    out_dim as isize,
-                    false,
-                    x.as_ptr(),
-                    in_dim as isize,
-                    1,
-                    dy.as_ptr(),
-                    1,
-                    out_dim as isize,
-                    T::zero(),
-                    T::one(),
-                    false,
-                    false,
-                    false,
-                    parallelism(),
-                );
-            }
-        }
+        // ∂Wᵀ (in × out) = xᵀ (in × rows, read down x's columns) · ∂y (rows × out).
+        let wt = matmul(
+            (in_dim, out_dim, rows),
+            Operand {
+                data: x,
+                rs: 1,
+                cs: in_dim,
+            },
+            Operand {
+                data: dy,
+                rs: out_dim,
+                cs: 1,
+            },
+            None,
+        );
         transpose(&wt, in_dim, out_dim)
+    }
+}
+
+/// ∂x = ∂y W (`[rows, in]`) from ∂y `[rows, out]` and W `[out, in]`.
+struct InputGrad;
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "mmkd-linear-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        fn run<T: Real>(dy: &[T], w: &[T], rows: usize, out_dim: usize, in_dim: usize) -> Vec<T> {
+            matmul(
+                (rows, in_dim, out_dim),
+                Operand {
+                    data: dy,
+                    rs: out_dim,
+                    cs: 1,
+                },
+                Operand {
+                    data: w,
+                    rs: in_dim,
+                    cs: 1,
+                },
+                None,
+            )
+        }
+        let name = self.name();
+        let (rows, out_dim) = (gl.dims()[0], gl.dims()[1]);
+        let in_dim = wl.dims()[1];
+        let out = match gs {
+            CpuStorage::F32(_) => storage(run::<f32>(
+                data(gs, gl, name)?,
+                data(ws, wl, name)?,
+                rows,
+                out_dim,
+                in_dim,
+            )),
+            CpuStorage::F64(_) => storage(run::<f64>(
+                data(gs, gl, name)?,
+                data(ws, wl, name)?,
+                rows,
+                out_dim,
+                in_dim,
+            )),
+            _ => candle_core::bail!("{name}: f32/f64 only"),
+        };
+        Ok((out, Shape::from((rows, in_dim))))
     }
 }
 
@@ -234,6 +251,14 @@ impl CustomOp2 for WeightGrad {
     }
 }
 
+multiversion! {
+    fn add_row<T: Real>(acc: &mut [T], row: &[T]) {
+        for (x, &v) in acc.iter_mut().zip(row) {
+            *x += v;
+        }
+    }
+}
+
 /// Σ over the rows of a `[rows, cols]` matrix (candle's `sum(0)` walks it column by column,
 /// ~40× slower).
 struct ColumnSum;
@@ -246,9 +271,7 @@ impl candle_core::CustomOp1 for ColumnSum {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         fn run<T: Real>(a: &[T], cols: usize) -> Vec<T> {
             super::sum_over_rows(a.len() / cols.max(1), cols, |r, acc| {
-                for (x, &v) in acc.iter_mut().zip(&a[r * cols..(r + 1) * cols]) {
-                    *x += v;
-                }
+                add_row(acc, &a[r * cols..(r + 1) * cols])
             })
         }
         let name = self.name();

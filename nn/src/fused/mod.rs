@@ -4,85 +4,37 @@
 //! output once (the primitive-op formulations make 5–8 passes and as many temporaries), and
 //! whose `bwd` is a second fused kernel. The backward passes return gradients only for inputs
 //! that can need them (never for attention masks or rotary tables), so no work is spent on
-//! constants either. Rows are spread over rayon's global pool, the one candle's matmuls use.
+//! constants either. Rows are spread over rayon's global pool, the one candle's matmuls use,
+//! and each row function is compiled for AVX-512, AVX2 and baseline x86-64 and chosen at run
+//! time (see `simd`).
 //!
 //! Kernels exist for contiguous f32 and f64 tensors; the public functions fall back to the
 //! primitive-op formulation (the reference each kernel is tested against, values and
 //! gradients) for other dtypes or layouts.
 
+pub mod attention;
+pub mod gelu;
+mod gemm;
 pub mod linear;
 pub mod norm;
 pub mod rope;
 pub mod silu;
+mod simd;
 pub mod softmax;
 pub mod xent;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, WithDType};
 use rayon::prelude::*;
+pub(crate) use simd::{multiversion, Real};
 
+pub use attention::attention;
+pub use gelu::{gelu, GeluKind};
 pub use linear::linear;
 pub use norm::rms_norm;
 pub use rope::rope;
 pub use silu::silu_mul;
 pub use softmax::scaled_masked_softmax;
 pub use xent::{cross_entropy_rows, forward_kl_rows};
-
-/// Element types the kernels are written for.
-pub(crate) trait Real: WithDType + num_traits::Float {
-    /// eˣ in a form the compiler can vectorise (f32: a branch-free polynomial within 2 ulp of
-    /// the correctly rounded value; f64: the standard library's).
-    fn exp_fast(self) -> Self;
-}
-
-impl Real for f32 {
-    #[inline(always)]
-    fn exp_fast(self) -> f32 {
-        exp_f32(self)
-    }
-}
-
-impl Real for f64 {
-    #[inline(always)]
-    fn exp_fast(self) -> f64 {
-        self.exp()
-    }
-}
-
-/// eˣ for f32 by range reduction x = n·ln2 + r, |r| ≤ ln2/2, and a degree-6 polynomial for eʳ
-/// (Cephes `expf` coefficients), scaled by 2ⁿ through the exponent bits. Inputs below −87.3
-/// give 0 (as `f32::exp` underflows there), above 88.7 give +∞; NaN stays NaN.
-#[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding and subtracting 1.5·2²³ rounds to the nearest integer without a branch.
-    const ROUND: f32 = 12_582_912.0;
-    let xc = x.clamp(-87.336_55, 88.722_83);
-    let n = (xc * LOG2E + ROUND) - ROUND;
-    let r = (xc - n * LN2_HI) - n * LN2_LO;
-    let p = 1.987_569_1e-4_f32;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5e-1;
-    let er = p * r * r + r + 1.0;
-    // 2ⁿ for n in [−126, 128] as 2ᵃ·2ᵇ with a = ⌊n/2⌋, b = n − a, each a normal float.
-    let n = n as i32;
-    let (a, b) = (n >> 1, n - (n >> 1));
-    let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
-    let y = er * pow2(a) * pow2(b);
-    if x.is_nan() {
-        x
-    } else if x < -87.336_55 {
-        0.0
-    } else if x > 88.722_83 {
-        f32::INFINITY
-    } else {
-        y
-    }
-}
 
 /// Whether `t` can go through a fused kernel.
 pub(crate) fn has_kernel(t: &Tensor) -> bool {
@@ -177,29 +129,6 @@ pub(crate) fn sum_over_rows<T: Real>(
 /// Wraps kernel output in CPU storage.
 pub(crate) fn storage<T: WithDType>(values: Vec<T>) -> CpuStorage {
     T::to_cpu_storage_owned(values)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::exp_f32;
-
-    #[test]
-    fn fast_exp_is_within_two_ulp_of_std() {
-        let mut worst = 0f64;
-        let mut x = -87.0f32;
-        while x < 88.5 {
-            let (got, want) = (exp_f32(x) as f64, (x as f64).exp());
-            worst = worst.max(((got - want) / want).abs());
-            x += 0.0137;
-        }
-        // 2 ulp of f32 is 2·2⁻²³ ≈ 2.4e-7 relative.
-        assert!(worst < 2.4e-7, "worst relative error {worst}");
-        assert_eq!(exp_f32(0.0), 1.0);
-        assert_eq!(exp_f32(-100.0), 0.0);
-        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
-        assert_eq!(exp_f32(100.0), f32::INFINITY);
-        assert!(exp_f32(f32::NAN).is_nan());
-    }
 }
 
 #[cfg(test)]

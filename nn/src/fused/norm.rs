@@ -5,7 +5,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
 
-use super::{data, for_each_row, has_kernel, storage, sum_over_rows, Real};
+use super::simd::sum_map;
+use super::{data, for_each_row, has_kernel, multiversion, storage, sum_over_rows, Real};
 
 /// RMSNorm over the last dimension of `x` with weight `w` (`[n]`), fused when `x` is f32/f64
 /// (otherwise the primitive-op formulation, which computes the statistics in f32).
@@ -32,10 +33,39 @@ pub fn rms_norm_slow(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         .broadcast_mul(&w.to_dtype(dtype)?)
 }
 
+#[inline(always)]
 fn inv_rms<T: Real>(row: &[T], eps: f64) -> T {
-    let sum_sq = row.iter().fold(T::zero(), |acc, &v| acc + v * v);
-    let mean = sum_sq / T::from_f64(row.len() as f64);
+    let mean = sum_map(row, |v| v * v) / T::from_f64(row.len() as f64);
     (mean + T::from_f64(eps)).sqrt().recip()
+}
+
+multiversion! {
+    fn fwd_row<T: Real>(x: &[T], w: &[T], y: &mut [T], eps: f64) {
+        let inv = inv_rms(x, eps);
+        for ((y, &xv), &wv) in y.iter_mut().zip(x).zip(w) {
+            *y = xv * inv * wv;
+        }
+    }
+}
+
+multiversion! {
+    fn grad_x_row<T: Real>(x: &[T], w: &[T], g: &[T], dx: &mut [T], eps: f64) {
+        let inv = inv_rms(x, eps);
+        let dot = super::simd::sum_map3(x, g, w, |xv, gv, wv| xv * gv * wv);
+        let c = inv * inv * inv * dot / T::from_f64(x.len() as f64);
+        for (((d, &xv), &gv), &wv) in dx.iter_mut().zip(x).zip(g).zip(w) {
+            *d = inv * gv * wv - xv * c;
+        }
+    }
+}
+
+multiversion! {
+    fn grad_w_row<T: Real>(x: &[T], g: &[T], acc: &mut [T], eps: f64) {
+        let inv = inv_rms(x, eps);
+        for ((a, &xv), &gv) in acc.iter_mut().zip(x).zip(g) {
+            *a += gv * xv * inv;
+        }
+    }
 }
 
 struct RmsNorm {
@@ -47,11 +77,7 @@ impl RmsNorm {
         let n = w.len();
         let mut out = vec![T::zero(); x.len()];
         for_each_row(&mut out, n, |r, y| {
-            let xr = &x[r * n..(r + 1) * n];
-            let inv = inv_rms(xr, self.eps);
-            for ((y, &xv), &wv) in y.iter_mut().zip(xr).zip(w) {
-                *y = xv * inv * wv;
-            }
+            fwd_row(&x[r * n..(r + 1) * n], w, y, self.eps)
         });
         out
     }
@@ -103,20 +129,10 @@ struct RmsNormGradX {
 impl RmsNormGradX {
     fn run<T: Real>(&self, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
         let n = w.len();
-        let inv_n = T::from_f64(1.0 / n as f64);
         let mut out = vec![T::zero(); x.len()];
         for_each_row(&mut out, n, |r, dx| {
-            let (xr, gr) = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
-            let inv = inv_rms(xr, self.eps);
-            let dot = xr
-                .iter()
-                .zip(gr)
-                .zip(w)
-                .fold(T::zero(), |acc, ((&xv, &gv), &wv)| acc + gv * wv * xv);
-            let c = inv * inv * inv * dot * inv_n;
-            for (((d, &xv), &gv), &wv) in dx.iter_mut().zip(xr).zip(gr).zip(w) {
-                *d = inv * gv * wv - xv * c;
-            }
+            let span = r * n..(r + 1) * n;
+            grad_x_row(&x[span.clone()], w, &dy[span], dx, self.eps)
         });
         out
     }
@@ -162,11 +178,8 @@ struct RmsNormGradW {
 impl RmsNormGradW {
     fn run<T: Real>(&self, x: &[T], dy: &[T], n: usize) -> Vec<T> {
         sum_over_rows(x.len() / n, n, |r, acc| {
-            let (xr, gr) = (&x[r * n..(r + 1) * n], &dy[r * n..(r + 1) * n]);
-            let inv = inv_rms(xr, self.eps);
-            for ((a, &xv), &gv) in acc.iter_mut().zip(xr).zip(gr) {
-                *a += gv * xv * inv;
-            }
+            let span = r * n..(r + 1) * n;
+            grad_w_row(&x[span.clone()], &dy[span], acc, self.eps)
         })
     }
 }

@@ -6,13 +6,19 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
 
-use super::{data, for_each_row, has_kernel, storage, Real};
+use super::{data, for_each_row, has_kernel, multiversion, storage, Real};
 
-/// Rotates `x` (`[b, heads, s, d]`) by the tables `cos`, `sin` (`[b or 1, 1, s, d]`).
+/// Rotates every head of `x` (`[b, s, heads·d]`, the projection layout) by the tables `cos`,
+/// `sin` (`[b or 1, s, d]`, one row per position).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let fits = match (x.dims(), cos.dims()) {
-        (&[b, _, s, d], &[cb, 1, cs, cd]) => {
-            (cb == b || cb == 1) && (cs, cd) == (s, d) && d % 2 == 0 && sin.dims() == cos.dims()
+        (&[b, s, w], &[cb, cs, d]) => {
+            (cb == b || cb == 1)
+                && cs == s
+                && d > 0
+                && d % 2 == 0
+                && w % d == 0
+                && sin.dims() == cos.dims()
         }
         _ => false,
     };
@@ -29,11 +35,35 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// The reference formulation from primitive ops.
 pub fn rope_slow(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
+    let (b, s, w) = x.dims3()?;
+    let (cb, _, d) = cos.dims3()?;
+    let x = x.reshape((b, s, w / d, d))?;
+    let (cos, sin) = (cos.reshape((cb, s, 1, d))?, sin.reshape((cb, s, 1, d))?);
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    (x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?.reshape((b, s, w))
+}
+
+multiversion! {
+    /// One row of the rotation (or, with `transpose`, of its transpose).
+    fn rope_row<T: Real>(x: &[T], c: &[T], s: &[T], y: &mut [T], transpose: bool) {
+        let half = x.len() / 2;
+        let (x1, x2) = x.split_at(half);
+        let (c1, c2) = c.split_at(half);
+        let (s1, s2) = s.split_at(half);
+        let (y1, y2) = y.split_at_mut(half);
+        for i in 0..half {
+            let (a, b) = (x1[i], x2[i]);
+            if transpose {
+                y1[i] = a * c1[i] + b * s2[i];
+                y2[i] = b * c2[i] - a * s1[i];
+            } else {
+                y1[i] = a * c1[i] - b * s1[i];
+                y2[i] = b * c2[i] + a * s2[i];
+            }
+        }
+    }
 }
 
 /// `transpose` applies the transposed rotation (the backward map).
@@ -48,26 +78,21 @@ impl Rope {
         cos: &[T],
         sin: &[T],
         dims: &[usize],
-        table_batch: usize,
+        table_dims: &[usize],
     ) -> Vec<T> {
-        let (heads, s, d) = (dims[1], dims[2], dims[3]);
-        let half = d / 2;
+        // Rows of width d are heads; every `heads` consecutive rows share a position.
+        let (s, d) = (dims[1], table_dims[2]);
+        let heads = dims[2] / d;
         let mut out = vec![T::zero(); x.len()];
         for_each_row(&mut out, d, |r, y| {
-            let batch = if table_batch == 1 { 0 } else { r / (heads * s) };
-            let t = (batch * s + r % s) * d;
-            let (c, sn) = (&cos[t..t + d], &sin[t..t + d]);
-            let xr = &x[r * d..(r + 1) * d];
-            for i in 0..half {
-                let (x1, x2) = (xr[i], xr[i + half]);
-                if self.transpose {
-                    y[i] = x1 * c[i] + x2 * sn[i + half];
-                    y[i + half] = x2 * c[i + half] - x1 * sn[i];
-                } else {
-                    y[i] = x1 * c[i] - x2 * sn[i];
-                    y[i + half] = x2 * c[i + half] + x1 * sn[i + half];
-                }
-            }
+            let position = r / heads;
+            let row = if table_dims[0] == 1 {
+                position % s
+            } else {
+                position
+            };
+            let (c, sn) = (&cos[row * d..(row + 1) * d], &sin[row * d..(row + 1) * d]);
+            rope_row(&x[r * d..(r + 1) * d], c, sn, y, self.transpose);
         });
         out
     }
@@ -88,21 +113,21 @@ impl CustomOp3 for Rope {
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (dims, table_batch) = (xl.dims(), cl.dims()[0]);
+        let (dims, table_dims) = (xl.dims(), cl.dims());
         let out = match xs {
             CpuStorage::F32(_) => storage(self.run::<f32>(
                 data(xs, xl, name)?,
                 data(cs, cl, name)?,
                 data(ss, sl, name)?,
                 dims,
-                table_batch,
+                table_dims,
             )),
             CpuStorage::F64(_) => storage(self.run::<f64>(
                 data(xs, xl, name)?,
                 data(cs, cl, name)?,
                 data(ss, sl, name)?,
                 dims,
-                table_batch,
+                table_dims,
             )),
             _ => candle_core::bail!("{name}: f32/f64 only"),
         };
@@ -138,18 +163,19 @@ mod tests {
     fn matches_the_primitive_formulation() {
         // Per-sample tables (left-padded generation) and tables shared by the batch; the
         // halves of the tables differ so the check does not rely on HF's duplicated halves.
-        let x = random(&[2, 3, 40, 8], 1, DType::F64);
-        let cos = random(&[2, 1, 40, 8], 2, DType::F64);
-        let sin = random(&[2, 1, 40, 8], 3, DType::F64);
+        let x = random(&[2, 40, 3 * 8], 1, DType::F64);
+        let cos = random(&[2, 40, 8], 2, DType::F64);
+        let sin = random(&[2, 40, 8], 3, DType::F64);
         check_against_slow(
             &[x],
             |a| rope(&a[0], &cos, &sin),
             |a| rope_slow(&a[0], &cos, &sin),
             1e-12,
         );
-        let x = random(&[3, 2, 5, 6], 4, DType::F32);
-        let cos = random(&[1, 1, 5, 6], 5, DType::F32);
-        let sin = random(&[1, 1, 5, 6], 6, DType::F32);
+        // Enough rows for the parallel path, f32.
+        let x = random(&[3, 300, 2 * 64], 4, DType::F32);
+        let cos = random(&[1, 300, 64], 5, DType::F32);
+        let sin = random(&[1, 300, 64], 6, DType::F32);
         check_against_slow(
             &[x],
             |a| rope(&a[0], &cos, &sin),

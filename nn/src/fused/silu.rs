@@ -4,7 +4,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::{data, for_each_row, has_kernel, storage, Real};
+use super::{data, for_each_row, has_kernel, multiversion, storage, Real};
 use crate::activation::sigmoid;
 
 /// `silu(gate) ⊙ up` for tensors of the same shape.
@@ -21,8 +21,34 @@ pub fn silu_mul_slow(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.mul(&sigmoid(gate)?)?.mul(up)
 }
 
+#[inline(always)]
 fn sig<T: Real>(g: T) -> T {
     (T::one() + (-g).exp_fast()).recip()
+}
+
+multiversion! {
+    fn silu_mul_row<T: Real>(g: &[T], u: &[T], y: &mut [T]) {
+        for ((y, &gv), &uv) in y.iter_mut().zip(g).zip(u) {
+            *y = gv * sig(gv) * uv;
+        }
+    }
+}
+
+multiversion! {
+    fn grad_gate_row<T: Real>(g: &[T], u: &[T], dy: &[T], d: &mut [T]) {
+        for (((d, &gv), &uv), &dv) in d.iter_mut().zip(g).zip(u).zip(dy) {
+            let s = sig(gv);
+            *d = dv * uv * s * (T::one() + gv * (T::one() - s));
+        }
+    }
+}
+
+multiversion! {
+    fn grad_up_row<T: Real>(g: &[T], dy: &[T], d: &mut [T]) {
+        for ((d, &gv), &dv) in d.iter_mut().zip(g).zip(dy) {
+            *d = dv * gv * sig(gv);
+        }
+    }
 }
 
 /// Rows of the last dimension (any split works for element-wise kernels).
@@ -36,10 +62,8 @@ impl SiluMul {
     fn run<T: Real>(g: &[T], u: &[T], w: usize) -> Vec<T> {
         let mut out = vec![T::zero(); g.len()];
         for_each_row(&mut out, w, |r, y| {
-            let (gr, ur) = (&g[r * w..(r + 1) * w], &u[r * w..(r + 1) * w]);
-            for ((y, &gv), &uv) in y.iter_mut().zip(gr).zip(ur) {
-                *y = gv * sig(gv) * uv;
-            }
+            let span = r * w..(r + 1) * w;
+            silu_mul_row(&g[span.clone()], &u[span], y)
         });
         out
     }
@@ -96,11 +120,7 @@ impl SiluMulGradGate {
         let mut out = vec![T::zero(); g.len()];
         for_each_row(&mut out, w, |r, d| {
             let span = r * w..(r + 1) * w;
-            let (gr, ur, dr) = (&g[span.clone()], &u[span.clone()], &dy[span]);
-            for (((d, &gv), &uv), &dv) in d.iter_mut().zip(gr).zip(ur).zip(dr) {
-                let s = sig(gv);
-                *d = dv * uv * s * (T::one() + gv * (T::one() - s));
-            }
+            grad_gate_row(&g[span.clone()], &u[span.clone()], &dy[span], d)
         });
         out
     }
@@ -147,10 +167,8 @@ impl SiluMulGradUp {
     fn run<T: Real>(g: &[T], dy: &[T], w: usize) -> Vec<T> {
         let mut out = vec![T::zero(); g.len()];
         for_each_row(&mut out, w, |r, d| {
-            let (gr, dr) = (&g[r * w..(r + 1) * w], &dy[r * w..(r + 1) * w]);
-            for ((d, &gv), &dv) in d.iter_mut().zip(gr).zip(dr) {
-                *d = dv * gv * sig(gv);
-            }
+            let span = r * w..(r + 1) * w;
+            grad_up_row(&g[span.clone()], &dy[span], d)
         });
         out
     }

@@ -6,7 +6,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
 
-use super::{data, for_each_row, has_kernel, storage, Real};
+use super::simd::{max_of, sum_map2};
+use super::{data, for_each_row, has_kernel, multiversion, storage, Real};
 
 /// `softmax(scale · x + mask)` over the last dimension of `x` (`[b, h, q, k]`, or any rank
 /// without a mask). `mask` is `[b or 1, 1, q, k]`.
@@ -47,6 +48,42 @@ pub fn scaled_masked_softmax_slow(x: &Tensor, mask: Option<&Tensor>, scale: f64)
     candle_nn::ops::softmax(&scores, D::Minus1)
 }
 
+multiversion! {
+    /// y = softmax(scale · x + mask) of one row.
+    fn softmax_row<T: Real>(x: &[T], mask: Option<&[T]>, y: &mut [T], scale: T) {
+        match mask {
+            Some(m) => {
+                for ((y, &xv), &mv) in y.iter_mut().zip(x).zip(m) {
+                    *y = xv * scale + mv;
+                }
+            }
+            None => {
+                for (y, &xv) in y.iter_mut().zip(x) {
+                    *y = xv * scale;
+                }
+            }
+        }
+        let max = max_of(y);
+        for v in y.iter_mut() {
+            *v = (*v - max).exp_fast();
+        }
+        let inv = super::simd::sum_map(y, |v| v).recip();
+        for v in y.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+multiversion! {
+    /// dx = scale · y ⊙ (dy − Σ dy ⊙ y) of one row.
+    fn softmax_grad_row<T: Real>(y: &[T], dy: &[T], dx: &mut [T], scale: T) {
+        let dot = sum_map2(y, dy, |a, b| a * b);
+        for ((d, &yv), &gv) in dx.iter_mut().zip(y).zip(dy) {
+            *d = scale * yv * (gv - dot);
+        }
+    }
+}
+
 /// `mask_batch` is 0 without a mask, else the mask's batch size (1 = shared by the batch).
 struct ScaledSoftmax {
     scale: f64,
@@ -64,38 +101,16 @@ impl ScaledSoftmax {
         let scale = T::from_f64(self.scale);
         let mut out = vec![T::zero(); x.len()];
         for_each_row(&mut out, k, |r, y| {
-            let xr = &x[r * k..(r + 1) * k];
-            match mask {
-                Some(m) => {
-                    let batch = if self.mask_batch == 1 {
-                        0
-                    } else {
-                        r / (heads * q)
-                    };
-                    let m_row = batch * q + r % q;
-                    let mr = &m[m_row * k..(m_row + 1) * k];
-                    for ((y, &xv), &mv) in y.iter_mut().zip(xr).zip(mr) {
-                        *y = xv * scale + mv;
-                    }
-                }
-                None => {
-                    for (y, &xv) in y.iter_mut().zip(xr) {
-                        *y = xv * scale;
-                    }
-                }
-            }
-            let max = y
-                .iter()
-                .fold(T::neg_infinity(), |a, &v| num_traits::Float::max(a, v));
-            let mut sum = T::zero();
-            for v in y.iter_mut() {
-                *v = (*v - max).exp_fast();
-                sum += *v;
-            }
-            let inv = sum.recip();
-            for v in y.iter_mut() {
-                *v *= inv;
-            }
+            let mask_row = mask.map(|m| {
+                let batch = if self.mask_batch == 1 {
+                    0
+                } else {
+                    r / (heads * q)
+                };
+                let m_row = batch * q + r % q;
+                &m[m_row * k..(m_row + 1) * k]
+            });
+            softmax_row(&x[r * k..(r + 1) * k], mask_row, y, scale)
         });
         out
     }
@@ -176,14 +191,8 @@ impl SoftmaxGrad {
         let scale = T::from_f64(self.scale);
         let mut out = vec![T::zero(); y.len()];
         for_each_row(&mut out, k, |r, dx| {
-            let (yr, gr) = (&y[r * k..(r + 1) * k], &dy[r * k..(r + 1) * k]);
-            let dot = yr
-                .iter()
-                .zip(gr)
-                .fold(T::zero(), |a, (&yv, &gv)| a + yv * gv);
-            for ((d, &yv), &gv) in dx.iter_mut().zip(yr).zip(gr) {
-                *d = scale * yv * (gv - dot);
-            }
+            let span = r * k..(r + 1) * k;
+            softmax_grad_row(&y[span.clone()], &dy[span], dx, scale)
         });
         out
     }

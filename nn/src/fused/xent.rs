@@ -7,7 +7,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use super::{data, for_each_row, for_each_row_costing, has_kernel, storage, Real};
+use super::simd::{max_of, sum_map, sum_map2};
+use super::{data, for_each_row, for_each_row_costing, has_kernel, multiversion, storage, Real};
 
 /// KL(softmax(t) ‖ softmax(s)) per row of `[n, v]` logits; `[n]`. `t` is treated as a constant.
 pub fn forward_kl_rows(s: &Tensor, t: &Tensor) -> Result<Tensor> {
@@ -59,13 +60,49 @@ fn log_softmax_slow(x: &Tensor) -> Result<Tensor> {
 }
 
 /// (max, ln Σ exp(x − max)) of a row.
-#[inline]
+#[inline(always)]
 fn max_and_log_sum<T: Real>(row: &[T]) -> (T, T) {
-    let max = row
-        .iter()
-        .fold(T::neg_infinity(), |a, &v| num_traits::Float::max(a, v));
-    let sum = row.iter().fold(T::zero(), |a, &v| a + (v - max).exp_fast());
-    (max, sum.ln())
+    let max = max_of(row);
+    (max, sum_map(row, |v| (v - max).exp_fast()).ln())
+}
+
+multiversion! {
+    /// KL(softmax(t) ‖ softmax(s)) of one row.
+    fn kl_row<T: Real>(s: &[T], t: &[T]) -> T {
+        let (ms, ls) = max_and_log_sum(s);
+        let (mt, lt) = max_and_log_sum(t);
+        // log p − log q = (t − mt − lt) − (s − ms − ls)
+        let shift = ms + ls - mt - lt;
+        sum_map2(t, s, |tv, sv| (tv - mt - lt).exp_fast() * (tv - sv + shift))
+    }
+}
+
+multiversion! {
+    /// −log softmax(x)[target] of one row.
+    fn ce_row<T: Real>(x: &[T], target: usize) -> T {
+        let (m, l) = max_and_log_sum(x);
+        m + l - x[target]
+    }
+}
+
+multiversion! {
+    /// g · softmax(s) of one row, minus g · softmax(t) when a teacher row is given.
+    fn softmax_minus_row<T: Real>(s: &[T], t: Option<&[T]>, g: T, d: &mut [T]) {
+        let (ms, ls) = max_and_log_sum(s);
+        match t {
+            Some(t) => {
+                let (mt, lt) = max_and_log_sum(t);
+                for ((dv, &sv), &tv) in d.iter_mut().zip(s).zip(t) {
+                    *dv = g * ((sv - ms - ls).exp_fast() - (tv - mt - lt).exp_fast());
+                }
+            }
+            None => {
+                for (dv, &sv) in d.iter_mut().zip(s) {
+                    *dv = g * (sv - ms - ls).exp_fast();
+                }
+            }
+        }
+    }
 }
 
 fn vocab(l: &Layout) -> usize {
@@ -79,15 +116,8 @@ impl ForwardKl {
         let mut out = vec![T::zero(); s.len() / v.max(1)];
         // One value per row: rows of width 1 in `out`, the logits rows read alongside.
         for_each_row_costing(&mut out, 1, 2 * v, |r, kl| {
-            let (sr, tr) = (&s[r * v..(r + 1) * v], &t[r * v..(r + 1) * v]);
-            let (ms, ls) = max_and_log_sum(sr);
-            let (mt, lt) = max_and_log_sum(tr);
-            // log p − log q = (t − mt − lt) − (s − ms − ls)
-            let shift = ms + ls - mt - lt;
-            kl[0] = tr.iter().zip(sr).fold(T::zero(), |a, (&tv, &sv)| {
-                let log_p = tv - mt - lt;
-                a + log_p.exp_fast() * (tv - sv + shift)
-            });
+            let span = r * v..(r + 1) * v;
+            kl[0] = kl_row(&s[span.clone()], &t[span]);
         });
         out
     }
@@ -144,9 +174,7 @@ impl CrossEntropy {
         }
         let mut out = vec![T::zero(); targets.len()];
         for_each_row_costing(&mut out, 1, v, |r, ce| {
-            let row = &x[r * v..(r + 1) * v];
-            let (m, l) = max_and_log_sum(row);
-            ce[0] = m + l - row[targets[r] as usize];
+            ce[0] = ce_row(&x[r * v..(r + 1) * v], targets[r] as usize);
         });
         Ok(out)
     }
@@ -198,21 +226,13 @@ impl SoftmaxMinusTarget {
     fn run<T: Real>(&self, s: &[T], target: Target<'_, T>, g: &[T], v: usize) -> Vec<T> {
         let mut out = vec![T::zero(); s.len()];
         for_each_row(&mut out, v, |r, d| {
-            let sr = &s[r * v..(r + 1) * v];
-            let (ms, ls) = max_and_log_sum(sr);
-            let gr = g[r];
-            for (dv, &sv) in d.iter_mut().zip(sr) {
-                *dv = gr * (sv - ms - ls).exp_fast();
-            }
+            let span = r * v..(r + 1) * v;
             match target {
-                Target::Teacher(t) => {
-                    let tr = &t[r * v..(r + 1) * v];
-                    let (mt, lt) = max_and_log_sum(tr);
-                    for (dv, &tv) in d.iter_mut().zip(tr) {
-                        *dv -= gr * (tv - mt - lt).exp_fast();
-                    }
+                Target::Teacher(t) => softmax_minus_row(&s[span.clone()], Some(&t[span]), g[r], d),
+                Target::Class(c) => {
+                    softmax_minus_row(&s[span], None, g[r], d);
+                    d[c[r] as usize] -= g[r];
                 }
-                Target::Class(c) => d[c[r] as usize] -= gr,
             }
         });
         out
