@@ -100,7 +100,7 @@ impl Dims {
     ) -> Result<Self> {
         let (b, s, qw) = q.dims3()?;
         let (kb, t, kw) = k.dims3()?;
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || qw % heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) || qw % heads != 0 {
             candle_core::bail!(
                 "attention: {heads} query heads of width {qw}/{heads} cannot share {kv_heads} key/value heads"
             );
@@ -161,7 +161,7 @@ multiversion! {
     fn softmax_in_place<T: Real>(row: &mut [T], mask: Option<&[T]>, scale: T) {
         match mask {
             Some(m) => row.iter_mut().zip(m).for_each(|(x, &mv)| *x = *x * scale + mv),
-            None => row.iter_mut().for_each(|x| *x = *x * scale),
+            None => row.iter_mut().for_each(|x| *x *= scale),
         }
         let max = max_of(row);
         row.iter_mut().for_each(|x| *x = (*x - max).exp_fast());
@@ -267,6 +267,9 @@ fn forward<T: Real>(
                 rs: t,
                 cs: 1,
             };
+            // Capture the Send wrapper, not its raw-pointer field (edition-2021 closures
+            // capture disjoint fields).
+            #[allow(clippy::redundant_locals)]
             let dst = dst;
             // SAFETY: head h of sample bi owns the s × d block at q_offset(bi, h) (row stride
             // heads·d) of the b·s·heads·d output; no other task writes it.
