@@ -492,3 +492,93 @@ fn a_diverging_run_stops_clearly_and_keeps_its_last_good_checkpoint() {
     let (ok, _, e) = mmkd(&["inspect", ckpt.to_str().unwrap()]);
     assert!(ok, "the kept checkpoint loads: {e}");
 }
+
+#[test]
+fn trainable_modules_follow_the_setting_and_students_can_take_the_teachers_tower() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let teacher_tower = format!("models.student.vision=\"{}\"", s("teacher/sft"));
+    stage(
+        &w.root,
+        "pretrain",
+        &[
+            "--tokenizer",
+            &s("data/tokenizer.json"),
+            "--out",
+            &s("shared-tower/pt"),
+            "--set",
+            "trainable=[\"projector\", \"llm\"]",
+            "--set",
+            &teacher_tower,
+        ],
+    );
+    let out = w.root.join("shared-tower/pt");
+    let student = tensors(&out);
+    let teacher = tensors(&w.root.join("teacher/sft"));
+    let tower: Vec<&String> = student
+        .keys()
+        .filter(|k| k.contains("vision_tower"))
+        .collect();
+    assert!(!tower.is_empty());
+    for name in tower {
+        assert_eq!(student[name], teacher[name], "{name} is not the teacher's");
+    }
+    // Projector and LLM trained: the summary counts both, the tower is not among them.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let count = |pred: &dyn Fn(&str) -> bool| -> usize {
+        student
+            .iter()
+            .filter(|(k, _)| pred(k))
+            .map(|(_, v)| v.len())
+            .sum()
+    };
+    let expected = count(&|k| k.contains("multi_modal_projector") || k.contains("language_model"));
+    assert_eq!(summary["parameters_trained"], expected);
+    assert_eq!(
+        summary["settings"]["train"]["trainable"],
+        serde_json::json!(["projector", "llm"])
+    );
+
+    // A tower that does not match the preset's vision_config is refused, naming the key.
+    let (ok, _, err) = mmkd(&[
+        "pretrain",
+        "--config",
+        "shapes-tiny",
+        "--quiet",
+        "--data",
+        &s(data_for("pretrain")),
+        "--images",
+        &s("data"),
+        "--tokenizer",
+        &s("data/tokenizer.json"),
+        "--out",
+        &s("shared-tower/bad"),
+        "--set",
+        &teacher_tower,
+        "--set",
+        "models.student.vision_config.hidden_size=48",
+    ]);
+    assert!(
+        !ok && err.contains("`hidden_size` = 32") && err.contains("says 48"),
+        "{err}"
+    );
+    // An empty module list is an error, not a stage that trains nothing.
+    let (ok, _, err) = mmkd(&[
+        "pretrain",
+        "--config",
+        "shapes-tiny",
+        "--quiet",
+        "--data",
+        &s(data_for("pretrain")),
+        "--images",
+        &s("data"),
+        "--tokenizer",
+        &s("data/tokenizer.json"),
+        "--out",
+        &s("shared-tower/none"),
+        "--set",
+        "trainable=[]",
+    ]);
+    assert!(!ok && err.contains("train.trainable is empty"), "{err}");
+}

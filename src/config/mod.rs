@@ -5,4 +5,4 @@ pub mod preset;
 pub mod settings;
 
 pub use preset::{builtin_preset_names, load_document, Document};
-pub use settings::{DataSettings, ModelSpec, Role, Stage, StageSettings, TrainSettings};
+pub use settings::{DataSettings, ModelSpec, Module, Role, Stage, StageSettings, TrainSettings};

@@ -99,6 +99,11 @@ pub struct ModelSpec {
     /// Seed of the fresh parameters.
     #[serde(default)]
     pub seed: u64,
+    /// Per-channel normalisation of a fresh model's image processor (the tower's defaults
+    /// when absent). A tower trained from scratch has no statistics of its own; the synthetic
+    /// presets use their data's, so the background does not dominate every patch.
+    pub image_mean: Option<[f64; 3]>,
+    pub image_std: Option<[f64; 3]>,
 }
 
 impl Default for ModelSpec {
@@ -195,6 +200,31 @@ pub struct TrainSettings {
     pub group_by_modality_length: bool,
     /// Cut both vocabularies to this size when teacher and student differ only by padding.
     pub truncate_vocab: Option<usize>,
+    /// Modules this stage trains; the paper's choice when absent (projector in PT/DPT,
+    /// projector + LLM in SFT/DFT). Models trained from scratch may need more, e.g. the
+    /// synthetic presets train the LLM in pre-training too (a random LLM cannot be steered by
+    /// a projector alone).
+    pub trainable: Option<Vec<Module>>,
+}
+
+/// A trainable part of a LLaVA model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Module {
+    Vision,
+    Projector,
+    Llm,
+}
+
+impl TrainSettings {
+    /// The modules stage `stage` trains.
+    pub fn modules(&self, stage: Stage) -> Vec<Module> {
+        match &self.trainable {
+            Some(modules) => modules.clone(),
+            None if stage.trains_llm() => vec![Module::Projector, Module::Llm],
+            None => vec![Module::Projector],
+        }
+    }
 }
 
 fn one() -> f64 {
@@ -324,6 +354,12 @@ impl StageSettings {
             "train.frozen_dtype must be f32, bf16 or f16, found `{}`",
             t.frozen_dtype
         );
+        if let Some(modules) = &t.trainable {
+            anyhow::ensure!(
+                !modules.is_empty(),
+                "train.trainable is empty: a stage must train something (vision, projector, llm)"
+            );
+        }
         Ok(())
     }
 

@@ -168,7 +168,7 @@ fn evaluate(
         demo.eval_batch_size,
         demo.max_new_tokens,
     )?;
-    let test = data.join("test");
+    let test = data.join(demo.eval_split.name());
     let vqa = cached_or(&eval_dir.join("vqa"), || {
         eval_vqa(
             &answerer,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-use super::settings::DemoSettings;
+use super::settings::{DemoSettings, EvalSplit};
 use super::{ModelResult, MODELS};
 use crate::evaluate::files::{read_records, AnswerLine, PredictionLine, QuestionLine};
 
@@ -115,10 +115,10 @@ pub fn write(
     let mut md = String::new();
     md.push_str("# mmkd demo: does distillation help a small vision-language model?\n\n");
     md.push_str(&format!(
-        "Preset `{preset}`, {} seed(s), {:.0} s wall time. Synthetic shapes data: {} train / {} test scenes at {} px; \
+        "Preset `{preset}`, {} seed(s), {:.0} s wall time. Synthetic shapes data: {} train scenes, evaluated on {} {} scenes, at {} px; \
          chat template `{template}`. The baseline student (PT → SFT) and the distilled student (DPT → SFT → DFT) have the \
          same architecture and the same number of optimizer steps; the teacher is larger.\n\n",
-        per_seed.len(), wall_seconds, demo.train, demo.test, demo.image_size
+        per_seed.len(), wall_seconds, demo.train, if demo.eval_split == EvalSplit::Val { demo.val } else { demo.test }, demo.eval_split.name(), demo.image_size
     ));
     md.push_str("| model | params | VQA acc (%) | CIDEr-D | BLEU-4 | ROUGE-L | POPE F1 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for model in MODELS {
@@ -195,7 +195,13 @@ pub fn write(
                 rel(&seed_dir.join(stage).join("loss.png"))
             ));
         }
-        md.push_str(&examples_section(out, seed_dir, data, demo.examples)?);
+        md.push_str(&examples_section(
+            out,
+            seed_dir,
+            data,
+            demo.examples,
+            demo.eval_split,
+        )?);
     }
     let path = out.join("report.md");
     std::fs::write(&path, md)?;
@@ -203,9 +209,17 @@ pub fn write(
 }
 
 /// A few test images with the question, the truth and each model's answer.
-fn examples_section(out: &Path, seed_dir: &Path, data: &Path, n: usize) -> Result<String> {
-    let questions: Vec<QuestionLine> = read_records(&data.join("test/questions.jsonl"))?;
-    let answers: Vec<AnswerLine> = read_records(&data.join("test/answers.jsonl"))?;
+fn examples_section(
+    out: &Path,
+    seed_dir: &Path,
+    data: &Path,
+    n: usize,
+    split: EvalSplit,
+) -> Result<String> {
+    let questions: Vec<QuestionLine> =
+        read_records(&data.join(format!("{}/questions.jsonl", split.name())))?;
+    let answers: Vec<AnswerLine> =
+        read_records(&data.join(format!("{}/answers.jsonl", split.name())))?;
     let truth: HashMap<&str, &AnswerLine> = answers
         .iter()
         .map(|a| (a.question_id.as_str(), a))
@@ -225,7 +239,7 @@ fn examples_section(out: &Path, seed_dir: &Path, data: &Path, n: usize) -> Resul
     }
     let images_dir = out.join("report_images");
     std::fs::create_dir_all(&images_dir)?;
-    let mut md = String::from("## Examples (seed 0, test split)\n\n| image | question | truth | teacher | baseline | distilled |\n| --- | --- | --- | --- | --- | --- |\n");
+    let mut md = format!("## Examples (seed 0, {} split)\n\n| image | question | truth | teacher | baseline | distilled |\n| --- | --- | --- | --- | --- | --- |\n", split.name());
     // One question per image, from the first `n` images.
     let mut seen = std::collections::HashSet::new();
     for q in questions.iter().filter(|q| q.image.is_some()) {

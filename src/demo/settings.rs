@@ -29,6 +29,27 @@ pub struct DemoSettings {
     /// Test images shown with each model's answers in the report.
     #[serde(default = "default_examples")]
     pub examples: usize,
+    /// The split the models are evaluated on: `test` for the reported figures, `val` while
+    /// tuning a preset (so the test split is never looked at before the end).
+    #[serde(default)]
+    pub eval_split: EvalSplit,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalSplit {
+    Val,
+    #[default]
+    Test,
+}
+
+impl EvalSplit {
+    pub fn name(self) -> &'static str {
+        match self {
+            EvalSplit::Val => "val",
+            EvalSplit::Test => "test",
+        }
+    }
 }
 
 fn default_eval_batch() -> usize {

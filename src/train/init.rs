@@ -8,12 +8,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use mmkd_nn::WeightSource;
-use mmkd_vision::ImageProcessor;
+use mmkd_vision::{load_vision_weights, ImageProcessor, VisionConfig};
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::bundle::{load_processor, load_tokenizer};
 use crate::checkpoint::compose::{compose, ComposeSpec};
-use crate::checkpoint::{hub, read_config, read_weights};
+use crate::checkpoint::{hub, layout, read_config, read_weights};
 use crate::config::ModelSpec;
 use crate::models::llava::{BuildOptions, LlavaModel, Trainable, LM_PREFIX, VISION_PREFIX};
 use crate::models::llava_config::LlavaConfig;
@@ -72,7 +72,12 @@ pub fn from_spec(
     let feature_layer = serde_json::to_value(&spec.feature_layer)?;
     let mut options = BuildOptions::new(trainable, spec.seed);
     options.frozen_dtype = frozen_dtype;
-    match (&spec.vision, &spec.llm, &spec.vision_config, &spec.text_config) {
+    match (
+        &spec.vision,
+        &spec.llm,
+        &spec.vision_config,
+        &spec.text_config,
+    ) {
         (Some(vision), Some(llm), None, None) => {
             let composed = compose(
                 &ComposeSpec {
@@ -96,51 +101,176 @@ pub fn from_spec(
             })
         }
         (None, None, Some(vision_cfg), Some(text_cfg)) => {
-            let tokenizer_file = tokenizer_file.context(
-                "a freshly built model needs a tokenizer: pass --tokenizer FILE or set data.tokenizer",
-            )?;
-            let tokenizer = mmkd_datasets::load_tokenizer(tokenizer_file)?;
-            let image_token_id = tokenizer.token_to_id(&spec.image_token).with_context(|| {
-                format!("tokenizer {} has no `{}` token", tokenizer_file.display(), spec.image_token)
-            })?;
-            let mut text = serde_json::to_value(text_cfg)?;
-            if text.get("vocab_size").is_none() {
-                text["vocab_size"] = tokenizer.get_vocab_size(true).into();
+            let vision = FreshTower {
+                config: serde_json::to_value(vision_cfg)?,
+                weights: WeightSource::empty(),
+                processor: None,
+                origin: "fresh".into(),
+            };
+            fresh_llm(spec, vision, text_cfg, tokenizer_file, options)
+        }
+        (Some(vision), None, expected, Some(text_cfg)) => {
+            let tower = tower_from_checkpoint(vision)?;
+            if let Some(expected) = expected {
+                check_tower_config(&tower, expected)?;
             }
-            let vision = serde_json::to_value(vision_cfg)?;
-            let config_json = serde_json::json!({
-                "model_type": "llava",
-                "image_token_index": image_token_id,
-                "projector_hidden_act": "gelu",
-                "vision_feature_layer": feature_layer,
-                "vision_feature_select_strategy": spec.select_strategy,
-                "mm_projector_type": projector.name(),
-                "tie_word_embeddings": text.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
-                "text_config": text,
-                "vision_config": vision,
-            });
-            let mut config = LlavaConfig::from_json_str(&config_json.to_string())
-                .context("the preset's model architecture")?;
-            let tokens = config.feature_selection()?.tokens_per_image(&config.vision_config);
-            config.extra.insert("image_seq_length".into(), tokens.into());
-            options.require = vec![];
-            let model = LlavaModel::build(&config, Arc::new(WeightSource::empty()), &options)?;
-            let processor = ImageProcessor::for_tower(&config.vision_config);
-            let tokenizer_dir = tokenizer_file
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("."));
-            Ok(PreparedModel {
-                model,
-                tokenizer,
-                tokenizer_dir,
-                processor,
-                origin: format!("fresh (seed {})", spec.seed),
-            })
+            fresh_llm(spec, tower, text_cfg, tokenizer_file, options)
         }
         _ => bail!(
-            "the preset's model needs either `vision` and `llm` checkpoints, or `vision_config` and \
-             `text_config` for a fresh model (or pass --init DIR)"
+            "the preset's model needs either `vision` and `llm` checkpoints, `vision_config` and \
+             `text_config` for a fresh model, or a `vision` checkpoint with a fresh `text_config` \
+             (or pass --init DIR)"
         ),
     }
+}
+
+/// The vision side of a model whose LLM is fresh: a new tower, or one taken from a checkpoint.
+struct FreshTower {
+    /// `vision_config` of the LLaVA config.
+    config: serde_json::Value,
+    /// Tower weights under the LLaVA names (empty: initialised from the seed).
+    weights: WeightSource,
+    /// The checkpoint's image processor; `None`: the tower's default.
+    processor: Option<ImageProcessor>,
+    origin: String,
+}
+
+/// The tower of a checkpoint: a SigLIP/CLIP vision checkpoint or a LLaVA checkpoint (its
+/// `vision_tower`), so students can share a teacher's trained tower.
+fn tower_from_checkpoint(spec: &str) -> Result<FreshTower> {
+    let dir = hub::resolve_model(spec)?;
+    let device = candle_core::Device::Cpu;
+    let is_llava = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .is_some_and(|v| v.get("model_type").and_then(|t| t.as_str()) == Some("llava"));
+    let (config, weights) = if is_llava {
+        let config = read_config(&dir)?;
+        let mut weights = WeightSource::empty();
+        weights.merge_renamed(read_weights(&dir, &device)?, |name| {
+            name.starts_with(VISION_PREFIX).then(|| name.to_string())
+        });
+        (config.vision_config, weights)
+    } else {
+        let config = VisionConfig::from_file(&dir.join("config.json"))?;
+        let mut weights = load_vision_weights(&dir, &device)?;
+        weights.rename(layout::vision_key);
+        (config, weights)
+    };
+    anyhow::ensure!(
+        !weights.is_empty(),
+        "{}: no vision tower weights found",
+        dir.display()
+    );
+    let has_processor = ["preprocessor_config.json", "processor_config.json"]
+        .iter()
+        .any(|f| dir.join(f).exists());
+    let processor = if has_processor {
+        Some(load_processor(&dir)?)
+    } else {
+        None
+    };
+    Ok(FreshTower {
+        config: config.to_json(),
+        weights,
+        processor,
+        origin: format!("tower of {}", dir.display()),
+    })
+}
+
+/// A preset may name both a tower checkpoint and the `vision_config` it expects (the demo's
+/// students take the teacher's trained tower): every key given must match the checkpoint's.
+fn check_tower_config(tower: &FreshTower, expected: &toml::Table) -> Result<()> {
+    for (key, value) in expected {
+        let want = serde_json::to_value(value)?;
+        let found = tower.config.get(key);
+        let same = match (found, &want) {
+            (Some(f), w) if f == w => true,
+            // TOML integers vs JSON floats and the like.
+            (Some(f), w) => f.as_f64().is_some() && f.as_f64() == w.as_f64(),
+            (None, _) => false,
+        };
+        anyhow::ensure!(
+            same,
+            "the {} has `{key}` = {}, but the preset's vision_config says {want}",
+            tower.origin,
+            found.map_or("nothing".to_string(), |f| f.to_string())
+        );
+    }
+    Ok(())
+}
+
+/// A model with a fresh LLM and projector on `tower`, for experiments from scratch.
+fn fresh_llm(
+    spec: &ModelSpec,
+    tower: FreshTower,
+    text_cfg: &toml::Table,
+    tokenizer_file: Option<&Path>,
+    mut options: BuildOptions,
+) -> Result<PreparedModel> {
+    let projector = ProjectorKind::parse(&spec.projector)?;
+    let tokenizer_file = tokenizer_file.context(
+        "a freshly built model needs a tokenizer: pass --tokenizer FILE or set data.tokenizer",
+    )?;
+    let tokenizer = mmkd_datasets::load_tokenizer(tokenizer_file)?;
+    let image_token_id = tokenizer.token_to_id(&spec.image_token).with_context(|| {
+        format!(
+            "tokenizer {} has no `{}` token",
+            tokenizer_file.display(),
+            spec.image_token
+        )
+    })?;
+    let mut text = serde_json::to_value(text_cfg)?;
+    if text.get("vocab_size").is_none() {
+        text["vocab_size"] = tokenizer.get_vocab_size(true).into();
+    }
+    let config_json = serde_json::json!({
+        "model_type": "llava",
+        "image_token_index": image_token_id,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": serde_json::to_value(&spec.feature_layer)?,
+        "vision_feature_select_strategy": spec.select_strategy,
+        "mm_projector_type": projector.name(),
+        "tie_word_embeddings": text.get("tie_word_embeddings").and_then(|v| v.as_bool()).unwrap_or(false),
+        "text_config": text,
+        "vision_config": tower.config,
+    });
+    let mut config = LlavaConfig::from_json_str(&config_json.to_string())
+        .context("the preset's model architecture")?;
+    let tokens = config
+        .feature_selection()?
+        .tokens_per_image(&config.vision_config);
+    config
+        .extra
+        .insert("image_seq_length".into(), tokens.into());
+    options.require = if tower.weights.is_empty() {
+        vec![]
+    } else {
+        vec![VISION_PREFIX]
+    };
+    let model = LlavaModel::build(&config, Arc::new(tower.weights), &options)?;
+    let mut processor = tower
+        .processor
+        .unwrap_or_else(|| ImageProcessor::for_tower(&config.vision_config));
+    if let Some(mean) = spec.image_mean {
+        processor.image_mean = mean;
+    }
+    if let Some(std) = spec.image_std {
+        anyhow::ensure!(
+            std.iter().all(|s| *s > 0.0),
+            "image_std must be positive in every channel, found {std:?}"
+        );
+        processor.image_std = std;
+    }
+    let tokenizer_dir = tokenizer_file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok(PreparedModel {
+        model,
+        tokenizer,
+        tokenizer_dir,
+        processor,
+        origin: format!("{} + fresh LLM (seed {})", tower.origin, spec.seed),
+    })
 }

@@ -24,7 +24,7 @@ use super::{
     ParamGroupConfig,
 };
 use crate::checkpoint::{temp_sibling, write_llava_files, SaveAssets};
-use crate::config::{Stage, StageSettings};
+use crate::config::{Module, Stage, StageSettings};
 use crate::distill::{distill_loss, truncate_vocab, DistillBatch, LossTerms, RelationHidden};
 use crate::models::llava::{LlavaModel, TokenBatch, Trainable, PROJECTOR_PREFIX};
 
@@ -73,11 +73,12 @@ pub fn stage_finished(out: &Path) -> bool {
     out.join(SUMMARY_FILE).exists()
 }
 
-fn trainable_for(stage: Stage) -> Trainable {
-    if stage.trains_llm() {
-        Trainable::PROJECTOR_AND_LLM
-    } else {
-        Trainable::PROJECTOR
+fn trainable_modules(settings: &StageSettings) -> Trainable {
+    let modules = settings.train.modules(settings.stage);
+    Trainable {
+        vision: modules.contains(&Module::Vision),
+        projector: modules.contains(&Module::Projector),
+        llm: modules.contains(&Module::Llm),
     }
 }
 
@@ -254,7 +255,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         &serde_json::json!({"settings": settings_json, "data": run.data, "images": run.images, "init": run.init, "teacher": run.teacher}),
     );
     let frozen_dtype = parse_dtype(&settings.train.frozen_dtype)?;
-    let trainable = trainable_for(stage);
+    let trainable = trainable_modules(settings);
 
     // Resume point.
     let resume_from = if run.resume {
