@@ -85,6 +85,23 @@ impl TopKHost {
         Ok(())
     }
 
+    /// Rows `start..start + len` as a new block.
+    pub fn slice(&self, start: usize, len: usize) -> Result<TopKHost> {
+        ensure!(
+            start + len <= self.rows(),
+            "rows {start}..{} of a block of {}",
+            start + len,
+            self.rows()
+        );
+        let k = self.k;
+        Ok(TopKHost {
+            k,
+            ids: self.ids[start * k..(start + len) * k].to_vec(),
+            log_probs: self.log_probs[start * k..(start + len) * k].to_vec(),
+            rest: self.rest[start..start + len].to_vec(),
+        })
+    }
+
     /// The same rows as tensors on `device`.
     pub fn to_tensors(&self, device: &Device) -> Result<TopKRows> {
         let (n, k) = (self.rows(), self.k);

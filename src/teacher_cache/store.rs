@@ -1,0 +1,346 @@
+//! Writing a cache directory atomically and restartably, and reading it back memory-mapped.
+//!
+//! Writing happens in the hidden sibling `.NAME.partial/`: each shard is written to a
+//! temporary file and renamed, then `progress.json` (the job's identity and the finished
+//! shards) is replaced. An interrupted run restarted with the same job keeps the finished
+//! shards and continues after them; a different job starts the partial directory afresh. The
+//! manifest is written last and the directory renamed to NAME, so NAME is either absent or a
+//! finished cache.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::manifest::{Manifest, ShardInfo, MANIFEST_FILE};
+use super::shard::{Part, SampleRecord, SampleSlot, ShardBuffer, ShardReader};
+use crate::distill::{TopKHost, TopKRows};
+
+const PROGRESS_FILE: &str = "progress.json";
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Progress {
+    job: serde_json::Value,
+    shards: Vec<ShardInfo>,
+}
+
+/// Writes a cache shard by shard.
+pub struct CacheWriter {
+    out: PathBuf,
+    partial: PathBuf,
+    shard_size: usize,
+    progress: Progress,
+    buffer: ShardBuffer,
+}
+
+fn partial_dir(out: &Path) -> Result<PathBuf> {
+    let name = out
+        .file_name()
+        .with_context(|| format!("{} has no directory name", out.display()))?
+        .to_string_lossy()
+        .to_string();
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    Ok(parent.join(format!(".{name}.partial")))
+}
+
+fn write_atomic(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
+}
+
+impl CacheWriter {
+    /// Prepares to write the cache `out` for `job` (everything that determines its content).
+    /// Returns the writer and how many samples (in the job's order) an interrupted run with
+    /// the same job already cached.
+    pub fn open(
+        out: &Path,
+        job: serde_json::Value,
+        k: usize,
+        shard_size: usize,
+    ) -> Result<(CacheWriter, usize)> {
+        ensure!(shard_size > 0, "--shard-size must be at least 1");
+        if out.exists() {
+            let empty = out.is_dir() && std::fs::read_dir(out)?.next().is_none();
+            if out.join(MANIFEST_FILE).exists() {
+                bail!(
+                    "{} already holds a teacher cache: delete it or choose another --out",
+                    out.display()
+                );
+            }
+            ensure!(
+                empty,
+                "{} exists and is not a teacher cache: choose another --out",
+                out.display()
+            );
+            std::fs::remove_dir(out)?;
+        }
+        let partial = partial_dir(out)?;
+        let previous = std::fs::read_to_string(partial.join(PROGRESS_FILE))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Progress>(&t).ok())
+            .filter(|p| p.job == job && p.shards.iter().all(|s| partial.join(&s.file).exists()));
+        let progress = match previous {
+            Some(p) => p,
+            None => {
+                if partial.exists() {
+                    std::fs::remove_dir_all(&partial)
+                        .with_context(|| format!("removing {}", partial.display()))?;
+                }
+                std::fs::create_dir_all(&partial)
+                    .with_context(|| format!("creating {}", partial.display()))?;
+                let p = Progress {
+                    job,
+                    shards: Vec::new(),
+                };
+                write_atomic(&partial.join(PROGRESS_FILE), &serde_json::to_string(&p)?)?;
+                p
+            }
+        };
+        let done = progress.shards.iter().map(|s| s.samples).sum();
+        Ok((
+            CacheWriter {
+                out: out.to_path_buf(),
+                partial,
+                shard_size,
+                progress,
+                buffer: ShardBuffer::new(k),
+            },
+            done,
+        ))
+    }
+
+    pub fn push(&mut self, record: &SampleRecord) -> Result<()> {
+        self.buffer.push(record)?;
+        if self.buffer.samples() >= self.shard_size {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.buffer.samples() == 0 {
+            return Ok(());
+        }
+        let file = format!("shard-{:05}.safetensors", self.progress.shards.len());
+        let path = self.partial.join(&file);
+        let tmp = path.with_extension("safetensors.tmp");
+        self.buffer.write(&tmp)?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
+        let bytes = std::fs::metadata(&path)?.len();
+        self.progress.shards.push(ShardInfo {
+            file,
+            samples: self.buffer.samples(),
+            bytes,
+        });
+        write_atomic(
+            &self.partial.join(PROGRESS_FILE),
+            &serde_json::to_string(&self.progress)?,
+        )?;
+        self.buffer = ShardBuffer::new(self.buffer_k());
+        Ok(())
+    }
+
+    fn buffer_k(&self) -> usize {
+        self.buffer.k()
+    }
+
+    /// Writes the last shard and the manifest (its `shards` filled in here), and moves the
+    /// finished cache into place.
+    pub fn finish(mut self, mut manifest: Manifest) -> Result<Manifest> {
+        self.flush()?;
+        manifest.shards = self.progress.shards.clone();
+        let cached: usize = manifest.shards.iter().map(|s| s.samples).sum();
+        ensure!(
+            cached == manifest.samples,
+            "the shards hold {cached} samples, the manifest says {}",
+            manifest.samples
+        );
+        write_atomic(
+            &self.partial.join(MANIFEST_FILE),
+            &serde_json::to_string_pretty(&manifest)?,
+        )?;
+        std::fs::remove_file(self.partial.join(PROGRESS_FILE))?;
+        std::fs::rename(&self.partial, &self.out).with_context(|| {
+            format!(
+                "moving {} to {}",
+                self.partial.display(),
+                self.out.display()
+            )
+        })?;
+        Ok(manifest)
+    }
+}
+
+/// A finished cache, memory-mapped.
+pub struct TeacherCache {
+    dir: PathBuf,
+    manifest: Manifest,
+    shards: Vec<ShardReader>,
+    /// Record index → (shard, slot).
+    lookup: HashMap<usize, (usize, usize)>,
+}
+
+/// One batch's teacher rows, lined up with the batch.
+#[derive(Debug)]
+pub struct CachedBatch {
+    pub response: TopKRows,
+    pub visual: TopKRows,
+    /// One per batch row.
+    pub relations: Vec<Option<Tensor>>,
+    /// Flat row indices (`b·seq + t`) of the cached rows, to check against the batch's own.
+    pub response_rows: Vec<u32>,
+    pub visual_rows: Vec<u32>,
+}
+
+impl TeacherCache {
+    /// Reads the manifest and maps every shard.
+    pub fn open(dir: &Path) -> Result<TeacherCache> {
+        let manifest = Manifest::read(dir)?;
+        let mut shards = Vec::with_capacity(manifest.shards.len());
+        let mut lookup = HashMap::new();
+        for (s, info) in manifest.shards.iter().enumerate() {
+            let reader = ShardReader::open(&dir.join(&info.file), manifest.top_k)?;
+            ensure!(
+                reader.slots.len() == info.samples,
+                "teacher cache shard {} holds {} samples, its manifest says {}",
+                reader.file(),
+                reader.slots.len(),
+                info.samples
+            );
+            for (i, slot) in reader.slots.iter().enumerate() {
+                if lookup.insert(slot.index, (s, i)).is_some() {
+                    bail!(
+                        "teacher cache {}: record {} is stored twice",
+                        dir.display(),
+                        slot.index
+                    );
+                }
+            }
+            shards.push(reader);
+        }
+        ensure!(
+            lookup.len() == manifest.samples,
+            "teacher cache {}: the shards hold {} samples, the manifest says {}",
+            dir.display(),
+            lookup.len(),
+            manifest.samples
+        );
+        Ok(TeacherCache {
+            dir: dir.to_path_buf(),
+            manifest,
+            shards,
+            lookup,
+        })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, index: usize) -> bool {
+        self.lookup.contains_key(&index)
+    }
+
+    fn slot(&self, index: usize, id: &str) -> Result<(&ShardReader, &SampleSlot)> {
+        let &(s, i) = self.lookup.get(&index).with_context(|| {
+            format!(
+                "sample {id} (record {index} of the data) is not in teacher cache {}: it was written \
+                 for other data or skipped the sample; rebuild it",
+                self.dir.display()
+            )
+        })?;
+        Ok((&self.shards[s], &self.shards[s].slots[i]))
+    }
+
+    /// Everything stored for one record.
+    pub fn record(&self, index: usize, id: &str) -> Result<SampleRecord> {
+        let (shard, slot) = self.slot(index, id)?;
+        let k = self.manifest.top_k;
+        let mut r = SampleRecord {
+            index,
+            response: TopKHost::empty(k),
+            visual: TopKHost::empty(k),
+            ..Default::default()
+        };
+        shard.read_rows(
+            slot,
+            Part::Response,
+            &mut r.response_positions,
+            &mut r.response,
+        )?;
+        shard.read_rows(slot, Part::Visual, &mut r.visual_positions, &mut r.visual)?;
+        r.relation = shard.relation(slot)?;
+        Ok(r)
+    }
+
+    /// The teacher rows of a batch: `samples[b]` = (record index, sample id) of batch row b,
+    /// whose sequences are padded to `seq_len`.
+    pub fn batch(
+        &self,
+        samples: &[(usize, &str)],
+        seq_len: usize,
+        device: &Device,
+    ) -> Result<CachedBatch> {
+        let k = self.manifest.top_k;
+        let (mut response, mut visual) = (TopKHost::empty(k), TopKHost::empty(k));
+        let (mut response_rows, mut visual_rows) = (Vec::new(), Vec::new());
+        let mut relations = Vec::with_capacity(samples.len());
+        for (b, &(index, id)) in samples.iter().enumerate() {
+            let (shard, slot) = self.slot(index, id)?;
+            let mut positions = Vec::new();
+            shard.read_rows(slot, Part::Response, &mut positions, &mut response)?;
+            let r_end = positions.len();
+            shard.read_rows(slot, Part::Visual, &mut positions, &mut visual)?;
+            for (i, &t) in positions.iter().enumerate() {
+                ensure!(
+                    (t as usize) < seq_len,
+                    "sample {id}: the teacher cache has position {t}, the batch is {seq_len} long"
+                );
+                let row = u32::try_from(b * seq_len + t as usize)
+                    .context("batch·seq exceeds u32 row indices")?;
+                if i < r_end {
+                    response_rows.push(row);
+                } else {
+                    visual_rows.push(row);
+                }
+            }
+            relations.push(match shard.relation(slot)? {
+                Some(values) => Some(Tensor::from_vec(
+                    values,
+                    (slot.relation_side, slot.relation_side),
+                    device,
+                )?),
+                None => None,
+            });
+        }
+        let vocab = self.manifest.vocab as u32;
+        if let Some(bad) = response
+            .ids
+            .iter()
+            .chain(&visual.ids)
+            .find(|&&id| id >= vocab)
+        {
+            bail!(
+                "teacher cache {}: token id {bad} outside the vocabulary of {vocab} (corrupt shard?)",
+                self.dir.display()
+            );
+        }
+        Ok(CachedBatch {
+            response: response.to_tensors(device)?,
+            visual: visual.to_tensors(device)?,
+            relations,
+            response_rows,
+            visual_rows,
+        })
+    }
+}
