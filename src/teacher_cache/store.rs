@@ -344,3 +344,205 @@ impl TeacherCache {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::teacher_cache::manifest::{RunIdentity, TeacherIdentity, FORMAT_VERSION};
+
+    const K: usize = 3;
+    const VOCAB: usize = 10;
+
+    /// A record with `r` response rows, `v` visual rows and values derived from `index`.
+    fn record(index: usize, r: usize, v: usize) -> SampleRecord {
+        let top = |rows: usize, salt: usize| TopKHost {
+            k: K,
+            ids: (0..rows * K)
+                .map(|i| ((i + index + salt) % VOCAB) as u32)
+                .collect(),
+            log_probs: (0..rows * K).map(|i| -(i as f32) - index as f32).collect(),
+            rest: (0..rows).map(|i| -10.0 - i as f32).collect(),
+        };
+        SampleRecord {
+            index,
+            response_positions: (0..r as u32).map(|t| 2 * t + 1).collect(),
+            response: top(r, 0),
+            visual_positions: (0..v as u32).collect(),
+            visual: top(v, 5),
+            relation: (v > 0).then(|| (0..v * v).map(|i| i as f32 + index as f32).collect()),
+        }
+    }
+
+    fn manifest(samples: usize) -> Manifest {
+        Manifest {
+            run: RunIdentity {
+                format_version: FORMAT_VERSION,
+                stage_kind: "chat".into(),
+                data_digest: "d".into(),
+                images: "i".into(),
+                template: "t".into(),
+                template_digest: "td".into(),
+                tokenizer_digest: "tk".into(),
+                processor_digest: "p".into(),
+                max_length: 32,
+                temperature: 1.0,
+                truncate_vocab: None,
+            },
+            teacher: TeacherIdentity {
+                path: "teacher".into(),
+                digest: "x".into(),
+            },
+            top_k: K,
+            vocab: VOCAB,
+            image_token_id: 1,
+            tokens_per_image: 2,
+            relations: true,
+            data: "data.json".into(),
+            samples,
+            response_positions: 0,
+            visual_positions: 0,
+            skipped: Default::default(),
+            shards: Vec::new(),
+        }
+    }
+
+    fn records() -> Vec<SampleRecord> {
+        // Record indices with a gap (a skipped record), text-only samples, several shards.
+        [(0, 3, 2), (1, 1, 0), (3, 0, 4), (4, 2, 2), (5, 4, 0)]
+            .iter()
+            .map(|&(i, r, v)| record(i, r, v))
+            .collect()
+    }
+
+    fn write(out: &Path) -> Manifest {
+        let (mut w, done) = CacheWriter::open(out, serde_json::json!({"job": 1}), K, 2).unwrap();
+        assert_eq!(done, 0);
+        for r in records() {
+            w.push(&r).unwrap();
+        }
+        w.finish(manifest(5)).unwrap()
+    }
+
+    #[test]
+    fn shards_round_trip_through_the_mmapped_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cache");
+        let m = write(&out);
+        assert_eq!(m.shards.len(), 3);
+        assert!(!dir.path().join(".cache.partial").exists());
+        let cache = TeacherCache::open(&out).unwrap();
+        assert_eq!(cache.manifest(), &m);
+        for r in records() {
+            assert_eq!(cache.record(r.index, "s").unwrap(), r);
+        }
+        assert!(!cache.contains(2));
+    }
+
+    #[test]
+    fn shuffled_batches_look_rows_up_by_record_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cache");
+        write(&out);
+        let cache = TeacherCache::open(&out).unwrap();
+        let seq = 12;
+        let batch = cache
+            .batch(&[(4, "d"), (0, "a"), (1, "b")], seq, &Device::Cpu)
+            .unwrap();
+        let (r4, r0, r1) = (record(4, 2, 2), record(0, 3, 2), record(1, 1, 0));
+        let mut rows = Vec::new();
+        for (b, r) in [&r4, &r0, &r1].iter().enumerate() {
+            rows.extend(r.response_positions.iter().map(|t| (b * seq) as u32 + t));
+        }
+        assert_eq!(batch.response_rows, rows);
+        assert_eq!(batch.visual_rows, vec![0, 1, 12, 13]);
+        let mut want = r4.response.clone();
+        want.extend(&r0.response).unwrap();
+        want.extend(&r1.response).unwrap();
+        assert_eq!(
+            batch.response.ids.to_vec2::<u32>().unwrap().concat(),
+            want.ids
+        );
+        assert_eq!(batch.response.rest.to_vec1::<f32>().unwrap(), want.rest);
+        assert_eq!(
+            batch.relations[1]
+                .as_ref()
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            vec![vec![0.0, 1.0], vec![2.0, 3.0]]
+        );
+        assert!(batch.relations[2].is_none());
+        let err = cache
+            .batch(&[(0, "a"), (2, "sample-two")], seq, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("sample sample-two (record 2 of the data) is not in teacher cache"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_interrupted_write_keeps_finished_shards_and_is_never_a_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cache");
+        let job = serde_json::json!({"job": 1});
+        {
+            let (mut w, _) = CacheWriter::open(&out, job.clone(), K, 2).unwrap();
+            for r in &records()[..3] {
+                w.push(r).unwrap();
+            }
+            // Dropped without `finish`: one shard of 2 samples written, 1 sample lost.
+        }
+        assert!(!out.exists());
+        let err = TeacherCache::open(&out).err().unwrap().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        let (mut w, done) = CacheWriter::open(&out, job, K, 2).unwrap();
+        assert_eq!(done, 2);
+        for r in &records()[done..] {
+            w.push(r).unwrap();
+        }
+        w.finish(manifest(5)).unwrap();
+        let cache = TeacherCache::open(&out).unwrap();
+        for r in records() {
+            assert_eq!(cache.record(r.index, "s").unwrap(), r);
+        }
+        // A finished cache is never overwritten; another job restarts the partial directory.
+        let err = CacheWriter::open(&out, serde_json::json!({}), K, 2)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("already holds a teacher cache"), "{err}");
+        let other = dir.path().join("other");
+        {
+            let (mut w, _) = CacheWriter::open(&other, serde_json::json!({"a": 1}), K, 1).unwrap();
+            w.push(&records()[0]).unwrap();
+        }
+        let (_, done) = CacheWriter::open(&other, serde_json::json!({"a": 2}), K, 1).unwrap();
+        assert_eq!(done, 0);
+    }
+
+    #[test]
+    fn missing_manifest_shard_or_garbage_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("cache");
+        write(&out);
+        let shard = out.join("shard-00001.safetensors");
+        let bytes = std::fs::read(&shard).unwrap();
+        std::fs::write(&shard, &bytes[..bytes.len() / 2]).unwrap();
+        let err = format!("{:#}", TeacherCache::open(&out).err().unwrap());
+        assert!(
+            err.contains("shard-00001.safetensors is unreadable"),
+            "{err}"
+        );
+        std::fs::remove_file(&shard).unwrap();
+        let err = format!("{:#}", TeacherCache::open(&out).err().unwrap());
+        assert!(err.contains("shard-00001.safetensors is missing"), "{err}");
+        std::fs::write(out.join(MANIFEST_FILE), "{not json").unwrap();
+        let err = format!("{:#}", TeacherCache::open(&out).err().unwrap());
+        assert!(err.contains("not a teacher-cache manifest"), "{err}");
+        std::fs::remove_file(out.join(MANIFEST_FILE)).unwrap();
+        let err = format!("{:#}", TeacherCache::open(&out).err().unwrap());
+        assert!(err.contains("is incomplete (no manifest.json)"), "{err}");
+    }
+}
