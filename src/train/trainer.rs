@@ -136,7 +136,7 @@ pub fn check_compatible(
     }
 }
 
-pub(crate) fn labels_tensor(labels: &ndarray::Array2<i64>, device: &Device) -> Result<Tensor> {
+pub fn labels_tensor(labels: &ndarray::Array2<i64>, device: &Device) -> Result<Tensor> {
     let (b, s) = labels.dim();
     Ok(Tensor::from_vec(
         labels.iter().copied().collect::<Vec<_>>(),
@@ -145,7 +145,7 @@ pub(crate) fn labels_tensor(labels: &ndarray::Array2<i64>, device: &Device) -> R
     )?)
 }
 
-pub(crate) fn token_batch(batch: &mmkd_datasets::Batch) -> TokenBatch {
+pub fn token_batch(batch: &mmkd_datasets::Batch) -> TokenBatch {
     TokenBatch {
         ids: batch
             .input_ids
@@ -162,7 +162,7 @@ pub(crate) fn token_batch(batch: &mmkd_datasets::Batch) -> TokenBatch {
     }
 }
 
-pub(crate) fn pixel_values(
+pub fn pixel_values(
     batch: &mmkd_datasets::Batch,
     prepared: &PreparedModel,
 ) -> Result<Option<Tensor>> {
@@ -190,7 +190,7 @@ pub(crate) fn pixel_values(
 }
 
 /// A built-in template by name, or a template file.
-pub(crate) fn resolve_template(name: &str) -> Result<Template> {
+pub fn resolve_template(name: &str) -> Result<Template> {
     if Path::new(name).is_file() {
         Template::from_file(Path::new(name))
     } else {
@@ -200,7 +200,7 @@ pub(crate) fn resolve_template(name: &str) -> Result<Template> {
 
 /// Reads and tokenizes a stage's data (images must exist), reporting skipped records on
 /// stderr; fails when nothing is left.
-pub(crate) fn prepare_data(
+pub fn prepare_data(
     data: &Path,
     images: &Path,
     tokenizer: &tokenizers::Tokenizer,
