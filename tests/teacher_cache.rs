@@ -185,7 +185,12 @@ fn cached_dft_at_full_vocabulary_equals_online_dft() {
     let cached = tmp.path().join("cached");
     let (ok, _, err) = dft(&student, &["--teacher", p(&teacher)], &online, &[]);
     assert!(ok, "{err}");
-    let (ok, _, err) = dft(&student, &["--teacher-cache", p(&cache)], &cached, &[]);
+    let (ok, _, err) = dft(
+        &student,
+        &["--teacher-cache", p(&cache)],
+        &cached,
+        &["--save-every", "1"],
+    );
     assert!(ok, "{err}");
     let (a, b) = (
         read_metrics(&online.join("metrics.jsonl")).unwrap(),
@@ -233,6 +238,23 @@ fn cached_dft_at_full_vocabulary_equals_online_dft() {
     let c = read_metrics(&tmp.path().join("k4/metrics.jsonl")).unwrap();
     assert_eq!(c[0].ce, a[0].ce);
     assert!(c[0].l_res.unwrap() <= a[0].l_res.unwrap() + 1e-6);
+
+    // The cache is part of the run's identity: resuming with another one is refused.
+    let resume = |c: &Path| {
+        dft(
+            &student,
+            &["--teacher-cache", p(c)],
+            &cached,
+            &["--save-every", "1", "--resume"],
+        )
+    };
+    let (ok, _, err) = resume(&small);
+    assert!(
+        !ok && err.contains("was written with other settings"),
+        "{err}"
+    );
+    let (ok, _, err) = resume(&cache);
+    assert!(ok, "{err}");
 }
 
 /// Asserts a refused run: exit status 1, an `error:` line holding `needle`, no panic.
