@@ -297,15 +297,17 @@ impl Writing<'_> {
         };
         let seq = batch.seq_len();
         let image_token_id = model.image_token_id();
-        let per_sample: Vec<(Vec<u32>, Vec<u32>)> = samples
+        let response_pos: Vec<Vec<u32>> = samples.iter().map(response_positions).collect();
+        let visual_pos: Vec<Vec<u32>> = samples
             .iter()
-            .map(|s| (response_positions(s), visual_positions(s, image_token_id)))
+            .map(|s| visual_positions(s, image_token_id))
             .collect();
-        let flat = |pick: fn(&(Vec<u32>, Vec<u32>)) -> &Vec<u32>| -> Vec<u32> {
-            per_sample
+        // Flat row indices b·seq + t of every sample's positions.
+        let flat = |positions: &[Vec<u32>]| -> Vec<u32> {
+            positions
                 .iter()
                 .enumerate()
-                .flat_map(|(b, p)| pick(p).iter().map(move |&t| (b * seq) as u32 + t))
+                .flat_map(|(b, p)| p.iter().map(move |&t| (b * seq) as u32 + t))
                 .collect()
         };
         let top = |rows: Vec<u32>| -> Result<TopKHost> {
@@ -314,12 +316,12 @@ impl Writing<'_> {
             }
             TopKHost::from_logits(&gather_rows(&logits, &rows)?, self.top_k, self.temperature)
         };
-        let response = top(flat(|p| &p.0))?;
-        let visual = top(flat(|p| &p.1))?;
+        let response = top(flat(&response_pos))?;
+        let visual = top(flat(&visual_pos))?;
         let relation_mats = if self.relations {
             let mask: Vec<u8> = out.visual.mask.iter().flatten().copied().collect();
             let mask = Tensor::from_vec(mask, (samples.len(), seq), model.device())?;
-            let visual_counts: Vec<usize> = per_sample.iter().map(|p| p.1.len()).collect();
+            let visual_counts: Vec<usize> = visual_pos.iter().map(Vec::len).collect();
             let (_, _, hidden) = out.hidden.dims3()?;
             if self.vocab.is_none()
                 && hidden_form_is_cheaper(&visual_counts, logits.dim(2)?, hidden, hidden)
@@ -333,7 +335,8 @@ impl Writing<'_> {
         };
         let (mut r_at, mut v_at) = (0, 0);
         let mut records = Vec::with_capacity(samples.len());
-        for ((sample, (rp, vp)), rel) in samples.iter().zip(per_sample).zip(relation_mats) {
+        let positions = response_pos.into_iter().zip(visual_pos);
+        for ((sample, (rp, vp)), rel) in samples.iter().zip(positions).zip(relation_mats) {
             let relation = match rel {
                 Some(r) => Some(r.flatten_all()?.to_vec1::<f32>()?),
                 None => None,

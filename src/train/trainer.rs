@@ -239,13 +239,15 @@ struct Teacher {
     truncate: Option<usize>,
 }
 
-/// How a distillation stage gets its teacher.
+/// How a distillation stage gets its teacher (one value per run: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum TeacherPlan {
     None,
     Online(Teacher),
     Cached(Manifest),
 }
 
+#[allow(clippy::large_enum_variant)]
 enum TeacherSource {
     Online(Teacher),
     Cached(CachedSource),
