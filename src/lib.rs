@@ -8,6 +8,7 @@
 //! - [`config`]: presets (TOML with inheritance and overrides).
 //! - [`eval`]: VQA accuracy, caption metrics, POPE, multiple choice.
 //! - [`evaluate`]: running a model over benchmarks (batched generation + scoring).
+//! - [`teacher_cache`]: the offline teacher cache (`mmkd teacher-cache`, `--teacher-cache`).
 //! - [`bench`]: the distillation-step benchmark (`mmkd bench`).
 //! - [`cli`]: the `mmkd` command line.
 
@@ -22,4 +23,5 @@ pub mod evaluate;
 pub mod generate;
 pub mod models;
 pub mod prompt;
+pub mod teacher_cache;
 pub mod train;

@@ -84,7 +84,56 @@ pub fn run(
         cpu_per_step,
         peak,
         matmul_peak,
+        None,
     )
+}
+
+/// [`run`] with the teacher read from an offline cache: the spec's random teacher is run once
+/// on the batch and its top-`top_k` rows written to a temporary cache (not timed), then each
+/// step reads the memory-mapped cache instead of running the teacher.
+pub fn run_cached(
+    spec: &BenchSpec,
+    options: &BenchOptions,
+    top_k: usize,
+    mut on_step: impl FnMut(usize, &StepOutcome),
+) -> Result<BenchReport> {
+    ensure!(options.steps > 0, "`--steps` must be at least 1");
+    let mut step = DftStep::new(spec, options.seed)?;
+    let dir = std::env::temp_dir().join(format!("mmkd-bench-cache-{}", std::process::id()));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    let result = (|| {
+        step.write_teacher_cache(&dir, top_k)
+            .context("writing the benchmark's teacher cache")?;
+        let cache = crate::teacher_cache::TeacherCache::open(&dir)?;
+        let mut timed = Vec::with_capacity(options.steps);
+        let mut cpu_start = 0.0;
+        for i in 0..options.warmup + options.steps {
+            if i == options.warmup {
+                cpu_start = cpu_time::process_cpu_seconds()?;
+            }
+            let outcome = step
+                .run_cached(&cache)
+                .with_context(|| format!("cached benchmark step {i}"))?;
+            on_step(i, &outcome);
+            if i >= options.warmup {
+                timed.push(outcome);
+            }
+        }
+        let cpu_per_step = (cpu_time::process_cpu_seconds()? - cpu_start) / options.steps as f64;
+        BenchReport::new(
+            spec,
+            options.warmup,
+            &timed,
+            cpu_per_step,
+            memory::peak_rss_bytes()?,
+            None,
+            Some(top_k),
+        )
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
 }
 
 #[cfg(test)]
@@ -142,6 +191,37 @@ mod tests {
         let json = serde_json::to_value(&report).unwrap();
         assert!(json["samples_per_s"].as_f64().unwrap() > 0.0);
         assert!(json["split_s"]["backward"].as_f64().unwrap() > 0.0);
+    }
+
+    #[test]
+    fn the_cached_step_trains_every_parameter_and_equals_the_online_loss_at_full_vocabulary() {
+        let spec = tiny_spec();
+        let dir = tempfile::tempdir().unwrap();
+        let cache_dir = dir.path().join("cache");
+        let mut online = DftStep::new(&spec, 4).unwrap();
+        let mut cached = DftStep::new(&spec, 4).unwrap();
+        cached.write_teacher_cache(&cache_dir, spec.vocab).unwrap();
+        let cache = crate::teacher_cache::TeacherCache::open(&cache_dir).unwrap();
+        // `run_cached` fails when a trainable parameter gets no gradient.
+        let (a, b) = (online.run().unwrap(), cached.run_cached(&cache).unwrap());
+        assert!((a.loss - b.loss).abs() < 1e-5, "{} vs {}", a.loss, b.loss);
+        let (a, b) = (online.run().unwrap(), cached.run_cached(&cache).unwrap());
+        assert!(
+            (a.loss - b.loss).abs() < 1e-4,
+            "after one update: {} vs {}",
+            a.loss,
+            b.loss
+        );
+        let options = BenchOptions {
+            steps: 1,
+            warmup: 0,
+            seed: 0,
+            matmul_peak_size: None,
+        };
+        let report = run_cached(&spec, &options, 8, |_, _| {}).unwrap();
+        assert_eq!(report.bench, "mmkd-dft-step-cached");
+        assert_eq!(report.flops.teacher_forward, 0.0);
+        assert!(report.samples_per_s > 0.0);
     }
 
     #[test]

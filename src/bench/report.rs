@@ -9,7 +9,10 @@ use super::step::{StepOutcome, StepTimes};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
+    /// `mmkd-dft-step` (online teacher) or `mmkd-dft-step-cached` (teacher read from a cache).
     pub bench: &'static str,
+    /// k of the teacher cache the cached step reads (`None`: online teacher).
+    pub teacher_cache_top_k: Option<usize>,
     /// Timed steps (after `warmup` untimed ones).
     pub steps: usize,
     pub warmup: usize,
@@ -46,15 +49,25 @@ impl BenchReport {
         cpu_s_per_step: f64,
         peak_rss_bytes: u64,
         matmul_peak_gflops: Option<f64>,
+        teacher_cache_top_k: Option<usize>,
     ) -> Result<Self> {
         ensure!(!timed.is_empty(), "no timed step to report");
         let phase = |f: fn(&StepTimes) -> f64| median(timed.iter().map(|o| f(&o.times)));
         let totals: Vec<f64> = timed.iter().map(|o| o.wall).collect();
         let step_s_median = median(totals.iter().copied());
-        let flops = StepFlops::of(spec);
+        let mut flops = StepFlops::of(spec);
+        if teacher_cache_top_k.is_some() {
+            // The cached step does not run the teacher.
+            flops.teacher_forward = 0.0;
+        }
         let gflop_per_step = flops.total() / 1e9;
         Ok(Self {
-            bench: "mmkd-dft-step",
+            bench: if teacher_cache_top_k.is_some() {
+                "mmkd-dft-step-cached"
+            } else {
+                "mmkd-dft-step"
+            },
+            teacher_cache_top_k,
             steps: timed.len(),
             warmup,
             batch: spec.batch,
@@ -97,7 +110,7 @@ impl BenchReport {
             "samples/s   {:.2}  (median step {:.3} s over {} steps, min {:.3}, max {:.3}; batch {}, {} matmul threads, element-wise threads {})\n\
              CPU time    {:.3} s per step (all threads)\n\
              GFLOP/s     {:.1}{peak}  ({:.1} GFLOP per step)\n\
-             split       teacher fwd {:.3} s ({:.0}%) | student fwd {:.3} s ({:.0}%) | loss {:.3} s ({:.0}%) | backward {:.3} s ({:.0}%) | optimizer {:.3} s ({:.0}%)\n\
+             split       {} {:.3} s ({:.0}%) | student fwd {:.3} s ({:.0}%) | loss {:.3} s ({:.0}%) | backward {:.3} s ({:.0}%) | optimizer {:.3} s ({:.0}%)\n\
              peak memory {:.0} MiB (VmHWM)\n\
              loss        {:.4} → {:.4}",
             self.samples_per_s,
@@ -111,6 +124,11 @@ impl BenchReport {
             self.cpu_s_per_step,
             self.gflops,
             self.gflop_per_step,
+            if self.teacher_cache_top_k.is_some() {
+                "cache read"
+            } else {
+                "teacher fwd"
+            },
             s.teacher_forward,
             pct(s.teacher_forward),
             s.student_forward,

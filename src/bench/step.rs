@@ -12,10 +12,14 @@ use serde::Serialize;
 
 use super::data::BenchBatch;
 use super::spec::{BenchSpec, LmSpec};
+use crate::distill::positions::{gather_rows, response_rows, visual_positions_per_sample};
 use crate::distill::{
-    distill_loss, hidden_form_is_cheaper, DistillBatch, DistillLossConfig, RelationHidden,
+    distill_loss, distill_loss_cached, hidden_form_is_cheaper, relation_matrices,
+    relation_matrices_from_hidden, CachedDistillBatch, CachedTeacher, DistillBatch,
+    DistillLossConfig, LossTerms, RelationHidden, StudentRelation, TopKHost,
 };
 use crate::models::llava::{BuildOptions, LlavaModel, Trainable};
+use crate::teacher_cache::{CacheWriter, Manifest, SampleRecord, TeacherCache};
 use crate::train::{AdamW, AdamWConfig};
 
 /// Learning rate of the peer's AdamW.
@@ -138,12 +142,179 @@ impl DftStep {
         )
         .context("distillation loss")?;
         let loss = clock.elapsed().as_secs_f64();
+        let times = StepTimes {
+            teacher_forward,
+            student_forward,
+            loss,
+            ..Default::default()
+        };
+        self.update(terms, times)
+    }
+
+    /// Runs one step that reads the teacher from `cache` (written by
+    /// [`DftStep::write_teacher_cache`]) instead of running it; the cache read is timed as
+    /// `teacher_forward`.
+    pub fn run_cached(&mut self, cache: &TeacherCache) -> Result<StepOutcome> {
+        let clock = Instant::now();
+        let (times, loss) = self.phases_cached(cache)?;
+        Ok(StepOutcome {
+            times,
+            wall: clock.elapsed().as_secs_f64(),
+            loss,
+        })
+    }
+
+    fn phases_cached(&mut self, cache: &TeacherCache) -> Result<(StepTimes, f32)> {
+        let batch = &self.batch;
+        let clock = Instant::now();
+        let ids: Vec<String> = (0..self.spec_batch())
+            .map(|b| format!("bench-{b}"))
+            .collect();
+        let keys: Vec<(usize, &str)> = ids
+            .iter()
+            .enumerate()
+            .map(|(b, id)| (b, id.as_str()))
+            .collect();
+        let cached = cache.batch(&keys, batch.tokens.seq_len(), self.student.device())?;
+        let teacher_forward = clock.elapsed().as_secs_f64();
+
+        let clock = Instant::now();
+        let student = self
+            .student
+            .forward(&batch.tokens, Some(&batch.pixels))
+            .context("student forward")?;
+        let student_forward = clock.elapsed().as_secs_f64();
+
+        let clock = Instant::now();
+        let terms = distill_loss_cached(
+            &CachedDistillBatch {
+                student_logits: &student.logits,
+                labels: &batch.labels,
+                visual_mask: &batch.visual_mask,
+                teacher: CachedTeacher {
+                    response: &cached.response,
+                    visual: &cached.visual,
+                    relations: &cached.relations,
+                },
+                student_relation: if self.relation_from_hidden {
+                    StudentRelation::Hidden {
+                        hidden: &student.hidden,
+                        head: self.student.lm.lm_head_weight(),
+                    }
+                } else {
+                    StudentRelation::Logits(&student.logits)
+                },
+            },
+            &self.loss,
+        )
+        .context("distillation loss from the teacher cache")?;
+        let loss = clock.elapsed().as_secs_f64();
+        let times = StepTimes {
+            teacher_forward,
+            student_forward,
+            loss,
+            ..Default::default()
+        };
+        self.update(terms, times)
+    }
+
+    fn spec_batch(&self) -> usize {
+        self.batch.tokens.batch_size()
+    }
+
+    /// Runs the teacher on the batch once and writes its top-k rows and relation matrices as
+    /// a teacher cache in `dir` (sample b of the batch is record b).
+    pub fn write_teacher_cache(&self, dir: &std::path::Path, top_k: usize) -> Result<()> {
+        let batch = &self.batch;
+        let out = self
+            .teacher
+            .forward(&batch.tokens, Some(&batch.pixels))
+            .context("teacher forward")?;
+        let logits = out.logits.detach();
+        let (b, seq, vocab) = logits.dims3()?;
+        let response = response_rows(&batch.labels)?;
+        let visual = visual_positions_per_sample(&batch.visual_mask)?;
+        let relations = if self.relation_from_hidden {
+            relation_matrices_from_hidden(
+                &out.hidden,
+                self.teacher.lm.lm_head_weight(),
+                &batch.visual_mask,
+            )?
+        } else {
+            relation_matrices(&logits, &batch.visual_mask)?
+        };
+        let (mut writer, _) =
+            CacheWriter::open(dir, serde_json::json!({"bench": true}), top_k, b.max(1))?;
+        let mut totals = (0, 0);
+        for (row, rel) in relations.into_iter().enumerate() {
+            let response_positions: Vec<u32> = response
+                .rows
+                .iter()
+                .filter(|&&r| r as usize / seq == row)
+                .map(|&r| r % seq as u32)
+                .collect();
+            let visual_positions = visual[row].clone();
+            let top = |positions: &[u32]| -> Result<TopKHost> {
+                if positions.is_empty() {
+                    return Ok(TopKHost::empty(top_k));
+                }
+                let rows: Vec<u32> = positions.iter().map(|t| (row * seq) as u32 + t).collect();
+                TopKHost::from_logits(&gather_rows(&logits, &rows)?, top_k, self.loss.temperature)
+            };
+            totals.0 += response_positions.len();
+            totals.1 += visual_positions.len();
+            writer.push(&SampleRecord {
+                index: row,
+                response: top(&response_positions)?,
+                visual: top(&visual_positions)?,
+                response_positions,
+                visual_positions,
+                relation: match rel {
+                    Some(r) => Some(r.flatten_all()?.to_vec1::<f32>()?),
+                    None => None,
+                },
+            })?;
+        }
+        writer.finish(Manifest {
+            run: crate::teacher_cache::RunIdentity {
+                format_version: crate::teacher_cache::FORMAT_VERSION,
+                stage_kind: "chat".into(),
+                data_digest: "bench".into(),
+                images: "bench".into(),
+                template: "bench".into(),
+                template_digest: "bench".into(),
+                tokenizer_digest: "bench".into(),
+                processor_digest: "bench".into(),
+                max_length: seq,
+                temperature: self.loss.temperature,
+                truncate_vocab: None,
+            },
+            teacher: crate::teacher_cache::TeacherIdentity {
+                path: "bench (random weights)".into(),
+                digest: "bench".into(),
+            },
+            top_k,
+            vocab,
+            image_token_id: self.teacher.image_token_id(),
+            tokens_per_image: self.teacher.tokens_per_image(),
+            relations: true,
+            data: "bench (random batch)".into(),
+            samples: b,
+            response_positions: totals.0,
+            visual_positions: totals.1,
+            skipped: Default::default(),
+            shards: Vec::new(),
+        })?;
+        Ok(())
+    }
+
+    /// Backward and AdamW after a loss; fills in their times.
+    fn update(&mut self, terms: LossTerms, mut times: StepTimes) -> Result<(StepTimes, f32)> {
         ensure!(
             terms.total_value.is_finite(),
             "the loss is not finite ({})",
             terms.total_value
         );
-
         let clock = Instant::now();
         let grads = terms.total.backward().context("backward")?;
         let backward = clock.elapsed().as_secs_f64();
@@ -156,13 +327,8 @@ impl DftStep {
             "{} trainable parameters got no gradient",
             stats.without_grad
         );
-        let times = StepTimes {
-            teacher_forward,
-            student_forward,
-            loss,
-            backward,
-            optimizer,
-        };
+        times.backward = backward;
+        times.optimizer = optimizer;
         Ok((times, terms.total_value))
     }
 }

@@ -29,9 +29,17 @@ pub struct BenchArgs {
     /// Skip the matmul peak measurement.
     #[arg(long)]
     pub no_matmul_peak: bool,
-    /// End with one JSON line holding every figure (`samples_per_s`, `split_s`, `gflops`, …).
+    /// End with one JSON line holding every figure (`samples_per_s`, `split_s`, `gflops`, …);
+    /// with --teacher-cache: `{"online": …, "cached": …, "cached_over_online": …}`.
     #[arg(long)]
     pub json: bool,
+    /// Also time the step with the teacher read from an offline teacher cache (written first
+    /// for the spec's random teacher and batch, not timed), and report both.
+    #[arg(long)]
+    pub teacher_cache: bool,
+    /// k of that cache (token ids kept per position).
+    #[arg(long, default_value_t = 64, requires = "teacher_cache")]
+    pub top_k: usize,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -57,9 +65,40 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bar.inc(1);
     })?;
     bar.finish_and_clear();
-    println!("{}", report.to_text());
+    if !args.teacher_cache {
+        println!("{}", report.to_text());
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        return Ok(());
+    }
+    let bar = ProgressBar::new((args.warmup + args.steps) as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg}")?
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("bench (teacher cache)");
+    let cached = bench::run_cached(&spec, &options, args.top_k, |i, outcome| {
+        let phase = if i < args.warmup { "warm-up" } else { "timed" };
+        bar.set_message(format!(
+            "({phase}) {:.3} s, loss {:.4}",
+            outcome.wall, outcome.loss
+        ));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    let ratio = cached.samples_per_s / report.samples_per_s;
+    println!("online teacher\n{}\n", report.to_text());
+    println!(
+        "teacher cache (top-{})\n{}\n\ncached / online: {ratio:.2}× samples/s",
+        args.top_k,
+        cached.to_text()
+    );
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        println!(
+            "{}",
+            serde_json::json!({"online": report, "cached": cached, "cached_over_online": ratio})
+        );
     }
     Ok(())
 }

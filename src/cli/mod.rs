@@ -8,6 +8,7 @@ pub mod generate;
 pub mod inspect;
 pub mod metrics;
 pub mod score;
+pub mod teacher_cache;
 pub mod train;
 
 use anyhow::Result;
@@ -52,6 +53,9 @@ pub enum Command {
     Dpt(train::StageArgs),
     /// DFT: projector + LLM, CE + α·L_res + β·L_vis + γ·L_rel against --teacher.
     Dft(train::StageArgs),
+    /// Run a teacher over a stage's data once and store its top-k log-probs and relation
+    /// matrices, for `dpt|dft --teacher-cache`.
+    TeacherCache(teacher_cache::TeacherCacheArgs),
 }
 
 pub fn run() -> Result<()> {
@@ -73,6 +77,7 @@ pub fn run() -> Result<()> {
         Command::Sft(args) => train::run(args, Stage::Sft),
         Command::Dpt(args) => train::run(args, Stage::Dpt),
         Command::Dft(args) => train::run(args, Stage::Dft),
+        Command::TeacherCache(args) => teacher_cache::run(args),
     })
 }
 

@@ -32,8 +32,12 @@ pub struct StageArgs {
     #[arg(long, requires = "vision")]
     pub llm: Option<String>,
     /// Teacher checkpoint (dpt, dft).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "teacher_cache")]
     pub teacher: Option<String>,
+    /// Distil from an offline teacher cache (`mmkd teacher-cache`) instead of a teacher
+    /// checkpoint: the teacher is neither loaded nor run (dpt, dft).
+    #[arg(long)]
+    pub teacher_cache: Option<PathBuf>,
     /// LLaVA JSON/JSONL data (default: the preset's data file for this stage).
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -89,22 +93,32 @@ pub fn resolve_settings(args: &StageArgs, stage: Stage) -> Result<StageSettings>
     Ok(settings)
 }
 
-pub fn run(args: StageArgs, stage: Stage) -> Result<()> {
-    let settings = resolve_settings(&args, stage)?;
-    let data = args
-        .data
-        .clone()
+/// The data file and image root of a stage: the command's, else the preset's.
+pub fn data_and_images(
+    data: Option<&PathBuf>,
+    images: Option<&PathBuf>,
+    settings: &StageSettings,
+) -> Result<(PathBuf, PathBuf)> {
+    let stage = settings.stage;
+    let data = data
+        .cloned()
         .or_else(|| settings.default_data())
         .with_context(|| format!("no data for `{}`: pass --data FILE", stage.name()))?;
-    let images = args
-        .images
-        .clone()
+    let images = images
+        .cloned()
         .or_else(|| settings.data.images.clone())
         .with_context(|| "no image root: pass --images DIR".to_string())?;
+    Ok((data, images))
+}
+
+pub fn run(args: StageArgs, stage: Stage) -> Result<()> {
+    let settings = resolve_settings(&args, stage)?;
+    let (data, images) = data_and_images(args.data.as_ref(), args.images.as_ref(), &settings)?;
     let run = StageRun {
         settings,
         init: args.init.clone(),
         teacher: args.teacher.clone(),
+        teacher_cache: args.teacher_cache.clone(),
         data,
         images,
         out: args.out.clone(),

@@ -131,6 +131,7 @@ fn run_plan(
         settings,
         init: plan.init.map(|d| seed_dir.join(d).display().to_string()),
         teacher: plan.teacher.map(|d| seed_dir.join(d).display().to_string()),
+        teacher_cache: None,
         data: data.join("train").join(file),
         images: data.to_path_buf(),
         out,

@@ -9,7 +9,10 @@ use super::divergence::Divergence;
 use super::logprob::compute_dtype;
 use super::mdist::{check_labels, check_pair, rows_loss};
 use super::positions::{gather_rows, response_rows, visual_rows, ResponseRows};
-use super::rdist::{relation_loss, relation_loss_from_hidden};
+use super::rdist::{
+    relation_loss, relation_loss_from_hidden, relation_loss_to_cached, StudentRelation,
+};
+use super::topk::{topk_per_token, TopKRows};
 
 /// Distillation loss settings. Defaults are the paper's: forward KL at T = 1 without T²,
 /// (α, β, γ) = (1.0, 1.0, 0.5).
@@ -181,6 +184,99 @@ pub fn distill_loss(batch: &DistillBatch<'_>, cfg: &DistillLossConfig) -> Result
         None
     };
 
+    combine(ce, l_res, l_vis, l_rel, cfg)
+}
+
+/// A teacher read back from an offline cache, lined up with one batch.
+#[derive(Clone, Copy, Debug)]
+pub struct CachedTeacher<'a> {
+    /// Top-k rows at the batch's response positions, in [`response_rows`] order.
+    pub response: &'a TopKRows,
+    /// Top-k rows at the batch's visual positions, in [`visual_rows`] order.
+    pub visual: &'a TopKRows,
+    /// The teacher's relation matrix of each batch row (`None`: no visual position, or the
+    /// cache holds none because L_rel is off).
+    pub relations: &'a [Option<Tensor>],
+}
+
+/// What a distillation step from a teacher cache feeds the loss.
+#[derive(Clone, Copy, Debug)]
+pub struct CachedDistillBatch<'a> {
+    /// `[batch, seq, vocab]`, part of the graph (already cut to the cache's vocabulary).
+    pub student_logits: &'a Tensor,
+    pub labels: &'a Tensor,
+    pub visual_mask: &'a Tensor,
+    pub teacher: CachedTeacher<'a>,
+    /// The student side of L_rel.
+    pub student_relation: StudentRelation<'a>,
+}
+
+/// [`distill_loss`] against a cached teacher: L_res and L_vis on the k + 1 buckets of the
+/// teacher's top-k (see [`super::topk`]), L_rel against the cached relation matrices. With
+/// k = vocabulary it equals [`distill_loss`] on the teacher the cache was written from.
+pub fn distill_loss_cached(
+    batch: &CachedDistillBatch<'_>,
+    cfg: &DistillLossConfig,
+) -> Result<LossTerms> {
+    cfg.validate()?;
+    let CachedDistillBatch {
+        student_logits,
+        labels,
+        visual_mask,
+        teacher,
+        student_relation,
+    } = *batch;
+    student_logits.dims3().with_context(|| {
+        format!(
+            "student logits must be [batch, seq, vocab], got {:?}",
+            student_logits.dims()
+        )
+    })?;
+    check_labels(student_logits, labels, "labels")?;
+    check_labels(student_logits, visual_mask, "visual mask")?;
+    let response = response_rows(labels)?;
+    let ce = ce_rows(student_logits, &response)?;
+    let cached_rows = |rows: &[u32], top: &TopKRows, what: &str| -> Result<Option<Tensor>> {
+        ensure!(
+            top.rows()? == rows.len(),
+            "{what}: the cache holds {} teacher rows for the batch's {} positions",
+            top.rows()?,
+            rows.len()
+        );
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let student = gather_rows(student_logits, rows)?;
+        Ok(Some(topk_per_token(&student, top, cfg)?.mean_all()?))
+    };
+    let l_res = if cfg.alpha_res > 0.0 {
+        cached_rows(&response.rows, teacher.response, "L_res")
+            .context("response distillation loss (L_res) from the teacher cache")?
+    } else {
+        None
+    };
+    let l_vis = if cfg.beta_vis > 0.0 {
+        cached_rows(&visual_rows(visual_mask)?, teacher.visual, "L_vis")
+            .context("visual distillation loss (L_vis) from the teacher cache")?
+    } else {
+        None
+    };
+    let l_rel = if cfg.gamma_rel > 0.0 {
+        relation_loss_to_cached(student_relation, teacher.relations, visual_mask)?
+    } else {
+        None
+    };
+    combine(ce, l_res, l_vis, l_rel, cfg)
+}
+
+/// L_ce + α·L_res + β·L_vis + γ·L_rel over the terms present.
+fn combine(
+    ce: Option<Tensor>,
+    l_res: Option<Tensor>,
+    l_vis: Option<Tensor>,
+    l_rel: Option<Tensor>,
+    cfg: &DistillLossConfig,
+) -> Result<LossTerms> {
     let mut total: Option<Tensor> = None;
     for (term, weight) in [
         (&ce, 1.0),

@@ -1,6 +1,7 @@
 //! Distillation losses (LLaVA-KD): MDist (response and visual output distributions), RDist
 //! (visual-token relations), the divergence menu they use, and the combined objective with the
-//! masked cross-entropy every stage trains on.
+//! masked cross-entropy every stage trains on; the same objective against a teacher kept as
+//! top-k log-probabilities in an offline cache (`topk`).
 
 pub mod divergence;
 mod logprob;
@@ -8,13 +9,18 @@ pub mod loss;
 pub mod mdist;
 pub mod positions;
 pub mod rdist;
+pub mod topk;
 
 pub use divergence::Divergence;
 pub use logprob::log_softmax;
 pub use loss::{
-    cross_entropy, distill_loss, truncate_vocab, DistillBatch, DistillLossConfig, LossTerms,
-    RelationHidden,
+    cross_entropy, distill_loss, distill_loss_cached, truncate_vocab, CachedDistillBatch,
+    CachedTeacher, DistillBatch, DistillLossConfig, LossTerms, RelationHidden,
 };
 pub use mdist::{response_loss, visual_loss};
 pub use positions::{visual_mask_from_ids, IGNORE_INDEX};
-pub use rdist::{hidden_form_is_cheaper, relation_loss, relation_loss_from_hidden};
+pub use rdist::{
+    hidden_form_is_cheaper, relation_loss, relation_loss_from_hidden, relation_loss_to_cached,
+    relation_matrices, relation_matrices_from_hidden, StudentRelation,
+};
+pub use topk::{topk_per_token, TopKHost, TopKRows};

@@ -147,6 +147,147 @@ pub fn relation_loss_from_hidden(
     .context("relation distillation loss (L_rel) from hidden states")
 }
 
+/// The relation matrix R = Z Zᵀ (f32, detached) of each sample of `[batch, seq, vocab]`
+/// logits, `None` for samples without visual positions: what an offline teacher cache keeps.
+pub fn relation_matrices(logits: &Tensor, visual_mask: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    logits.dims3().with_context(|| {
+        format!(
+            "logits must be [batch, seq, vocab], got {:?}",
+            logits.dims()
+        )
+    })?;
+    check_labels(logits, visual_mask, "visual mask")?;
+    let logits = logits.detach();
+    per_sample(visual_mask, |b, index| {
+        let z = widen(&logits.get(b)?.index_select(index, 0)?)?;
+        z.matmul(&z.t()?)
+    })
+}
+
+/// [`relation_matrices`] from hidden states `[batch, seq, H]` and a bias-free head `[V, H]`.
+pub fn relation_matrices_from_hidden(
+    hidden: &Tensor,
+    head: &Tensor,
+    visual_mask: &Tensor,
+) -> Result<Vec<Option<Tensor>>> {
+    let (_, _, h) = hidden.dims3().with_context(|| {
+        format!(
+            "hidden states must be [batch, seq, hidden], got {:?}",
+            hidden.dims()
+        )
+    })?;
+    let (_, wh) = head
+        .dims2()
+        .context("lm_head weight must be [vocab, hidden]")?;
+    ensure!(
+        wh == h,
+        "lm_head weight {:?} does not match hidden size {h}",
+        head.dims()
+    );
+    check_labels(hidden, visual_mask, "visual mask")?;
+    let hidden = hidden.detach();
+    let w = widen(&head.detach())?;
+    let gram = w.t()?.matmul(&w)?;
+    per_sample(visual_mask, |b, index| {
+        let x = widen(&hidden.get(b)?.index_select(index, 0)?)?;
+        x.matmul(&gram)?.matmul(&x.t()?)
+    })
+}
+
+fn per_sample(
+    visual_mask: &Tensor,
+    relation: impl Fn(usize, &Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Vec<Option<Tensor>>> {
+    visual_positions_per_sample(visual_mask)?
+        .iter()
+        .enumerate()
+        .map(|(b, positions)| {
+            if positions.is_empty() {
+                return Ok(None);
+            }
+            let index = Tensor::from_slice(positions, positions.len(), visual_mask.device())?;
+            let r =
+                relation(b, &index).with_context(|| format!("relation matrix of sample {b}"))?;
+            Ok(Some(r.detach()))
+        })
+        .collect()
+}
+
+/// Where the student's relation matrices come from: its logits, or (same value, cheaper for
+/// large vocabularies) its hidden states and bias-free head.
+#[derive(Clone, Copy, Debug)]
+pub enum StudentRelation<'a> {
+    Logits(&'a Tensor),
+    Hidden {
+        hidden: &'a Tensor,
+        head: &'a Tensor,
+    },
+}
+
+/// L_rel against teacher relation matrices computed earlier (one per batch row, `None` for
+/// rows without visual positions); equal to [`relation_loss`] when they are the teacher's
+/// [`relation_matrices`].
+pub fn relation_loss_to_cached(
+    student: StudentRelation<'_>,
+    teacher: &[Option<Tensor>],
+    visual_mask: &Tensor,
+) -> Result<Option<Tensor>> {
+    let source = match student {
+        StudentRelation::Logits(l) => l,
+        StudentRelation::Hidden { hidden, .. } => hidden,
+    };
+    let (b, _, _) = source.dims3().with_context(|| {
+        format!(
+            "student tensor must be [batch, seq, _], got {:?}",
+            source.dims()
+        )
+    })?;
+    check_labels(source, visual_mask, "visual mask")?;
+    ensure!(
+        teacher.len() == b,
+        "{} cached relation matrices for a batch of {b}",
+        teacher.len()
+    );
+    let gram = match student {
+        StudentRelation::Hidden { hidden, head } => {
+            let (_, wh) = head
+                .dims2()
+                .context("lm_head weight must be [vocab, hidden]")?;
+            ensure!(
+                wh == hidden.dim(2)?,
+                "student lm_head weight {:?} does not match hidden size {}",
+                head.dims(),
+                hidden.dim(2)?
+            );
+            let w = widen(head)?;
+            Some(w.t()?.matmul(&w)?)
+        }
+        StudentRelation::Logits(_) => None,
+    };
+    per_sample_mean(visual_mask, |b, index| {
+        let rt = teacher[b].clone().ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "batch row {b} has visual positions but no cached relation matrix"
+            ))
+        })?;
+        let x = widen(&source.get(b)?.index_select(index, 0)?)?;
+        let rs = match &gram {
+            Some(g) => x.matmul(g)?.matmul(&x.t()?)?,
+            None => x.matmul(&x.t()?)?,
+        };
+        if rs.dims() != rt.dims() {
+            return Err(candle_core::Error::Msg(format!(
+                "batch row {b}: the cached relation matrix is {:?}, the student's {:?}",
+                rt.dims(),
+                rs.dims()
+            )));
+        }
+        let rt = rt.to_dtype(rs.dtype())?;
+        Ok((rs, rt))
+    })
+    .context("relation distillation loss (L_rel) against cached teacher relations")
+}
+
 /// Mean over samples with visual positions of 1 − cos(R_s, R_t), where `relations(b, index)`
 /// returns (R_s, R_t) for sample b given the u32 index tensor of its visual positions.
 fn per_sample_mean(
@@ -267,6 +408,79 @@ mod tests {
             from_hidden.to_scalar::<f64>().unwrap(),
         );
         assert!(a > 1e-3 && (a - b).abs() < 1e-12, "{a} vs {b}");
+    }
+
+    #[test]
+    fn cached_relations_give_the_online_loss() {
+        let hs = data(0.0, &[2, 5, 3]);
+        let ws = data(1.0, &[11, 3]);
+        let ht = data(2.0, &[2, 5, 4]);
+        let wt = data(3.0, &[11, 4]);
+        let mask = Tensor::new(&[[1u8, 1, 0, 1, 0], [0, 0, 0, 0, 0]], &Device::Cpu).unwrap();
+        let logits = |h: &Tensor, w: &Tensor| h.broadcast_matmul(&w.t().unwrap()).unwrap();
+        let (ls, lt) = (logits(&hs, &ws), logits(&ht, &wt));
+        let online = relation_loss(&ls, &lt, &mask).unwrap().unwrap();
+        let cached = relation_matrices(&lt, &mask).unwrap();
+        assert!(cached[1].is_none());
+        let from_hidden = relation_matrices_from_hidden(&ht, &wt, &mask).unwrap();
+        for (a, b) in cached.iter().zip(&from_hidden) {
+            if let (Some(a), Some(b)) = (a, b) {
+                let d: f64 = a
+                    .sub(b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar()
+                    .unwrap();
+                assert!(d < 1e-9, "{d}");
+            }
+        }
+        let want = online.to_scalar::<f64>().unwrap();
+        for student in [
+            StudentRelation::Logits(&ls),
+            StudentRelation::Hidden {
+                hidden: &hs,
+                head: &ws,
+            },
+        ] {
+            let got = relation_loss_to_cached(student, &cached, &mask)
+                .unwrap()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(want > 1e-3 && (got - want).abs() < 1e-12, "{got} vs {want}");
+        }
+        // Gradients reach the student logits the same way.
+        let var = Var::from_tensor(&ls).unwrap();
+        let g = |loss: Tensor| {
+            loss.backward()
+                .unwrap()
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+        };
+        let g_online = g(relation_loss(var.as_tensor(), &lt, &mask).unwrap().unwrap());
+        let g_cached =
+            g(
+                relation_loss_to_cached(StudentRelation::Logits(var.as_tensor()), &cached, &mask)
+                    .unwrap()
+                    .unwrap(),
+            );
+        for (a, b) in g_online.iter().zip(&g_cached) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+        let err = relation_loss_to_cached(StudentRelation::Logits(&ls), &[None, None], &mask)
+            .unwrap_err();
+        assert!(
+            format!("{err:#}")
+                .contains("batch row 0 has visual positions but no cached relation matrix"),
+            "{err:#}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use indicatif::{ProgressBar, ProgressStyle};
 use mmkd_datasets::{
     collate, BatchSampler, CollateConfig, ImageCheck, LlavaDataset, PaddingSide, SampleShape,
-    SamplerConfig, Template, TokenizeConfig, TokenizedDataset, Truncation,
+    SamplerConfig, Template, TokenizeConfig, TokenizedDataset, TokenizedSample, Truncation,
 };
 use serde::Serialize;
 
@@ -25,8 +25,15 @@ use super::{
 };
 use crate::checkpoint::{temp_sibling, write_llava_files, SaveAssets};
 use crate::config::{Module, Stage, StageSettings};
-use crate::distill::{distill_loss, truncate_vocab, DistillBatch, LossTerms, RelationHidden};
+use crate::distill::positions::{response_rows, visual_rows};
+use crate::distill::{
+    distill_loss, distill_loss_cached, truncate_vocab, CachedDistillBatch, CachedTeacher,
+    DistillBatch, LossTerms, RelationHidden, StudentRelation,
+};
 use crate::models::llava::{LlavaModel, TokenBatch, Trainable, PROJECTOR_PREFIX};
+use crate::teacher_cache::{
+    check_run, check_teacher_unchanged, run_identity, Manifest, TeacherCache,
+};
 
 /// One stage run as the CLI (or the demo) asks for it.
 #[derive(Clone, Debug)]
@@ -36,6 +43,8 @@ pub struct StageRun {
     pub init: Option<String>,
     /// Teacher checkpoint (DPT and DFT).
     pub teacher: Option<String>,
+    /// Offline teacher cache (written by `mmkd teacher-cache`) instead of `teacher`.
+    pub teacher_cache: Option<PathBuf>,
     pub data: PathBuf,
     pub images: PathBuf,
     pub out: PathBuf,
@@ -128,7 +137,7 @@ pub fn check_compatible(
     }
 }
 
-fn labels_tensor(labels: &ndarray::Array2<i64>, device: &Device) -> Result<Tensor> {
+pub fn labels_tensor(labels: &ndarray::Array2<i64>, device: &Device) -> Result<Tensor> {
     let (b, s) = labels.dim();
     Ok(Tensor::from_vec(
         labels.iter().copied().collect::<Vec<_>>(),
@@ -137,7 +146,7 @@ fn labels_tensor(labels: &ndarray::Array2<i64>, device: &Device) -> Result<Tenso
     )?)
 }
 
-fn token_batch(batch: &mmkd_datasets::Batch) -> TokenBatch {
+pub fn token_batch(batch: &mmkd_datasets::Batch) -> TokenBatch {
     TokenBatch {
         ids: batch
             .input_ids
@@ -154,7 +163,10 @@ fn token_batch(batch: &mmkd_datasets::Batch) -> TokenBatch {
     }
 }
 
-fn pixel_values(batch: &mmkd_datasets::Batch, prepared: &PreparedModel) -> Result<Option<Tensor>> {
+pub fn pixel_values(
+    batch: &mmkd_datasets::Batch,
+    prepared: &PreparedModel,
+) -> Result<Option<Tensor>> {
     if batch.images.is_empty() {
         return Ok(None);
     }
@@ -178,15 +190,150 @@ fn pixel_values(batch: &mmkd_datasets::Batch, prepared: &PreparedModel) -> Resul
     )?))
 }
 
+/// A built-in template by name, or a template file.
+pub fn resolve_template(name: &str) -> Result<Template> {
+    if Path::new(name).is_file() {
+        Template::from_file(Path::new(name))
+    } else {
+        Template::builtin(name)
+    }
+}
+
+/// Reads and tokenizes a stage's data (images must exist), reporting skipped records on
+/// stderr; fails when nothing is left.
+pub fn prepare_data(
+    data: &Path,
+    images: &Path,
+    tokenizer: &tokenizers::Tokenizer,
+    template: &Template,
+    tokenize: &TokenizeConfig,
+    what: &str,
+) -> Result<TokenizedDataset> {
+    let mut dataset = LlavaDataset::read(data, images)?;
+    dataset.verify_images(ImageCheck::Exists, 2, &|_| {});
+    let prepared = TokenizedDataset::build(&dataset, tokenizer, template, tokenize, 2, &|_| {})?;
+    let report = &prepared.report;
+    if !report.problems.is_empty() {
+        eprintln!(
+            "{what}: {} of {} records skipped ({}); first: {}",
+            report.problems.len(),
+            report.records,
+            report
+                .skipped_by_kind()
+                .iter()
+                .map(|(k, n)| format!("{k:?}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            report.problems[0]
+        );
+    }
+    ensure!(
+        !prepared.samples.is_empty(),
+        "no usable sample in {}",
+        data.display()
+    );
+    Ok(prepared)
+}
+
 struct Teacher {
     prepared: PreparedModel,
     truncate: Option<usize>,
 }
 
-/// The loss of one micro-batch.
+/// How a distillation stage gets its teacher (one value per run: its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum TeacherPlan {
+    None,
+    Online(Teacher),
+    Cached(Manifest),
+}
+
+#[allow(clippy::large_enum_variant)]
+enum TeacherSource {
+    Online(Teacher),
+    Cached(CachedSource),
+}
+
+struct CachedSource {
+    cache: TeacherCache,
+    truncate: Option<usize>,
+}
+
+/// Opens a teacher cache for this run: refuses it when it was written for other data,
+/// template, tokenizer, settings or a teacher that has changed since, or for a student it
+/// cannot distil into.
+fn open_cached_teacher(
+    manifest: Manifest,
+    student: &PreparedModel,
+    settings: &StageSettings,
+    run: &StageRun,
+    template: &Template,
+) -> Result<CachedSource> {
+    let dir = run.teacher_cache.as_deref().context("no --teacher-cache")?;
+    let identity = run_identity(
+        settings,
+        &run.data,
+        &run.images,
+        template,
+        &student.tokenizer,
+        &student.processor,
+    )?;
+    check_run(dir, &manifest.run, &identity)?;
+    check_teacher_unchanged(dir, &manifest.teacher)?;
+    let truncate = check_cache_compatible(&student.model, &manifest, settings)?;
+    let cache = TeacherCache::open(dir)?;
+    Ok(CachedSource { cache, truncate })
+}
+
+/// The cache's counterpart of [`check_compatible`], from the values its manifest recorded.
+fn check_cache_compatible(
+    student: &LlavaModel,
+    manifest: &Manifest,
+    settings: &StageSettings,
+) -> Result<Option<usize>> {
+    ensure!(
+        student.tokens_per_image() == manifest.tokens_per_image,
+        "the cached teacher and the student disagree on visual tokens per image ({} vs {}): their          positions would not line up",
+        manifest.tokens_per_image,
+        student.tokens_per_image()
+    );
+    ensure!(
+        student.image_token_id() == manifest.image_token_id,
+        "the cached teacher and the student use different image token ids ({} vs {})",
+        manifest.image_token_id,
+        student.image_token_id()
+    );
+    let sv = student.config.text_config.vocab_size;
+    let truncate = settings.train.truncate_vocab;
+    match truncate {
+        Some(n) => ensure!(
+            n <= sv,
+            "truncate_vocab = {n} exceeds the student's vocabulary ({sv})"
+        ),
+        None => ensure!(
+            sv == manifest.vocab,
+            "the cached teacher's vocabulary ({}) differs from the student's ({sv}); if they differ \
+             only by padding, set train.truncate_vocab = {} and rebuild the cache with it",
+            manifest.vocab,
+            sv.min(manifest.vocab)
+        ),
+    }
+    if settings.distill.gamma_rel > 0.0 && !manifest.relations {
+        bail!(
+            "the teacher cache holds no relation matrices (it was written with gamma_rel = 0), but \
+             this run's gamma_rel is {}: rebuild the cache or set distill.gamma_rel = 0",
+            settings.distill.gamma_rel
+        );
+    }
+    Ok(truncate)
+}
+
+/// The loss of one micro-batch; `samples` are the batch's rows.
+#[allow(clippy::too_many_arguments)]
 fn batch_loss(
     student: &LlavaModel,
-    teacher: Option<&Teacher>,
+    teacher: Option<&TeacherSource>,
+    samples: &[&TokenizedSample],
     tokens: &TokenBatch,
     labels: &Tensor,
     pixels: Option<&Tensor>,
@@ -196,14 +343,20 @@ fn batch_loss(
     let Some(teacher) = teacher else {
         return LossTerms::ce_only(&out.logits, labels);
     };
-    let t_out = teacher.prepared.model.forward(tokens, pixels)?;
-    let t_logits = t_out.logits.detach();
     let mask: Vec<u8> = out.visual.mask.iter().flatten().copied().collect();
     let visual_mask = Tensor::from_vec(
         mask,
         (tokens.batch_size(), tokens.seq_len()),
         student.device(),
     )?;
+    let teacher = match teacher {
+        TeacherSource::Online(t) => t,
+        TeacherSource::Cached(c) => {
+            return cached_batch_loss(student, c, samples, &out, labels, &visual_mask, settings)
+        }
+    };
+    let t_out = teacher.prepared.model.forward(tokens, pixels)?;
+    let t_logits = t_out.logits.detach();
     let (s_logits, t_logits) = match teacher.truncate {
         Some(n) => (
             truncate_vocab(&out.logits, n)?,
@@ -230,6 +383,80 @@ fn batch_loss(
     )
 }
 
+fn cached_batch_loss(
+    student: &LlavaModel,
+    source: &CachedSource,
+    samples: &[&TokenizedSample],
+    out: &crate::models::llava::LlavaOutput,
+    labels: &Tensor,
+    visual_mask: &Tensor,
+    settings: &StageSettings,
+) -> Result<LossTerms> {
+    let s_logits = match source.truncate {
+        Some(n) => truncate_vocab(&out.logits, n)?,
+        None => out.logits.clone(),
+    };
+    let seq = labels.dim(1)?;
+    let keys: Vec<(usize, &str)> = samples.iter().map(|s| (s.index, s.id.as_str())).collect();
+    let cached = source.cache.batch(&keys, seq, student.device())?;
+    let ids: Vec<&str> = keys.iter().map(|k| k.1).collect();
+    same_rows(
+        &response_rows(labels)?.rows,
+        &cached.response_rows,
+        seq,
+        &ids,
+        "response",
+    )?;
+    same_rows(
+        &visual_rows(visual_mask)?,
+        &cached.visual_rows,
+        seq,
+        &ids,
+        "visual",
+    )?;
+    let student_relation = match source.truncate {
+        None => StudentRelation::Hidden {
+            hidden: &out.hidden,
+            head: student.lm.lm_head_weight(),
+        },
+        Some(_) => StudentRelation::Logits(&s_logits),
+    };
+    distill_loss_cached(
+        &CachedDistillBatch {
+            student_logits: &s_logits,
+            labels,
+            visual_mask,
+            teacher: CachedTeacher {
+                response: &cached.response,
+                visual: &cached.visual,
+                relations: &cached.relations,
+            },
+            student_relation,
+        },
+        &settings.distill,
+    )
+}
+
+/// The cache's rows must be the batch's own; otherwise name the first sample that differs.
+fn same_rows(batch: &[u32], cached: &[u32], seq: usize, ids: &[&str], what: &str) -> Result<()> {
+    if batch == cached {
+        return Ok(());
+    }
+    let first = batch
+        .iter()
+        .zip(cached)
+        .position(|(a, b)| a != b)
+        .unwrap_or(batch.len().min(cached.len()));
+    let row = batch.get(first).or(cached.get(first)).copied().unwrap_or(0) as usize;
+    let id = ids.get(row / seq).copied().unwrap_or("?");
+    bail!(
+        "sample {id}: the teacher cache's {what} positions differ from this run's ({} vs {} in the \
+         batch): the cache was written for other data or settings",
+        cached.len(),
+        batch.len()
+    )
+}
+
 fn finite_or_stop(value: f64, what: &str, step: usize, ids: &[String], out: &Path) -> Result<()> {
     if value.is_finite() {
         return Ok(());
@@ -251,9 +478,19 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
     let started = Instant::now();
     std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
     let settings_json = settings.as_json();
-    let settings_digest = digest(
-        &serde_json::json!({"settings": settings_json, "data": run.data, "images": run.images, "init": run.init, "teacher": run.teacher}),
-    );
+    let cache_manifest = match &run.teacher_cache {
+        Some(dir) if stage.distills() => Some(Manifest::read(dir)?),
+        Some(_) => bail!(
+            "--teacher-cache is for the distillation stages (dpt, dft), not `{}`",
+            stage.name()
+        ),
+        None => None,
+    };
+    let settings_digest = digest(&serde_json::json!({
+        "settings": settings_json, "data": run.data, "images": run.images, "init": run.init,
+        "teacher": run.teacher,
+        "teacher_cache": cache_manifest.as_ref().map(Manifest::identity_digest),
+    }));
     let frozen_dtype = parse_dtype(&settings.train.frozen_dtype)?;
     let trainable = trainable_modules(settings);
 
@@ -307,66 +544,49 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
             stage.name()
         ),
     };
-    let teacher = if stage.distills() {
-        let spec = run.teacher.as_deref().with_context(|| {
-            format!(
-                "`{}` distils from a teacher: pass --teacher DIR",
-                stage.name()
-            )
-        })?;
-        let prepared =
-            from_checkpoint(spec, Trainable::NONE, frozen_dtype).context("loading the teacher")?;
-        let truncate = check_compatible(&student, &prepared, settings.train.truncate_vocab)?;
-        Some(Teacher { prepared, truncate })
-    } else {
-        None
+    let teacher = match (stage.distills(), &run.teacher, &cache_manifest) {
+        (false, _, _) => TeacherPlan::None,
+        (true, Some(_), Some(_)) => {
+            bail!("--teacher and --teacher-cache are mutually exclusive: give one")
+        }
+        (true, Some(spec), None) => {
+            let prepared = from_checkpoint(spec, Trainable::NONE, frozen_dtype)
+                .context("loading the teacher")?;
+            let truncate = check_compatible(&student, &prepared, settings.train.truncate_vocab)?;
+            TeacherPlan::Online(Teacher { prepared, truncate })
+        }
+        (true, None, Some(manifest)) => TeacherPlan::Cached(manifest.clone()),
+        (true, None, None) => bail!(
+            "`{}` distils from a teacher: pass --teacher DIR, or --teacher-cache CACHE (written by              `mmkd teacher-cache`)",
+            stage.name()
+        ),
     };
     let model = &student.model;
 
     // Data.
     let template_name = settings.template();
-    let template = if Path::new(&template_name).is_file() {
-        Template::from_file(Path::new(&template_name))?
-    } else {
-        Template::builtin(&template_name)?
-    };
-    let mut dataset = LlavaDataset::read(&run.data, &run.images)?;
-    dataset.verify_images(ImageCheck::Exists, 2, &|_| {});
-    let tokenize = TokenizeConfig {
-        image_token_id: model.image_token_id(),
-        tokens_per_image: model.tokens_per_image(),
-        max_length: settings.data.max_length,
-        truncation: Truncation::Truncate,
-    };
-    let data = TokenizedDataset::build(
-        &dataset,
+    let template = resolve_template(&template_name)?;
+    let data = prepare_data(
+        &run.data,
+        &run.images,
         &student.tokenizer,
         &template,
-        &tokenize,
-        2,
-        &|_| {},
+        &TokenizeConfig {
+            image_token_id: model.image_token_id(),
+            tokens_per_image: model.tokens_per_image(),
+            max_length: settings.data.max_length,
+            truncation: Truncation::Truncate,
+        },
+        stage.name(),
     )?;
     let report = &data.report;
-    if !report.problems.is_empty() {
-        eprintln!(
-            "{}: {} of {} records skipped ({}); first: {}",
-            stage.name(),
-            report.problems.len(),
-            report.records,
-            report
-                .skipped_by_kind()
-                .iter()
-                .map(|(k, n)| format!("{k:?}: {n}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-            report.problems[0]
-        );
-    }
-    ensure!(
-        !data.samples.is_empty(),
-        "no usable sample in {}",
-        run.data.display()
-    );
+    let teacher = match teacher {
+        TeacherPlan::Online(t) => Some(TeacherSource::Online(t)),
+        TeacherPlan::Cached(cache) => Some(TeacherSource::Cached(open_cached_teacher(
+            cache, &student, settings, run, &template,
+        )?)),
+        TeacherPlan::None => None,
+    };
 
     let mut sampler_cfg = SamplerConfig::new(settings.train.batch_size, settings.train.seed);
     sampler_cfg.group_by_modality_length = settings.train.group_by_modality_length;
@@ -453,6 +673,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
             let terms = batch_loss(
                 model,
                 teacher.as_ref(),
+                &refs,
                 &tokens,
                 &labels,
                 pixels.as_ref(),

@@ -1,0 +1,376 @@
+//! `mmkd teacher-cache`: runs a frozen teacher over a stage's data once and writes its top-k
+//! log-probabilities and relation matrices.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use candle_core::Tensor;
+use indicatif::{ProgressBar, ProgressStyle};
+use mmkd_datasets::{
+    collate, CollateConfig, PaddingSide, TokenizeConfig, TokenizedSample, Truncation,
+};
+use serde::Serialize;
+
+use super::manifest::{Manifest, RunIdentity};
+use super::shard::SampleRecord;
+use super::store::CacheWriter;
+use super::{run_identity, teacher_identity};
+use crate::config::StageSettings;
+use crate::distill::positions::gather_rows;
+use crate::distill::{
+    hidden_form_is_cheaper, relation_matrices, relation_matrices_from_hidden, truncate_vocab,
+    TopKHost, IGNORE_INDEX,
+};
+use crate::models::llava::Trainable;
+use crate::train::init::{from_checkpoint, parse_dtype, PreparedModel};
+use crate::train::trainer::{pixel_values, prepare_data, resolve_template, token_batch};
+
+/// What to cache.
+#[derive(Clone, Debug)]
+pub struct BuildRequest {
+    /// Teacher checkpoint (directory or hub id).
+    pub teacher: String,
+    pub data: PathBuf,
+    pub images: PathBuf,
+    pub out: PathBuf,
+    /// The settings of the stage the cache is for (template, max length, temperature, ...).
+    pub settings: StageSettings,
+    pub top_k: usize,
+    /// Samples per teacher forward pass.
+    pub batch_size: usize,
+    /// Samples per shard file.
+    pub shard_size: usize,
+    pub progress: bool,
+}
+
+/// What `mmkd teacher-cache` reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct BuildSummary {
+    pub out: PathBuf,
+    pub samples: usize,
+    /// Samples kept from an interrupted earlier run.
+    pub resumed_samples: usize,
+    pub response_positions: usize,
+    pub visual_positions: usize,
+    pub top_k: usize,
+    pub vocab: usize,
+    pub shards: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub samples_per_s: f64,
+    pub skipped: BTreeMap<String, usize>,
+}
+
+/// Positions t whose logit L_res distils: label t + 1 supervised.
+pub fn response_positions(sample: &TokenizedSample) -> Vec<u32> {
+    (1..sample.labels.len())
+        .filter(|&t| sample.labels[t] != IGNORE_INDEX)
+        .map(|t| (t - 1) as u32)
+        .collect()
+}
+
+/// Image-token positions (L_vis, L_rel).
+pub fn visual_positions(sample: &TokenizedSample, image_token_id: u32) -> Vec<u32> {
+    sample
+        .input_ids
+        .iter()
+        .enumerate()
+        .filter(|(_, &id)| id == image_token_id)
+        .map(|(t, _)| t as u32)
+        .collect()
+}
+
+/// Writes the cache (or finishes an interrupted one) and returns its summary.
+pub fn build_cache(req: &BuildRequest) -> Result<BuildSummary> {
+    let started = Instant::now();
+    let settings = &req.settings;
+    settings.distill.validate()?;
+    ensure!(
+        settings.stage.distills(),
+        "a teacher cache is for the distillation stages (dpt, dft)"
+    );
+    ensure!(req.batch_size > 0, "--batch-size must be at least 1");
+    let teacher = from_checkpoint(
+        &req.teacher,
+        Trainable::NONE,
+        parse_dtype(&settings.train.frozen_dtype)?,
+    )
+    .context("loading the teacher")?;
+    let model = &teacher.model;
+    let full_vocab = model.config.text_config.vocab_size;
+    let vocab = match settings.train.truncate_vocab {
+        Some(n) => {
+            ensure!(
+                n <= full_vocab,
+                "truncate_vocab = {n} exceeds the teacher's vocabulary ({full_vocab})"
+            );
+            n
+        }
+        None => full_vocab,
+    };
+    ensure!(
+        req.top_k >= 1 && req.top_k <= vocab,
+        "--top-k must be between 1 and the vocabulary ({vocab}), got {}",
+        req.top_k
+    );
+    let template = resolve_template(&settings.template())?;
+    let data = prepare_data(
+        &req.data,
+        &req.images,
+        &teacher.tokenizer,
+        &template,
+        &TokenizeConfig {
+            image_token_id: model.image_token_id(),
+            tokens_per_image: model.tokens_per_image(),
+            max_length: settings.data.max_length,
+            truncation: Truncation::Truncate,
+        },
+        "teacher-cache",
+    )?;
+    let run = run_identity(
+        settings,
+        &req.data,
+        &req.images,
+        &template,
+        &teacher.tokenizer,
+        &teacher.processor,
+    )?;
+    let teacher_id = teacher_identity(&teacher.tokenizer_dir)?;
+    let relations = settings.distill.gamma_rel > 0.0;
+    let job = serde_json::json!({
+        "run": run, "teacher": teacher_id, "top_k": req.top_k, "relations": relations,
+        "shard_size": req.shard_size,
+    });
+    let (mut writer, done) = CacheWriter::open(&req.out, job, req.top_k, req.shard_size)?;
+
+    let bar = progress_bar(req.progress, data.samples.len(), done);
+    let writer_cfg = Writing {
+        teacher: &teacher,
+        vocab: if settings.train.truncate_vocab.is_some() {
+            Some(vocab)
+        } else {
+            None
+        },
+        top_k: req.top_k,
+        temperature: settings.distill.temperature,
+        relations,
+    };
+    let mut next = done;
+    for chunk in data.samples[done..].chunks(req.batch_size) {
+        for record in writer_cfg.records(chunk, next)? {
+            writer.push(&record)?;
+        }
+        next += chunk.len();
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+
+    let image_token_id = model.image_token_id();
+    let response_count: usize = data
+        .samples
+        .iter()
+        .map(|s| response_positions(s).len())
+        .sum();
+    let visual_count: usize = data
+        .samples
+        .iter()
+        .map(|s| visual_positions(s, image_token_id).len())
+        .sum();
+    let skipped: BTreeMap<String, usize> = data
+        .report
+        .skipped_by_kind()
+        .into_iter()
+        .map(|(k, n)| (format!("{k:?}"), n))
+        .collect();
+    let manifest = writer.finish(manifest_for(
+        run,
+        teacher_id,
+        req,
+        vocab,
+        &teacher,
+        relations,
+        data.samples.len(),
+        response_count,
+        visual_count,
+        skipped.clone(),
+    ))?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(BuildSummary {
+        out: req.out.clone(),
+        samples: manifest.samples,
+        resumed_samples: done,
+        response_positions: response_count,
+        visual_positions: visual_count,
+        top_k: req.top_k,
+        vocab,
+        shards: manifest.shards.len(),
+        bytes: manifest.shards.iter().map(|s| s.bytes).sum(),
+        seconds,
+        samples_per_s: (manifest.samples - done) as f64 / seconds.max(1e-9),
+        skipped,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn manifest_for(
+    run: RunIdentity,
+    teacher: super::TeacherIdentity,
+    req: &BuildRequest,
+    vocab: usize,
+    prepared: &PreparedModel,
+    relations: bool,
+    samples: usize,
+    response_positions: usize,
+    visual_positions: usize,
+    skipped: BTreeMap<String, usize>,
+) -> Manifest {
+    Manifest {
+        run,
+        teacher,
+        top_k: req.top_k,
+        vocab,
+        image_token_id: prepared.model.image_token_id(),
+        tokens_per_image: prepared.model.tokens_per_image(),
+        relations,
+        data: req.data.display().to_string(),
+        samples,
+        response_positions,
+        visual_positions,
+        skipped,
+        shards: Vec::new(),
+    }
+}
+
+fn progress_bar(show: bool, total: usize, done: usize) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} samples {per_sec} [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix("teacher-cache");
+    bar.set_position(done as u64);
+    bar.reset_eta();
+    bar
+}
+
+/// How one batch of samples becomes cache records.
+struct Writing<'a> {
+    teacher: &'a PreparedModel,
+    /// Cut the logits to this vocabulary.
+    vocab: Option<usize>,
+    top_k: usize,
+    temperature: f64,
+    relations: bool,
+}
+
+impl Writing<'_> {
+    /// The records of `samples`, the dataset's samples `first..first + samples.len()`.
+    fn records(&self, samples: &[TokenizedSample], first: usize) -> Result<Vec<SampleRecord>> {
+        let model = &self.teacher.model;
+        let refs: Vec<&TokenizedSample> = samples.iter().collect();
+        let indices: Vec<usize> = (first..first + samples.len()).collect();
+        let batch = collate(
+            &refs,
+            &indices,
+            &CollateConfig {
+                pad_token_id: 0,
+                padding_side: PaddingSide::Right,
+                pad_to_multiple_of: 1,
+            },
+        );
+        let tokens = token_batch(&batch);
+        let pixels = pixel_values(&batch, self.teacher)?;
+        let out = model.forward(&tokens, pixels.as_ref()).with_context(|| {
+            format!("teacher forward on samples {}", batch.sample_ids.join(", "))
+        })?;
+        let logits = match self.vocab {
+            Some(n) => truncate_vocab(&out.logits.detach(), n)?,
+            None => out.logits.detach(),
+        };
+        let seq = batch.seq_len();
+        let image_token_id = model.image_token_id();
+        let response_pos: Vec<Vec<u32>> = samples.iter().map(response_positions).collect();
+        let visual_pos: Vec<Vec<u32>> = samples
+            .iter()
+            .map(|s| visual_positions(s, image_token_id))
+            .collect();
+        // Flat row indices b·seq + t of every sample's positions.
+        let flat = |positions: &[Vec<u32>]| -> Vec<u32> {
+            positions
+                .iter()
+                .enumerate()
+                .flat_map(|(b, p)| p.iter().map(move |&t| (b * seq) as u32 + t))
+                .collect()
+        };
+        let top = |rows: Vec<u32>| -> Result<TopKHost> {
+            if rows.is_empty() {
+                return Ok(TopKHost::empty(self.top_k));
+            }
+            TopKHost::from_logits(&gather_rows(&logits, &rows)?, self.top_k, self.temperature)
+        };
+        let response = top(flat(&response_pos))?;
+        let visual = top(flat(&visual_pos))?;
+        let relation_mats = if self.relations {
+            let mask: Vec<u8> = out.visual.mask.iter().flatten().copied().collect();
+            let mask = Tensor::from_vec(mask, (samples.len(), seq), model.device())?;
+            let visual_counts: Vec<usize> = visual_pos.iter().map(Vec::len).collect();
+            let (_, _, hidden) = out.hidden.dims3()?;
+            if self.vocab.is_none()
+                && hidden_form_is_cheaper(&visual_counts, logits.dim(2)?, hidden, hidden)
+            {
+                relation_matrices_from_hidden(&out.hidden, model.lm.lm_head_weight(), &mask)?
+            } else {
+                relation_matrices(&logits, &mask)?
+            }
+        } else {
+            vec![None; samples.len()]
+        };
+        let (mut r_at, mut v_at) = (0, 0);
+        let mut records = Vec::with_capacity(samples.len());
+        let positions = response_pos.into_iter().zip(visual_pos);
+        for ((sample, (rp, vp)), rel) in samples.iter().zip(positions).zip(relation_mats) {
+            let relation = match rel {
+                Some(r) => Some(r.flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            };
+            records.push(SampleRecord {
+                index: sample.index,
+                response: response.slice(r_at, rp.len())?,
+                visual: visual.slice(v_at, vp.len())?,
+                response_positions: rp,
+                visual_positions: vp,
+                relation,
+            });
+            r_at += records.last().map_or(0, |r| r.response_positions.len());
+            v_at += records.last().map_or(0, |r| r.visual_positions.len());
+        }
+        Ok(records)
+    }
+}
+
+/// The one-line summary `mmkd teacher-cache` prints.
+pub fn describe(summary: &BuildSummary) -> String {
+    format!(
+        "teacher-cache: {} samples ({} kept from an interrupted run), {} response + {} visual positions, \
+         top-{} of {}, {} shards, {:.1} MiB, {:.1}s ({:.1} samples/s); cache in {}",
+        summary.samples,
+        summary.resumed_samples,
+        summary.response_positions,
+        summary.visual_positions,
+        summary.top_k,
+        summary.vocab,
+        summary.shards,
+        summary.bytes as f64 / (1024.0 * 1024.0),
+        summary.seconds,
+        summary.samples_per_s,
+        summary.out.display()
+    )
+}
