@@ -194,6 +194,7 @@ fn summary_breaks_down_by_answer_type_and_category() {
         id: SampleId(id.into()),
         prediction: pred.into(),
         answers: ten(&[(k, "yes"), (10 - k, "no")]),
+        accepted: vec![],
         answer_type: Some(t.into()),
         category: c.map(String::from),
     };
@@ -340,4 +341,26 @@ fn evalai_processor_differs_where_documented() {
     assert_eq!(evalai_normalize("red,white?"), "redwhite");
     assert_eq!(evalai_normalize("The man's hat"), "man 's hat");
     assert_eq!(evalai_normalize("1,000"), "1000");
+}
+
+#[test]
+fn accepted_forms_are_scored_by_exact_match_against_any() {
+    use mmkd::eval::ids::SampleId;
+    use mmkd::eval::vqa::{VqaExample, VqaScoring};
+    let ex = |pred: &str| VqaExample {
+        id: SampleId("q".into()),
+        prediction: pred.into(),
+        answers: vec!["3".into()],
+        accepted: vec!["3".into(), "three".into()],
+        answer_type: None,
+        category: Some("count".into()),
+    };
+    // Under VQA's soft accuracy a synonym list would give a correct "3" only 1/3; any accepted
+    // form is fully correct here, after the official normalization ("Three." → "3").
+    for (pred, acc) in [("3", 100.0), ("three", 100.0), ("Three.", 100.0), ("4", 0.0)] {
+        let s = evaluate_vqa(&[ex(pred)]).unwrap();
+        assert_eq!(s.accuracy, acc, "{pred}");
+        assert_eq!(s.questions[0].1.scoring, VqaScoring::AnyAccepted);
+        assert_eq!(s.exact_match_count, 1);
+    }
 }

@@ -64,6 +64,10 @@ pub struct AnswerLine {
     #[serde(deserialize_with = "id_string")]
     pub question_id: String,
     pub answers: Vec<String>,
+    /// Equivalent forms, any of which is fully correct (synthetic sets list synonyms here);
+    /// when present, the question is scored by exact match against them.
+    #[serde(default)]
+    pub accepted: Vec<String>,
     pub answer_type: Option<String>,
     pub category: Option<String>,
 }

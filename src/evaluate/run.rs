@@ -161,6 +161,7 @@ pub fn eval_vqa(
                         id: SampleId(q.question_id.clone()),
                         prediction: a.clone(),
                         answers: r.answers.clone(),
+                        accepted: r.accepted.clone(),
                         answer_type: r.answer_type.clone(),
                         category: q.category.clone().or_else(|| r.category.clone()),
                     }

@@ -49,7 +49,10 @@ pub struct QuestionLine {
 #[derive(Debug, Clone, Serialize)]
 pub struct AnswerLine {
     pub question_id: u64,
+    /// The answer as trained (one reference: VQA's soft accuracy is for 10 human answers).
     pub answers: Vec<String>,
+    /// Every form counted fully correct (the answer first, then synonyms such as "3"/"three").
+    pub accepted: Vec<String>,
     pub answer_type: &'static str,
 }
 

@@ -9,7 +9,7 @@
 //! {split}/instruct.json              LLaVA JSON: multi-turn questions per image + text-only samples
 //! {split}/scenes.jsonl               ground truth: {id, image, objects: [{shape, color, size, row, col, position}]}
 //! {val,test}/questions.jsonl         {question_id, image, text, category}
-//! {val,test}/answers.jsonl           {question_id, answers: [...], answer_type}
+//! {val,test}/answers.jsonl           {question_id, answers: [answer], accepted: [answer, synonyms...], answer_type}
 //! {val,test}/captions.jsonl          {image_id, image, text, references: [...]}
 //! {val,test}/pope_{random,popular,adversarial}.jsonl   {question_id, image, text, label, category}
 //! ```
@@ -329,7 +329,8 @@ fn eval_records(cfg: &SynthConfig, split: Split, scenes: &[Scene]) -> EvalFiles 
             });
             answers.push(AnswerLine {
                 question_id,
-                answers: qa.accepted,
+                answers: vec![qa.answer],
+                accepted: qa.accepted,
                 answer_type: category.answer_type(),
             });
         }

@@ -104,6 +104,8 @@ pub fn read_predictions(path: &Path) -> Result<Vec<Record<String>>> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct VqaReference {
     pub answers: Vec<String>,
+    /// Equivalent forms, any of which is fully correct (empty: score `answers` as VQA does).
+    pub accepted: Vec<String>,
     pub answer_type: Option<String>,
     pub category: Option<String>,
 }
@@ -133,6 +135,8 @@ fn parse_answers(value: Value) -> std::result::Result<Vec<String>, String> {
 struct RawVqaReference {
     question_id: SampleId,
     answers: Value,
+    #[serde(default)]
+    accepted: Vec<String>,
     answer_type: Option<String>,
     category: Option<String>,
     question_type: Option<String>,
@@ -157,6 +161,7 @@ pub fn read_vqa_references(path: &Path) -> Result<Vec<Record<VqaReference>>> {
             location,
             value: VqaReference {
                 answers,
+                accepted: raw.accepted,
                 answer_type: raw.answer_type,
                 category: raw.category.or(raw.question_type),
             },
@@ -380,6 +385,7 @@ pub fn load_vqa_examples(pred_path: &Path, answers_path: &Path) -> Result<Vec<Vq
             id,
             prediction,
             answers: r.answers,
+            accepted: r.accepted,
             answer_type: r.answer_type,
             category: r.category,
         })

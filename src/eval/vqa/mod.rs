@@ -29,6 +29,8 @@ pub enum VqaScoring {
     LeaveOneOut,
     /// Exact match after normalizing both sides (exactly one reference answer).
     ExactMatch,
+    /// Exact match against any of the listed equivalent forms (after normalizing).
+    AnyAccepted,
 }
 
 /// The score of one question.
@@ -94,12 +96,40 @@ pub fn score_vqa_answer_with(
     }
 }
 
+/// Score one prediction against equivalent accepted forms: 1 if it equals any of them after
+/// normalizing both sides.
+pub fn score_accepted(
+    prediction: &str,
+    accepted: &[String],
+    processor: VqaProcessor,
+) -> Result<VqaQuestionScore> {
+    let full = match processor {
+        VqaProcessor::Official => normalize_prediction,
+        VqaProcessor::EvalAi => evalai_normalize,
+    };
+    if accepted.is_empty() {
+        bail!("no accepted answers");
+    }
+    let normalized = full(prediction);
+    let matching = accepted.iter().filter(|a| full(a) == normalized).count();
+    Ok(VqaQuestionScore {
+        accuracy: if matching > 0 { 1.0 } else { 0.0 },
+        scoring: VqaScoring::AnyAccepted,
+        normalized_prediction: normalized,
+        matching_answers: matching,
+    })
+}
+
 /// One question to score: the model's answer and the references.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VqaExample {
     pub id: SampleId,
     pub prediction: String,
     pub answers: Vec<String>,
+    /// Equivalent forms, any of which is fully correct; when non-empty they replace the
+    /// soft accuracy over `answers` (which is meant for 10 human answers, so a list of
+    /// synonyms would give a correct answer only 1/3).
+    pub accepted: Vec<String>,
     /// "yes/no", "number", "other" in VQAv2.
     pub answer_type: Option<String>,
     /// Any other grouping (VQAv2's `question_type`, a benchmark's category).
@@ -121,7 +151,7 @@ pub struct VqaSummary {
     /// Mean accuracy × 100 (the official script rounds this to 2 decimals; not rounded here).
     pub accuracy: f64,
     pub count: usize,
-    /// Questions with a single reference, scored by exact match.
+    /// Questions scored by exact match (a single reference, or a list of accepted forms).
     pub exact_match_count: usize,
     pub per_answer_type: BTreeMap<String, GroupAccuracy>,
     pub per_category: BTreeMap<String, GroupAccuracy>,
@@ -154,8 +184,12 @@ pub fn evaluate_vqa_with(examples: &[VqaExample], processor: VqaProcessor) -> Re
     let mut by_type: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let mut by_category: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for ex in examples {
-        let score = score_vqa_answer_with(&ex.prediction, &ex.answers, processor)
-            .map_err(|e| anyhow::anyhow!("question {}: {e}", ex.id))?;
+        let score = if ex.accepted.is_empty() {
+            score_vqa_answer_with(&ex.prediction, &ex.answers, processor)
+        } else {
+            score_accepted(&ex.prediction, &ex.accepted, processor)
+        }
+        .map_err(|e| anyhow::anyhow!("question {}: {e}", ex.id))?;
         if let Some(t) = &ex.answer_type {
             by_type.entry(t.clone()).or_default().push(score.accuracy);
         }
@@ -170,7 +204,7 @@ pub fn evaluate_vqa_with(examples: &[VqaExample], processor: VqaProcessor) -> Re
     let total: f64 = questions.iter().map(|(_, s)| s.accuracy).sum();
     let exact_match_count = questions
         .iter()
-        .filter(|(_, s)| s.scoring == VqaScoring::ExactMatch)
+        .filter(|(_, s)| s.scoring != VqaScoring::LeaveOneOut)
         .count();
     Ok(VqaSummary {
         processor,
