@@ -357,7 +357,12 @@ fn accepted_forms_are_scored_by_exact_match_against_any() {
     };
     // Under VQA's soft accuracy a synonym list would give a correct "3" only 1/3; any accepted
     // form is fully correct here, after the official normalization ("Three." → "3").
-    for (pred, acc) in [("3", 100.0), ("three", 100.0), ("Three.", 100.0), ("4", 0.0)] {
+    for (pred, acc) in [
+        ("3", 100.0),
+        ("three", 100.0),
+        ("Three.", 100.0),
+        ("4", 0.0),
+    ] {
         let s = evaluate_vqa(&[ex(pred)]).unwrap();
         assert_eq!(s.accuracy, acc, "{pred}");
         assert_eq!(s.questions[0].1.scoring, VqaScoring::AnyAccepted);

@@ -32,6 +32,56 @@ fn collect(per_seed: &[SeedResults], model: &str, f: impl Fn(&ModelResult) -> f6
         .collect()
 }
 
+/// Paired per-seed differences `a − b` of VQA accuracy.
+fn paired_differences(per_seed: &[SeedResults], a: &str, b: &str) -> Vec<f64> {
+    per_seed
+        .iter()
+        .filter_map(|(_, _, r)| Some(r.get(a)?.vqa_accuracy - r.get(b)?.vqa_accuracy))
+        .collect()
+}
+
+fn difference_json(diffs: &[f64]) -> Value {
+    let (mean, std) = mean_std(diffs);
+    json!({"mean": mean, "std": std, "per_seed": diffs})
+}
+
+fn describe_difference(name_a: &str, name_b: &str, diffs: &[f64]) -> String {
+    let (mean, std) = mean_std(diffs);
+    let wins = diffs.iter().filter(|d| **d > 0.0).count();
+    let spread = if diffs.len() > 1 {
+        format!(" ± {std:.2} (paired over {} seeds)", diffs.len())
+    } else {
+        String::new()
+    };
+    format!(
+        "{name_a} − {name_b} = {mean:+.2}{spread} points, {name_a} ahead in {wins} of {} seed(s)",
+        diffs.len()
+    )
+}
+
+/// The demo's question in one line: does the distilled student beat the baseline, and the
+/// teacher both? Differences are paired by seed, with their spread, so noise reads as noise.
+fn verdict(per_seed: &[SeedResults]) -> String {
+    format!(
+        "**Verdict (VQA accuracy):** {}; {}; {}.\n\n",
+        describe_difference(
+            "distilled",
+            "baseline",
+            &paired_differences(per_seed, "distilled", "baseline")
+        ),
+        describe_difference(
+            "teacher",
+            "distilled",
+            &paired_differences(per_seed, "teacher", "distilled")
+        ),
+        describe_difference(
+            "teacher",
+            "baseline",
+            &paired_differences(per_seed, "teacher", "baseline")
+        ),
+    )
+}
+
 fn cell(values: &[f64], decimals: usize) -> String {
     let (m, s) = mean_std(values);
     if values.len() > 1 {
@@ -105,6 +155,11 @@ pub fn write(
         "data": {"dir": data, "train": demo.train, "val": demo.val, "test": demo.test, "image_size": demo.image_size},
         "demo": demo,
         "results": results,
+        "vqa_differences": {
+            "distilled_minus_baseline": difference_json(&paired_differences(per_seed, "distilled", "baseline")),
+            "teacher_minus_distilled": difference_json(&paired_differences(per_seed, "teacher", "distilled")),
+            "teacher_minus_baseline": difference_json(&paired_differences(per_seed, "teacher", "baseline")),
+        },
         "per_seed": per_seed.iter().map(|(s, dir, r)| json!({"seed": s, "dir": dir, "results": r})).collect::<Vec<_>>(),
     });
     std::fs::write(
@@ -138,17 +193,7 @@ pub fn write(
         ));
     }
     md.push('\n');
-    let acc = |m: &str| mean_std(&collect(per_seed, m, |r| r.vqa_accuracy)).0;
-    let (t, b, d) = (acc("teacher"), acc("baseline"), acc("distilled"));
-    md.push_str(&format!(
-        "**Verdict (VQA accuracy):** distilled {} baseline by {:+.2} points; teacher {} both ({:.2} vs {:.2} / {:.2}).\n\n",
-        if d > b { "beats" } else { "does not beat" },
-        d - b,
-        if t > d && t > b { "beats" } else { "does not beat" },
-        t,
-        b,
-        d
-    ));
+    md.push_str(&verdict(per_seed));
     // Per-category accuracy.
     let mut cats: Vec<String> = per_seed
         .first()
