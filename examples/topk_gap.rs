@@ -19,7 +19,7 @@ use mmkd::train::init::from_checkpoint;
 use mmkd::train::trainer::{
     labels_tensor, pixel_values, prepare_data, resolve_template, token_batch,
 };
-use mmkd_datasets::{collate, CollateConfig, PaddingSide, TokenizeConfig, Truncation};
+use mmkd_datasets::{collate, CollateConfig, PaddingSide};
 
 #[derive(Parser)]
 struct Args {
@@ -73,12 +73,7 @@ fn main() -> Result<()> {
         &args.images,
         &student.tokenizer,
         &template,
-        &TokenizeConfig {
-            image_token_id: student.model.image_token_id(),
-            tokens_per_image: student.model.tokens_per_image(),
-            max_length: settings.data.max_length,
-            truncation: Truncation::Truncate,
-        },
+        &mmkd::train::trainer::training_tokenize_config(&student.model, settings.data.max_length),
         "topk_gap",
     )?;
     let collate_cfg = CollateConfig {

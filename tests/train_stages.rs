@@ -543,45 +543,48 @@ fn trainable_modules_follow_the_setting_and_students_can_take_the_teachers_tower
         serde_json::json!(["projector", "llm"])
     );
 
+    // A student pre-training run that must be refused; returns its stderr.
+    let refused_pretrain = |out: &str, sets: &[&str]| -> String {
+        let (data, images, tok, out) = (
+            s(data_for("pretrain")),
+            s("data"),
+            s("data/tokenizer.json"),
+            s(out),
+        );
+        let mut args = vec![
+            "pretrain",
+            "--config",
+            "shapes-tiny",
+            "--quiet",
+            "--data",
+            &data,
+            "--images",
+            &images,
+            "--tokenizer",
+            &tok,
+            "--out",
+            &out,
+        ];
+        for set in sets {
+            args.extend(["--set", set]);
+        }
+        let (ok, _, err) = mmkd(&args);
+        assert!(!ok, "pretrain with {sets:?} should fail");
+        err
+    };
     // A tower that does not match the preset's vision_config is refused, naming the key.
-    let (ok, _, err) = mmkd(&[
-        "pretrain",
-        "--config",
-        "shapes-tiny",
-        "--quiet",
-        "--data",
-        &s(data_for("pretrain")),
-        "--images",
-        &s("data"),
-        "--tokenizer",
-        &s("data/tokenizer.json"),
-        "--out",
-        &s("shared-tower/bad"),
-        "--set",
-        &teacher_tower,
-        "--set",
-        "models.student.vision_config.hidden_size=48",
-    ]);
+    let err = refused_pretrain(
+        "shared-tower/bad",
+        &[
+            &teacher_tower,
+            "models.student.vision_config.hidden_size=48",
+        ],
+    );
     assert!(
-        !ok && err.contains("`hidden_size` = 32") && err.contains("says 48"),
+        err.contains("`hidden_size` = 32") && err.contains("says 48"),
         "{err}"
     );
     // An empty module list is an error, not a stage that trains nothing.
-    let (ok, _, err) = mmkd(&[
-        "pretrain",
-        "--config",
-        "shapes-tiny",
-        "--quiet",
-        "--data",
-        &s(data_for("pretrain")),
-        "--images",
-        &s("data"),
-        "--tokenizer",
-        &s("data/tokenizer.json"),
-        "--out",
-        &s("shared-tower/none"),
-        "--set",
-        "trainable=[]",
-    ]);
-    assert!(!ok && err.contains("train.trainable is empty"), "{err}");
+    let err = refused_pretrain("shared-tower/none", &["trainable=[]"]);
+    assert!(err.contains("train.trainable is empty"), "{err}");
 }

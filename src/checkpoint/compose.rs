@@ -48,6 +48,15 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))
 }
 
+/// The image processor a checkpoint directory saved, if it saved one (vision checkpoints often
+/// do not; their tower's defaults apply then).
+pub fn saved_processor(dir: &Path) -> Result<Option<ImageProcessor>> {
+    let saved = ["preprocessor_config.json", "processor_config.json"]
+        .iter()
+        .any(|f| dir.join(f).exists());
+    saved.then(|| load_processor(dir)).transpose()
+}
+
 pub fn compose(spec: &ComposeSpec, device: &Device) -> Result<Composed> {
     let vision_dir = resolve_model(&spec.vision)?;
     let llm_dir = resolve_model(&spec.llm)?;
@@ -75,13 +84,9 @@ pub fn compose(spec: &ComposeSpec, device: &Device) -> Result<Composed> {
     llm_weights.rename(layout::llm_key);
     weights.merge_renamed(llm_weights, |n| Some(n.to_string()));
 
-    let has_processor = ["preprocessor_config.json", "processor_config.json"]
-        .iter()
-        .any(|f| vision_dir.join(f).exists());
-    let processor = if has_processor {
-        load_processor(&vision_dir)?
-    } else {
-        ImageProcessor::for_tower(&vision_config)
+    let processor = match saved_processor(&vision_dir)? {
+        Some(p) => p,
+        None => ImageProcessor::for_tower(&vision_config),
     };
     let mut vision_json = vision_config.to_json();
     if vision_config.kind == VisionKind::Siglip {

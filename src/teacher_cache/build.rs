@@ -8,9 +8,7 @@ use std::time::Instant;
 use anyhow::{ensure, Context, Result};
 use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
-use mmkd_datasets::{
-    collate, CollateConfig, PaddingSide, TokenizeConfig, TokenizedSample, Truncation,
-};
+use mmkd_datasets::{collate, CollateConfig, PaddingSide, TokenizedSample};
 use serde::Serialize;
 
 use super::manifest::{Manifest, RunIdentity};
@@ -121,12 +119,7 @@ pub fn build_cache(req: &BuildRequest) -> Result<BuildSummary> {
         &req.images,
         &teacher.tokenizer,
         &template,
-        &TokenizeConfig {
-            image_token_id: model.image_token_id(),
-            tokens_per_image: model.tokens_per_image(),
-            max_length: settings.data.max_length,
-            truncation: Truncation::Truncate,
-        },
+        &crate::train::trainer::training_tokenize_config(&model, settings.data.max_length),
         "teacher-cache",
     )?;
     let run = run_identity(

@@ -12,7 +12,7 @@ use mmkd_vision::{load_vision_weights, ImageProcessor, VisionConfig};
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::bundle::{load_processor, load_tokenizer};
-use crate::checkpoint::compose::{compose, ComposeSpec};
+use crate::checkpoint::compose::{compose, saved_processor, ComposeSpec};
 use crate::checkpoint::{hub, layout, read_config, read_weights};
 use crate::config::ModelSpec;
 use crate::models::llava::{BuildOptions, LlavaModel, Trainable, LM_PREFIX, VISION_PREFIX};
@@ -140,19 +140,23 @@ struct FreshTower {
 fn tower_from_checkpoint(spec: &str) -> Result<FreshTower> {
     let dir = hub::resolve_model(spec)?;
     let device = candle_core::Device::Cpu;
-    let is_llava = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .is_some_and(|v| v.get("model_type").and_then(|t| t.as_str()) == Some("llava"));
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
+    let is_llava = value.get("model_type").and_then(|t| t.as_str()) == Some("llava");
     let (config, weights) = if is_llava {
-        let config = read_config(&dir)?;
+        let config = LlavaConfig::from_json_str(&text)
+            .with_context(|| format!("invalid LLaVA config {}", config_path.display()))?;
         let mut weights = WeightSource::empty();
         weights.merge_renamed(read_weights(&dir, &device)?, |name| {
             name.starts_with(VISION_PREFIX).then(|| name.to_string())
         });
         (config.vision_config, weights)
     } else {
-        let config = VisionConfig::from_file(&dir.join("config.json"))?;
+        let config = VisionConfig::from_json_value(&value)
+            .with_context(|| format!("{}: not a vision tower config", config_path.display()))?;
         let mut weights = load_vision_weights(&dir, &device)?;
         weights.rename(layout::vision_key);
         (config, weights)
@@ -162,18 +166,10 @@ fn tower_from_checkpoint(spec: &str) -> Result<FreshTower> {
         "{}: no vision tower weights found",
         dir.display()
     );
-    let has_processor = ["preprocessor_config.json", "processor_config.json"]
-        .iter()
-        .any(|f| dir.join(f).exists());
-    let processor = if has_processor {
-        Some(load_processor(&dir)?)
-    } else {
-        None
-    };
     Ok(FreshTower {
         config: config.to_json(),
         weights,
-        processor,
+        processor: saved_processor(&dir)?,
         origin: format!("tower of {}", dir.display()),
     })
 }

@@ -199,6 +199,17 @@ pub fn resolve_template(name: &str) -> Result<Template> {
     }
 }
 
+/// How a stage tokenizes for `model`: its image token and visual tokens per image, long
+/// samples truncated (never inside an image block).
+pub fn training_tokenize_config(model: &LlavaModel, max_length: usize) -> TokenizeConfig {
+    TokenizeConfig {
+        image_token_id: model.image_token_id(),
+        tokens_per_image: model.tokens_per_image(),
+        max_length,
+        truncation: Truncation::Truncate,
+    }
+}
+
 /// Reads and tokenizes a stage's data (images must exist), reporting skipped records on
 /// stderr; fails when nothing is left.
 pub fn prepare_data(
@@ -571,12 +582,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         &run.images,
         &student.tokenizer,
         &template,
-        &TokenizeConfig {
-            image_token_id: model.image_token_id(),
-            tokens_per_image: model.tokens_per_image(),
-            max_length: settings.data.max_length,
-            truncation: Truncation::Truncate,
-        },
+        &training_tokenize_config(&model, settings.data.max_length),
         stage.name(),
     )?;
     let report = &data.report;

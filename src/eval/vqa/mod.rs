@@ -50,16 +50,21 @@ pub fn score_vqa_answer(prediction: &str, answers: &[String]) -> Result<VqaQuest
     score_vqa_answer_with(prediction, answers, VqaProcessor::Official)
 }
 
+/// The normalization a processor applies to predictions.
+fn prediction_normalizer(processor: VqaProcessor) -> fn(&str) -> String {
+    match processor {
+        VqaProcessor::Official => normalize_prediction,
+        VqaProcessor::EvalAi => evalai_normalize,
+    }
+}
+
 /// Score one prediction against its reference answers with the chosen processor.
 pub fn score_vqa_answer_with(
     prediction: &str,
     answers: &[String],
     processor: VqaProcessor,
 ) -> Result<VqaQuestionScore> {
-    let full = match processor {
-        VqaProcessor::Official => normalize_prediction,
-        VqaProcessor::EvalAi => evalai_normalize,
-    };
+    let full = prediction_normalizer(processor);
     let normalized = full(prediction);
     match answers.len() {
         0 => bail!("no reference answers"),
@@ -103,10 +108,7 @@ pub fn score_accepted(
     accepted: &[String],
     processor: VqaProcessor,
 ) -> Result<VqaQuestionScore> {
-    let full = match processor {
-        VqaProcessor::Official => normalize_prediction,
-        VqaProcessor::EvalAi => evalai_normalize,
-    };
+    let full = prediction_normalizer(processor);
     if accepted.is_empty() {
         bail!("no accepted answers");
     }
