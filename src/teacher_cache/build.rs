@@ -119,7 +119,7 @@ pub fn build_cache(req: &BuildRequest) -> Result<BuildSummary> {
         &req.images,
         &teacher.tokenizer,
         &template,
-        &crate::train::trainer::training_tokenize_config(&model, settings.data.max_length),
+        &crate::train::trainer::training_tokenize_config(model, settings.data.max_length),
         "teacher-cache",
     )?;
     let run = run_identity(

@@ -582,7 +582,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         &run.images,
         &student.tokenizer,
         &template,
-        &training_tokenize_config(&model, settings.data.max_length),
+        &training_tokenize_config(model, settings.data.max_length),
         stage.name(),
     )?;
     let report = &data.report;
