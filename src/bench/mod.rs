@@ -36,6 +36,9 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Side of the square matmul used for the peak measurement; `None` skips it.
     pub matmul_peak_size: Option<usize>,
+    /// Run the frozen teacher's forward for the next batch alongside the student's update
+    /// (what the distillation stages do); `false` runs the phases one after another.
+    pub teacher_overlap: bool,
 }
 
 impl Default for BenchOptions {
@@ -46,6 +49,7 @@ impl Default for BenchOptions {
             warmup: 1,
             seed: 0,
             matmul_peak_size: Some(1024),
+            teacher_overlap: true,
         }
     }
 }
@@ -58,6 +62,7 @@ pub fn run(
 ) -> Result<BenchReport> {
     ensure!(options.steps > 0, "`--steps` must be at least 1");
     let mut step = DftStep::new(spec, options.seed)?;
+    step.set_teacher_overlap(options.teacher_overlap);
     let mut timed = Vec::with_capacity(options.steps);
     let mut cpu_start = 0.0;
     for i in 0..options.warmup + options.steps {
@@ -77,7 +82,7 @@ pub fn run(
         .matmul_peak_size
         .map(|n| matmul_peak::matmul_peak_gflops(n, 10))
         .transpose()?;
-    BenchReport::new(
+    let mut report = BenchReport::new(
         spec,
         options.warmup,
         &timed,
@@ -85,7 +90,9 @@ pub fn run(
         peak,
         matmul_peak,
         None,
-    )
+    )?;
+    report.teacher_overlap = options.teacher_overlap;
+    Ok(report)
 }
 
 /// [`run`] with the teacher read from an offline cache: the spec's random teacher is run once
@@ -161,6 +168,7 @@ mod tests {
             warmup: 1,
             seed: 3,
             matmul_peak_size: Some(16),
+            ..Default::default()
         };
         let mut seen = Vec::new();
         let report = run(&spec, &options, |i, _| seen.push(i)).unwrap();
@@ -217,11 +225,24 @@ mod tests {
             warmup: 0,
             seed: 0,
             matmul_peak_size: None,
+            ..Default::default()
         };
         let report = run_cached(&spec, &options, 8, |_, _| {}).unwrap();
         assert_eq!(report.bench, "mmkd-dft-step-cached");
         assert_eq!(report.flops.teacher_forward, 0.0);
         assert!(report.samples_per_s > 0.0);
+    }
+
+    #[test]
+    fn overlapping_the_teacher_with_the_update_changes_no_number() {
+        let spec = tiny_spec();
+        let mut overlapped = DftStep::new(&spec, 5).unwrap();
+        let mut sequential = DftStep::new(&spec, 5).unwrap();
+        sequential.set_teacher_overlap(false);
+        for step in 0..3 {
+            let (a, b) = (overlapped.run().unwrap(), sequential.run().unwrap());
+            assert_eq!(a.loss, b.loss, "step {step}");
+        }
     }
 
     #[test]

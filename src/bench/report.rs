@@ -13,6 +13,9 @@ pub struct BenchReport {
     pub bench: &'static str,
     /// k of the teacher cache the cached step reads (`None`: online teacher).
     pub teacher_cache_top_k: Option<usize>,
+    /// Whether the online teacher's forward for the next step ran alongside the student's
+    /// update (its time then overlaps the other phases instead of adding to them).
+    pub teacher_overlap: bool,
     /// Timed steps (after `warmup` untimed ones).
     pub steps: usize,
     pub warmup: usize,
@@ -68,6 +71,7 @@ impl BenchReport {
                 "mmkd-dft-step"
             },
             teacher_cache_top_k,
+            teacher_overlap: false,
             steps: timed.len(),
             warmup,
             batch: spec.batch,
@@ -126,6 +130,8 @@ impl BenchReport {
             self.gflop_per_step,
             if self.teacher_cache_top_k.is_some() {
                 "cache read"
+            } else if self.teacher_overlap {
+                "teacher fwd (overlapped, for the next step)"
             } else {
                 "teacher fwd"
             },

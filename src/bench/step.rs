@@ -18,7 +18,7 @@ use crate::distill::{
     relation_matrices_from_hidden, CachedDistillBatch, CachedTeacher, DistillBatch,
     DistillLossConfig, LossTerms, RelationHidden, StudentRelation, TopKHost,
 };
-use crate::models::llava::{BuildOptions, LlavaModel, Trainable};
+use crate::models::llava::{BuildOptions, LlavaModel, LlavaOutput, Trainable};
 use crate::teacher_cache::{CacheWriter, Manifest, SampleRecord, TeacherCache};
 use crate::train::{AdamW, AdamWConfig};
 
@@ -58,6 +58,9 @@ pub struct DftStep {
     batch: BenchBatch,
     loss: DistillLossConfig,
     relation_from_hidden: bool,
+    /// The teacher's output on the next batch, computed during the previous step.
+    pending_teacher: Option<(LlavaOutput, f64)>,
+    teacher_overlap: bool,
 }
 
 impl DftStep {
@@ -89,7 +92,16 @@ impl DftStep {
                 spec.student.hidden,
                 spec.teacher.hidden,
             ),
+            pending_teacher: None,
+            teacher_overlap: true,
         })
+    }
+
+    /// Whether the teacher's forward for the next step runs alongside this step's student
+    /// update (the default) or before it, phase after phase.
+    pub fn set_teacher_overlap(&mut self, overlap: bool) {
+        self.teacher_overlap = overlap;
+        self.pending_teacher = None;
     }
 
     pub fn student(&self) -> &LlavaModel {
@@ -108,47 +120,56 @@ impl DftStep {
     }
 
     fn phases(&mut self) -> Result<(StepTimes, f32)> {
-        let batch = &self.batch;
-        let clock = Instant::now();
-        let teacher = self
-            .teacher
-            .forward(&batch.tokens, Some(&batch.pixels))
-            .context("teacher forward")?;
-        let teacher_forward = clock.elapsed().as_secs_f64();
-
-        let clock = Instant::now();
-        let student = self
-            .student
-            .forward(&batch.tokens, Some(&batch.pixels))
-            .context("student forward")?;
-        let student_forward = clock.elapsed().as_secs_f64();
-
-        let clock = Instant::now();
-        let terms = distill_loss(
-            &DistillBatch {
-                student_logits: &student.logits,
-                teacher_logits: &teacher.logits,
-                labels: &batch.labels,
-                visual_mask: &batch.visual_mask,
-                // Z Zᵀ = H (WᵀW) Hᵀ gives the same L_rel; use it only where it is cheaper.
-                relation_hidden: self.relation_from_hidden.then_some(RelationHidden {
-                    student_hidden: &student.hidden,
-                    student_head: self.student.lm.lm_head_weight(),
-                    teacher_hidden: &teacher.hidden,
-                    teacher_head: self.teacher.lm.lm_head_weight(),
-                }),
-            },
-            &self.loss,
-        )
-        .context("distillation loss")?;
-        let loss = clock.elapsed().as_secs_f64();
-        let times = StepTimes {
-            teacher_forward,
-            student_forward,
-            loss,
-            ..Default::default()
+        // The teacher is frozen, so its forward for the next batch does not wait for this
+        // step's update: it runs alongside the student's forward, loss, backward and AdamW on
+        // the same rayon pool, whose idle worker picks up its gemm tasks whenever the student
+        // is in a serial stretch. The first step runs it up front.
+        let (teacher, teacher_forward) = match self.pending_teacher.take() {
+            Some(ready) => ready,
+            None => timed_teacher_forward(&self.teacher, &self.batch)?,
         };
-        self.update(terms, times)
+        if !self.teacher_overlap {
+            let head = self
+                .relation_from_hidden
+                .then_some(self.teacher.lm.lm_head_weight());
+            let (mut times, value) = student_update(
+                &self.student,
+                &mut self.optimizer,
+                &self.batch,
+                &self.loss,
+                head,
+                &teacher,
+            )?;
+            times.teacher_forward = teacher_forward;
+            return Ok((times, value));
+        }
+        let Self {
+            teacher: teacher_model,
+            student,
+            optimizer,
+            batch,
+            loss,
+            relation_from_hidden,
+            pending_teacher,
+            ..
+        } = self;
+        let (next, result) = rayon::join(
+            || timed_teacher_forward(teacher_model, batch),
+            || {
+                student_update(
+                    student,
+                    optimizer,
+                    batch,
+                    loss,
+                    relation_from_hidden.then_some(teacher_model.lm.lm_head_weight()),
+                    &teacher,
+                )
+            },
+        );
+        *pending_teacher = Some(next?);
+        let (mut times, value) = result?;
+        times.teacher_forward = teacher_forward;
+        Ok((times, value))
     }
 
     /// Runs one step that reads the teacher from `cache` (written by
@@ -309,7 +330,18 @@ impl DftStep {
     }
 
     /// Backward and AdamW after a loss; fills in their times.
-    fn update(&mut self, terms: LossTerms, mut times: StepTimes) -> Result<(StepTimes, f32)> {
+    fn update(&mut self, terms: LossTerms, times: StepTimes) -> Result<(StepTimes, f32)> {
+        update(&mut self.optimizer, terms, times)
+    }
+}
+
+/// Backward and AdamW after a loss; fills in their times.
+fn update(
+    optimizer: &mut AdamW,
+    terms: LossTerms,
+    mut times: StepTimes,
+) -> Result<(StepTimes, f32)> {
+    {
         ensure!(
             terms.total_value.is_finite(),
             "the loss is not finite ({})",
@@ -320,7 +352,7 @@ impl DftStep {
         let backward = clock.elapsed().as_secs_f64();
 
         let clock = Instant::now();
-        let stats = self.optimizer.step(&grads, LEARNING_RATE)?;
+        let stats = optimizer.step(&grads, LEARNING_RATE)?;
         let optimizer = clock.elapsed().as_secs_f64();
         ensure!(
             stats.without_grad == 0,
@@ -339,4 +371,56 @@ fn build(spec: &BenchSpec, lm: &LmSpec, trainable: Trainable, seed: u64) -> Resu
     // Every weight is freshly initialised: nothing is required from the (empty) source.
     options.require.clear();
     LlavaModel::build(&config, Arc::new(WeightSource::empty()), &options)
+}
+
+/// The teacher's forward on `batch` and its seconds.
+fn timed_teacher_forward(teacher: &LlavaModel, batch: &BenchBatch) -> Result<(LlavaOutput, f64)> {
+    let clock = Instant::now();
+    let out = teacher
+        .forward(&batch.tokens, Some(&batch.pixels))
+        .context("teacher forward")?;
+    Ok((out, clock.elapsed().as_secs_f64()))
+}
+
+/// Student forward, loss against `teacher`, backward and AdamW; `teacher_head` is the
+/// teacher's LM head when RDist is computed from hidden states.
+fn student_update(
+    student: &LlavaModel,
+    optimizer: &mut AdamW,
+    batch: &BenchBatch,
+    loss_config: &DistillLossConfig,
+    teacher_head: Option<&candle_core::Tensor>,
+    teacher: &LlavaOutput,
+) -> Result<(StepTimes, f32)> {
+    let clock = Instant::now();
+    let out = student
+        .forward(&batch.tokens, Some(&batch.pixels))
+        .context("student forward")?;
+    let student_forward = clock.elapsed().as_secs_f64();
+
+    let clock = Instant::now();
+    let terms = distill_loss(
+        &DistillBatch {
+            student_logits: &out.logits,
+            teacher_logits: &teacher.logits,
+            labels: &batch.labels,
+            visual_mask: &batch.visual_mask,
+            // Z Zᵀ = H (WᵀW) Hᵀ gives the same L_rel; use it only where it is cheaper.
+            relation_hidden: teacher_head.map(|teacher_head| RelationHidden {
+                student_hidden: &out.hidden,
+                student_head: student.lm.lm_head_weight(),
+                teacher_hidden: &teacher.hidden,
+                teacher_head,
+            }),
+        },
+        loss_config,
+    )
+    .context("distillation loss")?;
+    let loss = clock.elapsed().as_secs_f64();
+    let times = StepTimes {
+        student_forward,
+        loss,
+        ..Default::default()
+    };
+    update(optimizer, terms, times)
 }

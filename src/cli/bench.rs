@@ -37,6 +37,10 @@ pub struct BenchArgs {
     /// for the spec's random teacher and batch, not timed), and report both.
     #[arg(long)]
     pub teacher_cache: bool,
+    /// Run the phases one after another instead of running the teacher's forward for the
+    /// next step alongside the student's update.
+    #[arg(long)]
+    pub sequential: bool,
     /// k of that cache (token ids kept per position).
     #[arg(long, default_value_t = 64, requires = "teacher_cache")]
     pub top_k: usize,
@@ -49,6 +53,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         warmup: args.warmup,
         seed: args.seed,
         matmul_peak_size: (!args.no_matmul_peak).then_some(args.matmul_peak),
+        teacher_overlap: !args.sequential,
     };
     let bar = ProgressBar::new((args.warmup + args.steps) as u64);
     bar.set_style(

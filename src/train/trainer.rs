@@ -30,7 +30,7 @@ use crate::distill::{
     distill_loss, distill_loss_cached, truncate_vocab, CachedDistillBatch, CachedTeacher,
     DistillBatch, LossTerms, RelationHidden, StudentRelation,
 };
-use crate::models::llava::{LlavaModel, TokenBatch, Trainable, PROJECTOR_PREFIX};
+use crate::models::llava::{LlavaModel, LlavaOutput, TokenBatch, Trainable, PROJECTOR_PREFIX};
 use crate::teacher_cache::{
     check_run, check_teacher_unchanged, run_identity, Manifest, TeacherCache,
 };
@@ -339,11 +339,61 @@ fn check_cache_compatible(
     Ok(truncate)
 }
 
+/// One collated micro-batch as the models take it.
+struct PreparedBatch {
+    indices: Vec<usize>,
+    collated: mmkd_datasets::Batch,
+    tokens: TokenBatch,
+    labels: Tensor,
+    pixels: Option<Tensor>,
+}
+
+impl PreparedBatch {
+    fn new(
+        samples: &[TokenizedSample],
+        indices: Vec<usize>,
+        collate_cfg: &CollateConfig,
+        student: &PreparedModel,
+    ) -> Result<Self> {
+        let refs: Vec<_> = indices.iter().map(|&i| &samples[i]).collect();
+        let collated = collate(&refs, &indices, collate_cfg);
+        Ok(Self {
+            tokens: token_batch(&collated),
+            labels: labels_tensor(&collated.labels, student.model.device())?,
+            pixels: pixel_values(&collated, student)?,
+            collated,
+            indices,
+        })
+    }
+}
+
+/// A micro-batch with the online teacher's output on it (`None` without an online teacher).
+struct MicroBatch {
+    batch: PreparedBatch,
+    teacher_out: Option<LlavaOutput>,
+}
+
+/// The online teacher's forward on `batch`; `None` for other teacher sources.
+fn online_teacher_forward(
+    teacher: Option<&TeacherSource>,
+    batch: &PreparedBatch,
+) -> Result<Option<LlavaOutput>> {
+    match teacher {
+        Some(TeacherSource::Online(t)) => Ok(Some(
+            t.prepared
+                .model
+                .forward(&batch.tokens, batch.pixels.as_ref())?,
+        )),
+        _ => Ok(None),
+    }
+}
+
 /// The loss of one micro-batch; `samples` are the batch's rows.
 #[allow(clippy::too_many_arguments)]
 fn batch_loss(
     student: &LlavaModel,
     teacher: Option<&TeacherSource>,
+    teacher_out: Option<&LlavaOutput>,
     samples: &[&TokenizedSample],
     tokens: &TokenBatch,
     labels: &Tensor,
@@ -366,7 +416,14 @@ fn batch_loss(
             return cached_batch_loss(student, c, samples, &out, labels, &visual_mask, settings)
         }
     };
-    let t_out = teacher.prepared.model.forward(tokens, pixels)?;
+    let computed;
+    let t_out = match teacher_out {
+        Some(out) => out,
+        None => {
+            computed = teacher.prepared.model.forward(tokens, pixels)?;
+            &computed
+        }
+    };
     let t_logits = t_out.logits.detach();
     let (s_logits, t_logits) = match teacher.truncate {
         Some(n) => (
@@ -398,7 +455,7 @@ fn cached_batch_loss(
     student: &LlavaModel,
     source: &CachedSource,
     samples: &[&TokenizedSample],
-    out: &crate::models::llava::LlavaOutput,
+    out: &LlavaOutput,
     labels: &Tensor,
     visual_mask: &Tensor,
     settings: &StageSettings,
@@ -663,36 +720,65 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         ProgressBar::hidden()
     };
 
+    let mut ahead: Option<MicroBatch> = None;
     for step in start_step..total_steps {
         let step_started = Instant::now();
         let mut accum = GradAccumulator::new(&vars);
         let mut terms_sum = [0f64; 5];
         let mut terms_seen = [0usize; 5];
         let mut step_samples = 0;
-        for _ in 0..accum_steps {
+        for micro in 0..accum_steps {
             let indices = sampler.next_batch();
-            let refs: Vec<_> = indices.iter().map(|&i| &data.samples[i]).collect();
-            let batch = collate(&refs, &indices, &collate_cfg);
-            let tokens = token_batch(&batch);
-            let labels = labels_tensor(&batch.labels, model.device())?;
-            let pixels = pixel_values(&batch, &student)?;
-            let terms = batch_loss(
-                model,
-                teacher.as_ref(),
-                &refs,
-                &tokens,
-                &labels,
-                pixels.as_ref(),
-                settings,
-            )?;
-            finite_or_stop(
-                terms.total_value as f64,
-                "the loss",
-                step,
-                &batch.sample_ids,
-                &run.out,
-            )?;
-            let grads = terms.total.backward()?;
+            let current = match ahead.take() {
+                Some(ready) if ready.batch.indices == indices => ready,
+                _ => {
+                    let batch = PreparedBatch::new(&data.samples, indices, &collate_cfg, &student)?;
+                    let teacher_out = online_teacher_forward(teacher.as_ref(), &batch)?;
+                    MicroBatch { batch, teacher_out }
+                }
+            };
+            // The online teacher is frozen: its forward on the next micro-batch does not wait
+            // for this one's update, so it runs alongside the student's forward and backward
+            // and fills the cores the student's serial stretches leave idle.
+            let last = step + 1 == total_steps && micro + 1 == accum_steps;
+            let next_indices = (matches!(teacher, Some(TeacherSource::Online(_))) && !last)
+                .then(|| sampler.clone().next_batch());
+            let (next, student_result) = rayon::join(
+                || -> Result<Option<MicroBatch>> {
+                    let Some(indices) = next_indices else {
+                        return Ok(None);
+                    };
+                    let batch = PreparedBatch::new(&data.samples, indices, &collate_cfg, &student)?;
+                    let teacher_out = online_teacher_forward(teacher.as_ref(), &batch)?;
+                    Ok(Some(MicroBatch { batch, teacher_out }))
+                },
+                || -> Result<_> {
+                    let batch = &current.batch;
+                    let refs: Vec<_> = batch.indices.iter().map(|&i| &data.samples[i]).collect();
+                    let terms = batch_loss(
+                        model,
+                        teacher.as_ref(),
+                        current.teacher_out.as_ref(),
+                        &refs,
+                        &batch.tokens,
+                        &batch.labels,
+                        batch.pixels.as_ref(),
+                        settings,
+                    )?;
+                    finite_or_stop(
+                        terms.total_value as f64,
+                        "the loss",
+                        step,
+                        &batch.collated.sample_ids,
+                        &run.out,
+                    )?;
+                    let grads = terms.total.backward()?;
+                    Ok((terms, grads))
+                },
+            );
+            ahead = next?;
+            let (terms, grads) = student_result?;
+            let batch = &current.batch.collated;
             accum.add(&grads)?;
             step_samples += batch.batch_size();
             for (i, v) in [
