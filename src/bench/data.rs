@@ -61,6 +61,22 @@ impl BenchBatch {
     }
 }
 
+impl BenchBatch {
+    /// Rows `rows` of the batch (views of its tensors).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Result<Self> {
+        let (start, len) = (rows.start, rows.len());
+        Ok(Self {
+            tokens: TokenBatch {
+                ids: self.tokens.ids[rows.clone()].to_vec(),
+                mask: self.tokens.mask[rows].to_vec(),
+            },
+            pixels: self.pixels.narrow(0, start, len)?,
+            labels: self.labels.narrow(0, start, len)?,
+            visual_mask: self.visual_mask.narrow(0, start, len)?,
+        })
+    }
+}
+
 /// A standard-normal f32 tensor from a seeded generator.
 pub fn normal_tensor(shape: impl Into<Shape>, seed: u64, device: &Device) -> Result<Tensor> {
     let shape = shape.into();

@@ -39,6 +39,9 @@ pub struct BenchOptions {
     /// Run the frozen teacher's forward for the next batch alongside the student's update
     /// (what the distillation stages do); `false` runs the phases one after another.
     pub teacher_overlap: bool,
+    /// Row ranges of the batch whose student forward and backward run concurrently, their
+    /// gradients averaged (1: the whole batch at once).
+    pub student_shards: usize,
 }
 
 impl Default for BenchOptions {
@@ -50,6 +53,7 @@ impl Default for BenchOptions {
             seed: 0,
             matmul_peak_size: Some(1024),
             teacher_overlap: true,
+            student_shards: 1,
         }
     }
 }
@@ -63,6 +67,7 @@ pub fn run(
     ensure!(options.steps > 0, "`--steps` must be at least 1");
     let mut step = DftStep::new(spec, options.seed)?;
     step.set_teacher_overlap(options.teacher_overlap);
+    step.set_student_shards(options.student_shards)?;
     let mut timed = Vec::with_capacity(options.steps);
     let mut cpu_start = 0.0;
     for i in 0..options.warmup + options.steps {
@@ -106,6 +111,7 @@ pub fn run_cached(
 ) -> Result<BenchReport> {
     ensure!(options.steps > 0, "`--steps` must be at least 1");
     let mut step = DftStep::new(spec, options.seed)?;
+    step.set_student_shards(options.student_shards)?;
     let dir = std::env::temp_dir().join(format!("mmkd-bench-cache-{}", std::process::id()));
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -243,6 +249,27 @@ mod tests {
             let (a, b) = (overlapped.run().unwrap(), sequential.run().unwrap());
             assert_eq!(a.loss, b.loss, "step {step}");
         }
+    }
+
+    #[test]
+    fn sharding_the_student_batch_keeps_the_loss_and_the_update() {
+        let spec = tiny_spec();
+        let mut whole = DftStep::new(&spec, 6).unwrap();
+        let mut halves = DftStep::new(&spec, 6).unwrap();
+        halves.set_student_shards(2).unwrap();
+        // Every sample has as many response tokens, so the mean of the halves' losses is
+        // the whole batch's loss, and the mean of their gradients its gradient.
+        for step in 0..3 {
+            let (a, b) = (whole.run().unwrap(), halves.run().unwrap());
+            assert!(
+                (a.loss - b.loss).abs() <= 1e-5 * a.loss.abs().max(1.0),
+                "step {step}: {} vs {}",
+                a.loss,
+                b.loss
+            );
+        }
+        assert!(halves.set_student_shards(0).is_err());
+        assert!(halves.set_student_shards(spec.batch + 1).is_err());
     }
 
     #[test]

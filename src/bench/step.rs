@@ -2,12 +2,15 @@
 //! teacher forward (constants, no graph), student forward, loss
 //! (CE + L_res + L_vis + 0.5·L_rel, forward KL), backward, AdamW on projector + LLM.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::Device;
 use mmkd_nn::WeightSource;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::data::BenchBatch;
@@ -20,6 +23,7 @@ use crate::distill::{
 };
 use crate::models::llava::{BuildOptions, LlavaModel, LlavaOutput, Trainable};
 use crate::teacher_cache::{CacheWriter, Manifest, SampleRecord, TeacherCache};
+use crate::train::grads::GradAccumulator;
 use crate::train::{AdamW, AdamWConfig};
 
 /// Learning rate of the peer's AdamW.
@@ -61,6 +65,8 @@ pub struct DftStep {
     /// The teacher's output on the next batch, computed during the previous step.
     pending_teacher: Option<(LlavaOutput, f64)>,
     teacher_overlap: bool,
+    /// Row ranges of the batch whose student forward and backward run concurrently.
+    student_shards: usize,
 }
 
 impl DftStep {
@@ -94,6 +100,7 @@ impl DftStep {
             ),
             pending_teacher: None,
             teacher_overlap: true,
+            student_shards: 1,
         })
     }
 
@@ -102,6 +109,19 @@ impl DftStep {
     pub fn set_teacher_overlap(&mut self, overlap: bool) {
         self.teacher_overlap = overlap;
         self.pending_teacher = None;
+    }
+
+    /// Splits the batch into `shards` row ranges whose student forward, loss and backward run
+    /// concurrently, their gradients averaged for one AdamW step (gradient accumulation over
+    /// micro-batches run side by side).
+    pub fn set_student_shards(&mut self, shards: usize) -> Result<()> {
+        ensure!(
+            (1..=self.spec_batch()).contains(&shards),
+            "student shards must be between 1 and the batch size ({}), got {shards}",
+            self.spec_batch()
+        );
+        self.student_shards = shards;
+        Ok(())
     }
 
     pub fn student(&self) -> &LlavaModel {
@@ -128,21 +148,6 @@ impl DftStep {
             Some(ready) => ready,
             None => timed_teacher_forward(&self.teacher, &self.batch)?,
         };
-        if !self.teacher_overlap {
-            let head = self
-                .relation_from_hidden
-                .then_some(self.teacher.lm.lm_head_weight());
-            let (mut times, value) = student_update(
-                &self.student,
-                &mut self.optimizer,
-                &self.batch,
-                &self.loss,
-                head,
-                &teacher,
-            )?;
-            times.teacher_forward = teacher_forward;
-            return Ok((times, value));
-        }
         let Self {
             teacher: teacher_model,
             student,
@@ -151,27 +156,44 @@ impl DftStep {
             loss,
             relation_from_hidden,
             pending_teacher,
-            ..
+            teacher_overlap,
+            student_shards,
         } = self;
-        let (next, result) = rayon::join(
-            || timed_teacher_forward(teacher_model, batch),
-            || {
-                student_update(
-                    student,
-                    optimizer,
-                    batch,
-                    loss,
-                    relation_from_hidden.then_some(teacher_model.lm.lm_head_weight()),
-                    &teacher,
-                )
-            },
-        );
-        *pending_teacher = Some(next?);
-        let (mut times, value) = result?;
+        let teacher_head = relation_from_hidden.then_some(teacher_model.lm.lm_head_weight());
+        let loss_of = |rows: Range<usize>, shard: &BenchBatch, out: &LlavaOutput| {
+            let narrow = |t: &candle_core::Tensor| t.narrow(0, rows.start, rows.len());
+            let (t_logits, t_hidden) = (narrow(&teacher.logits)?, narrow(&teacher.hidden)?);
+            let terms = distill_loss(
+                &DistillBatch {
+                    student_logits: &out.logits,
+                    teacher_logits: &t_logits,
+                    labels: &shard.labels,
+                    visual_mask: &shard.visual_mask,
+                    // Z Zᵀ = H (WᵀW) Hᵀ gives the same L_rel; used only where it is cheaper.
+                    relation_hidden: teacher_head.map(|teacher_head| RelationHidden {
+                        student_hidden: &out.hidden,
+                        student_head: student.lm.lm_head_weight(),
+                        teacher_hidden: &t_hidden,
+                        teacher_head,
+                    }),
+                },
+                loss,
+            )
+            .context("distillation loss")?;
+            Ok((terms, 0.0))
+        };
+        let mut update = || student_update(student, optimizer, batch, *student_shards, &loss_of);
+        let (mut times, value) = if *teacher_overlap {
+            let (next, result) =
+                rayon::join(|| timed_teacher_forward(teacher_model, batch), update);
+            *pending_teacher = Some(next?);
+            result?
+        } else {
+            update()?
+        };
         times.teacher_forward = teacher_forward;
         Ok((times, value))
     }
-
     /// Runs one step that reads the teacher from `cache` (written by
     /// [`DftStep::write_teacher_cache`]) instead of running it; the cache read is timed as
     /// `teacher_forward`.
@@ -186,8 +208,6 @@ impl DftStep {
     }
 
     fn phases_cached(&mut self, cache: &TeacherCache) -> Result<(StepTimes, f32)> {
-        let batch = &self.batch;
-        let clock = Instant::now();
         let ids: Vec<String> = (0..self.spec_batch())
             .map(|b| format!("bench-{b}"))
             .collect();
@@ -196,47 +216,43 @@ impl DftStep {
             .enumerate()
             .map(|(b, id)| (b, id.as_str()))
             .collect();
-        let cached = cache.batch(&keys, batch.tokens.seq_len(), self.student.device())?;
-        let teacher_forward = clock.elapsed().as_secs_f64();
-
-        let clock = Instant::now();
-        let student = self
-            .student
-            .forward(&batch.tokens, Some(&batch.pixels))
-            .context("student forward")?;
-        let student_forward = clock.elapsed().as_secs_f64();
-
-        let clock = Instant::now();
-        let terms = distill_loss_cached(
-            &CachedDistillBatch {
-                student_logits: &student.logits,
-                labels: &batch.labels,
-                visual_mask: &batch.visual_mask,
-                teacher: CachedTeacher {
-                    response: &cached.response,
-                    visual: &cached.visual,
-                    relations: &cached.relations,
+        let (student, relation_from_hidden) = (&self.student, self.relation_from_hidden);
+        let loss_config = &self.loss;
+        let loss_of = |rows: Range<usize>, shard: &BenchBatch, out: &LlavaOutput| {
+            let clock = Instant::now();
+            let cached = cache.batch(&keys[rows], shard.tokens.seq_len(), student.device())?;
+            let read = clock.elapsed().as_secs_f64();
+            let terms = distill_loss_cached(
+                &CachedDistillBatch {
+                    student_logits: &out.logits,
+                    labels: &shard.labels,
+                    visual_mask: &shard.visual_mask,
+                    teacher: CachedTeacher {
+                        response: &cached.response,
+                        visual: &cached.visual,
+                        relations: &cached.relations,
+                    },
+                    student_relation: if relation_from_hidden {
+                        StudentRelation::Hidden {
+                            hidden: &out.hidden,
+                            head: student.lm.lm_head_weight(),
+                        }
+                    } else {
+                        StudentRelation::Logits(&out.logits)
+                    },
                 },
-                student_relation: if self.relation_from_hidden {
-                    StudentRelation::Hidden {
-                        hidden: &student.hidden,
-                        head: self.student.lm.lm_head_weight(),
-                    }
-                } else {
-                    StudentRelation::Logits(&student.logits)
-                },
-            },
-            &self.loss,
-        )
-        .context("distillation loss from the teacher cache")?;
-        let loss = clock.elapsed().as_secs_f64();
-        let times = StepTimes {
-            teacher_forward,
-            student_forward,
-            loss,
-            ..Default::default()
+                loss_config,
+            )
+            .context("distillation loss from the teacher cache")?;
+            Ok((terms, read))
         };
-        self.update(terms, times)
+        student_update(
+            student,
+            &mut self.optimizer,
+            &self.batch,
+            self.student_shards,
+            &loss_of,
+        )
     }
 
     fn spec_batch(&self) -> usize {
@@ -328,41 +344,6 @@ impl DftStep {
         })?;
         Ok(())
     }
-
-    /// Backward and AdamW after a loss; fills in their times.
-    fn update(&mut self, terms: LossTerms, times: StepTimes) -> Result<(StepTimes, f32)> {
-        update(&mut self.optimizer, terms, times)
-    }
-}
-
-/// Backward and AdamW after a loss; fills in their times.
-fn update(
-    optimizer: &mut AdamW,
-    terms: LossTerms,
-    mut times: StepTimes,
-) -> Result<(StepTimes, f32)> {
-    {
-        ensure!(
-            terms.total_value.is_finite(),
-            "the loss is not finite ({})",
-            terms.total_value
-        );
-        let clock = Instant::now();
-        let grads = terms.total.backward().context("backward")?;
-        let backward = clock.elapsed().as_secs_f64();
-
-        let clock = Instant::now();
-        let stats = optimizer.step(&grads, LEARNING_RATE)?;
-        let optimizer = clock.elapsed().as_secs_f64();
-        ensure!(
-            stats.without_grad == 0,
-            "{} trainable parameters got no gradient",
-            stats.without_grad
-        );
-        times.backward = backward;
-        times.optimizer = optimizer;
-        Ok((times, terms.total_value))
-    }
 }
 
 fn build(spec: &BenchSpec, lm: &LmSpec, trainable: Trainable, seed: u64) -> Result<LlavaModel> {
@@ -382,45 +363,88 @@ fn timed_teacher_forward(teacher: &LlavaModel, batch: &BenchBatch) -> Result<(Ll
     Ok((out, clock.elapsed().as_secs_f64()))
 }
 
-/// Student forward, loss against `teacher`, backward and AdamW; `teacher_head` is the
-/// teacher's LM head when RDist is computed from hidden states.
+/// One shard's distillation loss from the student's output on it (rows `rows` of the batch),
+/// with the seconds spent getting the teacher's side (a cache read; 0 for an online teacher).
+type ShardLoss<'a> =
+    dyn Fn(Range<usize>, &BenchBatch, &LlavaOutput) -> Result<(LossTerms, f64)> + Sync + 'a;
+
+/// What one shard's forward, loss and backward produced.
+struct ShardOutcome {
+    times: StepTimes,
+    loss: f32,
+    grads: GradStore,
+}
+
+/// Student forward, loss, backward over `shards` equal row ranges of the batch (concurrently
+/// when more than one), then AdamW on the mean of their gradients. The phase times are those
+/// of the first shard; AdamW's is its own.
 fn student_update(
     student: &LlavaModel,
     optimizer: &mut AdamW,
     batch: &BenchBatch,
-    loss_config: &DistillLossConfig,
-    teacher_head: Option<&candle_core::Tensor>,
-    teacher: &LlavaOutput,
+    shards: usize,
+    loss_of: &ShardLoss<'_>,
 ) -> Result<(StepTimes, f32)> {
-    let clock = Instant::now();
-    let out = student
-        .forward(&batch.tokens, Some(&batch.pixels))
-        .context("student forward")?;
-    let student_forward = clock.elapsed().as_secs_f64();
+    let run_shard = |rows: Range<usize>| -> Result<ShardOutcome> {
+        let shard = batch.rows(rows.clone())?;
+        let clock = Instant::now();
+        let out = student
+            .forward(&shard.tokens, Some(&shard.pixels))
+            .context("student forward")?;
+        let student_forward = clock.elapsed().as_secs_f64();
+        let clock = Instant::now();
+        let (terms, teacher_forward) = loss_of(rows, &shard, &out)?;
+        let loss = clock.elapsed().as_secs_f64() - teacher_forward;
+        ensure!(
+            terms.total_value.is_finite(),
+            "the loss is not finite ({})",
+            terms.total_value
+        );
+        let clock = Instant::now();
+        let grads = terms.total.backward().context("backward")?;
+        Ok(ShardOutcome {
+            times: StepTimes {
+                teacher_forward,
+                student_forward,
+                loss,
+                backward: clock.elapsed().as_secs_f64(),
+                optimizer: 0.0,
+            },
+            loss: terms.total_value,
+            grads,
+        })
+    };
+    let ranges = shard_ranges(batch.tokens.batch_size(), shards);
+    let outcomes: Vec<ShardOutcome> = ranges
+        .into_par_iter()
+        .map(run_shard)
+        .collect::<Result<_>>()?;
+    let mut times = outcomes[0].times;
+    let loss = outcomes.iter().map(|o| o.loss).sum::<f32>() / outcomes.len() as f32;
 
     let clock = Instant::now();
-    let terms = distill_loss(
-        &DistillBatch {
-            student_logits: &out.logits,
-            teacher_logits: &teacher.logits,
-            labels: &batch.labels,
-            visual_mask: &batch.visual_mask,
-            // Z Zᵀ = H (WᵀW) Hᵀ gives the same L_rel; use it only where it is cheaper.
-            relation_hidden: teacher_head.map(|teacher_head| RelationHidden {
-                student_hidden: &out.hidden,
-                student_head: student.lm.lm_head_weight(),
-                teacher_hidden: &teacher.hidden,
-                teacher_head,
-            }),
-        },
-        loss_config,
-    )
-    .context("distillation loss")?;
-    let loss = clock.elapsed().as_secs_f64();
-    let times = StepTimes {
-        student_forward,
-        loss,
-        ..Default::default()
+    let stats = if let [single] = outcomes.as_slice() {
+        optimizer.step(&single.grads, LEARNING_RATE)?
+    } else {
+        let mut sum = GradAccumulator::new(&student.store.trainable_vars());
+        for outcome in &outcomes {
+            sum.add(&outcome.grads)?;
+        }
+        optimizer.step(&sum.mean()?, LEARNING_RATE)?
     };
-    update(optimizer, terms, times)
+    times.optimizer = clock.elapsed().as_secs_f64();
+    ensure!(
+        stats.without_grad == 0,
+        "{} trainable parameters got no gradient",
+        stats.without_grad
+    );
+    Ok((times, loss))
+}
+
+/// `shards` contiguous row ranges covering `0..rows`, sizes differing by at most one.
+fn shard_ranges(rows: usize, shards: usize) -> Vec<Range<usize>> {
+    let shards = shards.clamp(1, rows.max(1));
+    (0..shards)
+        .map(|i| (i * rows / shards)..((i + 1) * rows / shards))
+        .collect()
 }

@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// next step alongside the student's update.
     #[arg(long)]
     pub sequential: bool,
+    /// Split the batch into this many row ranges whose student forward and backward run
+    /// concurrently (gradients averaged: micro-batches side by side).
+    #[arg(long, default_value_t = 1)]
+    pub student_shards: usize,
     /// k of that cache (token ids kept per position).
     #[arg(long, default_value_t = 64, requires = "teacher_cache")]
     pub top_k: usize,
@@ -54,6 +58,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         seed: args.seed,
         matmul_peak_size: (!args.no_matmul_peak).then_some(args.matmul_peak),
         teacher_overlap: !args.sequential,
+        student_shards: args.student_shards,
     };
     let bar = ProgressBar::new((args.warmup + args.steps) as u64);
     bar.set_style(
