@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::mmkd;
-use mmkd::train::metrics::read_metrics;
+use mmkd::train::metrics::{read_metrics, StepMetrics};
 
 /// Synthetic data, two tokenizers, two tiny teachers and a tiny student, made once.
 struct World {
@@ -258,6 +258,43 @@ fn cached_dft_at_full_vocabulary_equals_online_dft() {
 }
 
 /// Asserts a refused run: exit status 1, an `error:` line holding `needle`, no panic.
+#[test]
+fn micro_batches_side_by_side_change_no_number() {
+    let w = world();
+    let tmp = tempfile::tempdir().unwrap();
+    let (teacher, student) = (w.root.join("teacher"), w.root.join("student"));
+    let runs: Vec<Vec<StepMetrics>> = ["1", "2"]
+        .iter()
+        .map(|parallel| {
+            let out = tmp.path().join(format!("parallel-{parallel}"));
+            let (ok, _, err) = dft(
+                &student,
+                &["--teacher", p(&teacher)],
+                &out,
+                &[
+                    "--set",
+                    "grad_accum=2",
+                    "--set",
+                    &format!("parallel_micro_batches={parallel}"),
+                ],
+            );
+            assert!(ok, "{err}");
+            read_metrics(&out.join("metrics.jsonl")).unwrap()
+        })
+        .collect();
+    assert_eq!(runs[0].len(), 2);
+    for (step, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+        assert!(
+            (a.loss - b.loss).abs() <= 1e-6 * a.loss.abs().max(1.0),
+            "step {}: {} vs {}",
+            step + 1,
+            a.loss,
+            b.loss
+        );
+        assert_eq!(a.samples, b.samples);
+    }
+}
+
 fn refused(result: (bool, String, String), needle: &str) {
     let (ok, _, err) = result;
     assert!(!ok, "expected a refusal containing {needle:?}");

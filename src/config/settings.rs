@@ -179,6 +179,12 @@ pub struct TrainSettings {
     /// Micro-batches per optimizer step (global batch = batch_size × grad_accum).
     #[serde(default = "one_usize")]
     pub grad_accum: usize,
+    /// Micro-batches of a step run side by side (forward and backward at once, on the same
+    /// thread pool): a scheduling choice that changes no number, worth it on CPUs whose cores
+    /// one micro-batch's serial element-wise passes leave idle. Costs that many micro-batches'
+    /// activations in memory.
+    #[serde(default = "one_usize")]
+    pub parallel_micro_batches: usize,
     /// Global-norm clipping (0 disables).
     #[serde(default = "one")]
     pub max_grad_norm: f64,
@@ -348,6 +354,10 @@ impl StageSettings {
         let t = &self.train;
         anyhow::ensure!(t.batch_size > 0, "train.batch_size must be at least 1");
         anyhow::ensure!(t.grad_accum > 0, "train.grad_accum must be at least 1");
+        anyhow::ensure!(
+            t.parallel_micro_batches > 0,
+            "train.parallel_micro_batches must be at least 1"
+        );
         anyhow::ensure!(t.lr.is_finite() && t.lr >= 0.0, "train.lr must be ≥ 0");
         anyhow::ensure!(
             ["f32", "bf16", "f16"].contains(&t.frozen_dtype.as_str()),

@@ -12,6 +12,7 @@ use mmkd_datasets::{
     collate, BatchSampler, CollateConfig, ImageCheck, LlavaDataset, PaddingSide, SampleShape,
     SamplerConfig, Template, TokenizeConfig, TokenizedDataset, TokenizedSample, Truncation,
 };
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::init::{from_checkpoint, from_spec, parse_dtype, PreparedModel};
@@ -554,8 +555,16 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         ),
         None => None,
     };
+    // How many micro-batches run side by side changes no number: resuming may change it.
+    let mut digested_settings = settings_json.clone();
+    if let Some(train) = digested_settings
+        .get_mut("train")
+        .and_then(|t| t.as_object_mut())
+    {
+        train.remove("parallel_micro_batches");
+    }
     let settings_digest = digest(&serde_json::json!({
-        "settings": settings_json, "data": run.data, "images": run.images, "init": run.init,
+        "settings": digested_settings, "data": run.data, "images": run.images, "init": run.init,
         "teacher": run.teacher,
         "teacher_cache": cache_manifest.as_ref().map(Manifest::identity_digest),
     }));
@@ -720,80 +729,103 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         ProgressBar::hidden()
     };
 
-    let mut ahead: Option<MicroBatch> = None;
+    let parallel = settings.train.parallel_micro_batches.clamp(1, accum_steps);
+    let online_teacher = matches!(teacher, Some(TeacherSource::Online(_)));
+    // A micro-batch collated, with the online teacher's output on it.
+    let prepare = |indices: Vec<usize>| -> Result<MicroBatch> {
+        let batch = PreparedBatch::new(&data.samples, indices, &collate_cfg, &student)?;
+        let teacher_out = online_teacher_forward(teacher.as_ref(), &batch)?;
+        Ok(MicroBatch { batch, teacher_out })
+    };
+    let mut ahead: Vec<MicroBatch> = Vec::new();
     for step in start_step..total_steps {
         let step_started = Instant::now();
         let mut accum = GradAccumulator::new(&vars);
         let mut terms_sum = [0f64; 5];
         let mut terms_seen = [0usize; 5];
         let mut step_samples = 0;
-        for micro in 0..accum_steps {
-            let indices = sampler.next_batch();
-            let current = match ahead.take() {
-                Some(ready) if ready.batch.indices == indices => ready,
-                _ => {
-                    let batch = PreparedBatch::new(&data.samples, indices, &collate_cfg, &student)?;
-                    let teacher_out = online_teacher_forward(teacher.as_ref(), &batch)?;
-                    MicroBatch { batch, teacher_out }
-                }
+        let step_indices: Vec<Vec<usize>> =
+            (0..accum_steps).map(|_| sampler.next_batch()).collect();
+        let chunks: Vec<&[Vec<usize>]> = step_indices.chunks(parallel).collect();
+        for (chunk_no, chunk) in chunks.iter().enumerate() {
+            let mut ready = std::mem::take(&mut ahead).into_iter();
+            let current = chunk
+                .iter()
+                .map(|indices| match ready.next() {
+                    Some(mb) if &mb.batch.indices == indices => Ok(mb),
+                    _ => prepare(indices.clone()),
+                })
+                .collect::<Result<Vec<MicroBatch>>>()?;
+            // The online teacher is frozen: its forward on the next micro-batches does not
+            // wait for these ones' update, so it runs alongside the student's forward and
+            // backward and fills the cores the student's serial stretches leave idle.
+            let next_indices: Vec<Vec<usize>> = if !online_teacher {
+                Vec::new()
+            } else if let Some(next) = chunks.get(chunk_no + 1) {
+                next.to_vec()
+            } else if step + 1 < total_steps {
+                let mut peek = sampler.clone();
+                (0..parallel.min(accum_steps))
+                    .map(|_| peek.next_batch())
+                    .collect()
+            } else {
+                Vec::new()
             };
-            // The online teacher is frozen: its forward on the next micro-batch does not wait
-            // for this one's update, so it runs alongside the student's forward and backward
-            // and fills the cores the student's serial stretches leave idle.
-            let last = step + 1 == total_steps && micro + 1 == accum_steps;
-            let next_indices = (matches!(teacher, Some(TeacherSource::Online(_))) && !last)
-                .then(|| sampler.clone().next_batch());
-            let (next, student_result) = rayon::join(
-                || -> Result<Option<MicroBatch>> {
-                    let Some(indices) = next_indices else {
-                        return Ok(None);
-                    };
-                    let batch = PreparedBatch::new(&data.samples, indices, &collate_cfg, &student)?;
-                    let teacher_out = online_teacher_forward(teacher.as_ref(), &batch)?;
-                    Ok(Some(MicroBatch { batch, teacher_out }))
+            let (next, results) = rayon::join(
+                || {
+                    next_indices
+                        .into_iter()
+                        .map(&prepare)
+                        .collect::<Result<Vec<_>>>()
                 },
-                || -> Result<_> {
-                    let batch = &current.batch;
-                    let refs: Vec<_> = batch.indices.iter().map(|&i| &data.samples[i]).collect();
-                    let terms = batch_loss(
-                        model,
-                        teacher.as_ref(),
-                        current.teacher_out.as_ref(),
-                        &refs,
-                        &batch.tokens,
-                        &batch.labels,
-                        batch.pixels.as_ref(),
-                        settings,
-                    )?;
-                    finite_or_stop(
-                        terms.total_value as f64,
-                        "the loss",
-                        step,
-                        &batch.collated.sample_ids,
-                        &run.out,
-                    )?;
-                    let grads = terms.total.backward()?;
-                    Ok((terms, grads))
+                || {
+                    current
+                        .par_iter()
+                        .map(|mb| -> Result<_> {
+                            let batch = &mb.batch;
+                            let refs: Vec<_> =
+                                batch.indices.iter().map(|&i| &data.samples[i]).collect();
+                            let terms = batch_loss(
+                                model,
+                                teacher.as_ref(),
+                                mb.teacher_out.as_ref(),
+                                &refs,
+                                &batch.tokens,
+                                &batch.labels,
+                                batch.pixels.as_ref(),
+                                settings,
+                            )?;
+                            finite_or_stop(
+                                terms.total_value as f64,
+                                "the loss",
+                                step,
+                                &batch.collated.sample_ids,
+                                &run.out,
+                            )?;
+                            let grads = terms.total.backward()?;
+                            Ok((terms, grads))
+                        })
+                        .collect::<Result<Vec<_>>>()
                 },
             );
             ahead = next?;
-            let (terms, grads) = student_result?;
-            let batch = &current.batch.collated;
-            accum.add(&grads)?;
-            step_samples += batch.batch_size();
-            for (i, v) in [
-                Some(terms.total_value),
-                terms.ce,
-                terms.l_res,
-                terms.l_vis,
-                terms.l_rel,
-            ]
-            .iter()
-            .enumerate()
-            {
-                if let Some(v) = v {
-                    terms_sum[i] += *v as f64;
-                    terms_seen[i] += 1;
+            for (mb, (terms, grads)) in current.iter().zip(results?) {
+                accum.add(&grads)?;
+                step_samples += mb.batch.collated.batch_size();
+                for (i, v) in [
+                    Some(terms.total_value),
+                    terms.ce,
+                    terms.l_res,
+                    terms.l_vis,
+                    terms.l_rel,
+                ]
+                .iter()
+                .enumerate()
+                {
+                    if let Some(v) = v {
+                        terms_sum[i] += *v as f64;
+                        terms_seen[i] += 1;
+                    }
                 }
             }
         }
