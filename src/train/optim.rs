@@ -151,6 +151,22 @@ struct ParamState {
     step: u64,
 }
 
+/// Runs `f` on the f32 elements of a contiguous CPU tensor, without copying them.
+fn with_f32<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) => {
+            let start = layout.start_offset();
+            f(&data[start..start + layout.shape().elem_count()])
+        }
+        _ => candle_core::bail!("expected an f32 CPU tensor"),
+    }
+}
+
 /// The scalars of one parameter's update.
 struct UpdateCoefs {
     lr: f64,
@@ -209,12 +225,10 @@ fn fused_update(
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     use rayon::prelude::*;
     let shape = param.shape().clone();
-    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-    let (mut p, g) = (flat(param)?, flat(grad)?);
-    let (mut m, mut v) = match moments {
-        Some((m, v)) => (flat(m)?, flat(v)?),
-        None => (vec![0f32; p.len()], vec![0f32; p.len()]),
-    };
+    let n = shape.elem_count();
+    let mut p = Vec::with_capacity(n);
+    let mut m = Vec::with_capacity(n);
+    let mut v = Vec::with_capacity(n);
     let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
     let (one_minus_b1, b2, one_minus_b2) = (
         (1.0 - c.beta1) as f32,
@@ -226,25 +240,57 @@ fn fused_update(
         c.eps as f32,
         c.step_size() as f32,
     );
-    const CHUNK: usize = 1 << 14;
-    p.par_chunks_mut(CHUNK)
-        .zip(m.par_chunks_mut(CHUNK))
-        .zip(v.par_chunks_mut(CHUNK))
-        .zip(g.par_chunks(CHUNK))
-        .for_each(|(((p, m), v), g)| {
-            for i in 0..p.len() {
-                let mut pi = p[i];
-                if let Some(d) = decay {
-                    pi *= d;
+    with_f32(param, |p0| {
+        with_f32(grad, |g| {
+            let (m0, v0) = match moments {
+                Some((m0, v0)) => (m0.clone(), v0.clone()),
+                None => {
+                    let zeros = Tensor::zeros(shape.clone(), DType::F32, param.device())?;
+                    (zeros.clone(), zeros)
                 }
-                let mi = m[i] + (g[i] - m[i]) * one_minus_b1;
-                let vi = v[i] * b2 + (g[i] * g[i]) * one_minus_b2;
-                let denom = vi.sqrt() * inv_bc2 + eps;
-                p[i] = pi - (mi / denom) * step;
-                m[i] = mi;
-                v[i] = vi;
-            }
-        });
+            };
+            with_f32(&m0, |m0| {
+                with_f32(&v0, |v0| {
+                    const CHUNK: usize = 1 << 14;
+                    // SAFETY: every element below `n` is written by exactly one chunk before
+                    // the lengths are set.
+                    let (ps, ms, vs) = (
+                        p.spare_capacity_mut(),
+                        m.spare_capacity_mut(),
+                        v.spare_capacity_mut(),
+                    );
+                    ps[..n]
+                        .par_chunks_mut(CHUNK)
+                        .zip(ms[..n].par_chunks_mut(CHUNK))
+                        .zip(vs[..n].par_chunks_mut(CHUNK))
+                        .enumerate()
+                        .for_each(|(chunk, ((p, m), v))| {
+                            let at = chunk * CHUNK;
+                            for i in 0..p.len() {
+                                let (g, m0, v0) = (g[at + i], m0[at + i], v0[at + i]);
+                                let mut pi = p0[at + i];
+                                if let Some(d) = decay {
+                                    pi *= d;
+                                }
+                                let mi = m0 + (g - m0) * one_minus_b1;
+                                let vi = v0 * b2 + (g * g) * one_minus_b2;
+                                let denom = vi.sqrt() * inv_bc2 + eps;
+                                p[i].write(pi - (mi / denom) * step);
+                                m[i].write(mi);
+                                v[i].write(vi);
+                            }
+                        });
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    // SAFETY: all n elements were written above.
+    unsafe {
+        p.set_len(n);
+        m.set_len(n);
+        v.set_len(n);
+    }
     let device = param.device();
     Ok((
         Tensor::from_vec(p, shape.clone(), device)?,

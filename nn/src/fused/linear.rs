@@ -125,22 +125,22 @@ struct WeightGrad;
 
 impl WeightGrad {
     fn run<T: Real>(x: &[T], dy: &[T], rows: usize, in_dim: usize, out_dim: usize) -> Vec<T> {
-        // ∂Wᵀ (in × out) = xᵀ (in × rows, read down x's columns) · ∂y (rows × out).
-        let wt = matmul(
-            (in_dim, out_dim, rows),
-            Operand {
-                data: x,
-                rs: 1,
-                cs: in_dim,
-            },
+        // ∂W (out × in) = ∂yᵀ (out × rows, read down ∂y's columns) · x (rows × in), written
+        // row-major straight away (no transpose pass afterwards).
+        matmul(
+            (out_dim, in_dim, rows),
             Operand {
                 data: dy,
-                rs: out_dim,
+                rs: 1,
+                cs: out_dim,
+            },
+            Operand {
+                data: x,
+                rs: in_dim,
                 cs: 1,
             },
             None,
-        );
-        transpose(&wt, in_dim, out_dim)
+        )
     }
 }
 
@@ -197,22 +197,6 @@ impl CustomOp2 for InputGrad {
         };
         Ok((out, Shape::from((rows, in_dim))))
     }
-}
-
-/// The `[cols, rows]` transpose of a row-major `[rows, cols]` matrix.
-fn transpose<T: Real>(a: &[T], rows: usize, cols: usize) -> Vec<T> {
-    const BLOCK: usize = 32;
-    let mut t = vec![T::zero(); a.len()];
-    for r0 in (0..rows).step_by(BLOCK) {
-        for c0 in (0..cols).step_by(BLOCK) {
-            for r in r0..(r0 + BLOCK).min(rows) {
-                for c in c0..(c0 + BLOCK).min(cols) {
-                    t[c * rows + r] = a[r * cols + c];
-                }
-            }
-        }
-    }
-    t
 }
 
 impl CustomOp2 for WeightGrad {
