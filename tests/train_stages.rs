@@ -543,6 +543,39 @@ fn trainable_modules_follow_the_setting_and_students_can_take_the_teachers_tower
         serde_json::json!(["projector", "llm"])
     );
 
+    // A trainable tower at learning-rate scale 0 is in the optimizer but does not move,
+    // while the modules above it train.
+    stage(
+        &w.root,
+        "pretrain",
+        &[
+            "--tokenizer",
+            &s("data/tokenizer.json"),
+            "--out",
+            &s("shared-tower/frozen-by-scale"),
+            "--set",
+            "trainable=[\"vision\", \"projector\", \"llm\"]",
+            "--set",
+            "vision_lr_scale=0.0",
+            "--set",
+            &teacher_tower,
+        ],
+    );
+    let scaled_out = w.root.join("shared-tower/frozen-by-scale");
+    let scaled = tensors(&scaled_out);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(scaled_out.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        summary["parameters_trained"],
+        scaled.values().map(Vec::len).sum::<usize>()
+    );
+    for (name, values) in &scaled {
+        if name.contains("vision_tower") {
+            assert_eq!(values, &teacher[name], "{name} moved at vision_lr_scale 0");
+        }
+    }
+
     // A student pre-training run that must be refused; returns its stderr.
     let refused_pretrain = |out: &str, sets: &[&str]| -> String {
         let (data, images, tok, out) = (

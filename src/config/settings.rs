@@ -165,6 +165,10 @@ pub struct TrainSettings {
     /// Learning-rate multiplier of the projector when the LLM trains too.
     #[serde(default = "one")]
     pub projector_lr_scale: f64,
+    /// Learning-rate multiplier of the vision tower when `trainable` includes it (a tower
+    /// usually fine-tunes at a fraction of the rate of the modules above it).
+    #[serde(default = "one")]
+    pub vision_lr_scale: f64,
     #[serde(default)]
     pub weight_decay: f64,
     #[serde(default)]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use indicatif::{ProgressBar, ProgressStyle};
 use mmkd_datasets::{
     collate, BatchSampler, CollateConfig, ImageCheck, LlavaDataset, PaddingSide, SampleShape,
@@ -31,7 +31,9 @@ use crate::distill::{
     distill_loss, distill_loss_cached, truncate_vocab, CachedDistillBatch, CachedTeacher,
     DistillBatch, LossTerms, RelationHidden, StudentRelation,
 };
-use crate::models::llava::{LlavaModel, LlavaOutput, TokenBatch, Trainable, PROJECTOR_PREFIX};
+use crate::models::llava::{
+    LlavaModel, LlavaOutput, TokenBatch, Trainable, PROJECTOR_PREFIX, VISION_PREFIX,
+};
 use crate::teacher_cache::{
     check_run, check_teacher_unchanged, run_identity, Manifest, TeacherCache,
 };
@@ -338,6 +340,32 @@ fn check_cache_compatible(
         );
     }
     Ok(truncate)
+}
+
+/// The projector's parameter group, and the vision tower's when it trains.
+fn optimizer_groups(settings: &StageSettings, vars: &[(String, Var)]) -> Vec<ParamGroupConfig> {
+    let group = |name: &str, prefix: &str, lr_scale: f64| ParamGroupConfig {
+        name: name.into(),
+        prefixes: vec![format!("{prefix}.")],
+        lr_scale,
+        weight_decay: settings.train.weight_decay,
+    };
+    let mut groups = vec![group(
+        "projector",
+        PROJECTOR_PREFIX,
+        settings.train.projector_lr_scale,
+    )];
+    if vars
+        .iter()
+        .any(|(name, _)| name.starts_with(&format!("{VISION_PREFIX}.")))
+    {
+        groups.push(group(
+            "vision",
+            VISION_PREFIX,
+            settings.train.vision_lr_scale,
+        ));
+    }
+    groups
 }
 
 /// One collated micro-batch as the models take it.
@@ -686,12 +714,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         vars.clone(),
         AdamWConfig {
             weight_decay: settings.train.weight_decay,
-            groups: vec![ParamGroupConfig {
-                name: "projector".into(),
-                prefixes: vec![format!("{PROJECTOR_PREFIX}.")],
-                lr_scale: settings.train.projector_lr_scale,
-                weight_decay: settings.train.weight_decay,
-            }],
+            groups: optimizer_groups(settings, &vars),
             ..Default::default()
         },
     )?;
