@@ -501,21 +501,18 @@ fn trainable_modules_follow_the_setting_and_students_can_take_the_teachers_tower
     let w = world();
     let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
     let teacher_tower = format!("models.student.vision=\"{}\"", s("teacher/sft"));
-    stage(
-        &w.root,
-        "pretrain",
-        &[
-            "--tokenizer",
-            &s("data/tokenizer.json"),
-            "--out",
-            &s("shared-tower/pt"),
-            "--set",
-            "trainable=[\"projector\", \"llm\"]",
-            "--set",
-            &teacher_tower,
-        ],
-    );
-    let out = w.root.join("shared-tower/pt");
+    // Student pre-training on the teacher's tower into `out`, with extra `--set`s.
+    let pretrain_on_teachers_tower = |out: &str, sets: &[&str]| -> PathBuf {
+        let (tokenizer, out_dir) = (s("data/tokenizer.json"), s(out));
+        let mut args = vec!["--tokenizer", &tokenizer, "--out", &out_dir];
+        for set in sets.iter().chain([&teacher_tower.as_str()]) {
+            args.extend(["--set", set]);
+        }
+        stage(&w.root, "pretrain", &args);
+        w.root.join(out)
+    };
+    let out =
+        pretrain_on_teachers_tower("shared-tower/pt", &["trainable=[\"projector\", \"llm\"]"]);
     let student = tensors(&out);
     let teacher = tensors(&w.root.join("teacher/sft"));
     let tower: Vec<&String> = student
@@ -545,23 +542,13 @@ fn trainable_modules_follow_the_setting_and_students_can_take_the_teachers_tower
 
     // A trainable tower at learning-rate scale 0 is in the optimizer but does not move,
     // while the modules above it train.
-    stage(
-        &w.root,
-        "pretrain",
+    let scaled_out = pretrain_on_teachers_tower(
+        "shared-tower/frozen-by-scale",
         &[
-            "--tokenizer",
-            &s("data/tokenizer.json"),
-            "--out",
-            &s("shared-tower/frozen-by-scale"),
-            "--set",
             "trainable=[\"vision\", \"projector\", \"llm\"]",
-            "--set",
             "vision_lr_scale=0.0",
-            "--set",
-            &teacher_tower,
         ],
     );
-    let scaled_out = w.root.join("shared-tower/frozen-by-scale");
     let scaled = tensors(&scaled_out);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(scaled_out.join("summary.json")).unwrap())
