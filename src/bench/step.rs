@@ -23,7 +23,6 @@ use crate::distill::{
 };
 use crate::models::llava::{BuildOptions, LlavaModel, LlavaOutput, Trainable};
 use crate::teacher_cache::{CacheWriter, Manifest, SampleRecord, TeacherCache};
-use crate::train::grads::GradAccumulator;
 use crate::train::{AdamW, AdamWConfig};
 
 /// Learning rate of the peer's AdamW.
@@ -423,15 +422,8 @@ fn student_update(
     let loss = outcomes.iter().map(|o| o.loss).sum::<f32>() / outcomes.len() as f32;
 
     let clock = Instant::now();
-    let stats = if let [single] = outcomes.as_slice() {
-        optimizer.step(&single.grads, LEARNING_RATE)?
-    } else {
-        let mut sum = GradAccumulator::new(&student.store.trainable_vars());
-        for outcome in &outcomes {
-            sum.add(&outcome.grads)?;
-        }
-        optimizer.step(&sum.mean()?, LEARNING_RATE)?
-    };
+    let grads: Vec<&GradStore> = outcomes.iter().map(|o| &o.grads).collect();
+    let stats = optimizer.step_mean(&grads, LEARNING_RATE)?;
     times.optimizer = clock.elapsed().as_secs_f64();
     ensure!(
         stats.without_grad == 0,

@@ -151,17 +151,15 @@ struct ParamState {
     step: u64,
 }
 
-/// Runs `f` on the f32 elements of a contiguous CPU tensor, without copying them.
-fn with_f32<R>(
-    t: &Tensor,
-    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
+/// The f32 elements of a contiguous CPU tensor's storage, without copying them.
+fn f32_elements<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match storage {
         candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) => {
             let start = layout.start_offset();
-            f(&data[start..start + layout.shape().elem_count()])
+            Ok(&data[start..start + layout.shape().elem_count()])
         }
         _ => candle_core::bail!("expected an f32 CPU tensor"),
     }
@@ -219,78 +217,78 @@ fn tensor_update(
 /// scalars rounded to f32 as candle's `affine` does), so both give the same numbers.
 fn fused_update(
     param: &Tensor,
-    grad: &Tensor,
+    grads: &[Tensor],
+    grad_scale: f64,
     moments: Option<&(Tensor, Tensor)>,
     c: &UpdateCoefs,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     use rayon::prelude::*;
     let shape = param.shape().clone();
     let n = shape.elem_count();
-    let mut p = Vec::with_capacity(n);
-    let mut m = Vec::with_capacity(n);
-    let mut v = Vec::with_capacity(n);
     let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
     let (one_minus_b1, b2, one_minus_b2) = (
         (1.0 - c.beta1) as f32,
         c.beta2 as f32,
         (1.0 - c.beta2) as f32,
     );
-    let (inv_bc2, eps, step) = (
+    let (inv_bc2, eps, step, grad_scale) = (
         (1.0 / c.bias_correction2_sqrt()) as f32,
         c.eps as f32,
         c.step_size() as f32,
+        grad_scale as f32,
     );
-    with_f32(param, |p0| {
-        with_f32(grad, |g| {
-            let (m0, v0) = match moments {
-                Some((m0, v0)) => (m0.clone(), v0.clone()),
-                None => {
-                    let zeros = Tensor::zeros(shape.clone(), DType::F32, param.device())?;
-                    (zeros.clone(), zeros)
+    let (m0, v0) = match moments {
+        Some((m0, v0)) => (m0.contiguous()?, v0.contiguous()?),
+        None => {
+            let zeros = Tensor::zeros(shape.clone(), DType::F32, param.device())?;
+            (zeros.clone(), zeros)
+        }
+    };
+    let param = param.contiguous()?;
+    let grads = grads
+        .iter()
+        .map(Tensor::contiguous)
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let guards = [&param, &m0, &v0]
+        .into_iter()
+        .chain(&grads)
+        .map(Tensor::storage_and_layout)
+        .collect::<Vec<_>>();
+    let inputs = guards
+        .iter()
+        .map(|(storage, layout)| f32_elements(storage, layout))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let (p0, m0, v0, g) = (inputs[0], inputs[1], inputs[2], &inputs[3..]);
+    let (mut p, mut m, mut v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    const CHUNK: usize = 1 << 14;
+    p.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .enumerate()
+        .for_each(|(chunk, ((p, m), v))| {
+            let at = chunk * CHUNK;
+            for i in 0..p.len() {
+                let j = at + i;
+                // The micro-batches' mean gradient, summed and scaled as GradAccumulator does.
+                let mut gi = g[0][j];
+                for other in &g[1..] {
+                    gi += other[j];
                 }
-            };
-            with_f32(&m0, |m0| {
-                with_f32(&v0, |v0| {
-                    const CHUNK: usize = 1 << 14;
-                    // SAFETY: every element below `n` is written by exactly one chunk before
-                    // the lengths are set.
-                    let (ps, ms, vs) = (
-                        p.spare_capacity_mut(),
-                        m.spare_capacity_mut(),
-                        v.spare_capacity_mut(),
-                    );
-                    ps[..n]
-                        .par_chunks_mut(CHUNK)
-                        .zip(ms[..n].par_chunks_mut(CHUNK))
-                        .zip(vs[..n].par_chunks_mut(CHUNK))
-                        .enumerate()
-                        .for_each(|(chunk, ((p, m), v))| {
-                            let at = chunk * CHUNK;
-                            for i in 0..p.len() {
-                                let (g, m0, v0) = (g[at + i], m0[at + i], v0[at + i]);
-                                let mut pi = p0[at + i];
-                                if let Some(d) = decay {
-                                    pi *= d;
-                                }
-                                let mi = m0 + (g - m0) * one_minus_b1;
-                                let vi = v0 * b2 + (g * g) * one_minus_b2;
-                                let denom = vi.sqrt() * inv_bc2 + eps;
-                                p[i].write(pi - (mi / denom) * step);
-                                m[i].write(mi);
-                                v[i].write(vi);
-                            }
-                        });
-                    Ok(())
-                })
-            })
-        })
-    })?;
-    // SAFETY: all n elements were written above.
-    unsafe {
-        p.set_len(n);
-        m.set_len(n);
-        v.set_len(n);
-    }
+                if g.len() > 1 {
+                    gi *= grad_scale;
+                }
+                let mut pi = p0[j];
+                if let Some(d) = decay {
+                    pi *= d;
+                }
+                let mi = m0[j] + (gi - m0[j]) * one_minus_b1;
+                let vi = v0[j] * b2 + (gi * gi) * one_minus_b2;
+                let denom = vi.sqrt() * inv_bc2 + eps;
+                p[i] = pi - (mi / denom) * step;
+                m[i] = mi;
+                v[i] = vi;
+            }
+        });
     let device = param.device();
     Ok((
         Tensor::from_vec(p, shape.clone(), device)?,
@@ -408,17 +406,33 @@ impl AdamW {
 
     /// One update with base learning rate `lr` (each group scales it by its `lr_scale`).
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<StepStats> {
+        self.step_mean(&[grads], lr)
+    }
+
+    /// One update from the mean of several micro-batches' gradients (as
+    /// [`GradAccumulator`](super::grads::GradAccumulator) forms it), without materialising
+    /// the mean first. A parameter counts as having a gradient when every store holds one.
+    pub fn step_mean(&mut self, grads: &[&GradStore], lr: f64) -> Result<StepStats> {
+        ensure!(
+            !grads.is_empty(),
+            "an update needs at least one set of gradients"
+        );
         ensure!(
             lr.is_finite() && lr >= 0.0,
             "learning rate must be ≥ 0, got {lr}"
         );
         let (beta1, beta2, eps) = (self.cfg.beta1, self.cfg.beta2, self.cfg.eps);
+        let grad_scale = 1.0 / grads.len() as f64;
         let mut stats = StepStats {
             updated: 0,
             without_grad: 0,
         };
         for p in &mut self.params {
-            let Some(grad) = grads.get(p.var.as_tensor()) else {
+            let Some(param_grads) = grads
+                .iter()
+                .map(|store| store.get(p.var.as_tensor()).cloned())
+                .collect::<Option<Vec<Tensor>>>()
+            else {
                 stats.without_grad += 1;
                 continue;
             };
@@ -431,11 +445,21 @@ impl AdamW {
                 t: (p.step + 1) as i32,
             };
             let update = || -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-                let grad = grad.detach().to_dtype(DType::F32)?;
+                let param_grads = param_grads
+                    .iter()
+                    .map(|g| g.detach().to_dtype(DType::F32))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
                 let param = p.var.as_tensor().detach();
                 if param.dtype() == DType::F32 && param.device().is_cpu() {
-                    fused_update(&param, &grad, p.moments.as_ref(), &coefs)
+                    fused_update(&param, &param_grads, grad_scale, p.moments.as_ref(), &coefs)
                 } else {
+                    let mut grad = param_grads[0].clone();
+                    for other in &param_grads[1..] {
+                        grad = grad.add(other)?;
+                    }
+                    if param_grads.len() > 1 {
+                        grad = grad.affine(grad_scale, 0.0)?;
+                    }
                     tensor_update(&param, &grad, p.moments.as_ref(), &coefs)
                 }
             };
@@ -714,7 +738,8 @@ mod tests {
                 t,
             };
             let (p, m, v) = tensor_update(&param, &grad, tensor_mv.as_ref(), &c).unwrap();
-            let (fp, fm, fv) = fused_update(&fused_p, &grad, fused_mv.as_ref(), &c).unwrap();
+            let (fp, fm, fv) =
+                fused_update(&fused_p, &[grad.clone()], 1.0, fused_mv.as_ref(), &c).unwrap();
             for (name, a, b) in [("param", &p, &fp), ("m", &m, &fm), ("v", &v, &fv)] {
                 let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
                 let diff = diff.to_scalar::<f32>().unwrap();
@@ -723,6 +748,48 @@ mod tests {
             (param, tensor_mv) = (p, Some((m, v)));
             (fused_p, fused_mv) = (fp, Some((fm, fv)));
         }
+    }
+
+    #[test]
+    fn the_mean_of_micro_batch_gradients_is_taken_as_accumulation_takes_it() {
+        let dev = Device::Cpu;
+        let init = Tensor::randn(0f32, 1.0, (300, 100), &dev).unwrap();
+        let targets: Vec<Tensor> = (0..2)
+            .map(|_| Tensor::randn(0f32, 1.0, (300, 100), &dev).unwrap())
+            .collect();
+        let run = |together: bool| -> Tensor {
+            let x = Var::from_tensor(&init).unwrap();
+            let vars = vec![("x".to_string(), x.clone())];
+            let mut opt = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+            for _ in 0..2 {
+                let stores: Vec<GradStore> = targets
+                    .iter()
+                    .map(|t| {
+                        (x.as_tensor() * t)
+                            .unwrap()
+                            .sqr()
+                            .unwrap()
+                            .sum_all()
+                            .unwrap()
+                    })
+                    .map(|loss| loss.backward().unwrap())
+                    .collect();
+                if together {
+                    let refs: Vec<&GradStore> = stores.iter().collect();
+                    opt.step_mean(&refs, 1e-2).unwrap();
+                } else {
+                    let mut sum = crate::train::grads::GradAccumulator::new(&vars);
+                    for store in &stores {
+                        sum.add(store).unwrap();
+                    }
+                    opt.step(&sum.mean().unwrap(), 1e-2).unwrap();
+                }
+            }
+            x.as_tensor().clone()
+        };
+        let diff = (run(true) - run(false)).unwrap().abs().unwrap();
+        let diff = diff.max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-6, "max |diff| {diff}");
     }
 
     #[test]
