@@ -738,8 +738,14 @@ mod tests {
                 t,
             };
             let (p, m, v) = tensor_update(&param, &grad, tensor_mv.as_ref(), &c).unwrap();
-            let (fp, fm, fv) =
-                fused_update(&fused_p, &[grad.clone()], 1.0, fused_mv.as_ref(), &c).unwrap();
+            let (fp, fm, fv) = fused_update(
+                &fused_p,
+                std::slice::from_ref(&grad),
+                1.0,
+                fused_mv.as_ref(),
+                &c,
+            )
+            .unwrap();
             for (name, a, b) in [("param", &p, &fp), ("m", &m, &fm), ("v", &v, &fv)] {
                 let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
                 let diff = diff.to_scalar::<f32>().unwrap();
