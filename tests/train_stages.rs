@@ -92,8 +92,8 @@ fn data_for(stage: &str) -> &'static str {
     }
 }
 
-/// Runs a stage on the shared data with the tiny preset.
-fn stage(root: &Path, stage: &str, extra: &[&str]) -> String {
+/// Runs a stage on the shared data with the tiny preset: (success, stdout, stderr).
+fn try_stage(root: &Path, stage: &str, extra: &[&str]) -> (bool, String, String) {
     let data = root.join(data_for(stage));
     let images = root.join("data");
     let mut args = vec![
@@ -107,7 +107,14 @@ fn stage(root: &Path, stage: &str, extra: &[&str]) -> String {
         images.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    run(&args)
+    mmkd(&args)
+}
+
+/// [`try_stage`] that must succeed; its stdout.
+fn stage(root: &Path, stage: &str, extra: &[&str]) -> String {
+    let (ok, out, err) = try_stage(root, stage, extra);
+    assert!(ok, "mmkd {stage} {extra:?} failed: {err}");
+    out
 }
 
 fn metrics(dir: &Path) -> Vec<StepMetrics> {
@@ -364,93 +371,51 @@ fn sigkill_then_resume_equals_an_uninterrupted_run() {
 fn distillation_refuses_an_incompatible_teacher() {
     let w = world();
     let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let (teacher, tok) = (s("teacher/sft"), s("data/tokenizer.json"));
+    // A student DPT against the teacher with one more `--set`; its (success, stderr).
+    let dpt = |out: &str, set: &str| {
+        let out = s(out);
+        let args = [
+            "--teacher",
+            &teacher,
+            "--tokenizer",
+            &tok,
+            "--out",
+            &out,
+            "--set",
+            set,
+        ];
+        let (ok, _, err) = try_stage(&w.root, "dpt", &args);
+        (ok, err)
+    };
     // A student with a different tokens-per-image (patch 16 → 4 tokens).
-    let data = s(data_for("dpt"));
-    let (ok, _, err) = mmkd(&[
-        "dpt",
-        "--config",
-        "shapes-tiny",
-        "--quiet",
-        "--teacher",
-        &s("teacher/sft"),
-        "--tokenizer",
-        &s("data/tokenizer.json"),
-        "--data",
-        &data,
-        "--images",
-        &s("data"),
-        "--out",
-        &s("bad/dpt"),
-        "--set",
-        "models.student.vision_config.patch_size=16",
-    ]);
+    let (ok, err) = dpt("bad/dpt", "models.student.vision_config.patch_size=16");
     assert!(!ok && err.contains("visual tokens per image"), "{err}");
-    let (ok, _, err) = mmkd(&[
-        "dpt",
-        "--config",
-        "shapes-tiny",
-        "--quiet",
-        "--teacher",
-        &s("teacher/sft"),
-        "--tokenizer",
-        &s("data/tokenizer.json"),
-        "--data",
-        &data,
-        "--images",
-        &s("data"),
-        "--out",
-        &s("bad/dpt2"),
-        "--set",
-        "models.student.text_config.vocab_size=512",
-    ]);
+    let (ok, err) = dpt("bad/dpt2", "models.student.text_config.vocab_size=512");
     assert!(
         !ok && err.contains("vocabulary") && err.contains("truncate_vocab"),
         "{err}"
     );
-    let (ok, _, err) = mmkd(&[
+    let (ok, _, err) = try_stage(
+        &w.root,
         "dft",
-        "--config",
-        "shapes-tiny",
-        "--quiet",
-        "--data",
-        &data,
-        "--images",
-        &s("data"),
-        "--out",
-        &s("bad/dft"),
-        "--init",
-        &s("teacher/sft"),
-    ]);
+        &["--out", &s("bad/dft"), "--init", &s("teacher/sft")],
+    );
     assert!(!ok && err.contains("--teacher"), "{err}");
-    let (ok, _, err) = mmkd(&[
-        "sft",
-        "--config",
-        "shapes-tiny",
-        "--quiet",
-        "--data",
-        &data,
-        "--images",
-        &s("data"),
-        "--out",
-        &s("bad/sft"),
-    ]);
+    let (ok, _, err) = try_stage(&w.root, "sft", &["--out", &s("bad/sft")]);
     assert!(!ok && err.contains("--init"), "{err}");
-    let (ok, _, err) = mmkd(&[
+    let (ok, _, err) = try_stage(
+        &w.root,
         "sft",
-        "--config",
-        "shapes-tiny",
-        "--quiet",
-        "--data",
-        &data,
-        "--images",
-        &s("data"),
-        "--out",
-        &s("bad/sft2"),
-        "--init",
-        &s("teacher/pt"),
-        "--set",
-        "train.bacth_size=2",
-    ]);
+        &[
+            "--out",
+            &s("bad/sft2"),
+            "--init",
+            &s("teacher/pt"),
+            "--set",
+            "train.bacth_size=2",
+        ],
+    );
     assert!(!ok && err.contains("bacth_size"), "{err}");
 }
 
@@ -459,32 +424,28 @@ fn a_diverging_run_stops_clearly_and_keeps_its_last_good_checkpoint() {
     let w = world();
     let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
     let out = s("nan/sft");
-    let (ok, _, err) = mmkd(&[
+    let (ok, _, err) = try_stage(
+        &w.root,
         "sft",
-        "--config",
-        "shapes-tiny",
-        "--quiet",
-        "--init",
-        &s("teacher/pt"),
-        "--role",
-        "teacher",
-        "--data",
-        &s(data_for("sft")),
-        "--images",
-        &s("data"),
-        "--out",
-        &out,
-        "--save-every",
-        "1",
-        "--max-steps",
-        "40",
-        "--set",
-        "lr=1e12",
-        "--set",
-        "train.max_grad_norm=0",
-        "--set",
-        "train.schedule.warmup={ steps = 0 }",
-    ]);
+        &[
+            "--init",
+            &s("teacher/pt"),
+            "--role",
+            "teacher",
+            "--out",
+            &out,
+            "--save-every",
+            "1",
+            "--max-steps",
+            "40",
+            "--set",
+            "lr=1e12",
+            "--set",
+            "train.max_grad_norm=0",
+            "--set",
+            "train.schedule.warmup={ steps = 0 }",
+        ],
+    );
     assert!(!ok, "a run at lr 1e12 should diverge");
     assert!(err.contains("NaN") || err.contains("inf"), "{err}");
     assert!(err.contains("last good checkpoint"), "{err}");
@@ -565,30 +526,12 @@ fn trainable_modules_follow_the_setting_and_students_can_take_the_teachers_tower
 
     // A student pre-training run that must be refused; returns its stderr.
     let refused_pretrain = |out: &str, sets: &[&str]| -> String {
-        let (data, images, tok, out) = (
-            s(data_for("pretrain")),
-            s("data"),
-            s("data/tokenizer.json"),
-            s(out),
-        );
-        let mut args = vec![
-            "pretrain",
-            "--config",
-            "shapes-tiny",
-            "--quiet",
-            "--data",
-            &data,
-            "--images",
-            &images,
-            "--tokenizer",
-            &tok,
-            "--out",
-            &out,
-        ];
+        let (tok, out) = (s("data/tokenizer.json"), s(out));
+        let mut args = vec!["--tokenizer", &tok, "--out", &out];
         for set in sets {
             args.extend(["--set", set]);
         }
-        let (ok, _, err) = mmkd(&args);
+        let (ok, _, err) = try_stage(&w.root, "pretrain", &args);
         assert!(!ok, "pretrain with {sets:?} should fail");
         err
     };

@@ -370,7 +370,6 @@ fn optimizer_groups(settings: &StageSettings, vars: &[(String, Var)]) -> Vec<Par
 
 /// One collated micro-batch as the models take it.
 struct PreparedBatch {
-    indices: Vec<usize>,
     collated: mmkd_datasets::Batch,
     tokens: TokenBatch,
     labels: Tensor,
@@ -391,7 +390,6 @@ impl PreparedBatch {
             labels: labels_tensor(&collated.labels, student.model.device())?,
             pixels: pixel_values(&collated, student)?,
             collated,
-            indices,
         })
     }
 }
@@ -417,19 +415,21 @@ fn online_teacher_forward(
     }
 }
 
-/// The loss of one micro-batch; `samples` are the batch's rows.
-#[allow(clippy::too_many_arguments)]
+/// The loss of one micro-batch; `samples` is the data set the batch's rows index.
 fn batch_loss(
     student: &LlavaModel,
     teacher: Option<&TeacherSource>,
-    teacher_out: Option<&LlavaOutput>,
-    samples: &[&TokenizedSample],
-    tokens: &TokenBatch,
-    labels: &Tensor,
-    pixels: Option<&Tensor>,
+    samples: &[TokenizedSample],
+    micro: &MicroBatch,
     settings: &StageSettings,
 ) -> Result<LossTerms> {
-    let out = student.forward(tokens, pixels)?;
+    let PreparedBatch {
+        collated,
+        tokens,
+        labels,
+        pixels,
+    } = &micro.batch;
+    let out = student.forward(tokens, pixels.as_ref())?;
     let Some(teacher) = teacher else {
         return LossTerms::ce_only(&out.logits, labels);
     };
@@ -442,17 +442,18 @@ fn batch_loss(
     let teacher = match teacher {
         TeacherSource::Online(t) => t,
         TeacherSource::Cached(c) => {
-            return cached_batch_loss(student, c, samples, &out, labels, &visual_mask, settings)
+            let rows: Vec<_> = collated
+                .sample_indices
+                .iter()
+                .map(|&i| &samples[i])
+                .collect();
+            return cached_batch_loss(student, c, &rows, &out, labels, &visual_mask, settings);
         }
     };
-    let computed;
-    let t_out = match teacher_out {
-        Some(out) => out,
-        None => {
-            computed = teacher.prepared.model.forward(tokens, pixels)?;
-            &computed
-        }
-    };
+    let t_out = micro
+        .teacher_out
+        .as_ref()
+        .context("the online teacher's output was not computed for this micro-batch")?;
     let t_logits = t_out.logits.detach();
     let (s_logits, t_logits) = match teacher.truncate {
         Some(n) => (
@@ -775,7 +776,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
             let current = chunk
                 .iter()
                 .map(|indices| match ready.next() {
-                    Some(mb) if &mb.batch.indices == indices => Ok(mb),
+                    Some(mb) if &mb.batch.collated.sample_indices == indices => Ok(mb),
                     _ => prepare(indices.clone()),
                 })
                 .collect::<Result<Vec<MicroBatch>>>()?;
@@ -794,6 +795,19 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
             } else {
                 Vec::new()
             };
+            // The student's forward, loss and backward on one micro-batch.
+            let student_pass = |micro: &MicroBatch| -> Result<_> {
+                let terms = batch_loss(model, teacher.as_ref(), &data.samples, micro, settings)?;
+                finite_or_stop(
+                    terms.total_value as f64,
+                    "the loss",
+                    step,
+                    &micro.batch.collated.sample_ids,
+                    &run.out,
+                )?;
+                let grads = terms.total.backward()?;
+                Ok((terms, grads))
+            };
             let (next, results) = rayon::join(
                 || {
                     next_indices
@@ -804,30 +818,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
                 || {
                     current
                         .par_iter()
-                        .map(|mb| -> Result<_> {
-                            let batch = &mb.batch;
-                            let refs: Vec<_> =
-                                batch.indices.iter().map(|&i| &data.samples[i]).collect();
-                            let terms = batch_loss(
-                                model,
-                                teacher.as_ref(),
-                                mb.teacher_out.as_ref(),
-                                &refs,
-                                &batch.tokens,
-                                &batch.labels,
-                                batch.pixels.as_ref(),
-                                settings,
-                            )?;
-                            finite_or_stop(
-                                terms.total_value as f64,
-                                "the loss",
-                                step,
-                                &batch.collated.sample_ids,
-                                &run.out,
-                            )?;
-                            let grads = terms.total.backward()?;
-                            Ok((terms, grads))
-                        })
+                        .map(student_pass)
                         .collect::<Result<Vec<_>>>()
                 },
             );
