@@ -49,6 +49,30 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         steps("baseline/sft"),
         steps("distilled/sft") + steps("distilled/dft")
     );
+    // LLaVA-KD's models share one vision encoder: both students carry the teacher's tower.
+    let tower = |model: &str| -> Vec<(String, Vec<u8>)> {
+        let bytes =
+            std::fs::read(out.join("seed-0").join(model).join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut weights: Vec<(String, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .filter(|(name, _)| name.contains("vision_tower"))
+            .map(|(name, view)| (name, view.data().to_vec()))
+            .collect();
+        weights.sort();
+        weights
+    };
+    let teacher_tower = tower("teacher/sft");
+    assert!(!teacher_tower.is_empty());
+    assert!(
+        tower("baseline/sft") == teacher_tower,
+        "the baseline's tower differs"
+    );
+    assert!(
+        tower("distilled/dft") == teacher_tower,
+        "the distilled tower differs"
+    );
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         md.contains("loss.png") && md.contains("report_images/"),
@@ -81,4 +105,25 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         .modified()
         .unwrap();
     assert_eq!(before, after, "a finished stage was trained again");
+}
+
+#[test]
+fn first_seed_runs_only_the_seeds_asked_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let args = [
+        "demo",
+        "--preset",
+        "shapes-tiny",
+        "--quiet",
+        "--first-seed",
+        "2",
+    ];
+    let (ok, _, err) = mmkd(&[&args[..], &["--out", out.to_str().unwrap()]].concat());
+    assert!(ok, "{err}");
+    assert!(out.join("seed-2/distilled/dft/model.safetensors").exists());
+    assert!(!out.join("seed-0").exists() && !out.join("seed-1").exists());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["per_seed"][0]["seed"], 2, "{}", report["per_seed"]);
 }

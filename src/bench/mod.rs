@@ -252,6 +252,29 @@ mod tests {
     }
 
     #[test]
+    fn computing_the_frozen_tower_a_step_ahead_changes_no_cached_number() {
+        let spec = tiny_spec();
+        let dir = tempfile::tempdir().unwrap();
+        let mut ahead = DftStep::new(&spec, 7).unwrap();
+        ahead.set_student_shards(2).unwrap();
+        let mut inline = DftStep::new(&spec, 7).unwrap();
+        inline.set_student_shards(2).unwrap();
+        inline.set_teacher_overlap(false);
+        ahead.write_teacher_cache(dir.path(), spec.vocab).unwrap();
+        let cache = crate::teacher_cache::TeacherCache::open(dir.path()).unwrap();
+        // From the second step on, `ahead` reads the tower features it computed during the
+        // previous step's update.
+        for step in 0..3 {
+            let (a, b) = (
+                ahead.run_cached(&cache).unwrap(),
+                inline.run_cached(&cache).unwrap(),
+            );
+            assert_eq!(a.loss, b.loss, "step {step}");
+        }
+        assert!(ahead.pending_tower.is_some() && inline.pending_tower.is_none());
+    }
+
+    #[test]
     fn sharding_the_student_batch_keeps_the_loss_and_the_update() {
         let spec = tiny_spec();
         let mut whole = DftStep::new(&spec, 6).unwrap();

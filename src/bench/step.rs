@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use mmkd_nn::WeightSource;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -21,7 +21,7 @@ use crate::distill::{
     relation_matrices_from_hidden, CachedDistillBatch, CachedTeacher, DistillBatch,
     DistillLossConfig, LossTerms, RelationHidden, StudentRelation, TopKHost,
 };
-use crate::models::llava::{BuildOptions, LlavaModel, LlavaOutput, Trainable};
+use crate::models::llava::{BuildOptions, ImageInput, LlavaModel, LlavaOutput, Trainable};
 use crate::teacher_cache::{CacheWriter, Manifest, SampleRecord, TeacherCache};
 use crate::train::{AdamW, AdamWConfig};
 
@@ -63,6 +63,11 @@ pub struct DftStep {
     relation_from_hidden: bool,
     /// The teacher's output on the next batch, computed during the previous step.
     pending_teacher: Option<(LlavaOutput, f64)>,
+    /// The student's frozen-tower features of the next batch, computed during the previous
+    /// step (they depend on no trained weight).
+    pub(super) pending_tower: Option<Tensor>,
+    /// Whether the frozen work of the next step (teacher forward, student tower) runs
+    /// alongside this step's update.
     teacher_overlap: bool,
     /// Row ranges of the batch whose student forward and backward run concurrently.
     student_shards: usize,
@@ -98,16 +103,19 @@ impl DftStep {
                 spec.teacher.hidden,
             ),
             pending_teacher: None,
+            pending_tower: None,
             teacher_overlap: true,
             student_shards: 1,
         })
     }
 
-    /// Whether the teacher's forward for the next step runs alongside this step's student
-    /// update (the default) or before it, phase after phase.
+    /// Whether the frozen work for the next step (the teacher's forward, the student's vision
+    /// tower) runs alongside this step's student update (the default) or inside the step,
+    /// phase after phase.
     pub fn set_teacher_overlap(&mut self, overlap: bool) {
         self.teacher_overlap = overlap;
         self.pending_teacher = None;
+        self.pending_tower = None;
     }
 
     /// Splits the batch into `shards` row ranges whose student forward, loss and backward run
@@ -147,6 +155,7 @@ impl DftStep {
             Some(ready) => ready,
             None => timed_teacher_forward(&self.teacher, &self.batch)?,
         };
+        let tower = self.pending_tower.take();
         let Self {
             teacher: teacher_model,
             student,
@@ -155,12 +164,13 @@ impl DftStep {
             loss,
             relation_from_hidden,
             pending_teacher,
+            pending_tower,
             teacher_overlap,
             student_shards,
         } = self;
         let teacher_head = relation_from_hidden.then_some(teacher_model.lm.lm_head_weight());
         let loss_of = |rows: Range<usize>, shard: &BenchBatch, out: &LlavaOutput| {
-            let narrow = |t: &candle_core::Tensor| t.narrow(0, rows.start, rows.len());
+            let narrow = |t: &Tensor| t.narrow(0, rows.start, rows.len());
             let (t_logits, t_hidden) = (narrow(&teacher.logits)?, narrow(&teacher.hidden)?);
             let terms = distill_loss(
                 &DistillBatch {
@@ -181,11 +191,27 @@ impl DftStep {
             .context("distillation loss")?;
             Ok((terms, 0.0))
         };
-        let mut update = || student_update(student, optimizer, batch, *student_shards, &loss_of);
+        let mut update = || {
+            student_update(
+                student,
+                tower.as_ref(),
+                optimizer,
+                batch,
+                *student_shards,
+                &loss_of,
+            )
+        };
         let (mut times, value) = if *teacher_overlap {
-            let (next, result) =
-                rayon::join(|| timed_teacher_forward(teacher_model, batch), update);
-            *pending_teacher = Some(next?);
+            let ahead = || -> Result<_> {
+                Ok((
+                    timed_teacher_forward(teacher_model, batch)?,
+                    frozen_tower_features(student, batch)?,
+                ))
+            };
+            let (next, result) = rayon::join(ahead, update);
+            let (next_teacher, next_tower) = next?;
+            *pending_teacher = Some(next_teacher);
+            *pending_tower = next_tower;
             result?
         } else {
             update()?
@@ -215,6 +241,7 @@ impl DftStep {
             .enumerate()
             .map(|(b, id)| (b, id.as_str()))
             .collect();
+        let tower = self.pending_tower.take();
         let (student, relation_from_hidden) = (&self.student, self.relation_from_hidden);
         let loss_config = &self.loss;
         let loss_of = |rows: Range<usize>, shard: &BenchBatch, out: &LlavaOutput| {
@@ -245,13 +272,16 @@ impl DftStep {
             .context("distillation loss from the teacher cache")?;
             Ok((terms, read))
         };
-        student_update(
-            student,
-            &mut self.optimizer,
-            &self.batch,
-            self.student_shards,
-            &loss_of,
-        )
+        let (optimizer, batch, shards) = (&mut self.optimizer, &self.batch, self.student_shards);
+        let mut update =
+            || student_update(student, tower.as_ref(), optimizer, batch, shards, &loss_of);
+        if !self.teacher_overlap {
+            return update();
+        }
+        // No teacher to run: the next step's frozen tower fills the gaps instead.
+        let (next_tower, result) = rayon::join(|| frozen_tower_features(student, batch), update);
+        self.pending_tower = next_tower?;
+        result
     }
 
     fn spec_batch(&self) -> usize {
@@ -362,6 +392,18 @@ fn timed_teacher_forward(teacher: &LlavaModel, batch: &BenchBatch) -> Result<(Ll
     Ok((out, clock.elapsed().as_secs_f64()))
 }
 
+/// The student's vision-tower features on `batch` when the tower is frozen (`None` when it
+/// trains: then they belong to the step's graph).
+fn frozen_tower_features(student: &LlavaModel, batch: &BenchBatch) -> Result<Option<Tensor>> {
+    if student.trainable().vision {
+        return Ok(None);
+    }
+    let features = student
+        .tower_features(&batch.pixels)
+        .context("student vision tower")?;
+    Ok(Some(features))
+}
+
 /// One shard's distillation loss from the student's output on it (rows `rows` of the batch),
 /// with the seconds spent getting the teacher's side (a cache read; 0 for an online teacher).
 type ShardLoss<'a> =
@@ -379,6 +421,7 @@ struct ShardOutcome {
 /// of the first shard; AdamW's is its own.
 fn student_update(
     student: &LlavaModel,
+    tower: Option<&Tensor>,
     optimizer: &mut AdamW,
     batch: &BenchBatch,
     shards: usize,
@@ -387,8 +430,15 @@ fn student_update(
     let run_shard = |rows: Range<usize>| -> Result<ShardOutcome> {
         let shard = batch.rows(rows.clone())?;
         let clock = Instant::now();
+        let shard_tower = tower
+            .map(|t| t.narrow(0, rows.start, rows.len()))
+            .transpose()?;
+        let images = match &shard_tower {
+            Some(features) => ImageInput::Tower(features),
+            None => ImageInput::Pixels(&shard.pixels),
+        };
         let out = student
-            .forward(&shard.tokens, Some(&shard.pixels))
+            .forward_images(&shard.tokens, Some(images))
             .context("student forward")?;
         let student_forward = clock.elapsed().as_secs_f64();
         let clock = Instant::now();

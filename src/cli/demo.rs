@@ -18,6 +18,10 @@ pub struct DemoArgs {
     /// Train and evaluate with this many seeds; the report gives mean ± std.
     #[arg(long, default_value_t = 1)]
     pub seeds: usize,
+    /// The first seed: `--first-seed 3 --seeds 2` runs seeds 3 and 4 (e.g. to spread a study
+    /// over machines, each with its own `--out`).
+    #[arg(long, default_value_t = 0)]
+    pub first_seed: u64,
     /// Override preset values (`key.path=value`), e.g. `demo.train=500`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -30,6 +34,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         preset: args.preset,
         out: args.out.clone(),
         seeds: args.seeds,
+        first_seed: args.first_seed,
         overrides: args.set,
         progress: !args.quiet,
     })?;

@@ -27,6 +27,7 @@ pub struct DemoOptions {
     pub preset: String,
     pub out: PathBuf,
     pub seeds: usize,
+    pub first_seed: u64,
     pub overrides: Vec<String>,
     pub progress: bool,
 }
@@ -88,6 +89,8 @@ struct StagePlan<'a> {
     dir: &'a str,
     init: Option<&'a str>,
     teacher: Option<&'a str>,
+    /// A checkpoint whose vision tower a fresh model takes.
+    tower: Option<&'a str>,
     epochs: usize,
 }
 
@@ -112,6 +115,11 @@ fn run_plan(
     let mut settings = StageSettings::resolve(&doc, plan.stage, plan.role)?;
     settings.train.seed = seed;
     settings.model.seed = settings.model.seed.wrapping_add(1000 * seed);
+    if let Some(tower) = plan.tower {
+        // LLaVA-KD's teacher and students share one vision encoder: a fresh student gets the
+        // teacher's (frozen) tower instead of a random one of its own.
+        settings.model.vision = Some(seed_dir.join(tower).display().to_string());
+    }
     let file = if plan.stage.is_pretraining() {
         "pretrain.json"
     } else {
@@ -248,7 +256,8 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
     let chat_template = StageSettings::resolve(&doc, Stage::Sft, Role::Student)?.template();
 
     let mut per_seed = Vec::new();
-    for seed in 0..options.seeds.max(1) as u64 {
+    let first = options.first_seed;
+    for seed in first..first + options.seeds.max(1) as u64 {
         let seed_dir = options.out.join(format!("seed-{seed}"));
         let plans = [
             StagePlan {
@@ -257,6 +266,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 dir: "teacher/pt",
                 init: None,
                 teacher: None,
+                tower: None,
                 epochs: demo.teacher_pt_epochs,
             },
             StagePlan {
@@ -265,6 +275,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 dir: "teacher/sft",
                 init: Some("teacher/pt"),
                 teacher: None,
+                tower: None,
                 epochs: demo.teacher_sft_epochs,
             },
             StagePlan {
@@ -273,6 +284,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 dir: "baseline/pt",
                 init: None,
                 teacher: None,
+                tower: Some("teacher/pt"),
                 epochs: demo.student_pt_epochs,
             },
             // Same step budget as the distilled student: its SFT gets the DFT epochs too.
@@ -282,6 +294,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 dir: "baseline/sft",
                 init: Some("baseline/pt"),
                 teacher: None,
+                tower: None,
                 epochs: demo.student_sft_epochs + demo.student_dft_epochs,
             },
             StagePlan {
@@ -290,6 +303,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 dir: "distilled/dpt",
                 init: None,
                 teacher: Some("teacher/sft"),
+                tower: Some("teacher/pt"),
                 epochs: demo.student_pt_epochs,
             },
             StagePlan {
@@ -298,6 +312,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 dir: "distilled/sft",
                 init: Some("distilled/dpt"),
                 teacher: None,
+                tower: None,
                 epochs: demo.student_sft_epochs,
             },
             StagePlan {
@@ -306,6 +321,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 dir: "distilled/dft",
                 init: Some("distilled/sft"),
                 teacher: Some("teacher/sft"),
+                tower: None,
                 epochs: demo.student_dft_epochs,
             },
         ];

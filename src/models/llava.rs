@@ -114,6 +114,14 @@ impl TokenBatch {
     }
 }
 
+/// The images of a forward: pixel values `[n, 3, H, W]`, or the tower's selected features
+/// `[n, tokens, vision hidden]` from [`LlavaModel::tower_features`] (the projector still runs).
+#[derive(Clone, Copy, Debug)]
+pub enum ImageInput<'a> {
+    Pixels(&'a Tensor),
+    Tower(&'a Tensor),
+}
+
 /// Everything a loss needs from one forward pass.
 pub struct LlavaOutput {
     /// Final-norm hidden states `[b, s, hidden]`.
@@ -208,6 +216,13 @@ impl LlavaModel {
 
     /// Projected features `[n, tokens, hidden]` for pixel values `[n, 3, H, W]`.
     pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        self.project(&self.tower_features(pixel_values)?)
+    }
+
+    /// The tower's selected features `[n, tokens, vision hidden]` (f32) for pixel values
+    /// `[n, 3, H, W]`. With a frozen tower they are detached and depend on no trained weight,
+    /// so a trainer can compute them ahead of the step that uses them ([`ImageInput::Tower`]).
+    pub fn tower_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let pixels = pixel_values.to_dtype(self.vision_dtype())?;
         // Only the encoder layers the selection reads are run (LLaVA never uses the rest).
         let mut features = self
@@ -218,8 +233,12 @@ impl LlavaModel {
             // Nothing upstream is trainable: cut the graph so backward stops here.
             features = features.detach();
         }
-        let projected = self.projector.forward(&features)?;
-        Ok(projected)
+        Ok(features)
+    }
+
+    /// The projector on tower features.
+    pub fn project(&self, tower_features: &Tensor) -> Result<Tensor> {
+        self.projector.forward(tower_features)
     }
 
     fn vision_dtype(&self) -> DType {
@@ -237,6 +256,15 @@ impl LlavaModel {
         batch: &TokenBatch,
         pixel_values: Option<&Tensor>,
     ) -> Result<(Tensor, VisualPositions)> {
+        self.embed_images(batch, pixel_values.map(ImageInput::Pixels))
+    }
+
+    /// [`LlavaModel::embed`] from pixels or from precomputed tower features.
+    pub fn embed_images(
+        &self,
+        batch: &TokenBatch,
+        images: Option<ImageInput<'_>>,
+    ) -> Result<(Tensor, VisualPositions)> {
         let visual = VisualPositions::find(&batch.ids, self.config.image_token_id);
         // Image positions are overwritten; look up id 0 there so ids beyond the vocabulary work.
         let lookup: Vec<u32> = batch
@@ -253,7 +281,11 @@ impl LlavaModel {
             .collect();
         let ids = Tensor::from_vec(lookup, (batch.batch_size(), batch.seq_len()), &self.device)?;
         let text = self.lm.embed(&ids)?;
-        let features = pixel_values.map(|p| self.image_features(p)).transpose()?;
+        let features = match images {
+            None => None,
+            Some(ImageInput::Pixels(p)) => Some(self.image_features(p)?),
+            Some(ImageInput::Tower(f)) => Some(self.project(f)?),
+        };
         let embeds = splice_image_features(&text, &visual, features.as_ref())?;
         Ok((embeds, visual))
     }
@@ -264,7 +296,16 @@ impl LlavaModel {
         batch: &TokenBatch,
         pixel_values: Option<&Tensor>,
     ) -> Result<LlavaOutput> {
-        let (embeds, visual) = self.embed(batch, pixel_values)?;
+        self.forward_images(batch, pixel_values.map(ImageInput::Pixels))
+    }
+
+    /// [`LlavaModel::forward`] from pixels or from precomputed tower features.
+    pub fn forward_images(
+        &self,
+        batch: &TokenBatch,
+        images: Option<ImageInput<'_>>,
+    ) -> Result<LlavaOutput> {
+        let (embeds, visual) = self.embed_images(batch, images)?;
         let positions = arange_positions(batch.batch_size(), batch.seq_len(), 0, &self.device)?;
         let hidden = self
             .lm

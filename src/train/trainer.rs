@@ -32,7 +32,7 @@ use crate::distill::{
     DistillBatch, LossTerms, RelationHidden, StudentRelation,
 };
 use crate::models::llava::{
-    LlavaModel, LlavaOutput, TokenBatch, Trainable, PROJECTOR_PREFIX, VISION_PREFIX,
+    ImageInput, LlavaModel, LlavaOutput, TokenBatch, Trainable, PROJECTOR_PREFIX, VISION_PREFIX,
 };
 use crate::teacher_cache::{
     check_run, check_teacher_unchanged, run_identity, Manifest, TeacherCache,
@@ -394,10 +394,13 @@ impl PreparedBatch {
     }
 }
 
-/// A micro-batch with the online teacher's output on it (`None` without an online teacher).
+/// A micro-batch with the work on it that no trained weight changes: the online teacher's
+/// output (`None` without an online teacher) and the student's frozen-tower features (`None`
+/// when the tower trains or the batch has no image).
 struct MicroBatch {
     batch: PreparedBatch,
     teacher_out: Option<LlavaOutput>,
+    student_tower: Option<Tensor>,
 }
 
 /// The online teacher's forward on `batch`; `None` for other teacher sources.
@@ -429,7 +432,11 @@ fn batch_loss(
         labels,
         pixels,
     } = &micro.batch;
-    let out = student.forward(tokens, pixels.as_ref())?;
+    let images = match (&micro.student_tower, pixels) {
+        (Some(features), _) => Some(ImageInput::Tower(features)),
+        (None, pixels) => pixels.as_ref().map(ImageInput::Pixels),
+    };
+    let out = student.forward_images(tokens, images)?;
     let Some(teacher) = teacher else {
         return LossTerms::ce_only(&out.logits, labels);
     };
@@ -755,11 +762,21 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
 
     let parallel = settings.train.parallel_micro_batches.clamp(1, accum_steps);
     let online_teacher = matches!(teacher, Some(TeacherSource::Online(_)));
-    // A micro-batch collated, with the online teacher's output on it.
+    let frozen_tower = !model.trainable().vision;
+    // A micro-batch collated, with the online teacher's output and the student's frozen-tower
+    // features on it.
     let prepare = |indices: Vec<usize>| -> Result<MicroBatch> {
         let batch = PreparedBatch::new(&data.samples, indices, &collate_cfg, &student)?;
         let teacher_out = online_teacher_forward(teacher.as_ref(), &batch)?;
-        Ok(MicroBatch { batch, teacher_out })
+        let student_tower = match &batch.pixels {
+            Some(pixels) if frozen_tower => Some(model.tower_features(pixels)?),
+            _ => None,
+        };
+        Ok(MicroBatch {
+            batch,
+            teacher_out,
+            student_tower,
+        })
     };
     let mut ahead: Vec<MicroBatch> = Vec::new();
     for step in start_step..total_steps {
@@ -780,10 +797,11 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
                     _ => prepare(indices.clone()),
                 })
                 .collect::<Result<Vec<MicroBatch>>>()?;
-            // The online teacher is frozen: its forward on the next micro-batches does not
-            // wait for these ones' update, so it runs alongside the student's forward and
-            // backward and fills the cores the student's serial stretches leave idle.
-            let next_indices: Vec<Vec<usize>> = if !online_teacher {
+            // The online teacher and a frozen tower do not change: their forward on the next
+            // micro-batches does not wait for these ones' update, so it runs alongside the
+            // student's forward and backward and fills the cores the student's serial
+            // stretches leave idle.
+            let next_indices: Vec<Vec<usize>> = if !(online_teacher || frozen_tower) {
                 Vec::new()
             } else if let Some(next) = chunks.get(chunk_no + 1) {
                 next.to_vec()
