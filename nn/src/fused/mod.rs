@@ -96,7 +96,9 @@ pub(crate) fn for_each_row_costing<T: Send>(
 
 /// Σ over rows of `f(row_index, acc)`, where `f` adds one row's contribution into the
 /// `width`-long accumulator: a column reduction (weight and bias gradients), in parallel over
-/// groups of rows.
+/// groups of rows. The groups' partial sums are added in group order, so the result does not
+/// depend on how rayon happened to split the work (its `reduce` would associate them
+/// differently from run to run, and a training run would not repeat itself bit for bit).
 pub(crate) fn sum_over_rows<T: Real>(
     rows: usize,
     width: usize,
@@ -111,19 +113,18 @@ pub(crate) fn sum_over_rows<T: Real>(
         }
         acc
     };
-    let add = |mut a: Vec<T>, b: Vec<T>| {
-        for (x, y) in a.iter_mut().zip(b) {
-            *x += y;
-        }
-        a
-    };
     if tasks <= 1 {
         return partial(0);
     }
-    (0..tasks)
-        .into_par_iter()
-        .map(partial)
-        .reduce(|| vec![T::zero(); width], add)
+    let partials: Vec<Vec<T>> = (0..tasks).into_par_iter().map(partial).collect();
+    let mut partials = partials.into_iter();
+    let mut total = partials.next().unwrap_or_else(|| vec![T::zero(); width]);
+    for p in partials {
+        for (x, y) in total.iter_mut().zip(p) {
+            *x += y;
+        }
+    }
+    total
 }
 
 /// Wraps kernel output in CPU storage.
@@ -207,6 +208,40 @@ pub(crate) mod testing {
             );
             let d = max_abs_diff(a, b);
             assert!(d < tol, "gradient of input {i} differs by {d}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SeededRng;
+
+    #[test]
+    fn column_sums_add_the_groups_in_order_every_time() {
+        // Many row groups, so rayon splits the work, and values whose sum depends on the order
+        // of the additions.
+        let (rows, width) = (4096, 64);
+        let a = SeededRng::new(9).normal_vec(rows * width, 1.0);
+        let row_sum = |r: usize, acc: &mut [f32]| {
+            for (x, v) in acc.iter_mut().zip(&a[r * width..(r + 1) * width]) {
+                *x += *v;
+            }
+        };
+        // The same groups, summed one after another on one thread.
+        let rows_per_task = (MIN_TASK_ELEMENTS / width).max(1);
+        let mut want = vec![0f32; width];
+        for group in (0..rows).collect::<Vec<_>>().chunks(rows_per_task) {
+            let mut acc = vec![0f32; width];
+            for &r in group {
+                row_sum(r, &mut acc);
+            }
+            for (x, y) in want.iter_mut().zip(acc) {
+                *x += y;
+            }
+        }
+        for _ in 0..20 {
+            assert_eq!(sum_over_rows(rows, width, row_sum), want);
         }
     }
 }
