@@ -219,6 +219,7 @@ impl DftStep {
         times.teacher_forward = teacher_forward;
         Ok((times, value))
     }
+
     /// Runs one step that reads the teacher from `cache` (written by
     /// [`DftStep::write_teacher_cache`]) instead of running it; the cache read is timed as
     /// `teacher_forward`.
@@ -392,16 +393,11 @@ fn timed_teacher_forward(teacher: &LlavaModel, batch: &BenchBatch) -> Result<(Ll
     Ok((out, clock.elapsed().as_secs_f64()))
 }
 
-/// The student's vision-tower features on `batch` when the tower is frozen (`None` when it
-/// trains: then they belong to the step's graph).
+/// The student's frozen-tower features on `batch`, for the next step.
 fn frozen_tower_features(student: &LlavaModel, batch: &BenchBatch) -> Result<Option<Tensor>> {
-    if student.trainable().vision {
-        return Ok(None);
-    }
-    let features = student
-        .tower_features(&batch.pixels)
-        .context("student vision tower")?;
-    Ok(Some(features))
+    student
+        .frozen_tower_features(&batch.pixels)
+        .context("student vision tower")
 }
 
 /// One shard's distillation loss from the student's output on it (rows `rows` of the batch),

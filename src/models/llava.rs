@@ -236,6 +236,15 @@ impl LlavaModel {
         Ok(features)
     }
 
+    /// [`LlavaModel::tower_features`] when the tower is frozen, `None` when it trains (its
+    /// features then belong to the step's graph and cannot be computed ahead).
+    pub fn frozen_tower_features(&self, pixel_values: &Tensor) -> Result<Option<Tensor>> {
+        if self.trainable.vision {
+            return Ok(None);
+        }
+        self.tower_features(pixel_values).map(Some)
+    }
+
     /// The projector on tower features.
     pub fn project(&self, tower_features: &Tensor) -> Result<Tensor> {
         self.projector.forward(tower_features)

@@ -157,11 +157,8 @@ fn f32_elements<'a>(
     layout: &candle_core::Layout,
 ) -> candle_core::Result<&'a [f32]> {
     match storage {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) => {
-            let start = layout.start_offset();
-            Ok(&data[start..start + layout.shape().elem_count()])
-        }
-        _ => candle_core::bail!("expected an f32 CPU tensor"),
+        candle_core::Storage::Cpu(cpu) => mmkd_nn::fused::data::<f32>(cpu, layout, "AdamW"),
+        _ => candle_core::bail!("AdamW: expected a CPU tensor"),
     }
 }
 

@@ -769,8 +769,8 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         let batch = PreparedBatch::new(&data.samples, indices, &collate_cfg, &student)?;
         let teacher_out = online_teacher_forward(teacher.as_ref(), &batch)?;
         let student_tower = match &batch.pixels {
-            Some(pixels) if frozen_tower => Some(model.tower_features(pixels)?),
-            _ => None,
+            Some(pixels) => model.frozen_tower_features(pixels)?,
+            None => None,
         };
         Ok(MicroBatch {
             batch,

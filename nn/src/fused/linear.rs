@@ -118,9 +118,8 @@ impl Affine {
     }
 }
 
-/// ∂W = ∂yᵀ x (`[out, in]`) from x `[rows, in]` and ∂y `[rows, out]`. gemm is fastest
-/// producing the transpose xᵀ ∂y (`[in, out]`, both operands read down their columns), so it
-/// computes that and transposes in cache-sized blocks.
+/// ∂W = ∂yᵀ x (`[out, in]`) from x `[rows, in]` and ∂y `[rows, out]`, written row-major by
+/// the gemm itself.
 struct WeightGrad;
 
 impl WeightGrad {

@@ -42,7 +42,7 @@ pub(crate) fn has_kernel(t: &Tensor) -> bool {
 }
 
 /// The contiguous data of a kernel input.
-pub(crate) fn data<'a, T: WithDType>(
+pub fn data<'a, T: WithDType>(
     storage: &'a CpuStorage,
     layout: &Layout,
     op: &str,
