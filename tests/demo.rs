@@ -5,6 +5,17 @@ mod common;
 
 use common::mmkd;
 
+/// A tower tensor's name below the tower, whatever the checkpoint layout.
+fn tower_key(name: &str) -> String {
+    let below = name
+        .rsplit_once("vision_tower.")
+        .map_or(name, |(_, rest)| rest);
+    below
+        .strip_prefix("vision_model.")
+        .unwrap_or(below)
+        .to_string()
+}
+
 #[test]
 fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
     let tmp = tempfile::tempdir().unwrap();
@@ -58,13 +69,36 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
             .tensors()
             .into_iter()
             .filter(|(name, _)| name.contains("vision_tower"))
-            .map(|(name, view)| (name, view.data().to_vec()))
+            .map(|(name, view)| (tower_key(&name), view.data().to_vec()))
             .collect();
         weights.sort();
         weights
     };
     let teacher_tower = tower("teacher/sft");
     assert!(!teacher_tower.is_empty());
+    // ... which is the tower pre-trained in the demo's first stage (saved standalone, with
+    // transformers' `SiglipVisionModel` names).
+    let pretrained = {
+        let bytes = std::fs::read(out.join("seed-0/tower/model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut weights: Vec<(String, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, view)| (tower_key(&name), view.data().to_vec()))
+            .collect();
+        weights.sort();
+        weights
+    };
+    assert!(
+        pretrained == teacher_tower,
+        "the teacher's tower is not the pre-trained one"
+    );
+    let tower_summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("seed-0/tower/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tower_summary["epochs"], 1, "{tower_summary}");
+    assert!(tower_summary["scale"].as_f64().unwrap() > 0.0);
     assert!(
         tower("baseline/sft") == teacher_tower,
         "the baseline's tower differs"
@@ -100,6 +134,7 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
     let (ok, _, err) = mmkd(&["demo", "--preset", "shapes-tiny", "--out", out_s]);
     assert!(ok, "{err}");
     assert!(err.contains("done earlier, skipped"), "{err}");
+    assert!(err.contains("tower: done earlier, skipped"), "{err}");
     let after = std::fs::metadata(out.join("seed-0/teacher/sft/model.safetensors"))
         .unwrap()
         .modified()

@@ -28,6 +28,7 @@ pub use progress::{NoProgress, Progress};
 pub use reader::{FileFormat, LlavaDataset};
 pub use sample::{Role, Round, Sample, Turn, IMAGE_PLACEHOLDER};
 pub use sampler::{epoch_batches, BatchSampler, Cursor, SampleShape, SamplerConfig};
+pub use synth::labels::{read_scene_cells, Attribute, SceneCells};
 pub use synth::{generate as generate_synth, SynthConfig, SynthSummary};
 pub use template::{HumanText, ImagePlacement, Template};
 pub use tokenize::{

@@ -5,6 +5,7 @@
 
 pub mod report;
 pub mod settings;
+pub mod tower;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -51,6 +52,56 @@ fn say(progress: bool, msg: &str) {
         eprintln!("{msg}");
     }
 }
+
+/// The seed's pre-trained vision tower (`tower/`), trained unless finished earlier.
+fn run_tower(
+    doc: &Document,
+    demo: &DemoSettings,
+    seed_dir: &Path,
+    data: &Path,
+    seed: u64,
+    progress: bool,
+) -> Result<()> {
+    let out = seed_dir.join(TOWER_DIR);
+    if tower::tower_finished(&out) {
+        say(progress, &format!("{TOWER_DIR}: done earlier, skipped"));
+        return Ok(());
+    }
+    say(
+        progress,
+        &format!(
+            "{TOWER_DIR}: vision pre-training ({} epoch(s))",
+            demo.tower.epochs
+        ),
+    );
+    let spec = StageSettings::resolve(doc, Stage::Pretrain, Role::Teacher)?.model;
+    let summary = tower::pretrain_tower(
+        &spec,
+        &demo.tower,
+        data,
+        &out,
+        spec.seed.wrapping_add(1000 * seed),
+        progress,
+    )
+    .context("demo stage tower")?;
+    let accuracy: Vec<String> = summary
+        .val_accuracy
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.1} %"))
+        .collect();
+    say(
+        progress,
+        &format!(
+            "{TOWER_DIR}: val patches right: {}; features rescaled by {:.3}",
+            accuracy.join(", "),
+            summary.scale
+        ),
+    );
+    Ok(())
+}
+
+/// Where each seed's pre-trained vision tower goes.
+pub const TOWER_DIR: &str = "tower";
 
 /// The demo's data directory: synthetic data and tokenizer, made once.
 fn prepare_data(out: &Path, demo: &DemoSettings, progress: bool) -> Result<PathBuf> {
@@ -259,6 +310,14 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
     let first = options.first_seed;
     for seed in first..first + options.seeds.max(1) as u64 {
         let seed_dir = options.out.join(format!("seed-{seed}"));
+        // The teacher composes its LLM with the pre-trained tower when there is one; the
+        // students take the teacher's tower either way.
+        let teacher_tower = if demo.tower.epochs > 0 {
+            run_tower(&doc, &demo, &seed_dir, &data, seed, options.progress)?;
+            Some(TOWER_DIR)
+        } else {
+            None
+        };
         let plans = [
             StagePlan {
                 stage: Stage::Pretrain,
@@ -266,7 +325,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 dir: "teacher/pt",
                 init: None,
                 teacher: None,
-                tower: None,
+                tower: teacher_tower,
                 epochs: demo.teacher_pt_epochs,
             },
             StagePlan {

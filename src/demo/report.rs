@@ -92,6 +92,36 @@ fn cell(values: &[f64], decimals: usize) -> String {
 }
 
 /// Writes both reports; returns the path of `report.md`.
+/// How the shared vision tower came to be, with its pre-training accuracy (seed 0).
+fn tower_sentence(demo: &DemoSettings, per_seed: &[SeedResults]) -> String {
+    if demo.tower.epochs == 0 {
+        return "All three models share one frozen, randomly initialised vision tower.\n\n".into();
+    }
+    let summary = per_seed.first().and_then(|(_, dir, _)| {
+        let text = std::fs::read_to_string(dir.join(super::TOWER_DIR).join("summary.json")).ok()?;
+        serde_json::from_str::<super::tower::TowerSummary>(&text).ok()
+    });
+    let accuracy = summary
+        .map(|s| {
+            let parts: Vec<String> = s
+                .val_accuracy
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.1} %"))
+                .collect();
+            format!(
+                " (seed 0: val patches classified right: {})",
+                parts.join(", ")
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "All three models share one frozen vision tower, pre-trained first for {} epoch(s) to name the shape, colour \
+         and size in each patch's grid cell from the train split's ground truth{accuracy}: the synthetic world's \
+         stand-in for SigLIP.\n\n",
+        demo.tower.epochs
+    )
+}
+
 pub fn write(
     out: &Path,
     preset: &str,
@@ -175,6 +205,7 @@ pub fn write(
          same architecture and the same number of optimizer steps; the teacher is larger.\n\n",
         per_seed.len(), wall_seconds, demo.train, if demo.eval_split == EvalSplit::Val { demo.val } else { demo.test }, demo.eval_split.name(), demo.image_size
     ));
+    md.push_str(&tower_sentence(demo, per_seed));
     md.push_str("| model | params | VQA acc (%) | CIDEr-D | BLEU-4 | ROUGE-L | POPE F1 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for model in MODELS {
         let params = per_seed

@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::tower::TowerPretraining;
 use crate::config::Document;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -33,6 +34,9 @@ pub struct DemoSettings {
     /// tuning a preset (so the test split is never looked at before the end).
     #[serde(default)]
     pub eval_split: EvalSplit,
+    /// Vision pre-training before the teacher (`[demo.tower]`; off when absent).
+    #[serde(default)]
+    pub tower: TowerPretraining,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,6 +18,7 @@
 //! splits are drawn first so they keep their share of the few one-object scenes.
 
 pub mod files;
+pub mod labels;
 pub mod language;
 pub mod pope;
 pub mod render;
