@@ -37,7 +37,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Data sets: synthetic data, tokenizer training, data checks.
     Data(data::DataArgs),
-    /// The end-to-end demo: synthetic data, teacher, baseline and distilled students, report.
+    /// The end-to-end demo: synthetic data, pre-trained vision tower, teacher, baseline and
+    /// distilled students, report.
     Demo(demo::DemoArgs),
     /// Evaluate a model: VQA, captions, POPE, multiple choice; compare runs.
     Eval(eval::EvalArgs),

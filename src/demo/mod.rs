@@ -1,7 +1,8 @@
 //! `mmkd demo`: the whole of mmkd on built-in data. Makes the synthetic shapes data and a
-//! tokenizer, trains a teacher (PT → SFT), a baseline student (PT → SFT) and a distilled student
-//! of the same size and step budget (DPT → SFT → DFT), evaluates all three on the held-out test
-//! split and writes `report.md` and `report.json`. Finished stages are skipped on re-runs.
+//! tokenizer, pre-trains the shared vision tower ([`tower`]), trains a teacher (PT → SFT), a
+//! baseline student (PT → SFT) and a distilled student of the same size and step budget
+//! (DPT → SFT → DFT), evaluates all three on the held-out test split and writes `report.md` and
+//! `report.json`. Finished stages are skipped on re-runs.
 
 pub mod report;
 pub mod settings;
