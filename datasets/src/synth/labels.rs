@@ -79,6 +79,7 @@ struct SceneRecord {
     objects: Vec<ObjectRecord>,
 }
 
+/// The fields of an object the labels need (its `position` name is left unread).
 #[derive(Deserialize)]
 struct ObjectRecord {
     shape: String,
@@ -86,8 +87,6 @@ struct ObjectRecord {
     size: String,
     row: usize,
     col: usize,
-    #[allow(dead_code)]
-    position: Option<String>,
 }
 
 fn class_of<T: Copy>(all: &[T], name: impl Fn(T) -> &'static str, value: &str) -> Option<u32> {
