@@ -18,8 +18,9 @@ use super::spec::{BenchSpec, LmSpec};
 use crate::distill::positions::{gather_rows, response_rows, visual_positions_per_sample};
 use crate::distill::{
     distill_loss, distill_loss_cached, hidden_form_is_cheaper, relation_matrices,
-    relation_matrices_from_hidden, CachedDistillBatch, CachedTeacher, DistillBatch,
-    DistillLossConfig, LossTerms, RelationHidden, StudentRelation, TopKHost,
+    relation_matrices_from_hidden, student_hidden_form_is_cheaper, CachedDistillBatch,
+    CachedTeacher, DistillBatch, DistillLossConfig, LossTerms, RelationHidden, StudentLogits,
+    StudentRelation, TopKHost,
 };
 use crate::models::llava::{BuildOptions, ImageInput, LlavaModel, LlavaOutput, Trainable};
 use crate::teacher_cache::{CacheWriter, Manifest, SampleRecord, TeacherCache};
@@ -169,12 +170,12 @@ impl DftStep {
             student_shards,
         } = self;
         let teacher_head = relation_from_hidden.then_some(teacher_model.lm.lm_head_weight());
-        let loss_of = |rows: Range<usize>, shard: &BenchBatch, out: &LlavaOutput| {
+        let loss_of = |rows: Range<usize>, shard: &BenchBatch, out: &ShardForward| {
             let narrow = |t: &Tensor| t.narrow(0, rows.start, rows.len());
             let (t_logits, t_hidden) = (narrow(&teacher.logits)?, narrow(&teacher.hidden)?);
             let terms = distill_loss(
                 &DistillBatch {
-                    student_logits: &out.logits,
+                    student_logits: out.logits()?,
                     teacher_logits: &t_logits,
                     labels: &shard.labels,
                     visual_mask: &shard.visual_mask,
@@ -198,6 +199,7 @@ impl DftStep {
                 optimizer,
                 batch,
                 *student_shards,
+                true,
                 &loss_of,
             )
         };
@@ -243,15 +245,29 @@ impl DftStep {
             .map(|(b, id)| (b, id.as_str()))
             .collect();
         let tower = self.pending_tower.take();
-        let (student, relation_from_hidden) = (&self.student, self.relation_from_hidden);
+        let visual: Vec<usize> = visual_positions_per_sample(&self.batch.visual_mask)?
+            .iter()
+            .map(Vec::len)
+            .collect();
+        let student = &self.student;
+        // The teacher's relations come from the cache: only the student's form is chosen.
+        let relation_from_hidden = student_hidden_form_is_cheaper(
+            &visual,
+            student.lm.lm_head_weight().dim(0)?,
+            student.lm.lm_head_weight().dim(1)?,
+        );
         let loss_config = &self.loss;
-        let loss_of = |rows: Range<usize>, shard: &BenchBatch, out: &LlavaOutput| {
+        let loss_of = |rows: Range<usize>, shard: &BenchBatch, out: &ShardForward| {
             let clock = Instant::now();
             let cached = cache.batch(&keys[rows], shard.tokens.seq_len(), student.device())?;
             let read = clock.elapsed().as_secs_f64();
+            let head = student.lm.lm_head_weight();
             let terms = distill_loss_cached(
                 &CachedDistillBatch {
-                    student_logits: &out.logits,
+                    student_logits: StudentLogits::AtRows {
+                        hidden: &out.hidden,
+                        head,
+                    },
                     labels: &shard.labels,
                     visual_mask: &shard.visual_mask,
                     teacher: CachedTeacher {
@@ -259,14 +275,11 @@ impl DftStep {
                         visual: &cached.visual,
                         relations: &cached.relations,
                     },
-                    student_relation: if relation_from_hidden {
-                        StudentRelation::Hidden {
-                            hidden: &out.hidden,
-                            head: student.lm.lm_head_weight(),
-                        }
-                    } else {
-                        StudentRelation::Logits(&out.logits)
-                    },
+                    // Z Zᵀ = H (WᵀW) Hᵀ where cheaper; else from L_vis's visual-row logits.
+                    student_relation: relation_from_hidden.then_some(StudentRelation::Hidden {
+                        hidden: &out.hidden,
+                        head,
+                    }),
                 },
                 loss_config,
             )
@@ -274,8 +287,17 @@ impl DftStep {
             Ok((terms, read))
         };
         let (optimizer, batch, shards) = (&mut self.optimizer, &self.batch, self.student_shards);
-        let mut update =
-            || student_update(student, tower.as_ref(), optimizer, batch, shards, &loss_of);
+        let mut update = || {
+            student_update(
+                student,
+                tower.as_ref(),
+                optimizer,
+                batch,
+                shards,
+                false,
+                &loss_of,
+            )
+        };
         if !self.teacher_overlap {
             return update();
         }
@@ -403,7 +425,22 @@ fn frozen_tower_features(student: &LlavaModel, batch: &BenchBatch) -> Result<Opt
 /// One shard's distillation loss from the student's output on it (rows `rows` of the batch),
 /// with the seconds spent getting the teacher's side (a cache read; 0 for an online teacher).
 type ShardLoss<'a> =
-    dyn Fn(Range<usize>, &BenchBatch, &LlavaOutput) -> Result<(LossTerms, f64)> + Sync + 'a;
+    dyn Fn(Range<usize>, &BenchBatch, &ShardForward) -> Result<(LossTerms, f64)> + Sync + 'a;
+
+/// The student's forward on one shard: hidden states, and logits at every position when the
+/// loss reads them so (the cached loss computes its rows' logits itself).
+struct ShardForward {
+    hidden: Tensor,
+    logits: Option<Tensor>,
+}
+
+impl ShardForward {
+    fn logits(&self) -> Result<&Tensor> {
+        self.logits
+            .as_ref()
+            .context("this step's student forward computed no full logits")
+    }
+}
 
 /// What one shard's forward, loss and backward produced.
 struct ShardOutcome {
@@ -421,6 +458,7 @@ fn student_update(
     optimizer: &mut AdamW,
     batch: &BenchBatch,
     shards: usize,
+    full_logits: bool,
     loss_of: &ShardLoss<'_>,
 ) -> Result<(StepTimes, f32)> {
     let run_shard = |rows: Range<usize>| -> Result<ShardOutcome> {
@@ -434,8 +472,14 @@ fn student_update(
             None => ImageInput::Pixels(&shard.pixels),
         };
         let out = student
-            .forward_images(&shard.tokens, Some(images))
+            .forward_images_hidden(&shard.tokens, Some(images))
             .context("student forward")?;
+        let out = ShardForward {
+            logits: full_logits
+                .then(|| student.lm.logits(&out.hidden))
+                .transpose()?,
+            hidden: out.hidden,
+        };
         let student_forward = clock.elapsed().as_secs_f64();
         let clock = Instant::now();
         let (terms, teacher_forward) = loss_of(rows, &shard, &out)?;

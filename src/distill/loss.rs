@@ -199,16 +199,73 @@ pub struct CachedTeacher<'a> {
     pub relations: &'a [Option<Tensor>],
 }
 
+/// Where the student's logits at the rows a loss reads come from.
+#[derive(Clone, Copy, Debug)]
+pub enum StudentLogits<'a> {
+    /// `[batch, seq, vocab]` at every position; the rows are gathered from them.
+    Full(&'a Tensor),
+    /// Final hidden states `[batch, seq, hidden]` and the bias-free LM head `[vocab, hidden]`
+    /// (cut to the vocabulary the loss compares): logits are computed at the loss's rows only.
+    /// Same values; the head then skips the positions no loss reads, and the backward scatters
+    /// hidden-width gradients instead of a vocabulary-wide one per gathered row set.
+    AtRows {
+        hidden: &'a Tensor,
+        head: &'a Tensor,
+    },
+}
+
+impl StudentLogits<'_> {
+    /// `[batch, seq, vocab]`.
+    fn dims(&self) -> Result<(usize, usize, usize)> {
+        match self {
+            StudentLogits::Full(logits) => logits.dims3().with_context(|| {
+                format!(
+                    "student logits must be [batch, seq, vocab], got {:?}",
+                    logits.dims()
+                )
+            }),
+            StudentLogits::AtRows { hidden, head } => {
+                let (b, s, h) = hidden.dims3().with_context(|| {
+                    format!(
+                        "student hidden states must be [batch, seq, hidden], got {:?}",
+                        hidden.dims()
+                    )
+                })?;
+                let (v, head_h) = head
+                    .dims2()
+                    .context("the LM head must be [vocab, hidden]")?;
+                ensure!(
+                    head_h == h,
+                    "the LM head is [{v}, {head_h}], the hidden states are {h} wide"
+                );
+                Ok((b, s, v))
+            }
+        }
+    }
+
+    /// The logits `[rows, vocab]` at flat `batch·seq` rows.
+    fn rows(&self, rows: &[u32]) -> Result<Tensor> {
+        match self {
+            StudentLogits::Full(logits) => gather_rows(logits, rows),
+            StudentLogits::AtRows { hidden, head } => {
+                let picked = gather_rows(hidden, rows)?;
+                Ok(mmkd_nn::fused::linear(&picked, head, None)?)
+            }
+        }
+    }
+}
+
 /// What a distillation step from a teacher cache feeds the loss.
 #[derive(Clone, Copy, Debug)]
 pub struct CachedDistillBatch<'a> {
-    /// `[batch, seq, vocab]`, part of the graph (already cut to the cache's vocabulary).
-    pub student_logits: &'a Tensor,
+    /// The student's logits (already cut to the cache's vocabulary), part of the graph.
+    pub student_logits: StudentLogits<'a>,
     pub labels: &'a Tensor,
     pub visual_mask: &'a Tensor,
     pub teacher: CachedTeacher<'a>,
-    /// The student side of L_rel.
-    pub student_relation: StudentRelation<'a>,
+    /// The student side of L_rel; `None`: from the logits at the visual rows that L_vis reads
+    /// (with [`StudentLogits::AtRows`], the cheap form when the vocabulary is small).
+    pub student_relation: Option<StudentRelation<'a>>,
 }
 
 /// [`distill_loss`] against a cached teacher: L_res and L_vis on the k + 1 buckets of the
@@ -226,43 +283,80 @@ pub fn distill_loss_cached(
         teacher,
         student_relation,
     } = *batch;
-    student_logits.dims3().with_context(|| {
-        format!(
-            "student logits must be [batch, seq, vocab], got {:?}",
-            student_logits.dims()
-        )
-    })?;
-    check_labels(student_logits, labels, "labels")?;
-    check_labels(student_logits, visual_mask, "visual mask")?;
+    let (b, seq, vocab) = student_logits.dims()?;
+    for (t, what) in [(labels, "labels"), (visual_mask, "visual mask")] {
+        ensure!(
+            t.dims() == [b, seq],
+            "{what} have shape {:?}, the logits cover [{b}, {seq}] positions",
+            t.dims()
+        );
+    }
     let response = response_rows(labels)?;
-    let ce = ce_rows(student_logits, &response)?;
-    let cached_rows = |rows: &[u32], top: &TopKRows, what: &str| -> Result<Option<Tensor>> {
+    check_targets(&response, seq, vocab)?;
+    let check_cached = |rows: &[u32], top: &TopKRows, what: &str| -> Result<()> {
         ensure!(
             top.rows()? == rows.len(),
             "{what}: the cache holds {} teacher rows for the batch's {} positions",
             top.rows()?,
             rows.len()
         );
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        let student = gather_rows(student_logits, rows)?;
-        Ok(Some(topk_per_token(&student, top, cfg)?.mean_all()?))
+        Ok(())
     };
-    let l_res = if cfg.alpha_res > 0.0 {
-        cached_rows(&response.rows, teacher.response, "L_res")
-            .context("response distillation loss (L_res) from the teacher cache")?
+    // The response rows' logits serve both CE and L_res.
+    let response_logits = if response.is_empty() {
+        None
+    } else {
+        Some(student_logits.rows(&response.rows)?)
+    };
+    let ce = response_logits
+        .as_ref()
+        .map(|rows| ce_of_rows(rows, &response))
+        .transpose()?;
+    let l_res = match (&response_logits, cfg.alpha_res > 0.0) {
+        (Some(rows), true) => check_cached(&response.rows, teacher.response, "L_res")
+            .and_then(|()| Ok(topk_per_token(rows, teacher.response, cfg)?.mean_all()?))
+            .map(Some)
+            .context("response distillation loss (L_res) from the teacher cache")?,
+        (None, true) => {
+            check_cached(&response.rows, teacher.response, "L_res")
+                .context("response distillation loss (L_res) from the teacher cache")?;
+            None
+        }
+        (_, false) => None,
+    };
+    let visual = visual_rows(visual_mask)?;
+    let wants_rows = cfg.beta_vis > 0.0 || (cfg.gamma_rel > 0.0 && student_relation.is_none());
+    let visual_logits = if wants_rows && !visual.is_empty() {
+        Some(student_logits.rows(&visual)?)
     } else {
         None
     };
     let l_vis = if cfg.beta_vis > 0.0 {
-        cached_rows(&visual_rows(visual_mask)?, teacher.visual, "L_vis")
-            .context("visual distillation loss (L_vis) from the teacher cache")?
+        check_cached(&visual, teacher.visual, "L_vis")
+            .context("visual distillation loss (L_vis) from the teacher cache")?;
+        visual_logits
+            .as_ref()
+            .map(|student| -> Result<Tensor> {
+                Ok(topk_per_token(student, teacher.visual, cfg)
+                    .context("visual distillation loss (L_vis) from the teacher cache")?
+                    .mean_all()?)
+            })
+            .transpose()?
     } else {
         None
     };
     let l_rel = if cfg.gamma_rel > 0.0 {
-        relation_loss_to_cached(student_relation, teacher.relations, visual_mask)?
+        match (student_relation, &visual_logits) {
+            (Some(relation), _) => {
+                relation_loss_to_cached(relation, teacher.relations, visual_mask)?
+            }
+            (None, Some(rows)) => relation_loss_to_cached(
+                StudentRelation::VisualRows(rows),
+                teacher.relations,
+                visual_mask,
+            )?,
+            (None, None) => None,
+        }
     } else {
         None
     };
@@ -326,14 +420,20 @@ fn ce_rows(logits: &Tensor, response: &ResponseRows) -> Result<Option<Tensor>> {
     if response.is_empty() {
         return Ok(None);
     }
-    let vocab = logits.dim(D::Minus1)?;
+    let (_, seq, vocab) = logits.dims3()?;
+    check_targets(response, seq, vocab)?;
+    ce_of_rows(&gather_rows(logits, &response.rows)?, response).map(Some)
+}
+
+/// Every response target must index the logits' vocabulary; otherwise name the sample and
+/// position.
+fn check_targets(response: &ResponseRows, seq: usize, vocab: usize) -> Result<()> {
     if let Some((i, &bad)) = response
         .targets
         .iter()
         .enumerate()
         .find(|(_, &t)| t as usize >= vocab)
     {
-        let (_, seq, _) = logits.dims3()?;
         let row = response.rows[i] as usize;
         bail!(
             "labels: sample {}, position {} holds token {bad}, outside the vocabulary of {vocab} logits",
@@ -341,15 +441,19 @@ fn ce_rows(logits: &Tensor, response: &ResponseRows) -> Result<Option<Tensor>> {
             row % seq + 1
         );
     }
-    let rows = gather_rows(logits, &response.rows)?;
-    let rows = rows.to_dtype(compute_dtype(&rows))?;
-    let targets = Tensor::from_slice(&response.targets, response.len(), logits.device())?;
-    let per_token = mmkd_nn::fused::cross_entropy_rows(&rows, &targets)?;
-    Ok(Some(per_token.mean_all()?))
+    Ok(())
 }
 
 fn scalar(t: &Tensor) -> Result<f32> {
     Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
+}
+
+/// Mean cross-entropy of the response rows' logits `[rows, vocab]` against their targets.
+fn ce_of_rows(rows: &Tensor, response: &ResponseRows) -> Result<Tensor> {
+    let rows = rows.to_dtype(compute_dtype(rows))?;
+    let targets = Tensor::from_slice(&response.targets, response.len(), rows.device())?;
+    let per_token = mmkd_nn::fused::cross_entropy_rows(&rows, &targets)?;
+    Ok(per_token.mean_all()?)
 }
 
 /// Cuts `[.., V]` logits to their first `vocab` entries, for a teacher and student whose
@@ -402,6 +506,99 @@ mod tests {
             bad.validate().unwrap_err().to_string(),
             "distillation weight `beta_vis` must be ≥ 0, got -1"
         );
+    }
+
+    #[test]
+    fn logits_at_the_loss_rows_give_the_full_logits_loss_and_gradients() {
+        let dev = Device::Cpu;
+        let (b, s, h, v) = (2, 6, 8, 12);
+        let hidden = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, h), &dev).unwrap()).unwrap();
+        let head = Var::from_tensor(&Tensor::randn(0f32, 0.5, (v, h), &dev).unwrap()).unwrap();
+        let labels = Tensor::new(
+            &[
+                [-100i64, -100, -100, -100, 3, 7],
+                [-100, -100, -100, 5, 1, -100],
+            ],
+            &dev,
+        )
+        .unwrap();
+        // Different visual counts per sample.
+        let visual_mask = Tensor::new(&[[0u8, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0]], &dev).unwrap();
+        let teacher_logits = Tensor::randn(0f32, 2.0, (b, s, v), &dev).unwrap();
+        let top = |rows: &[u32]| {
+            let t = gather_rows(&teacher_logits, rows).unwrap();
+            super::super::topk::TopKHost::from_logits(&t, 5, 1.0)
+                .unwrap()
+                .to_tensors(&dev)
+                .unwrap()
+        };
+        let response = top(&response_rows(&labels).unwrap().rows);
+        let visual = top(&visual_rows(&visual_mask).unwrap());
+        let relations =
+            super::super::rdist::relation_matrices(&teacher_logits, &visual_mask).unwrap();
+        let teacher = CachedTeacher {
+            response: &response,
+            visual: &visual,
+            relations: &relations,
+        };
+        let cfg = DistillLossConfig::default();
+        let full = mmkd_nn::fused::linear(hidden.as_tensor(), head.as_tensor(), None).unwrap();
+        let run = |student_logits, student_relation| {
+            let terms = distill_loss_cached(
+                &CachedDistillBatch {
+                    student_logits,
+                    labels: &labels,
+                    visual_mask: &visual_mask,
+                    teacher,
+                    student_relation,
+                },
+                &cfg,
+            )
+            .unwrap();
+            let grads = terms.total.backward().unwrap();
+            let grad = |x: &Var| grads.get(x.as_tensor()).unwrap().clone();
+            (terms, grad(&hidden), grad(&head))
+        };
+        let at_rows = StudentLogits::AtRows {
+            hidden: hidden.as_tensor(),
+            head: head.as_tensor(),
+        };
+        let reference = run(
+            StudentLogits::Full(&full),
+            Some(StudentRelation::Logits(&full)),
+        );
+        let hidden_form = StudentRelation::Hidden {
+            hidden: hidden.as_tensor(),
+            head: head.as_tensor(),
+        };
+        for (what, got) in [
+            ("visual-row relation", run(at_rows, None)),
+            ("hidden-form relation", run(at_rows, Some(hidden_form))),
+        ] {
+            let (t, r) = (&got.0, &reference.0);
+            for (term, a, e) in [
+                ("total", Some(t.total_value), Some(r.total_value)),
+                ("ce", t.ce, r.ce),
+                ("l_res", t.l_res, r.l_res),
+                ("l_vis", t.l_vis, r.l_vis),
+                ("l_rel", t.l_rel, r.l_rel),
+            ] {
+                let (a, e) = (a.unwrap(), e.unwrap());
+                assert!(
+                    (a - e).abs() <= 1e-5 * e.abs().max(1.0),
+                    "{what} {term}: {a} vs {e}"
+                );
+            }
+            for (name, a, e) in [
+                ("hidden", &got.1, &reference.1),
+                ("head", &got.2, &reference.2),
+            ] {
+                let diff = (a - e).unwrap().abs().unwrap().max_all().unwrap();
+                let diff = diff.to_scalar::<f32>().unwrap();
+                assert!(diff <= 1e-5, "{what}: ∂{name} differs by {diff}");
+            }
+        }
+        assert!(reference.0.l_rel.unwrap() > 0.0 && reference.0.l_vis.unwrap() > 0.0);
     }
 
     #[test]

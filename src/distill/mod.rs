@@ -15,12 +15,13 @@ pub use divergence::Divergence;
 pub use logprob::log_softmax;
 pub use loss::{
     cross_entropy, distill_loss, distill_loss_cached, truncate_vocab, CachedDistillBatch,
-    CachedTeacher, DistillBatch, DistillLossConfig, LossTerms, RelationHidden,
+    CachedTeacher, DistillBatch, DistillLossConfig, LossTerms, RelationHidden, StudentLogits,
 };
 pub use mdist::{response_loss, visual_loss};
-pub use positions::{visual_mask_from_ids, IGNORE_INDEX};
+pub use positions::{visual_mask_from_ids, visual_positions_per_sample, IGNORE_INDEX};
 pub use rdist::{
     hidden_form_is_cheaper, relation_loss, relation_loss_from_hidden, relation_loss_to_cached,
-    relation_matrices, relation_matrices_from_hidden, StudentRelation,
+    relation_matrices, relation_matrices_from_hidden, student_hidden_form_is_cheaper,
+    StudentRelation,
 };
 pub use topk::{topk_per_token, TopKHost, TopKRows};

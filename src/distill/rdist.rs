@@ -27,22 +27,36 @@ pub fn hidden_form_is_cheaper(
     student_hidden: usize,
     teacher_hidden: usize,
 ) -> bool {
-    let v = vocab as f64;
-    let logits: f64 = visual_per_sample
+    let hidden = hidden_form_flops(visual_per_sample, vocab, student_hidden)
+        + hidden_form_flops(visual_per_sample, vocab, teacher_hidden);
+    hidden < 2.0 * logits_form_flops(visual_per_sample, vocab)
+}
+
+/// [`hidden_form_is_cheaper`] for the student alone (the teacher's relations read from a
+/// cache).
+pub fn student_hidden_form_is_cheaper(
+    visual_per_sample: &[usize],
+    vocab: usize,
+    student_hidden: usize,
+) -> bool {
+    hidden_form_flops(visual_per_sample, vocab, student_hidden)
+        < logits_form_flops(visual_per_sample, vocab)
+}
+
+fn logits_form_flops(visual_per_sample: &[usize], vocab: usize) -> f64 {
+    visual_per_sample
         .iter()
-        .map(|&n| 2.0 * 2.0 * (n * n) as f64 * v)
-        .sum();
-    let hidden: f64 = [student_hidden as f64, teacher_hidden as f64]
-        .iter()
-        .map(|&h| {
-            2.0 * v * h * h
-                + visual_per_sample
-                    .iter()
-                    .map(|&n| 2.0 * n as f64 * h * h + 2.0 * (n * n) as f64 * h)
-                    .sum::<f64>()
-        })
-        .sum();
-    hidden < logits
+        .map(|&n| 2.0 * (n * n) as f64 * vocab as f64)
+        .sum()
+}
+
+fn hidden_form_flops(visual_per_sample: &[usize], vocab: usize, hidden: usize) -> f64 {
+    let h = hidden as f64;
+    2.0 * vocab as f64 * h * h
+        + visual_per_sample
+            .iter()
+            .map(|&n| 2.0 * n as f64 * h * h + 2.0 * (n * n) as f64 * h)
+            .sum::<f64>()
 }
 
 /// Norms below this are clamped before dividing (as `torch.nn.functional.cosine_similarity`).
@@ -217,11 +231,15 @@ fn per_sample(
 /// large vocabularies) its hidden states and bias-free head.
 #[derive(Clone, Copy, Debug)]
 pub enum StudentRelation<'a> {
+    /// Logits `[batch, seq, vocab]` at every position.
     Logits(&'a Tensor),
     Hidden {
         hidden: &'a Tensor,
         head: &'a Tensor,
     },
+    /// Logits `[visual rows, vocab]` at the batch's visual positions only, sample by sample in
+    /// position order (as [`super::positions::visual_rows`] lists them).
+    VisualRows(&'a Tensor),
 }
 
 /// L_rel against teacher relation matrices computed earlier (one per batch row, `None` for
@@ -232,17 +250,37 @@ pub fn relation_loss_to_cached(
     teacher: &[Option<Tensor>],
     visual_mask: &Tensor,
 ) -> Result<Option<Tensor>> {
-    let source = match student {
-        StudentRelation::Logits(l) => l,
-        StudentRelation::Hidden { hidden, .. } => hidden,
+    let positions = visual_positions_per_sample(visual_mask)?;
+    // Where each sample's visual rows start among the batch's (for `VisualRows`).
+    let offsets: Vec<usize> = positions
+        .iter()
+        .scan(0, |at, p| {
+            let start = *at;
+            *at += p.len();
+            Some(start)
+        })
+        .collect();
+    let b = match student {
+        StudentRelation::Logits(source) | StudentRelation::Hidden { hidden: source, .. } => {
+            let (b, _, _) = source.dims3().with_context(|| {
+                format!(
+                    "student tensor must be [batch, seq, _], got {:?}",
+                    source.dims()
+                )
+            })?;
+            check_labels(source, visual_mask, "visual mask")?;
+            b
+        }
+        StudentRelation::VisualRows(rows) => {
+            let total: usize = positions.iter().map(Vec::len).sum();
+            ensure!(
+                rows.rank() == 2 && rows.dim(0)? == total,
+                "student visual-row logits are {:?}, the batch has {total} visual positions",
+                rows.dims()
+            );
+            positions.len()
+        }
     };
-    let (b, _, _) = source.dims3().with_context(|| {
-        format!(
-            "student tensor must be [batch, seq, _], got {:?}",
-            source.dims()
-        )
-    })?;
-    check_labels(source, visual_mask, "visual mask")?;
     ensure!(
         teacher.len() == b,
         "{} cached relation matrices for a batch of {b}",
@@ -262,7 +300,7 @@ pub fn relation_loss_to_cached(
             let w = widen(head)?;
             Some(w.t()?.matmul(&w)?)
         }
-        StudentRelation::Logits(_) => None,
+        StudentRelation::Logits(_) | StudentRelation::VisualRows(_) => None,
     };
     per_sample_mean(visual_mask, |b, index| {
         let rt = teacher[b].clone().ok_or_else(|| {
@@ -270,7 +308,13 @@ pub fn relation_loss_to_cached(
                 "batch row {b} has visual positions but no cached relation matrix"
             ))
         })?;
-        let x = widen(&source.get(b)?.index_select(index, 0)?)?;
+        let x = match student {
+            StudentRelation::Logits(source) | StudentRelation::Hidden { hidden: source, .. } => {
+                source.get(b)?.index_select(index, 0)?
+            }
+            StudentRelation::VisualRows(rows) => rows.narrow(0, offsets[b], index.dim(0)?)?,
+        };
+        let x = widen(&x)?;
         let rs = match &gram {
             Some(g) => x.matmul(g)?.matmul(&x.t()?)?,
             None => x.matmul(&x.t()?)?,

@@ -122,6 +122,15 @@ pub enum ImageInput<'a> {
     Tower(&'a Tensor),
 }
 
+/// A forward pass without the LM head: for losses that compute logits only at the rows they
+/// read (see `distill::StudentLogits::AtRows`).
+pub struct LlavaHidden {
+    /// Final-norm hidden states `[b, s, hidden]`.
+    pub hidden: Tensor,
+    /// Image-token positions of each sample.
+    pub visual: VisualPositions,
+}
+
 /// Everything a loss needs from one forward pass.
 pub struct LlavaOutput {
     /// Final-norm hidden states `[b, s, hidden]`.
@@ -314,17 +323,27 @@ impl LlavaModel {
         batch: &TokenBatch,
         images: Option<ImageInput<'_>>,
     ) -> Result<LlavaOutput> {
-        let (embeds, visual) = self.embed_images(batch, images)?;
-        let positions = arange_positions(batch.batch_size(), batch.seq_len(), 0, &self.device)?;
-        let hidden = self
-            .lm
-            .forward_hidden(&embeds, &batch.mask, &positions, None)?;
+        let LlavaHidden { hidden, visual } = self.forward_images_hidden(batch, images)?;
         let logits = self.lm.logits(&hidden)?;
         Ok(LlavaOutput {
             hidden,
             logits,
             visual,
         })
+    }
+
+    /// [`LlavaModel::forward_images`] without the LM head.
+    pub fn forward_images_hidden(
+        &self,
+        batch: &TokenBatch,
+        images: Option<ImageInput<'_>>,
+    ) -> Result<LlavaHidden> {
+        let (embeds, visual) = self.embed_images(batch, images)?;
+        let positions = arange_positions(batch.batch_size(), batch.seq_len(), 0, &self.device)?;
+        let hidden = self
+            .lm
+            .forward_hidden(&embeds, &batch.mask, &positions, None)?;
+        Ok(LlavaHidden { hidden, visual })
     }
 
     /// A fresh KV cache for generation.

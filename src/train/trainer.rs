@@ -26,10 +26,11 @@ use super::{
 };
 use crate::checkpoint::{temp_sibling, write_llava_files, SaveAssets};
 use crate::config::{Module, Stage, StageSettings};
-use crate::distill::positions::{response_rows, visual_rows};
+use crate::distill::positions::{response_rows, visual_positions_per_sample, visual_rows};
 use crate::distill::{
-    distill_loss, distill_loss_cached, truncate_vocab, CachedDistillBatch, CachedTeacher,
-    DistillBatch, LossTerms, RelationHidden, StudentRelation,
+    distill_loss, distill_loss_cached, student_hidden_form_is_cheaper, truncate_vocab,
+    CachedDistillBatch, CachedTeacher, DistillBatch, LossTerms, RelationHidden, StudentLogits,
+    StudentRelation,
 };
 use crate::models::llava::{
     ImageInput, LlavaModel, LlavaOutput, TokenBatch, Trainable, PROJECTOR_PREFIX, VISION_PREFIX,
@@ -436,27 +437,42 @@ fn batch_loss(
         (Some(features), _) => Some(ImageInput::Tower(features)),
         (None, pixels) => pixels.as_ref().map(ImageInput::Pixels),
     };
-    let out = student.forward_images(tokens, images)?;
-    let Some(teacher) = teacher else {
-        return LossTerms::ce_only(&out.logits, labels);
+    let visual_mask_of = |visual: &crate::models::splice::VisualPositions| -> Result<Tensor> {
+        let mask: Vec<u8> = visual.mask.iter().flatten().copied().collect();
+        Ok(Tensor::from_vec(
+            mask,
+            (tokens.batch_size(), tokens.seq_len()),
+            student.device(),
+        )?)
     };
-    let mask: Vec<u8> = out.visual.mask.iter().flatten().copied().collect();
-    let visual_mask = Tensor::from_vec(
-        mask,
-        (tokens.batch_size(), tokens.seq_len()),
-        student.device(),
-    )?;
     let teacher = match teacher {
-        TeacherSource::Online(t) => t,
-        TeacherSource::Cached(c) => {
+        None => {
+            let out = student.forward_images(tokens, images)?;
+            return LossTerms::ce_only(&out.logits, labels);
+        }
+        // The cached loss computes the student's logits only at the rows it reads.
+        Some(TeacherSource::Cached(c)) => {
+            let out = student.forward_images_hidden(tokens, images)?;
+            let visual_mask = visual_mask_of(&out.visual)?;
             let rows: Vec<_> = collated
                 .sample_indices
                 .iter()
                 .map(|&i| &samples[i])
                 .collect();
-            return cached_batch_loss(student, c, &rows, &out, labels, &visual_mask, settings);
+            return cached_batch_loss(
+                student,
+                c,
+                &rows,
+                &out.hidden,
+                labels,
+                &visual_mask,
+                settings,
+            );
         }
+        Some(TeacherSource::Online(t)) => t,
     };
+    let out = student.forward_images(tokens, images)?;
+    let visual_mask = visual_mask_of(&out.visual)?;
     let t_out = micro
         .teacher_out
         .as_ref()
@@ -492,14 +508,24 @@ fn cached_batch_loss(
     student: &LlavaModel,
     source: &CachedSource,
     samples: &[&TokenizedSample],
-    out: &LlavaOutput,
+    hidden: &Tensor,
     labels: &Tensor,
     visual_mask: &Tensor,
     settings: &StageSettings,
 ) -> Result<LossTerms> {
-    let s_logits = match source.truncate {
-        Some(n) => truncate_vocab(&out.logits, n)?,
-        None => out.logits.clone(),
+    // A cache of a smaller vocabulary compares the head's first rows (the padding after them
+    // is the student's alone).
+    let head = student.lm.lm_head_weight();
+    let head = match source.truncate {
+        Some(n) => {
+            let have = head.dim(0)?;
+            anyhow::ensure!(
+                n <= have,
+                "cannot cut the student's vocabulary of {have} to the cache's {n}: it is larger"
+            );
+            head.narrow(0, 0, n)?
+        }
+        None => head.clone(),
     };
     let seq = labels.dim(1)?;
     let keys: Vec<(usize, &str)> = samples.iter().map(|s| (s.index, s.id.as_str())).collect();
@@ -519,16 +545,18 @@ fn cached_batch_loss(
         &ids,
         "visual",
     )?;
-    let student_relation = match source.truncate {
-        None => StudentRelation::Hidden {
-            hidden: &out.hidden,
-            head: student.lm.lm_head_weight(),
-        },
-        Some(_) => StudentRelation::Logits(&s_logits),
-    };
+    let visual_per_sample: Vec<usize> = visual_positions_per_sample(visual_mask)?
+        .iter()
+        .map(Vec::len)
+        .collect();
+    let relation_from_hidden =
+        student_hidden_form_is_cheaper(&visual_per_sample, head.dim(0)?, head.dim(1)?);
     distill_loss_cached(
         &CachedDistillBatch {
-            student_logits: &s_logits,
+            student_logits: StudentLogits::AtRows {
+                hidden,
+                head: &head,
+            },
             labels,
             visual_mask,
             teacher: CachedTeacher {
@@ -536,7 +564,10 @@ fn cached_batch_loss(
                 visual: &cached.visual,
                 relations: &cached.relations,
             },
-            student_relation,
+            student_relation: relation_from_hidden.then_some(StudentRelation::Hidden {
+                hidden,
+                head: &head,
+            }),
         },
         &settings.distill,
     )
