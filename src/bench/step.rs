@@ -18,9 +18,8 @@ use super::spec::{BenchSpec, LmSpec};
 use crate::distill::positions::{gather_rows, response_rows, visual_positions_per_sample};
 use crate::distill::{
     distill_loss, distill_loss_cached, hidden_form_is_cheaper, relation_matrices,
-    relation_matrices_from_hidden, student_hidden_form_is_cheaper, CachedDistillBatch,
-    CachedTeacher, DistillBatch, DistillLossConfig, LossTerms, RelationHidden, StudentLogits,
-    StudentRelation, TopKHost,
+    relation_matrices_from_hidden, CachedDistillBatch, CachedTeacher, DistillBatch,
+    DistillLossConfig, LossTerms, RelationHidden, StudentLogits, TopKHost,
 };
 use crate::models::llava::{BuildOptions, ImageInput, LlavaModel, LlavaOutput, Trainable};
 use crate::teacher_cache::{CacheWriter, Manifest, SampleRecord, TeacherCache};
@@ -245,28 +244,17 @@ impl DftStep {
             .map(|(b, id)| (b, id.as_str()))
             .collect();
         let tower = self.pending_tower.take();
-        let visual: Vec<usize> = visual_positions_per_sample(&self.batch.visual_mask)?
-            .iter()
-            .map(Vec::len)
-            .collect();
         let student = &self.student;
-        // The teacher's relations come from the cache: only the student's form is chosen.
-        let relation_from_hidden = student_hidden_form_is_cheaper(
-            &visual,
-            student.lm.lm_head_weight().dim(0)?,
-            student.lm.lm_head_weight().dim(1)?,
-        );
         let loss_config = &self.loss;
         let loss_of = |rows: Range<usize>, shard: &BenchBatch, out: &ShardForward| {
             let clock = Instant::now();
             let cached = cache.batch(&keys[rows], shard.tokens.seq_len(), student.device())?;
             let read = clock.elapsed().as_secs_f64();
-            let head = student.lm.lm_head_weight();
             let terms = distill_loss_cached(
                 &CachedDistillBatch {
                     student_logits: StudentLogits::AtRows {
                         hidden: &out.hidden,
-                        head,
+                        head: student.lm.lm_head_weight(),
                     },
                     labels: &shard.labels,
                     visual_mask: &shard.visual_mask,
@@ -275,11 +263,7 @@ impl DftStep {
                         visual: &cached.visual,
                         relations: &cached.relations,
                     },
-                    // Z Zᵀ = H (WᵀW) Hᵀ where cheaper; else from L_vis's visual-row logits.
-                    student_relation: relation_from_hidden.then_some(StudentRelation::Hidden {
-                        hidden: &out.hidden,
-                        head,
-                    }),
+                    student_relation: None,
                 },
                 loss_config,
             )

@@ -22,7 +22,6 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use indicatif::{ProgressBar, ProgressStyle};
 use mmkd_datasets::{read_scene_cells, Attribute, SceneCells};
 use mmkd_nn::rng::SeededRng;
 use mmkd_nn::{Linear, ParamBuilder, ParamStore};
@@ -32,7 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{replace_dir, temp_sibling};
 use crate::config::ModelSpec;
+use crate::train::init::fresh_processor;
 use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::trainer::step_bar;
 
 /// How the demo pre-trains its vision tower (`[demo.tower]` of a preset).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -166,19 +167,6 @@ fn pixels(processor: &ImageProcessor, root: &Path, scenes: &[&SceneCells]) -> Re
     mmkd_vision::to_tensor(&arrays, &Device::Cpu)
 }
 
-/// The image processor the teacher's fresh model would get (the tower's defaults with the
-/// preset's per-channel statistics).
-pub fn processor_for(spec: &ModelSpec, config: &VisionConfig) -> ImageProcessor {
-    let mut processor = ImageProcessor::for_tower(config);
-    if let Some(mean) = spec.image_mean {
-        processor.image_mean = mean;
-    }
-    if let Some(std) = spec.image_std {
-        processor.image_std = std;
-    }
-    processor
-}
-
 /// Whether a tower tensor carries the residual stream's scale (see the module docs).
 fn scales_with_stream(kind: VisionKind, name: &str) -> bool {
     let input = match kind {
@@ -304,24 +292,12 @@ pub fn pretrain_tower(
         Vec::new()
     };
     let model = TowerWithHeads::new(spec, seed)?;
-    let processor = processor_for(spec, &model.config);
+    // The processor the teacher's fresh model gets.
+    let processor = fresh_processor(spec, &model.config, None)?;
     let mut optimizer = AdamW::new(model.store.trainable_vars(), AdamWConfig::default())?;
 
     let batches_per_epoch = train.len().div_ceil(settings.batch_size);
-    let bar = if progress {
-        let bar = ProgressBar::new((settings.epochs * batches_per_epoch) as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>9} [{bar:30}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar.set_prefix("tower");
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = step_bar(settings.epochs * batches_per_epoch, "tower", progress);
     let mut rng = SeededRng::new(seed);
     let mut order: Vec<usize> = (0..train.len()).collect();
     let mut epoch_losses = Vec::with_capacity(settings.epochs);

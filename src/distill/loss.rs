@@ -10,7 +10,8 @@ use super::logprob::compute_dtype;
 use super::mdist::{check_labels, check_pair, rows_loss};
 use super::positions::{gather_rows, response_rows, visual_rows, ResponseRows};
 use super::rdist::{
-    relation_loss, relation_loss_from_hidden, relation_loss_to_cached, StudentRelation,
+    relation_loss, relation_loss_from_hidden, relation_loss_to_cached,
+    student_hidden_form_is_cheaper, StudentRelation,
 };
 use super::topk::{topk_per_token, TopKRows};
 
@@ -263,8 +264,9 @@ pub struct CachedDistillBatch<'a> {
     pub labels: &'a Tensor,
     pub visual_mask: &'a Tensor,
     pub teacher: CachedTeacher<'a>,
-    /// The student side of L_rel; `None`: from the logits at the visual rows that L_vis reads
-    /// (with [`StudentLogits::AtRows`], the cheap form when the vocabulary is small).
+    /// The student side of L_rel; `None`: the loss picks the cheaper form for the student —
+    /// the logits at the visual rows L_vis reads, or (with [`StudentLogits::AtRows`]) the
+    /// hidden-state form.
     pub student_relation: Option<StudentRelation<'a>>,
 }
 
@@ -325,6 +327,20 @@ pub fn distill_loss_cached(
         (_, false) => None,
     };
     let visual = visual_rows(visual_mask)?;
+    // Unless the caller chose, the student side of L_rel takes the cheaper of Z Zᵀ =
+    // H (WᵀW) Hᵀ and the visual-row logits (the teacher's side comes from the cache).
+    let student_relation = match (student_relation, student_logits) {
+        (Some(relation), _) => Some(relation),
+        (None, StudentLogits::AtRows { hidden, head }) if cfg.gamma_rel > 0.0 => {
+            let mut per_sample = vec![0usize; b];
+            for &row in &visual {
+                per_sample[row as usize / seq] += 1;
+            }
+            student_hidden_form_is_cheaper(&per_sample, vocab, hidden.dim(2)?)
+                .then_some(StudentRelation::Hidden { hidden, head })
+        }
+        (None, _) => None,
+    };
     let wants_rows = cfg.beta_vis > 0.0 || (cfg.gamma_rel > 0.0 && student_relation.is_none());
     let visual_logits = if wants_rows && !visual.is_empty() {
         Some(student_logits.rows(&visual)?)

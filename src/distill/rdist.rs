@@ -89,11 +89,15 @@ pub fn relation_loss(
     );
     check_labels(student_logits, visual_mask, "visual mask")?;
     let teacher_logits = teacher_logits.detach();
-    per_sample_mean(visual_mask, |b, index| {
-        let zs = widen(&student_logits.get(b)?.index_select(index, 0)?)?;
-        let zt = widen(&teacher_logits.get(b)?.index_select(index, 0)?)?;
-        Ok((zs.matmul(&zs.t()?)?, zt.matmul(&zt.t()?)?))
-    })
+    per_sample_mean(
+        &visual_positions_per_sample(visual_mask)?,
+        visual_mask.device(),
+        |b, index| {
+            let zs = widen(&student_logits.get(b)?.index_select(index, 0)?)?;
+            let zt = widen(&teacher_logits.get(b)?.index_select(index, 0)?)?;
+            Ok((zs.matmul(&zs.t()?)?, zt.matmul(&zt.t()?)?))
+        },
+    )
     .context("relation distillation loss (L_rel)")
 }
 
@@ -151,13 +155,17 @@ pub fn relation_loss_from_hidden(
     };
     let gram_s = gram(student_head)?;
     let gram_t = gram(&teacher_head.detach())?;
-    per_sample_mean(visual_mask, |b, index| {
-        let hs = widen(&student_hidden.get(b)?.index_select(index, 0)?)?;
-        let ht = widen(&teacher_hidden.get(b)?.index_select(index, 0)?)?;
-        let rs = hs.matmul(&gram_s)?.matmul(&hs.t()?)?;
-        let rt = ht.matmul(&gram_t)?.matmul(&ht.t()?)?;
-        Ok((rs, rt))
-    })
+    per_sample_mean(
+        &visual_positions_per_sample(visual_mask)?,
+        visual_mask.device(),
+        |b, index| {
+            let hs = widen(&student_hidden.get(b)?.index_select(index, 0)?)?;
+            let ht = widen(&teacher_hidden.get(b)?.index_select(index, 0)?)?;
+            let rs = hs.matmul(&gram_s)?.matmul(&hs.t()?)?;
+            let rt = ht.matmul(&gram_t)?.matmul(&ht.t()?)?;
+            Ok((rs, rt))
+        },
+    )
     .context("relation distillation loss (L_rel) from hidden states")
 }
 
@@ -302,7 +310,7 @@ pub fn relation_loss_to_cached(
         }
         StudentRelation::Logits(_) | StudentRelation::VisualRows(_) => None,
     };
-    per_sample_mean(visual_mask, |b, index| {
+    per_sample_mean(&positions, visual_mask.device(), |b, index| {
         let rt = teacher[b].clone().ok_or_else(|| {
             candle_core::Error::Msg(format!(
                 "batch row {b} has visual positions but no cached relation matrix"
@@ -335,15 +343,16 @@ pub fn relation_loss_to_cached(
 /// Mean over samples with visual positions of 1 − cos(R_s, R_t), where `relations(b, index)`
 /// returns (R_s, R_t) for sample b given the u32 index tensor of its visual positions.
 fn per_sample_mean(
-    visual_mask: &Tensor,
+    positions_per_sample: &[Vec<u32>],
+    device: &candle_core::Device,
     relations: impl Fn(usize, &Tensor) -> candle_core::Result<(Tensor, Tensor)>,
 ) -> Result<Option<Tensor>> {
     let mut losses = Vec::new();
-    for (b, positions) in visual_positions_per_sample(visual_mask)?.iter().enumerate() {
+    for (b, positions) in positions_per_sample.iter().enumerate() {
         if positions.is_empty() {
             continue;
         }
-        let index = Tensor::from_slice(positions, positions.len(), visual_mask.device())?;
+        let index = Tensor::from_slice(positions, positions.len(), device)?;
         let (rs, rt) = relations(b, &index).with_context(|| format!("sample {b}"))?;
         losses.push(cosine_distance(&rs, &rt.detach())?);
     }

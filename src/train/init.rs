@@ -61,6 +61,27 @@ pub fn from_checkpoint(
     })
 }
 
+/// The image processor of a fresh model: the tower checkpoint's (`saved`) or the tower's
+/// defaults, with the spec's per-channel statistics when it sets them.
+pub fn fresh_processor(
+    spec: &ModelSpec,
+    config: &VisionConfig,
+    saved: Option<ImageProcessor>,
+) -> Result<ImageProcessor> {
+    let mut processor = saved.unwrap_or_else(|| ImageProcessor::for_tower(config));
+    if let Some(mean) = spec.image_mean {
+        processor.image_mean = mean;
+    }
+    if let Some(std) = spec.image_std {
+        anyhow::ensure!(
+            std.iter().all(|s| *s > 0.0),
+            "image_std must be positive in every channel, found {std:?}"
+        );
+        processor.image_std = std;
+    }
+    Ok(processor)
+}
+
 /// Builds a new model from the preset's model spec: composed from checkpoints, or fresh.
 pub fn from_spec(
     spec: &ModelSpec,
@@ -245,19 +266,7 @@ fn fresh_llm(
         vec![VISION_PREFIX]
     };
     let model = LlavaModel::build(&config, Arc::new(tower.weights), &options)?;
-    let mut processor = tower
-        .processor
-        .unwrap_or_else(|| ImageProcessor::for_tower(&config.vision_config));
-    if let Some(mean) = spec.image_mean {
-        processor.image_mean = mean;
-    }
-    if let Some(std) = spec.image_std {
-        anyhow::ensure!(
-            std.iter().all(|s| *s > 0.0),
-            "image_std must be positive in every channel, found {std:?}"
-        );
-        processor.image_std = std;
-    }
+    let processor = fresh_processor(spec, &config.vision_config, tower.processor)?;
     let tokenizer_dir = tokenizer_file
         .parent()
         .map(Path::to_path_buf)

@@ -26,11 +26,10 @@ use super::{
 };
 use crate::checkpoint::{temp_sibling, write_llava_files, SaveAssets};
 use crate::config::{Module, Stage, StageSettings};
-use crate::distill::positions::{response_rows, visual_positions_per_sample, visual_rows};
+use crate::distill::positions::{response_rows, visual_rows};
 use crate::distill::{
-    distill_loss, distill_loss_cached, student_hidden_form_is_cheaper, truncate_vocab,
-    CachedDistillBatch, CachedTeacher, DistillBatch, LossTerms, RelationHidden, StudentLogits,
-    StudentRelation,
+    distill_loss, distill_loss_cached, truncate_vocab, CachedDistillBatch, CachedTeacher,
+    DistillBatch, LossTerms, RelationHidden, StudentLogits,
 };
 use crate::models::llava::{
     ImageInput, LlavaModel, LlavaOutput, TokenBatch, Trainable, PROJECTOR_PREFIX, VISION_PREFIX,
@@ -419,6 +418,24 @@ fn online_teacher_forward(
     }
 }
 
+/// A training progress bar (steps, the loss as its message, elapsed and ETA); hidden unless
+/// `progress`.
+pub fn step_bar(total_steps: usize, prefix: &str, progress: bool) -> ProgressBar {
+    if !progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total_steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix:>9} [{bar:30}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
 /// The loss of one micro-batch; `samples` is the data set the batch's rows index.
 fn batch_loss(
     student: &LlavaModel,
@@ -545,12 +562,6 @@ fn cached_batch_loss(
         &ids,
         "visual",
     )?;
-    let visual_per_sample: Vec<usize> = visual_positions_per_sample(visual_mask)?
-        .iter()
-        .map(Vec::len)
-        .collect();
-    let relation_from_hidden =
-        student_hidden_form_is_cheaper(&visual_per_sample, head.dim(0)?, head.dim(1)?);
     distill_loss_cached(
         &CachedDistillBatch {
             student_logits: StudentLogits::AtRows {
@@ -564,10 +575,7 @@ fn cached_batch_loss(
                 visual: &cached.visual,
                 relations: &cached.relations,
             },
-            student_relation: relation_from_hidden.then_some(StudentRelation::Hidden {
-                hidden,
-                head: &head,
-            }),
+            student_relation: None,
         },
         &settings.distill,
     )
@@ -775,21 +783,8 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         processor: Some(&student.processor),
     };
 
-    let bar = if run.progress {
-        let bar = ProgressBar::new(total_steps as u64);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix:>9} [{bar:30}] {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(stage.name());
-        bar.set_position(start_step as u64);
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = step_bar(total_steps, stage.name(), run.progress);
+    bar.set_position(start_step as u64);
 
     let parallel = settings.train.parallel_micro_batches.clamp(1, accum_steps);
     let online_teacher = matches!(teacher, Some(TeacherSource::Online(_)));
