@@ -9,7 +9,7 @@
 //! loss equals the exact one.
 
 use anyhow::{bail, ensure, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
 use super::logprob::log_softmax;
@@ -197,22 +197,24 @@ pub fn topk_per_token(
     } else {
         DType::F32
     };
-    let scaled = student_rows
-        .to_dtype(dtype)?
-        .affine(1.0 / cfg.temperature, 0.0)?;
-    let log_q = log_softmax(&scaled)?;
     let ids = teacher.ids.to_dtype(DType::U32)?.contiguous()?;
-    let top_q = log_q.contiguous()?.gather(&ids, 1)?;
     let top_p = teacher.log_probs.to_dtype(dtype)?;
     let (log_q, log_p) = if k == vocab {
-        (top_q, top_p)
+        let log_q = log_softmax(
+            &student_rows
+                .to_dtype(dtype)?
+                .affine(1.0 / cfg.temperature, 0.0)?,
+        )?;
+        (log_q.contiguous()?.gather(&ids, 1)?, top_p)
     } else {
-        let rest_q = rest_log_mass(&log_q, &ids)?;
+        // One fused pass: the student's log-softmax at the k ids and its rest's log-mass.
+        let log_q = mmkd_nn::fused::topk_bucket_log_probs(
+            &student_rows.to_dtype(dtype)?,
+            &ids,
+            1.0 / cfg.temperature,
+        )?;
         let rest_p = teacher.rest.to_dtype(dtype)?.unsqueeze(1)?;
-        (
-            Tensor::cat(&[&top_q, &rest_q], 1)?,
-            Tensor::cat(&[&top_p, &rest_p], 1)?,
-        )
+        (log_q, Tensor::cat(&[&top_p, &rest_p], 1)?)
     };
     // Both are normalised log-distributions: at temperature 1 the divergence's own
     // log-softmax leaves them unchanged.
@@ -222,29 +224,6 @@ pub fn topk_per_token(
     } else {
         Ok(d)
     }
-}
-
-/// `[rows, 1]`: log Σ over the ids outside `ids` of exp(log_q), with `log_q` `[rows, vocab]`
-/// and at least one id outside `ids` in every row.
-fn rest_log_mass(log_q: &Tensor, ids: &Tensor) -> Result<Tensor> {
-    let (n, vocab) = log_q.dims2()?;
-    let ids_host = ids.to_vec2::<u32>()?;
-    let mut mask = vec![0f32; n * vocab];
-    for (r, row) in ids_host.iter().enumerate() {
-        for &id in row {
-            mask[r * vocab + id as usize] = f32::NEG_INFINITY;
-        }
-    }
-    let mask = Tensor::from_vec(mask, (n, vocab), log_q.device())?.to_dtype(log_q.dtype())?;
-    let masked = log_q.add(&mask)?;
-    // The shift is detached (it does not change the value); −∞ entries contribute exp = 0.
-    let max = masked.max_keepdim(D::Minus1)?.detach();
-    Ok(masked
-        .broadcast_sub(&max)?
-        .exp()?
-        .sum_keepdim(D::Minus1)?
-        .log()?
-        .add(&max)?)
 }
 
 #[cfg(test)]

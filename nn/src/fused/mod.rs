@@ -13,6 +13,7 @@
 //! gradients) for other dtypes or layouts.
 
 pub mod attention;
+pub mod buckets;
 pub mod gelu;
 mod gemm;
 pub mod linear;
@@ -28,6 +29,7 @@ use rayon::prelude::*;
 pub(crate) use simd::{multiversion, Real};
 
 pub use attention::attention;
+pub use buckets::topk_bucket_log_probs;
 pub use gelu::{gelu, GeluKind};
 pub use linear::linear;
 pub use norm::rms_norm;

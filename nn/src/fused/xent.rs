@@ -52,7 +52,7 @@ pub fn cross_entropy_rows_slow(logits: &Tensor, targets: &Tensor) -> Result<Tens
 }
 
 /// log_softmax over the last dimension from primitive ops, with a detached shift.
-fn log_softmax_slow(x: &Tensor) -> Result<Tensor> {
+pub(crate) fn log_softmax_slow(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let shifted = x.broadcast_sub(&max)?;
     let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
