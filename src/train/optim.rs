@@ -298,28 +298,31 @@ fn fused_update(
                     .zip(v.par_chunks_mut(CHUNK))
                     .enumerate()
                     .for_each(|(chunk, ((p, m), v))| {
-                        let at = chunk * CHUNK;
-                        for i in 0..p.len() {
-                            let j = at + i;
-                            // The micro-batches' mean gradient, summed and scaled as
-                            // GradAccumulator does.
-                            let mut gi = g[0][j];
+                        let span = chunk * CHUNK..chunk * CHUNK + p.len();
+                        // The micro-batches' mean gradient, summed and scaled as
+                        // GradAccumulator does, gathered first so the update below is one
+                        // loop over equal-length slices (it vectorises).
+                        let mut mean = g[0][span.clone()].to_vec();
+                        if g.len() > 1 {
                             for other in &g[1..] {
-                                gi += other[j];
+                                for (x, &y) in mean.iter_mut().zip(&other[span.clone()]) {
+                                    *x += y;
+                                }
                             }
-                            if g.len() > 1 {
-                                gi *= grad_scale;
+                            for x in &mut mean {
+                                *x *= grad_scale;
                             }
-                            let mut pi = p[i];
-                            if let Some(d) = decay {
-                                pi *= d;
-                            }
-                            let mi = m[i] + (gi - m[i]) * one_minus_b1;
-                            let vi = v[i] * b2 + (gi * gi) * one_minus_b2;
-                            let denom = vi.sqrt() * inv_bc2 + eps;
-                            p[i] = pi - (mi / denom) * step;
-                            m[i] = mi;
-                            v[i] = vi;
+                        }
+                        let decay = decay.unwrap_or(1.0);
+                        for (((pi, mi), vi), &gi) in
+                            p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(&mean)
+                        {
+                            let m_new = *mi + (gi - *mi) * one_minus_b1;
+                            let v_new = *vi * b2 + (gi * gi) * one_minus_b2;
+                            let denom = v_new.sqrt() * inv_bc2 + eps;
+                            *pi = *pi * decay - (m_new / denom) * step;
+                            *mi = m_new;
+                            *vi = v_new;
                         }
                     });
                 Ok(())
