@@ -12,7 +12,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use super::logprob::log_softmax;
+use super::logprob::{compute_dtype, log_softmax};
 use super::loss::DistillLossConfig;
 
 /// Teacher rows on the host: `ids` and `log_probs` are `[rows, k]` row-major, `rest` is
@@ -192,28 +192,17 @@ pub fn topk_per_token(
     if k > vocab {
         bail!("the teacher's top-{k} exceeds the student's vocabulary ({vocab})");
     }
-    let dtype = if student_rows.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let student_rows = student_rows.to_dtype(compute_dtype(student_rows))?;
     let ids = teacher.ids.to_dtype(DType::U32)?.contiguous()?;
-    let top_p = teacher.log_probs.to_dtype(dtype)?;
+    let top_p = teacher.log_probs.to_dtype(student_rows.dtype())?;
     let (log_q, log_p) = if k == vocab {
-        let log_q = log_softmax(
-            &student_rows
-                .to_dtype(dtype)?
-                .affine(1.0 / cfg.temperature, 0.0)?,
-        )?;
+        let log_q = log_softmax(&student_rows.affine(1.0 / cfg.temperature, 0.0)?)?;
         (log_q.contiguous()?.gather(&ids, 1)?, top_p)
     } else {
         // One fused pass: the student's log-softmax at the k ids and its rest's log-mass.
-        let log_q = mmkd_nn::fused::topk_bucket_log_probs(
-            &student_rows.to_dtype(dtype)?,
-            &ids,
-            1.0 / cfg.temperature,
-        )?;
-        let rest_p = teacher.rest.to_dtype(dtype)?.unsqueeze(1)?;
+        let log_q =
+            mmkd_nn::fused::topk_bucket_log_probs(&student_rows, &ids, 1.0 / cfg.temperature)?;
+        let rest_p = teacher.rest.to_dtype(student_rows.dtype())?.unsqueeze(1)?;
         (log_q, Tensor::cat(&[&top_p, &rest_p], 1)?)
     };
     // Both are normalised log-distributions: at temperature 1 the divergence's own

@@ -300,22 +300,29 @@ fn fused_update(
                     .for_each(|(chunk, ((p, m), v))| {
                         let span = chunk * CHUNK..chunk * CHUNK + p.len();
                         // The micro-batches' mean gradient, summed and scaled as
-                        // GradAccumulator does, gathered first so the update below is one
-                        // loop over equal-length slices (it vectorises).
-                        let mut mean = g[0][span.clone()].to_vec();
-                        if g.len() > 1 {
+                        // GradAccumulator does, gathered first (only when there are several)
+                        // so the update below is one loop over equal-length slices (it
+                        // vectorises).
+                        let mean: std::borrow::Cow<[f32]> = if g.len() == 1 {
+                            std::borrow::Cow::Borrowed(&g[0][span])
+                        } else {
+                            let mut sum = g[0][span.clone()].to_vec();
                             for other in &g[1..] {
-                                for (x, &y) in mean.iter_mut().zip(&other[span.clone()]) {
+                                for (x, &y) in sum.iter_mut().zip(&other[span.clone()]) {
                                     *x += y;
                                 }
                             }
-                            for x in &mut mean {
+                            for x in &mut sum {
                                 *x *= grad_scale;
                             }
-                        }
+                            std::borrow::Cow::Owned(sum)
+                        };
                         let decay = decay.unwrap_or(1.0);
-                        for (((pi, mi), vi), &gi) in
-                            p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(&mean)
+                        for (((pi, mi), vi), &gi) in p
+                            .iter_mut()
+                            .zip(m.iter_mut())
+                            .zip(v.iter_mut())
+                            .zip(mean.iter())
                         {
                             let m_new = *mi + (gi - *mi) * one_minus_b1;
                             let v_new = *vi * b2 + (gi * gi) * one_minus_b2;

@@ -139,11 +139,12 @@ struct TopKBuckets {
 }
 
 impl TopKBuckets {
-    fn fwd<T: Real>(z: &[T], ids: &[u32], v: usize, k: usize, scale: f64) -> Result<Vec<T>> {
+    fn fwd<T: Real>(&self, zs: &CpuStorage, zl: &Layout, ids: &[u32]) -> Result<CpuStorage> {
+        let z: &[T] = data(zs, zl, "mmkd-topk-buckets")?;
+        let (v, k) = (zl.dims()[1], ids.len() / zl.dims()[0].max(1));
         check_ids(ids, k, v)?;
-        let scale = T::from(scale).expect("a finite scale");
-        let rows = z.len() / v.max(1);
-        let mut out = vec![T::zero(); rows * (k + 1)];
+        let scale = T::from(self.scale).expect("a finite scale");
+        let mut out = vec![T::zero(); zl.dims()[0] * (k + 1)];
         for_each_row_costing(&mut out, k + 1, 3 * v, |r, o| {
             let mut x = vec![T::zero(); v];
             bucket_row(
@@ -154,7 +155,7 @@ impl TopKBuckets {
                 o,
             );
         });
-        Ok(out)
+        Ok(storage(out))
     }
 }
 
@@ -171,24 +172,11 @@ impl CustomOp2 for TopKBuckets {
         il: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let (n, v) = zl.shape().dims2()?;
-        let k = il.dims()[1];
+        let (n, k) = (zl.dims()[0], il.dims()[1]);
         let ids: &[u32] = data(is, il, name)?;
         let out = match zs {
-            CpuStorage::F32(_) => storage(Self::fwd::<f32>(
-                data(zs, zl, name)?,
-                ids,
-                v,
-                k,
-                self.scale,
-            )?),
-            CpuStorage::F64(_) => storage(Self::fwd::<f64>(
-                data(zs, zl, name)?,
-                ids,
-                v,
-                k,
-                self.scale,
-            )?),
+            CpuStorage::F32(_) => self.fwd::<f32>(zs, zl, ids)?,
+            CpuStorage::F64(_) => self.fwd::<f64>(zs, zl, ids)?,
             _ => candle_core::bail!("{name}: f32/f64 only"),
         };
         Ok((out, Shape::from((n, k + 1))))
@@ -216,8 +204,16 @@ struct TopKBucketsGrad {
 }
 
 impl TopKBucketsGrad {
-    fn run<T: Real>(z: &[T], ids: &[u32], g: &[T], v: usize, k: usize, scale: f64) -> Vec<T> {
-        let scale = T::from(scale).expect("a finite scale");
+    fn run<T: Real>(
+        &self,
+        (zs, zl): (&CpuStorage, &Layout),
+        ids: &[u32],
+        (gs, gl): (&CpuStorage, &Layout),
+    ) -> Result<CpuStorage> {
+        let name = "mmkd-topk-buckets-grad";
+        let (z, g): (&[T], &[T]) = (data(zs, zl, name)?, data(gs, gl, name)?);
+        let (v, k) = (zl.dims()[1], gl.dims()[1] - 1);
+        let scale = T::from(self.scale).expect("a finite scale");
         let mut out = vec![T::zero(); z.len()];
         for_each_row(&mut out, v, |r, d| {
             bucket_grad_row(
@@ -228,7 +224,7 @@ impl TopKBucketsGrad {
                 d,
             );
         });
-        out
+        Ok(storage(out))
     }
 }
 
@@ -247,26 +243,10 @@ impl CustomOp3 for TopKBucketsGrad {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let v = zl.dims()[1];
-        let k = il.dims()[1];
         let ids: &[u32] = data(is, il, name)?;
         let out = match zs {
-            CpuStorage::F32(_) => storage(Self::run::<f32>(
-                data(zs, zl, name)?,
-                ids,
-                data(gs, gl, name)?,
-                v,
-                k,
-                self.scale,
-            )),
-            CpuStorage::F64(_) => storage(Self::run::<f64>(
-                data(zs, zl, name)?,
-                ids,
-                data(gs, gl, name)?,
-                v,
-                k,
-                self.scale,
-            )),
+            CpuStorage::F32(_) => self.run::<f32>((zs, zl), ids, (gs, gl))?,
+            CpuStorage::F64(_) => self.run::<f64>((zs, zl), ids, (gs, gl))?,
             _ => candle_core::bail!("{name}: f32/f64 only"),
         };
         Ok((out, zl.shape().clone()))
