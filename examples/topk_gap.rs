@@ -9,17 +9,14 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
+use mmkd::batch::{prepare_data, resolve_template, training_tokenize_config, ModelInputs};
 use mmkd::config::{load_document, Role, Stage, StageSettings};
 use mmkd::distill::positions::{gather_rows, response_rows, visual_rows};
 use mmkd::distill::{topk_per_token, TopKHost};
 use mmkd::models::llava::Trainable;
-use mmkd::train::init::from_checkpoint;
-use mmkd::train::trainer::{
-    labels_tensor, pixel_values, prepare_data, resolve_template, token_batch,
-};
-use mmkd_datasets::{collate, CollateConfig, PaddingSide};
+use mmkd::stages::init::from_checkpoint;
 
 #[derive(Parser)]
 struct Args {
@@ -62,8 +59,10 @@ fn main() -> Result<()> {
     };
     let settings = StageSettings::resolve(&load_document(&args.config)?, stage, Role::Student)?;
     let cfg = &settings.distill;
-    let teacher = from_checkpoint(&args.teacher, Trainable::NONE, DType::F32).context("teacher")?;
-    let student = from_checkpoint(&args.student, Trainable::NONE, DType::F32).context("student")?;
+    let teacher = from_checkpoint(&args.teacher, Trainable::NONE, DType::F32, &Device::Cpu)
+        .context("teacher")?;
+    let student = from_checkpoint(&args.student, Trainable::NONE, DType::F32, &Device::Cpu)
+        .context("student")?;
     let vocab = teacher.model.config.text_config.vocab_size;
     let mut ks: Vec<usize> = args.k.iter().copied().filter(|&k| k < vocab).collect();
     ks.push(vocab);
@@ -73,32 +72,19 @@ fn main() -> Result<()> {
         &args.images,
         &student.tokenizer,
         &template,
-        &mmkd::train::trainer::training_tokenize_config(&student.model, settings.data.max_length),
+        &training_tokenize_config(&student.model, settings.data.max_length),
         "topk_gap",
     )?;
-    let collate_cfg = CollateConfig {
-        pad_token_id: 0,
-        padding_side: PaddingSide::Right,
-        pad_to_multiple_of: 1,
-    };
     // gaps[term][k index]
     let mut gaps = vec![vec![Gap::default(); ks.len()]; 2];
     let indices: Vec<usize> = (0..data.samples.len()).collect();
     for chunk in indices.chunks(args.batch_size) {
-        let refs: Vec<_> = chunk.iter().map(|&i| &data.samples[i]).collect();
-        let batch = collate(&refs, chunk, &collate_cfg);
-        let tokens = token_batch(&batch);
-        let pixels = pixel_values(&batch, &student)?;
-        let s_out = student.model.forward(&tokens, pixels.as_ref())?;
-        let t_out = teacher.model.forward(&tokens, pixels.as_ref())?;
-        let labels = labels_tensor(&batch.labels, student.model.device())?;
-        let mask: Vec<u8> = s_out.visual.mask.iter().flatten().copied().collect();
-        let mask = Tensor::from_vec(
-            mask,
-            (tokens.batch_size(), tokens.seq_len()),
-            student.model.device(),
-        )?;
-        let rows = [response_rows(&labels)?.rows, visual_rows(&mask)?];
+        let batch = ModelInputs::collate(&data.samples, chunk.to_vec(), &student)?;
+        let (tokens, pixels) = (&batch.tokens, batch.pixels.as_ref());
+        let s_out = student.model.forward(tokens, pixels)?;
+        let t_out = teacher.model.forward(tokens, pixels)?;
+        let (labels, mask) = (&batch.labels, &batch.visual_mask);
+        let rows = [response_rows(labels)?.rows, visual_rows(mask)?];
         for (term, rows) in rows.iter().enumerate() {
             if rows.is_empty() {
                 continue;

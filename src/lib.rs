@@ -4,14 +4,20 @@
 //! - [`checkpoint`]: Hugging Face LLaVA checkpoint directories (load, compose, save, hub).
 //! - [`generate`]: batched KV-cached generation.
 //! - [`distill`]: the divergence family, MDist (L_res, L_vis), RDist and cross-entropy.
-//! - [`train`]: AdamW, schedules, the stage loop with checkpoints and resume.
+//! - [`batch`]: data → model inputs, the one batch layer every command uses.
+//! - [`objective`]: training objectives composed of named loss terms.
+//! - [`teacher`]: teacher signals (an online teacher, a teacher cache) and the cache writer.
+//! - [`train`]: the learner — one step for every stage, AdamW, schedules, metrics, state.
+//! - [`stages`]: a stage run from a preset, with checkpoints and resume.
+//! - [`runtime`]: the device and the gradient-sync hook.
 //! - [`config`]: presets (TOML with inheritance and overrides).
 //! - [`eval`]: VQA accuracy, caption metrics, POPE, multiple choice.
 //! - [`evaluate`]: running a model over benchmarks (batched generation + scoring).
-//! - [`teacher_cache`]: the offline teacher cache (`mmkd teacher-cache`, `--teacher-cache`).
+//! - [`teacher_cache`]: the offline teacher cache's format (manifest, shards, store).
 //! - [`bench`]: the distillation-step benchmark (`mmkd bench`).
 //! - [`cli`]: the `mmkd` command line.
 
+pub mod batch;
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
@@ -22,6 +28,10 @@ pub mod eval;
 pub mod evaluate;
 pub mod generate;
 pub mod models;
+pub mod objective;
 pub mod prompt;
+pub mod runtime;
+pub mod stages;
+pub mod teacher;
 pub mod teacher_cache;
 pub mod train;

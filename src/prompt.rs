@@ -13,7 +13,7 @@ use mmkd_datasets::{
     Truncation, Turn, IGNORE_INDEX,
 };
 
-use crate::checkpoint::bundle::ModelBundle;
+use crate::checkpoint::bundle::LoadedModel;
 
 /// End-of-sequence tokens of the tokenizers mmkd meets; whichever the tokenizer has stop generation.
 const END_TOKENS: &[&str] = &[
@@ -37,7 +37,7 @@ pub struct PromptLayout {
 impl PromptLayout {
     /// `template` is `plain` or a template name/path.
     pub fn new(
-        bundle: &ModelBundle,
+        bundle: &LoadedModel,
         template: &str,
         prompt: &str,
         with_image: bool,
@@ -73,7 +73,7 @@ impl PromptLayout {
 
     /// Appends the answer's tokens: on their own for `plain`; for a chat template, the tokens
     /// training supervises for this answer (without the closing end-of-turn token).
-    pub fn answer(mut self, answer: &str, bundle: &ModelBundle) -> Result<Self> {
+    pub fn answer(mut self, answer: &str, bundle: &LoadedModel) -> Result<Self> {
         self.answer_ids = match &self.template {
             None => bundle.encode(answer)?,
             Some(t) => {
@@ -144,7 +144,7 @@ impl PromptLayout {
         Ok((ids, self.prompt_ids.len()))
     }
 
-    pub fn stop_token_ids(&self, bundle: &ModelBundle) -> Vec<u32> {
+    pub fn stop_token_ids(&self, bundle: &LoadedModel) -> Vec<u32> {
         let mut ids: Vec<u32> = END_TOKENS
             .iter()
             .filter_map(|t| bundle.token_id(t))

@@ -157,8 +157,8 @@ fn teacher_stages_lower_their_loss_and_write_standard_outputs() {
         );
         for m in &ms {
             assert!(
-                m.ce.is_some()
-                    && m.l_res.is_none()
+                m.term("ce").is_some()
+                    && m.term("l_res").is_none()
                     && m.grad_norm.is_finite()
                     && m.samples_per_s > 0.0
             );
@@ -225,17 +225,18 @@ fn student_distillation_chain_lowers_ce_and_distillation_terms() {
     );
 
     let dpt = metrics(&w.root.join("student/dpt"));
-    let (v0, v1) = first_last(&dpt, 3, |m| m.l_vis);
+    let (v0, v1) = first_last(&dpt, 3, |m| m.term("l_vis"));
     assert!(v1 < v0, "DPT L_vis did not fall: {v0} → {v1}");
-    let (r0, r1) = first_last(&dpt, 3, |m| m.l_res);
+    let (r0, r1) = first_last(&dpt, 3, |m| m.term("l_res"));
     assert!(r1 < r0, "DPT L_res did not fall: {r0} → {r1}");
     let dft = metrics(&w.root.join("student/dft"));
-    let (r0, r1) = first_last(&dft, 3, |m| m.l_res);
+    let (r0, r1) = first_last(&dft, 3, |m| m.term("l_res"));
     assert!(r1 < r0, "DFT L_res did not fall: {r0} → {r1}");
-    let (c0, c1) = first_last(&dft, 3, |m| m.ce);
+    let (c0, c1) = first_last(&dft, 3, |m| m.term("ce"));
     assert!(c1 < c0, "DFT CE did not fall: {c0} → {c1}");
     assert!(
-        dft.iter().any(|m| m.l_rel.is_some() && m.l_vis.is_some()),
+        dft.iter()
+            .any(|m| m.term("l_rel").is_some() && m.term("l_vis").is_some()),
         "DFT never logged L_vis/L_rel"
     );
     // Every logged line names every term.

@@ -271,7 +271,8 @@ mod tests {
             );
             assert_eq!(a.loss, b.loss, "step {step}");
         }
-        assert!(ahead.pending_tower.is_some() && inline.pending_tower.is_none());
+        assert!(!ahead.pending.is_empty() && ahead.pending.iter().all(|s| s.tower.is_some()));
+        assert!(inline.pending.is_empty());
     }
 
     #[test]

@@ -1,48 +1,35 @@
 //! One LLaVA-KD distilled fine-tuning (DFT) step with random weights, timed by phase:
 //! teacher forward (constants, no graph), student forward, loss
-//! (CE + L_res + L_vis + 0.5·L_rel, forward KL), backward, AdamW on projector + LLM.
+//! (CE + L_res + L_vis + 0.5·L_rel, forward KL), backward, AdamW on projector + LLM. It is the
+//! training step itself: the learner's [`TrainStep`] over [`objective_loss`], the bench's batch
+//! split into `student_shards` micro-batches run side by side.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use mmkd_nn::WeightSource;
-use rayon::prelude::*;
-use serde::Serialize;
 
 use super::data::BenchBatch;
 use super::spec::{BenchSpec, LmSpec};
 use crate::distill::positions::{gather_rows, response_rows, visual_positions_per_sample};
 use crate::distill::{
-    distill_loss, distill_loss_cached, hidden_form_is_cheaper, relation_matrices,
-    relation_matrices_from_hidden, CachedDistillBatch, CachedTeacher, DistillBatch,
-    DistillLossConfig, LossTerms, RelationHidden, StudentLogits, TopKHost,
+    hidden_form_is_cheaper, relation_matrices, relation_matrices_from_hidden, DistillLossConfig,
+    TopKHost,
 };
 use crate::models::llava::{BuildOptions, ImageInput, LlavaModel, LlavaOutput, Trainable};
+use crate::objective::{Objective, TermSpec};
 use crate::teacher_cache::{CacheWriter, Manifest, SampleRecord, TeacherCache};
+use crate::train::forward::{objective_loss, StudentBatch, TeacherRows};
+use crate::train::step::{MicroBatch, MicroBatchSource, MicroLoss, TrainStep};
+pub use crate::train::StepTimes;
 use crate::train::{AdamW, AdamWConfig};
 
 /// Learning rate of the peer's AdamW.
 const LEARNING_RATE: f64 = 2e-5;
-
-/// Seconds spent in each phase of one step.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-pub struct StepTimes {
-    pub teacher_forward: f64,
-    pub student_forward: f64,
-    pub loss: f64,
-    pub backward: f64,
-    pub optimizer: f64,
-}
-
-impl StepTimes {
-    pub fn total(&self) -> f64 {
-        self.teacher_forward + self.student_forward + self.loss + self.backward + self.optimizer
-    }
-}
 
 /// What one step produced.
 #[derive(Clone, Copy, Debug)]
@@ -53,29 +40,147 @@ pub struct StepOutcome {
     pub loss: f32,
 }
 
-/// Teacher, student, optimizer and batch of the benchmark step.
+/// Where the step's teacher side comes from.
+#[derive(Clone, Copy)]
+enum Teacher<'a> {
+    Online,
+    Cached(&'a TeacherCache),
+}
+
+/// Teacher, student, learner and batch of the benchmark step.
 pub struct DftStep {
     teacher: LlavaModel,
     student: LlavaModel,
-    optimizer: AdamW,
+    learner: TrainStep,
     batch: BenchBatch,
-    loss: DistillLossConfig,
-    relation_from_hidden: bool,
-    /// The teacher's output on the next batch, computed during the previous step.
-    pending_teacher: Option<(LlavaOutput, f64)>,
-    /// The student's frozen-tower features of the next batch, computed during the previous
-    /// step (they depend on no trained weight).
-    pub(super) pending_tower: Option<Tensor>,
-    /// Whether the frozen work of the next step (teacher forward, student tower) runs
-    /// alongside this step's update.
+    objective: Objective,
+    distill: DistillLossConfig,
+    /// The next step's shards, with the frozen work on them (the teacher's output, the
+    /// student's tower features) done during the previous step.
+    pub(super) pending: Vec<Shard>,
+    /// Whether the frozen work of the next step runs alongside this step's update.
     teacher_overlap: bool,
     /// Row ranges of the batch whose student forward and backward run concurrently.
     student_shards: usize,
 }
 
+/// One micro-batch of the bench: rows of the batch with the frozen work on them.
+pub(super) struct Shard {
+    rows: Range<usize>,
+    batch: BenchBatch,
+    /// The online teacher's output on these rows.
+    teacher_out: Option<LlavaOutput>,
+    /// The student's frozen-tower features of these rows.
+    pub(super) tower: Option<Tensor>,
+    /// Seconds the teacher forward of the whole batch took (on the first shard).
+    teacher_seconds: f64,
+}
+
+impl MicroBatch for Shard {
+    fn samples(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn sample_ids(&self) -> Vec<String> {
+        self.rows.clone().map(|b| format!("bench-{b}")).collect()
+    }
+}
+
+/// The bench's one batch as the learner's micro-batch source.
+struct Shards<'a> {
+    step: &'a DftStepParts<'a>,
+    teacher: Teacher<'a>,
+    pending: Vec<Shard>,
+}
+
+/// What preparing a shard reads.
+struct DftStepParts<'a> {
+    teacher: &'a LlavaModel,
+    student: &'a LlavaModel,
+    batch: &'a BenchBatch,
+    shards: usize,
+    overlap: bool,
+}
+
+impl DftStepParts<'_> {
+    /// The batch's shards with the frozen work done: the teacher's forward (online), the
+    /// student's tower features.
+    fn prepare(&self, teacher: Teacher<'_>) -> Result<Vec<Shard>> {
+        let clock = Instant::now();
+        let teacher_out = match teacher {
+            Teacher::Online => Some(
+                self.teacher
+                    .forward(&self.batch.tokens, Some(&self.batch.pixels))
+                    .context("teacher forward")?,
+            ),
+            Teacher::Cached(_) => None,
+        };
+        let teacher_seconds = clock.elapsed().as_secs_f64();
+        let tower = self
+            .student
+            .frozen_tower_features(&self.batch.pixels)
+            .context("student vision tower")?;
+        shard_ranges(self.batch.tokens.batch_size(), self.shards)
+            .into_iter()
+            .enumerate()
+            .map(|(i, rows)| {
+                let narrow = |t: &Tensor| t.narrow(0, rows.start, rows.len());
+                Ok(Shard {
+                    batch: self.batch.rows(rows.clone())?,
+                    teacher_out: teacher_out
+                        .as_ref()
+                        .map(|out| -> Result<LlavaOutput> {
+                            Ok(LlavaOutput {
+                                hidden: narrow(&out.hidden)?,
+                                logits: narrow(&out.logits)?,
+                                visual: {
+                                    let mask = out.visual.mask[rows.clone()].to_vec();
+                                    let count = mask.iter().flatten().map(|&m| m as usize).sum();
+                                    crate::models::splice::VisualPositions { mask, count }
+                                },
+                            })
+                        })
+                        .transpose()?,
+                    tower: tower.as_ref().map(narrow).transpose()?,
+                    teacher_seconds: if i == 0 { teacher_seconds } else { 0.0 },
+                    rows,
+                })
+            })
+            .collect()
+    }
+}
+
+impl MicroBatchSource for Shards<'_> {
+    type Item = Shard;
+
+    fn chunks(&self) -> usize {
+        1
+    }
+
+    fn take(&mut self, _chunk: usize) -> Result<Vec<Shard>> {
+        if self.pending.is_empty() {
+            self.step.prepare(self.teacher)
+        } else {
+            Ok(std::mem::take(&mut self.pending))
+        }
+    }
+
+    fn prepare_ahead(&self, _chunk: usize) -> Result<Vec<Shard>> {
+        if self.step.overlap {
+            self.step.prepare(self.teacher)
+        } else {
+            Ok(Vec::new())
+        }
+    }
+
+    fn keep_ahead(&mut self, ready: Vec<Shard>) {
+        self.pending = ready;
+    }
+}
+
 impl DftStep {
     /// Builds both models with random weights (teacher seed `seed + 1`, student `seed + 2`, as
-    /// the peer seeds them) and the batch (seed `seed`).
+    /// the peer seeds them) and the batch (seed `seed`). Clipping is off, as in the peer's step.
     pub fn new(spec: &BenchSpec, seed: u64) -> Result<Self> {
         spec.validate()?;
         let device = Device::Cpu;
@@ -83,27 +188,23 @@ impl DftStep {
             .context("building the teacher")?;
         let student = build(spec, &spec.student, Trainable::PROJECTOR_AND_LLM, seed + 2)
             .context("building the student")?;
+        let vars = student.store.trainable_vars();
         let optimizer = AdamW::new(
-            student.store.trainable_vars(),
+            vars.clone(),
             AdamWConfig {
                 weight_decay: 0.0,
                 ..Default::default()
             },
         )?;
+        let distill = DistillLossConfig::default();
         Ok(Self {
             teacher,
             student,
-            optimizer,
+            learner: TrainStep::new(vars, optimizer, 0.0),
             batch: BenchBatch::random(spec, seed, &device)?,
-            loss: DistillLossConfig::default(),
-            relation_from_hidden: hidden_form_is_cheaper(
-                &vec![spec.image_tokens(); spec.batch],
-                spec.vocab,
-                spec.student.hidden,
-                spec.teacher.hidden,
-            ),
-            pending_teacher: None,
-            pending_tower: None,
+            objective: Objective::new(&TermSpec::builtin(true, &distill), &distill)?,
+            distill,
+            pending: Vec::new(),
             teacher_overlap: true,
             student_shards: 1,
         })
@@ -114,8 +215,7 @@ impl DftStep {
     /// phase after phase.
     pub fn set_teacher_overlap(&mut self, overlap: bool) {
         self.teacher_overlap = overlap;
-        self.pending_teacher = None;
-        self.pending_tower = None;
+        self.pending.clear();
     }
 
     /// Splits the batch into `shards` row ranges whose student forward, loss and backward run
@@ -128,6 +228,7 @@ impl DftStep {
             self.spec_batch()
         );
         self.student_shards = shards;
+        self.pending.clear();
         Ok(())
     }
 
@@ -137,158 +238,102 @@ impl DftStep {
 
     /// Runs one full step and returns its phase timings and loss.
     pub fn run(&mut self) -> Result<StepOutcome> {
-        let clock = Instant::now();
-        let (times, loss) = self.phases()?;
-        Ok(StepOutcome {
-            times,
-            wall: clock.elapsed().as_secs_f64(),
-            loss,
-        })
-    }
-
-    fn phases(&mut self) -> Result<(StepTimes, f32)> {
-        // The teacher is frozen, so its forward for the next batch does not wait for this
-        // step's update: it runs alongside the student's forward, loss, backward and AdamW on
-        // the same rayon pool, whose idle worker picks up its gemm tasks whenever the student
-        // is in a serial stretch. The first step runs it up front.
-        let (teacher, teacher_forward) = match self.pending_teacher.take() {
-            Some(ready) => ready,
-            None => timed_teacher_forward(&self.teacher, &self.batch)?,
-        };
-        let tower = self.pending_tower.take();
-        let Self {
-            teacher: teacher_model,
-            student,
-            optimizer,
-            batch,
-            loss,
-            relation_from_hidden,
-            pending_teacher,
-            pending_tower,
-            teacher_overlap,
-            student_shards,
-        } = self;
-        let teacher_head = relation_from_hidden.then_some(teacher_model.lm.lm_head_weight());
-        let loss_of = |rows: Range<usize>, shard: &BenchBatch, out: &ShardForward| {
-            let narrow = |t: &Tensor| t.narrow(0, rows.start, rows.len());
-            let (t_logits, t_hidden) = (narrow(&teacher.logits)?, narrow(&teacher.hidden)?);
-            let terms = distill_loss(
-                &DistillBatch {
-                    student_logits: out.logits()?,
-                    teacher_logits: &t_logits,
-                    labels: &shard.labels,
-                    visual_mask: &shard.visual_mask,
-                    // Z Zᵀ = H (WᵀW) Hᵀ gives the same L_rel; used only where it is cheaper.
-                    relation_hidden: teacher_head.map(|teacher_head| RelationHidden {
-                        student_hidden: &out.hidden,
-                        student_head: student.lm.lm_head_weight(),
-                        teacher_hidden: &t_hidden,
-                        teacher_head,
-                    }),
-                },
-                loss,
-            )
-            .context("distillation loss")?;
-            Ok((terms, 0.0))
-        };
-        let mut update = || {
-            student_update(
-                student,
-                tower.as_ref(),
-                optimizer,
-                batch,
-                *student_shards,
-                true,
-                &loss_of,
-            )
-        };
-        let (mut times, value) = if *teacher_overlap {
-            let ahead = || -> Result<_> {
-                Ok((
-                    timed_teacher_forward(teacher_model, batch)?,
-                    frozen_tower_features(student, batch)?,
-                ))
-            };
-            let (next, result) = rayon::join(ahead, update);
-            let (next_teacher, next_tower) = next?;
-            *pending_teacher = Some(next_teacher);
-            *pending_tower = next_tower;
-            result?
-        } else {
-            update()?
-        };
-        times.teacher_forward = teacher_forward;
-        Ok((times, value))
+        self.step(Teacher::Online)
     }
 
     /// Runs one step that reads the teacher from `cache` (written by
     /// [`DftStep::write_teacher_cache`]) instead of running it; the cache read is timed as
     /// `teacher_forward`.
     pub fn run_cached(&mut self, cache: &TeacherCache) -> Result<StepOutcome> {
+        self.step(Teacher::Cached(cache))
+    }
+
+    fn step(&mut self, teacher: Teacher<'_>) -> Result<StepOutcome> {
         let clock = Instant::now();
-        let (times, loss) = self.phases_cached(cache)?;
+        let parts = DftStepParts {
+            teacher: &self.teacher,
+            student: &self.student,
+            batch: &self.batch,
+            shards: self.student_shards,
+            overlap: self.teacher_overlap,
+        };
+        let mut source = Shards {
+            step: &parts,
+            teacher,
+            pending: std::mem::take(&mut self.pending),
+        };
+        // The first shard carries the time of the teacher forward on the batch this step trains
+        // on (done during the previous step, or at the start of this one).
+        let teacher_forward = AtomicU64::new(0f64.to_bits());
+        let (student, teacher_model, objective) = (&self.student, &self.teacher, &self.objective);
+        let loss_of = |shard: &Shard| -> Result<MicroLoss> {
+            let clock = Instant::now();
+            let cached = match teacher {
+                Teacher::Cached(cache) => {
+                    let ids: Vec<String> = shard.sample_ids();
+                    let keys: Vec<(usize, &str)> = shard
+                        .rows
+                        .clone()
+                        .zip(&ids)
+                        .map(|(b, id)| (b, id.as_str()))
+                        .collect();
+                    Some(cache.batch(&keys, shard.batch.tokens.seq_len(), student.device())?)
+                }
+                Teacher::Online => {
+                    if shard.rows.start == 0 {
+                        teacher_forward.store(shard.teacher_seconds.to_bits(), Ordering::Relaxed);
+                    }
+                    None
+                }
+            };
+            let read = clock.elapsed().as_secs_f64();
+            let rows = match (&cached, &shard.teacher_out) {
+                (Some(rows), _) => TeacherRows::Cached {
+                    rows,
+                    truncate: None,
+                },
+                (None, Some(output)) => TeacherRows::Online {
+                    output,
+                    teacher: teacher_model,
+                    truncate: None,
+                },
+                (None, None) => anyhow::bail!("the teacher's output of this shard is missing"),
+            };
+            let images = match &shard.tower {
+                Some(features) => ImageInput::Tower(features),
+                None => ImageInput::Pixels(&shard.batch.pixels),
+            };
+            let mut loss = objective_loss(
+                student,
+                StudentBatch {
+                    tokens: &shard.batch.tokens,
+                    labels: &shard.batch.labels,
+                    visual_mask: &shard.batch.visual_mask,
+                    images: Some(images),
+                },
+                rows,
+                objective,
+            )
+            .context("distillation loss")?;
+            loss.teacher_read_seconds = read;
+            Ok(loss)
+        };
+        let report = self.learner.run(&mut source, LEARNING_RATE, &loss_of)?;
+        ensure!(
+            report.without_grad == 0,
+            "{} trainable parameters got no gradient",
+            report.without_grad
+        );
+        let mut times = report.times;
+        if let Teacher::Online = teacher {
+            times.teacher_forward = f64::from_bits(teacher_forward.load(Ordering::Relaxed));
+        }
+        self.pending = source.pending;
         Ok(StepOutcome {
             times,
             wall: clock.elapsed().as_secs_f64(),
-            loss,
+            loss: report.loss,
         })
-    }
-
-    fn phases_cached(&mut self, cache: &TeacherCache) -> Result<(StepTimes, f32)> {
-        let ids: Vec<String> = (0..self.spec_batch())
-            .map(|b| format!("bench-{b}"))
-            .collect();
-        let keys: Vec<(usize, &str)> = ids
-            .iter()
-            .enumerate()
-            .map(|(b, id)| (b, id.as_str()))
-            .collect();
-        let tower = self.pending_tower.take();
-        let student = &self.student;
-        let loss_config = &self.loss;
-        let loss_of = |rows: Range<usize>, shard: &BenchBatch, out: &ShardForward| {
-            let clock = Instant::now();
-            let cached = cache.batch(&keys[rows], shard.tokens.seq_len(), student.device())?;
-            let read = clock.elapsed().as_secs_f64();
-            let terms = distill_loss_cached(
-                &CachedDistillBatch {
-                    student_logits: StudentLogits::AtRows {
-                        hidden: &out.hidden,
-                        head: student.lm.lm_head_weight(),
-                    },
-                    labels: &shard.labels,
-                    visual_mask: &shard.visual_mask,
-                    teacher: CachedTeacher {
-                        response: &cached.response,
-                        visual: &cached.visual,
-                        relations: &cached.relations,
-                    },
-                    student_relation: None,
-                },
-                loss_config,
-            )
-            .context("distillation loss from the teacher cache")?;
-            Ok((terms, read))
-        };
-        let (optimizer, batch, shards) = (&mut self.optimizer, &self.batch, self.student_shards);
-        let mut update = || {
-            student_update(
-                student,
-                tower.as_ref(),
-                optimizer,
-                batch,
-                shards,
-                false,
-                &loss_of,
-            )
-        };
-        if !self.teacher_overlap {
-            return update();
-        }
-        // No teacher to run: the next step's frozen tower fills the gaps instead.
-        let (next_tower, result) = rayon::join(|| frozen_tower_features(student, batch), update);
-        self.pending_tower = next_tower?;
-        result
     }
 
     fn spec_batch(&self) -> usize {
@@ -307,7 +352,13 @@ impl DftStep {
         let (b, seq, vocab) = logits.dims3()?;
         let response = response_rows(&batch.labels)?;
         let visual = visual_positions_per_sample(&batch.visual_mask)?;
-        let relations = if self.relation_from_hidden {
+        let visual_counts: Vec<usize> = visual.iter().map(Vec::len).collect();
+        let relations = if hidden_form_is_cheaper(
+            &visual_counts,
+            vocab,
+            self.student.lm.lm_head_weight().dim(1)?,
+            self.teacher.lm.lm_head_weight().dim(1)?,
+        ) {
             relation_matrices_from_hidden(
                 &out.hidden,
                 self.teacher.lm.lm_head_weight(),
@@ -332,7 +383,11 @@ impl DftStep {
                     return Ok(TopKHost::empty(top_k));
                 }
                 let rows: Vec<u32> = positions.iter().map(|t| (row * seq) as u32 + t).collect();
-                TopKHost::from_logits(&gather_rows(&logits, &rows)?, top_k, self.loss.temperature)
+                TopKHost::from_logits(
+                    &gather_rows(&logits, &rows)?,
+                    top_k,
+                    self.distill.temperature,
+                )
             };
             totals.0 += response_positions.len();
             totals.1 += visual_positions.len();
@@ -359,7 +414,7 @@ impl DftStep {
                 tokenizer_digest: "bench".into(),
                 processor_digest: "bench".into(),
                 max_length: seq,
-                temperature: self.loss.temperature,
+                temperature: self.distill.temperature,
                 truncate_vocab: None,
             },
             teacher: crate::teacher_cache::TeacherIdentity {
@@ -388,123 +443,6 @@ fn build(spec: &BenchSpec, lm: &LmSpec, trainable: Trainable, seed: u64) -> Resu
     // Every weight is freshly initialised: nothing is required from the (empty) source.
     options.require.clear();
     LlavaModel::build(&config, Arc::new(WeightSource::empty()), &options)
-}
-
-/// The teacher's forward on `batch` and its seconds.
-fn timed_teacher_forward(teacher: &LlavaModel, batch: &BenchBatch) -> Result<(LlavaOutput, f64)> {
-    let clock = Instant::now();
-    let out = teacher
-        .forward(&batch.tokens, Some(&batch.pixels))
-        .context("teacher forward")?;
-    Ok((out, clock.elapsed().as_secs_f64()))
-}
-
-/// The student's frozen-tower features on `batch`, for the next step.
-fn frozen_tower_features(student: &LlavaModel, batch: &BenchBatch) -> Result<Option<Tensor>> {
-    student
-        .frozen_tower_features(&batch.pixels)
-        .context("student vision tower")
-}
-
-/// One shard's distillation loss from the student's output on it (rows `rows` of the batch),
-/// with the seconds spent getting the teacher's side (a cache read; 0 for an online teacher).
-type ShardLoss<'a> =
-    dyn Fn(Range<usize>, &BenchBatch, &ShardForward) -> Result<(LossTerms, f64)> + Sync + 'a;
-
-/// The student's forward on one shard: hidden states, and logits at every position when the
-/// loss reads them so (the cached loss computes its rows' logits itself).
-struct ShardForward {
-    hidden: Tensor,
-    logits: Option<Tensor>,
-}
-
-impl ShardForward {
-    fn logits(&self) -> Result<&Tensor> {
-        self.logits
-            .as_ref()
-            .context("this step's student forward computed no full logits")
-    }
-}
-
-/// What one shard's forward, loss and backward produced.
-struct ShardOutcome {
-    times: StepTimes,
-    loss: f32,
-    grads: GradStore,
-}
-
-/// Student forward, loss, backward over `shards` equal row ranges of the batch (concurrently
-/// when more than one), then AdamW on the mean of their gradients. The phase times are those
-/// of the first shard; AdamW's is its own.
-fn student_update(
-    student: &LlavaModel,
-    tower: Option<&Tensor>,
-    optimizer: &mut AdamW,
-    batch: &BenchBatch,
-    shards: usize,
-    full_logits: bool,
-    loss_of: &ShardLoss<'_>,
-) -> Result<(StepTimes, f32)> {
-    let run_shard = |rows: Range<usize>| -> Result<ShardOutcome> {
-        let shard = batch.rows(rows.clone())?;
-        let clock = Instant::now();
-        let shard_tower = tower
-            .map(|t| t.narrow(0, rows.start, rows.len()))
-            .transpose()?;
-        let images = match &shard_tower {
-            Some(features) => ImageInput::Tower(features),
-            None => ImageInput::Pixels(&shard.pixels),
-        };
-        let out = student
-            .forward_images_hidden(&shard.tokens, Some(images))
-            .context("student forward")?;
-        let out = ShardForward {
-            logits: full_logits
-                .then(|| student.lm.logits(&out.hidden))
-                .transpose()?,
-            hidden: out.hidden,
-        };
-        let student_forward = clock.elapsed().as_secs_f64();
-        let clock = Instant::now();
-        let (terms, teacher_forward) = loss_of(rows, &shard, &out)?;
-        let loss = clock.elapsed().as_secs_f64() - teacher_forward;
-        ensure!(
-            terms.total_value.is_finite(),
-            "the loss is not finite ({})",
-            terms.total_value
-        );
-        let clock = Instant::now();
-        let grads = terms.total.backward().context("backward")?;
-        Ok(ShardOutcome {
-            times: StepTimes {
-                teacher_forward,
-                student_forward,
-                loss,
-                backward: clock.elapsed().as_secs_f64(),
-                optimizer: 0.0,
-            },
-            loss: terms.total_value,
-            grads,
-        })
-    };
-    let ranges = shard_ranges(batch.tokens.batch_size(), shards);
-    let outcomes: Vec<ShardOutcome> = ranges
-        .into_par_iter()
-        .map(run_shard)
-        .collect::<Result<_>>()?;
-    let mut times = outcomes[0].times;
-    let loss = outcomes.iter().map(|o| o.loss).sum::<f32>() / outcomes.len() as f32;
-
-    let clock = Instant::now();
-    let grads: Vec<&GradStore> = outcomes.iter().map(|o| &o.grads).collect();
-    let stats = optimizer.step_mean(&grads, LEARNING_RATE)?;
-    times.optimizer = clock.elapsed().as_secs_f64();
-    ensure!(
-        stats.without_grad == 0,
-        "{} trainable parameters got no gradient",
-        stats.without_grad
-    );
-    Ok((times, loss))
 }
 
 /// `shards` contiguous row ranges covering `0..rows`, sizes differing by at most one.

@@ -1,4 +1,5 @@
-//! A model with what it needs to read inputs: its tokenizer and image processor.
+//! A model with what it needs to read inputs: its tokenizer and image processor. Every command
+//! that loads a checkpoint (training, the teacher cache, evaluation, generation) gets one.
 
 use std::path::{Path, PathBuf};
 
@@ -10,14 +11,17 @@ use tokenizers::Tokenizer;
 use super::load_llava;
 use crate::models::llava::{BuildOptions, LlavaModel};
 
-pub struct ModelBundle {
+pub struct LoadedModel {
     pub model: LlavaModel,
+    /// Directory holding `tokenizer.json` (copied into every checkpoint trained from it).
     pub dir: PathBuf,
     pub tokenizer: Tokenizer,
     pub processor: ImageProcessor,
+    /// Where the weights came from, for run summaries.
+    pub origin: String,
 }
 
-impl ModelBundle {
+impl LoadedModel {
     /// Loads model, tokenizer and image processor from a directory or hub id.
     pub fn load(spec: &str, options: &BuildOptions) -> Result<Self> {
         let (model, dir) = load_llava(spec, options)?;
@@ -25,6 +29,7 @@ impl ModelBundle {
         let processor = load_processor(&dir)?;
         Ok(Self {
             model,
+            origin: dir.display().to_string(),
             dir,
             tokenizer,
             processor,

@@ -7,6 +7,8 @@ pub mod compose;
 pub mod hub;
 pub mod layout;
 
+pub use bundle::LoadedModel;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

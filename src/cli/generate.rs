@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::checkpoint::bundle::ModelBundle;
+use crate::checkpoint::bundle::LoadedModel;
 use crate::generate::{generate, GenerationConfig};
 use crate::models::llava::{BuildOptions, Trainable};
 use crate::prompt::PromptLayout;
@@ -39,7 +39,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let bundle = ModelBundle::load(&args.model, &BuildOptions::new(Trainable::NONE, 0))?;
+    let bundle = LoadedModel::load(&args.model, &BuildOptions::new(Trainable::NONE, 0))?;
     let layout = PromptLayout::new(&bundle, &args.template, &args.prompt, args.image.is_some())?;
     let pixels = args
         .image

@@ -8,7 +8,7 @@ use candle_core::{DType, D};
 use clap::Args;
 use serde::Serialize;
 
-use crate::checkpoint::bundle::ModelBundle;
+use crate::checkpoint::bundle::LoadedModel;
 use crate::models::llava::{BuildOptions, TokenBatch, Trainable};
 use crate::prompt::PromptLayout;
 
@@ -40,7 +40,7 @@ pub struct ScoreResult {
 
 /// Scores `answer` after `prompt` (and the image) with `bundle`'s model.
 pub fn score(
-    bundle: &ModelBundle,
+    bundle: &LoadedModel,
     layout: &PromptLayout,
     image: Option<&PathBuf>,
 ) -> Result<ScoreResult> {
@@ -76,7 +76,7 @@ pub fn score(
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
-    let bundle = ModelBundle::load(&args.model, &BuildOptions::new(Trainable::NONE, 0))?;
+    let bundle = LoadedModel::load(&args.model, &BuildOptions::new(Trainable::NONE, 0))?;
     let layout = PromptLayout::new(&bundle, &args.template, &args.prompt, args.image.is_some())?
         .answer(&args.answer, &bundle)?;
     let result = score(&bundle, &layout, args.image.as_ref())?;

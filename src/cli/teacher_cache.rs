@@ -7,8 +7,8 @@ use clap::Args;
 
 use super::train::{data_and_images, resolve_settings, StageArgs};
 use crate::config::{Role, Stage};
-use crate::teacher_cache::build::describe;
-use crate::teacher_cache::{build_cache, BuildRequest};
+use crate::teacher::describe;
+use crate::teacher::{build_cache, BuildRequest};
 
 #[derive(Debug, Args)]
 pub struct TeacherCacheArgs {
@@ -45,6 +45,9 @@ pub struct TeacherCacheArgs {
     /// Samples per shard file.
     #[arg(long, default_value_t = 1024)]
     pub shard_size: usize,
+    /// Where the teacher runs: cpu, cuda or cuda:N (default: the preset's `train.device`).
+    #[arg(long)]
+    pub device: Option<crate::runtime::DeviceSpec>,
     /// Print the summary as one JSON line.
     #[arg(long)]
     pub json: bool,
@@ -82,6 +85,7 @@ pub fn run(args: TeacherCacheArgs) -> Result<()> {
         save_every: None,
         resume: false,
         seed: None,
+        device: args.device,
         json: false,
         quiet: true,
     };

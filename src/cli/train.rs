@@ -8,7 +8,8 @@ use clap::Args;
 use crate::config::preset::apply_override;
 use crate::config::settings::expand_override;
 use crate::config::{load_document, Role, Stage, StageSettings};
-use crate::train::{run_stage, StageRun};
+use crate::runtime::DeviceSpec;
+use crate::stages::{run_stage, StageRun};
 
 #[derive(Debug, Args)]
 pub struct StageArgs {
@@ -59,6 +60,9 @@ pub struct StageArgs {
     pub resume: bool,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Where the models run: cpu, cuda or cuda:N (default: the preset's `train.device`, cpu).
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
     /// Print the summary as one JSON line at the end.
     #[arg(long)]
     pub json: bool,
@@ -79,6 +83,9 @@ pub fn resolve_settings(args: &StageArgs, stage: Stage) -> Result<StageSettings>
     }
     if let Some(seed) = args.seed {
         sets.push(format!("stages.{}.seed={seed}", stage.name()));
+    }
+    if let Some(device) = args.device {
+        sets.push(format!("stages.{}.device=\"{device}\"", stage.name()));
     }
     for set in &sets {
         apply_override(&mut doc.table, set)?;

@@ -9,6 +9,8 @@ use toml::{Table, Value};
 
 use super::preset::{merge, Document};
 use crate::distill::DistillLossConfig;
+use crate::objective::TermSpec;
+use crate::runtime::DeviceSpec;
 use crate::train::ScheduleConfig;
 
 /// The four training stages.
@@ -205,6 +207,9 @@ pub struct TrainSettings {
     /// Dtype of frozen modules: f32, bf16 or f16.
     #[serde(default = "default_frozen_dtype")]
     pub frozen_dtype: String,
+    /// Where the models run: `cpu`, `cuda` or `cuda:N` (`--device`).
+    #[serde(default)]
+    pub device: DeviceSpec,
     /// Keep image and text-only samples apart and group by length.
     #[serde(default = "yes")]
     pub group_by_modality_length: bool,
@@ -265,6 +270,9 @@ pub struct StageSettings {
     pub data: DataSettings,
     pub train: TrainSettings,
     pub distill: DistillLossConfig,
+    /// The stage's objective: `[[stages.<stage>.objective]]`, or the built-in one (`ce`;
+    /// distilling stages add MDist and RDist with the `[distill]` weights).
+    pub objective: Vec<TermSpec>,
 }
 
 impl StageSettings {
@@ -319,6 +327,18 @@ impl StageSettings {
         merge(&mut train, sub(&stages, stage.name()));
         merge(&mut train, sub(&role_table, "train"));
         merge(&mut train, sub(&sub(&role_table, "stages"), stage.name()));
+        let objective = train
+            .remove("objective")
+            .map(|terms| -> Result<Vec<TermSpec>> {
+                terms.try_into().with_context(|| {
+                    format!(
+                        "{}: in `stages.{}.objective` (a list of tables: term = \"...\", weight = ...)",
+                        doc.origin[0],
+                        stage.name()
+                    )
+                })
+            })
+            .transpose()?;
         let train: TrainSettings = Value::Table(train).try_into().with_context(|| {
             format!(
                 "{}: in the `train` settings of stage {}",
@@ -342,6 +362,7 @@ impl StageSettings {
             .try_into()
             .with_context(|| format!("{}: in `distill`", doc.origin[0]))?;
         distill.validate()?;
+        let objective = objective.unwrap_or_else(|| TermSpec::builtin(stage.distills(), &distill));
         let settings = Self {
             stage,
             role,
@@ -349,6 +370,7 @@ impl StageSettings {
             data,
             train,
             distill,
+            objective,
         };
         settings.validate()?;
         Ok(settings)
@@ -368,6 +390,8 @@ impl StageSettings {
             "train.frozen_dtype must be f32, bf16 or f16, found `{}`",
             t.frozen_dtype
         );
+        crate::objective::Objective::new(&self.objective, &self.distill)
+            .with_context(|| format!("the objective of stage {}", self.stage.name()))?;
         if let Some(modules) = &t.trainable {
             anyhow::ensure!(
                 !modules.is_empty(),

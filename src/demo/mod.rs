@@ -18,7 +18,7 @@ use crate::config::preset::apply_override;
 use crate::config::{load_document, Document, Role, Stage, StageSettings};
 use crate::evaluate::run::{eval_captions, eval_pope, eval_vqa, EvalResults};
 use crate::evaluate::Answerer;
-use crate::train::{run_stage, stage_finished, StageRun};
+use crate::stages::{run_stage, stage_finished, StageRun};
 use settings::DemoSettings;
 
 /// The three models the demo compares.

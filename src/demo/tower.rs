@@ -31,9 +31,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{replace_dir, temp_sibling};
 use crate::config::ModelSpec;
-use crate::train::init::fresh_processor;
+use crate::objective::TermValues;
+use crate::stages::init::fresh_processor;
+use crate::stages::progress::step_bar;
 use crate::train::optim::{AdamW, AdamWConfig};
-use crate::train::trainer::step_bar;
+use crate::train::step::{MicroBatch, MicroLoss, OneMicroBatch, TrainStep};
 
 /// How the demo pre-trains its vision tower (`[demo.tower]` of a preset).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -252,6 +254,21 @@ fn accuracy(
         .collect())
 }
 
+/// One micro-batch of the tower stage: scenes whose per-cell labels are the targets.
+struct SceneBatch<'a> {
+    scenes: Vec<&'a SceneCells>,
+}
+
+impl MicroBatch for SceneBatch<'_> {
+    fn samples(&self) -> usize {
+        self.scenes.len()
+    }
+
+    fn sample_ids(&self) -> Vec<String> {
+        self.scenes.iter().map(|s| s.id.clone()).collect()
+    }
+}
+
 /// Whether `out` holds a finished tower stage.
 pub fn tower_finished(out: &Path) -> bool {
     out.join("summary.json").exists() && out.join("config.json").exists()
@@ -294,7 +311,26 @@ pub fn pretrain_tower(
     let model = TowerWithHeads::new(spec, seed)?;
     // The processor the teacher's fresh model gets.
     let processor = fresh_processor(spec, &model.config, None)?;
-    let mut optimizer = AdamW::new(model.store.trainable_vars(), AdamWConfig::default())?;
+    let vars = model.store.trainable_vars();
+    let optimizer = AdamW::new(vars.clone(), AdamWConfig::default())?;
+    // No clipping: the stage's update is plain AdamW on the batch's gradient.
+    let mut learner = TrainStep::new(vars, optimizer, 0.0);
+    let loss_of = |batch: &SceneBatch<'_>| -> Result<MicroLoss> {
+        let features = model.features(&pixels(&processor, data, &batch.scenes)?)?;
+        let labels = model.labels(&batch.scenes)?;
+        let mut loss: Option<Tensor> = None;
+        for (logits, labels) in model.logits(&features)?.iter().zip(&labels) {
+            let ce = mmkd_nn::fused::cross_entropy_rows(logits, labels)?.mean_all()?;
+            loss = Some(match loss {
+                Some(l) => (l + ce)?,
+                None => ce,
+            });
+        }
+        let loss = loss.context("no attribute head")?;
+        let value = loss.to_scalar::<f32>()?;
+        let terms = TermValues(vec![("ce".into(), Some(value))]);
+        Ok(MicroLoss::new(loss, value, terms))
+    };
 
     let batches_per_epoch = train.len().div_ceil(settings.batch_size);
     let bar = step_bar(settings.epochs * batches_per_epoch, "tower", progress);
@@ -307,20 +343,11 @@ pub fn pretrain_tower(
         let mut sum = 0f64;
         for batch in order.chunks(settings.batch_size) {
             let scenes: Vec<&SceneCells> = batch.iter().map(|&i| &train[i]).collect();
-            let features = model.features(&pixels(&processor, data, &scenes)?)?;
-            let labels = model.labels(&scenes)?;
-            let mut loss: Option<Tensor> = None;
-            for (logits, labels) in model.logits(&features)?.iter().zip(&labels) {
-                let ce = mmkd_nn::fused::cross_entropy_rows(logits, labels)?.mean_all()?;
-                loss = Some(match loss {
-                    Some(l) => (l + ce)?,
-                    None => ce,
-                });
-            }
-            let loss = loss.context("no attribute head")?;
-            let value = loss.to_scalar::<f32>()?;
-            ensure!(value.is_finite(), "tower pre-training: the loss is {value}");
-            optimizer.step(&loss.backward()?, settings.lr)?;
+            let mut step = OneMicroBatch(Some(SceneBatch { scenes }));
+            let value = learner
+                .run(&mut step, settings.lr, &loss_of)
+                .context("tower pre-training")?
+                .loss;
             sum += value as f64;
             steps += 1;
             bar.inc(1);
@@ -509,11 +536,12 @@ mod tests {
         // and its features have the RMS asked for.
         let mut teacher = spec.clone();
         teacher.vision = Some(out.display().to_string());
-        let prepared = crate::train::init::from_spec(
+        let prepared = crate::stages::init::from_spec(
             &teacher,
             Some(&data.join("tokenizer.json")),
             crate::models::llava::Trainable::PROJECTOR_AND_LLM,
             DType::F32,
+            &candle_core::Device::Cpu,
         )
         .unwrap();
         let saved = crate::checkpoint::read_weights(&out, &Device::Cpu).unwrap();

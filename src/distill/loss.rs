@@ -3,83 +3,13 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, D};
-use serde::{Deserialize, Serialize};
 
-use super::divergence::Divergence;
+use super::config::DistillLossConfig;
+use super::inputs::{CachedTeacher, LossInputs, RelationHidden, StudentLogits, TeacherSide};
 use super::logprob::compute_dtype;
-use super::mdist::{check_labels, check_pair, rows_loss};
-use super::positions::{gather_rows, response_rows, visual_rows, ResponseRows};
-use super::rdist::{
-    relation_loss, relation_loss_from_hidden, relation_loss_to_cached,
-    student_hidden_form_is_cheaper, StudentRelation,
-};
-use super::topk::{topk_per_token, TopKRows};
-
-/// Distillation loss settings. Defaults are the paper's: forward KL at T = 1 without T²,
-/// (α, β, γ) = (1.0, 1.0, 0.5).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DistillLossConfig {
-    pub divergence: Divergence,
-    /// Softmax temperature T applied to both teacher and student logits.
-    pub temperature: f64,
-    /// Multiply the divergence terms (L_res, L_vis) by T², as in Hinton et al., so their
-    /// gradient scale does not shrink with T. LLaVA-KD and TRL do not.
-    pub t2_scaling: bool,
-    /// Weight α of L_res.
-    pub alpha_res: f64,
-    /// Weight β of L_vis.
-    pub beta_vis: f64,
-    /// Weight γ of L_rel.
-    pub gamma_rel: f64,
-}
-
-impl Default for DistillLossConfig {
-    fn default() -> Self {
-        Self {
-            divergence: Divergence::ForwardKl,
-            temperature: 1.0,
-            t2_scaling: false,
-            alpha_res: 1.0,
-            beta_vis: 1.0,
-            gamma_rel: 0.5,
-        }
-    }
-}
-
-impl DistillLossConfig {
-    pub fn validate(&self) -> Result<()> {
-        self.divergence.validate()?;
-        ensure!(
-            self.temperature.is_finite() && self.temperature > 0.0,
-            "distillation `temperature` must be a positive number, got {}",
-            self.temperature
-        );
-        for (name, w) in [
-            ("alpha_res", self.alpha_res),
-            ("beta_vis", self.beta_vis),
-            ("gamma_rel", self.gamma_rel),
-        ] {
-            ensure!(
-                w.is_finite() && w >= 0.0,
-                "distillation weight `{name}` must be ≥ 0, got {w}"
-            );
-        }
-        Ok(())
-    }
-
-    /// Per-row divergence of `[N, V]` logits at this temperature, times T² when enabled.
-    pub fn per_token(&self, student_rows: &Tensor, teacher_rows: &Tensor) -> Result<Tensor> {
-        let d = self
-            .divergence
-            .per_token(student_rows, teacher_rows, self.temperature)?;
-        if self.t2_scaling {
-            Ok(d.affine(self.temperature * self.temperature, 0.0)?)
-        } else {
-            Ok(d)
-        }
-    }
-}
+use super::mdist::check_labels;
+use super::positions::{gather_rows, response_rows, ResponseRows};
+use super::rdist::StudentRelation;
 
 /// One batch's loss: `total` to backpropagate, each term's value for logging (`None` when the
 /// batch had nothing for that term or its weight is 0).
@@ -111,16 +41,6 @@ impl LossTerms {
     }
 }
 
-/// Hidden states and bias-free `lm_head` weights for the cheaper relation loss
-/// (see [`relation_loss_from_hidden`]).
-#[derive(Clone, Copy, Debug)]
-pub struct RelationHidden<'a> {
-    pub student_hidden: &'a Tensor,
-    pub student_head: &'a Tensor,
-    pub teacher_hidden: &'a Tensor,
-    pub teacher_head: &'a Tensor,
-}
-
 /// What a distillation step feeds the loss.
 #[derive(Clone, Copy, Debug)]
 pub struct DistillBatch<'a> {
@@ -140,120 +60,17 @@ pub struct DistillBatch<'a> {
 /// weight) are left out; a batch with no term at all is an error.
 pub fn distill_loss(batch: &DistillBatch<'_>, cfg: &DistillLossConfig) -> Result<LossTerms> {
     cfg.validate()?;
-    let DistillBatch {
-        student_logits,
-        teacher_logits,
-        labels,
-        visual_mask,
-        relation_hidden,
-    } = *batch;
-    check_pair(student_logits, teacher_logits)?;
-    check_labels(student_logits, labels, "labels")?;
-    check_labels(student_logits, visual_mask, "visual mask")?;
-
-    let response = response_rows(labels)?;
-    let ce = ce_rows(student_logits, &response)?;
-    let l_res = if cfg.alpha_res > 0.0 {
-        rows_loss(student_logits, teacher_logits, &response.rows, cfg)
-            .context("response distillation loss (L_res)")?
-    } else {
-        None
-    };
-    let l_vis = if cfg.beta_vis > 0.0 {
-        rows_loss(
-            student_logits,
-            teacher_logits,
-            &visual_rows(visual_mask)?,
-            cfg,
-        )
-        .context("visual distillation loss (L_vis)")?
-    } else {
-        None
-    };
-    let l_rel = if cfg.gamma_rel > 0.0 {
-        match relation_hidden {
-            Some(h) => relation_loss_from_hidden(
-                h.student_hidden,
-                h.student_head,
-                h.teacher_hidden,
-                h.teacher_head,
-                visual_mask,
-            )?,
-            None => relation_loss(student_logits, teacher_logits, visual_mask)?,
-        }
-    } else {
-        None
-    };
-
-    combine(ce, l_res, l_vis, l_rel, cfg)
-}
-
-/// A teacher read back from an offline cache, lined up with one batch.
-#[derive(Clone, Copy, Debug)]
-pub struct CachedTeacher<'a> {
-    /// Top-k rows at the batch's response positions, in [`response_rows`] order.
-    pub response: &'a TopKRows,
-    /// Top-k rows at the batch's visual positions, in [`visual_rows`] order.
-    pub visual: &'a TopKRows,
-    /// The teacher's relation matrix of each batch row (`None`: no visual position, or the
-    /// cache holds none because L_rel is off).
-    pub relations: &'a [Option<Tensor>],
-}
-
-/// Where the student's logits at the rows a loss reads come from.
-#[derive(Clone, Copy, Debug)]
-pub enum StudentLogits<'a> {
-    /// `[batch, seq, vocab]` at every position; the rows are gathered from them.
-    Full(&'a Tensor),
-    /// Final hidden states `[batch, seq, hidden]` and the bias-free LM head `[vocab, hidden]`
-    /// (cut to the vocabulary the loss compares): logits are computed at the loss's rows only.
-    /// Same values; the head then skips the positions no loss reads, and the backward scatters
-    /// hidden-width gradients instead of a vocabulary-wide one per gathered row set.
-    AtRows {
-        hidden: &'a Tensor,
-        head: &'a Tensor,
-    },
-}
-
-impl StudentLogits<'_> {
-    /// `[batch, seq, vocab]`.
-    fn dims(&self) -> Result<(usize, usize, usize)> {
-        match self {
-            StudentLogits::Full(logits) => logits.dims3().with_context(|| {
-                format!(
-                    "student logits must be [batch, seq, vocab], got {:?}",
-                    logits.dims()
-                )
-            }),
-            StudentLogits::AtRows { hidden, head } => {
-                let (b, s, h) = hidden.dims3().with_context(|| {
-                    format!(
-                        "student hidden states must be [batch, seq, hidden], got {:?}",
-                        hidden.dims()
-                    )
-                })?;
-                let (v, head_h) = head
-                    .dims2()
-                    .context("the LM head must be [vocab, hidden]")?;
-                ensure!(
-                    head_h == h,
-                    "the LM head is [{v}, {head_h}], the hidden states are {h} wide"
-                );
-                Ok((b, s, v))
-            }
-        }
-    }
-
-    /// The logits `[rows, vocab]` at flat `batch·seq` rows.
-    fn rows(&self, rows: &[u32]) -> Result<Tensor> {
-        match self {
-            StudentLogits::Full(logits) => gather_rows(logits, rows),
-            StudentLogits::AtRows { hidden, head } => {
-                let picked = gather_rows(hidden, rows)?;
-                Ok(mmkd_nn::fused::linear(&picked, head, None)?)
-            }
-        }
-    }
+    let inputs = LossInputs::new(
+        StudentLogits::Full(batch.student_logits),
+        batch.labels,
+        batch.visual_mask,
+        Some(TeacherSide::Logits {
+            logits: batch.teacher_logits,
+            relation_hidden: batch.relation_hidden,
+        }),
+        None,
+    )?;
+    llava_kd_terms(&inputs, cfg)
 }
 
 /// What a distillation step from a teacher cache feeds the loss.
@@ -278,131 +95,41 @@ pub fn distill_loss_cached(
     cfg: &DistillLossConfig,
 ) -> Result<LossTerms> {
     cfg.validate()?;
-    let CachedDistillBatch {
-        student_logits,
-        labels,
-        visual_mask,
-        teacher,
-        student_relation,
-    } = *batch;
-    let (b, seq, vocab) = student_logits.dims()?;
-    for (t, what) in [(labels, "labels"), (visual_mask, "visual mask")] {
-        ensure!(
-            t.dims() == [b, seq],
-            "{what} have shape {:?}, the logits cover [{b}, {seq}] positions",
-            t.dims()
-        );
-    }
-    let response = response_rows(labels)?;
-    check_targets(&response, seq, vocab)?;
-    let check_cached = |rows: &[u32], top: &TopKRows, what: &str| -> Result<()> {
-        ensure!(
-            top.rows()? == rows.len(),
-            "{what}: the cache holds {} teacher rows for the batch's {} positions",
-            top.rows()?,
-            rows.len()
-        );
-        Ok(())
-    };
-    // The response rows' logits serve both CE and L_res.
-    let response_logits = if response.is_empty() {
-        None
-    } else {
-        Some(student_logits.rows(&response.rows)?)
-    };
-    let ce = response_logits
-        .as_ref()
-        .map(|rows| ce_of_rows(rows, &response))
-        .transpose()?;
-    let l_res = match (&response_logits, cfg.alpha_res > 0.0) {
-        (Some(rows), true) => check_cached(&response.rows, teacher.response, "L_res")
-            .and_then(|()| Ok(topk_per_token(rows, teacher.response, cfg)?.mean_all()?))
-            .map(Some)
-            .context("response distillation loss (L_res) from the teacher cache")?,
-        (None, true) => {
-            check_cached(&response.rows, teacher.response, "L_res")
-                .context("response distillation loss (L_res) from the teacher cache")?;
-            None
-        }
-        (_, false) => None,
-    };
-    let visual = visual_rows(visual_mask)?;
-    // Unless the caller chose, the student side of L_rel takes the cheaper of Z Zᵀ =
-    // H (WᵀW) Hᵀ and the visual-row logits (the teacher's side comes from the cache).
-    let student_relation = match (student_relation, student_logits) {
-        (Some(relation), _) => Some(relation),
-        (None, StudentLogits::AtRows { hidden, head }) if cfg.gamma_rel > 0.0 => {
-            let mut per_sample = vec![0usize; b];
-            for &row in &visual {
-                per_sample[row as usize / seq] += 1;
-            }
-            student_hidden_form_is_cheaper(&per_sample, vocab, hidden.dim(2)?)
-                .then_some(StudentRelation::Hidden { hidden, head })
-        }
-        (None, _) => None,
-    };
-    let wants_rows = cfg.beta_vis > 0.0 || (cfg.gamma_rel > 0.0 && student_relation.is_none());
-    let visual_logits = if wants_rows && !visual.is_empty() {
-        Some(student_logits.rows(&visual)?)
+    let inputs = LossInputs::new(
+        batch.student_logits,
+        batch.labels,
+        batch.visual_mask,
+        Some(TeacherSide::Cached(batch.teacher)),
+        batch.student_relation,
+    )?;
+    llava_kd_terms(&inputs, cfg)
+}
+
+/// The four LLaVA-KD terms (those of positive weight) and their weighted sum.
+fn llava_kd_terms(inputs: &LossInputs<'_>, cfg: &DistillLossConfig) -> Result<LossTerms> {
+    let ce = inputs.ce()?;
+    let l_res = if cfg.alpha_res > 0.0 {
+        inputs.response_divergence(cfg)?
     } else {
         None
     };
     let l_vis = if cfg.beta_vis > 0.0 {
-        check_cached(&visual, teacher.visual, "L_vis")
-            .context("visual distillation loss (L_vis) from the teacher cache")?;
-        visual_logits
-            .as_ref()
-            .map(|student| -> Result<Tensor> {
-                Ok(topk_per_token(student, teacher.visual, cfg)
-                    .context("visual distillation loss (L_vis) from the teacher cache")?
-                    .mean_all()?)
-            })
-            .transpose()?
+        inputs.visual_divergence(cfg)?
     } else {
         None
     };
     let l_rel = if cfg.gamma_rel > 0.0 {
-        match (student_relation, &visual_logits) {
-            (Some(relation), _) => {
-                relation_loss_to_cached(relation, teacher.relations, visual_mask)?
-            }
-            (None, Some(rows)) => relation_loss_to_cached(
-                StudentRelation::VisualRows(rows),
-                teacher.relations,
-                visual_mask,
-            )?,
-            (None, None) => None,
-        }
+        inputs.relation()?
     } else {
         None
     };
-    combine(ce, l_res, l_vis, l_rel, cfg)
-}
-
-/// L_ce + α·L_res + β·L_vis + γ·L_rel over the terms present.
-fn combine(
-    ce: Option<Tensor>,
-    l_res: Option<Tensor>,
-    l_vis: Option<Tensor>,
-    l_rel: Option<Tensor>,
-    cfg: &DistillLossConfig,
-) -> Result<LossTerms> {
-    let mut total: Option<Tensor> = None;
-    for (term, weight) in [
-        (&ce, 1.0),
-        (&l_res, cfg.alpha_res),
-        (&l_vis, cfg.beta_vis),
-        (&l_rel, cfg.gamma_rel),
-    ] {
-        if let Some(t) = term {
-            let weighted = t.affine(weight, 0.0)?;
-            total = Some(match total {
-                Some(acc) => acc.add(&weighted)?,
-                None => weighted,
-            });
-        }
-    }
-    let Some(total) = total else {
+    let Some(total) = weighted_sum([
+        (ce.as_ref(), 1.0),
+        (l_res.as_ref(), cfg.alpha_res),
+        (l_vis.as_ref(), cfg.beta_vis),
+        (l_rel.as_ref(), cfg.gamma_rel),
+    ])?
+    else {
         bail!("the batch has no supervised token and no visual position: nothing to train on");
     };
     let value = |t: &Option<Tensor>| t.as_ref().map(scalar).transpose();
@@ -414,6 +141,27 @@ fn combine(
         l_vis: value(&l_vis)?,
         l_rel: value(&l_rel)?,
     })
+}
+
+/// Σ weight·term over the terms present, in order (a weight of 1 adds the term as it is);
+/// `None` when no term is present.
+pub fn weighted_sum<'t>(
+    terms: impl IntoIterator<Item = (Option<&'t Tensor>, f64)>,
+) -> Result<Option<Tensor>> {
+    let mut total: Option<Tensor> = None;
+    for (term, weight) in terms {
+        let Some(t) = term else { continue };
+        let weighted = if weight == 1.0 {
+            t.clone()
+        } else {
+            t.affine(weight, 0.0)?
+        };
+        total = Some(match total {
+            Some(acc) => acc.add(&weighted)?,
+            None => weighted,
+        });
+    }
+    Ok(total)
 }
 
 /// Next-token cross-entropy of `[batch, seq, vocab]` logits against unshifted `[batch, seq]`
@@ -432,7 +180,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Option<Tensor>>
     ce_rows(logits, &response_rows(labels)?)
 }
 
-fn ce_rows(logits: &Tensor, response: &ResponseRows) -> Result<Option<Tensor>> {
+pub(crate) fn ce_rows(logits: &Tensor, response: &ResponseRows) -> Result<Option<Tensor>> {
     if response.is_empty() {
         return Ok(None);
     }
@@ -443,7 +191,7 @@ fn ce_rows(logits: &Tensor, response: &ResponseRows) -> Result<Option<Tensor>> {
 
 /// Every response target must index the logits' vocabulary; otherwise name the sample and
 /// position.
-fn check_targets(response: &ResponseRows, seq: usize, vocab: usize) -> Result<()> {
+pub(crate) fn check_targets(response: &ResponseRows, seq: usize, vocab: usize) -> Result<()> {
     if let Some((i, &bad)) = response
         .targets
         .iter()
@@ -460,12 +208,12 @@ fn check_targets(response: &ResponseRows, seq: usize, vocab: usize) -> Result<()
     Ok(())
 }
 
-fn scalar(t: &Tensor) -> Result<f32> {
+pub(crate) fn scalar(t: &Tensor) -> Result<f32> {
     Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
 }
 
 /// Mean cross-entropy of the response rows' logits `[rows, vocab]` against their targets.
-fn ce_of_rows(rows: &Tensor, response: &ResponseRows) -> Result<Tensor> {
+pub(crate) fn ce_of_rows(rows: &Tensor, response: &ResponseRows) -> Result<Tensor> {
     let rows = rows.to_dtype(compute_dtype(rows))?;
     let targets = Tensor::from_slice(&response.targets, response.len(), rows.device())?;
     let per_token = mmkd_nn::fused::cross_entropy_rows(&rows, &targets)?;
@@ -489,40 +237,10 @@ pub fn truncate_vocab(logits: &Tensor, vocab: usize) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::positions::visual_rows;
     use super::*;
     use candle_core::{DType, Device, Var};
     use mmkd_nn::grad_check::finite_difference;
-
-    #[test]
-    fn config_from_toml_with_defaults() {
-        let cfg: DistillLossConfig = toml::from_str("").unwrap();
-        assert_eq!(cfg, DistillLossConfig::default());
-        let cfg: DistillLossConfig =
-            toml::from_str("divergence = { kind = \"jsd\", beta = 0.9 }\ntemperature = 2.0\nt2_scaling = true\ngamma_rel = 0.0")
-                .unwrap();
-        assert_eq!(cfg.divergence, Divergence::GeneralizedJsd { beta: 0.9 });
-        assert_eq!(
-            (
-                cfg.temperature,
-                cfg.t2_scaling,
-                cfg.alpha_res,
-                cfg.gamma_rel
-            ),
-            (2.0, true, 1.0, 0.0)
-        );
-        let err = toml::from_str::<DistillLossConfig>("alpha = 1.0")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("unknown field `alpha`"), "{err}");
-        let bad = DistillLossConfig {
-            beta_vis: -1.0,
-            ..Default::default()
-        };
-        assert_eq!(
-            bad.validate().unwrap_err().to_string(),
-            "distillation weight `beta_vis` must be ≥ 0, got -1"
-        );
-    }
 
     #[test]
     fn logits_at_the_loss_rows_give_the_full_logits_loss_and_gradients() {

@@ -11,7 +11,7 @@
 use anyhow::{ensure, Context, Result};
 use candle_core::Tensor;
 
-use super::loss::DistillLossConfig;
+use super::config::DistillLossConfig;
 use super::positions::{gather_rows, response_rows, visual_rows};
 
 /// L_res, or `None` when no position of the batch is supervised.

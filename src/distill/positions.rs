@@ -9,8 +9,8 @@
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor};
 
-/// Label value of positions that are not supervised.
-pub const IGNORE_INDEX: i64 = -100;
+/// The label of positions no loss supervises (the data crate's, as transformers writes it).
+pub use mmkd_datasets::IGNORE_INDEX;
 
 /// Positions supervised by a next token: `rows[i]` is the flat index `b·seq + t` of a logit
 /// whose next label `labels[b, t + 1]` is not ignored, and `targets[i]` is that label.

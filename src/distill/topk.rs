@@ -12,8 +12,8 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use super::config::DistillLossConfig;
 use super::logprob::{compute_dtype, log_softmax};
-use super::loss::DistillLossConfig;
 
 /// Teacher rows on the host: `ids` and `log_probs` are `[rows, k]` row-major, `rest` is
 /// `[rows]` (−∞ when k is the whole vocabulary).

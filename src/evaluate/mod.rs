@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use mmkd_datasets::{tokenize_prompt, Template};
 
-use crate::checkpoint::bundle::ModelBundle;
+use crate::checkpoint::bundle::LoadedModel;
 use crate::generate::{generate, GenerationConfig};
 use crate::models::llava::{BuildOptions, Trainable};
 
@@ -26,7 +26,7 @@ pub struct PromptItem {
 
 /// A model ready to answer prompts with a conversation template.
 pub struct Answerer {
-    pub bundle: ModelBundle,
+    pub bundle: LoadedModel,
     pub template: Template,
     pub batch_size: usize,
     pub generation: GenerationConfig,
@@ -49,7 +49,7 @@ impl Answerer {
         batch_size: usize,
         max_new_tokens: usize,
     ) -> Result<Self> {
-        let bundle = ModelBundle::load(model, &BuildOptions::new(Trainable::NONE, 0))?;
+        let bundle = LoadedModel::load(model, &BuildOptions::new(Trainable::NONE, 0))?;
         let template = Template::by_name_or_path(template)?;
         let mut stop_token_ids: Vec<u32> = ["<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>"]
             .iter()

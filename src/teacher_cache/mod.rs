@@ -11,10 +11,10 @@
 //!   preprocessing, max length, stage kind, temperature, vocabulary cut, teacher digest).
 //! - [`shard`]: the safetensors shard layout, written whole and read memory-mapped.
 //! - [`store`]: atomic, restartable writing of a cache directory and reading it back.
-//! - [`build`]: running the teacher over a stage's data to write a cache.
+//!
+//! Writing a cache is `crate::teacher::cache_writer` (the online teacher plus this store).
 //! - [`digest`]: content digests.
 
-pub mod build;
 pub mod digest;
 pub mod manifest;
 pub mod shard;
@@ -23,52 +23,12 @@ pub mod store;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use mmkd_datasets::Template;
-use mmkd_vision::ImageProcessor;
-use tokenizers::Tokenizer;
 
-pub use build::{build_cache, BuildRequest, BuildSummary};
 pub use manifest::{check_run, Manifest, RunIdentity, TeacherIdentity, FORMAT_VERSION};
 pub use shard::SampleRecord;
 pub use store::{CacheWriter, CachedBatch, TeacherCache};
 
-use crate::config::StageSettings;
-use digest::{digest_checkpoint, digest_file, digest_str};
-
-/// The identity of a stage run's inputs, as a cache records it and a run checks it.
-pub fn run_identity(
-    settings: &StageSettings,
-    data: &Path,
-    images: &Path,
-    template: &Template,
-    tokenizer: &Tokenizer,
-    processor: &ImageProcessor,
-) -> Result<RunIdentity> {
-    let tokenizer_json = tokenizer
-        .to_string(false)
-        .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
-    let images = images
-        .canonicalize()
-        .unwrap_or_else(|_| images.to_path_buf());
-    Ok(RunIdentity {
-        format_version: FORMAT_VERSION,
-        stage_kind: if settings.stage.is_pretraining() {
-            "pretraining"
-        } else {
-            "chat"
-        }
-        .into(),
-        data_digest: digest_file(data).with_context(|| format!("data file {}", data.display()))?,
-        images: images.display().to_string(),
-        template: settings.template(),
-        template_digest: digest_str(&serde_json::to_string(template)?),
-        tokenizer_digest: digest_str(&tokenizer_json),
-        processor_digest: digest_str(&format!("{processor:?}")),
-        max_length: settings.data.max_length,
-        temperature: settings.distill.temperature,
-        truncate_vocab: settings.train.truncate_vocab,
-    })
-}
+use digest::digest_checkpoint;
 
 /// The identity of a teacher checkpoint directory.
 pub fn teacher_identity(dir: &Path) -> Result<TeacherIdentity> {

@@ -8,20 +8,109 @@ use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
 use serde::{Deserialize, Serialize};
 
-/// One optimizer step.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+use crate::objective::TermValues;
+
+/// One optimizer step: the loss, each term of the stage's objective by its logged name (in the
+/// objective's order; `null` where no micro-batch of the step had the term), and the step's
+/// bookkeeping. A line of `metrics.jsonl` lists the fields in that order.
+#[derive(Clone, Debug, PartialEq)]
 pub struct StepMetrics {
     pub step: usize,
     pub epoch: u64,
     pub loss: f32,
-    pub ce: Option<f32>,
-    pub l_res: Option<f32>,
-    pub l_vis: Option<f32>,
-    pub l_rel: Option<f32>,
+    pub terms: TermValues,
     pub grad_norm: f64,
     pub lr: f64,
     pub samples_per_s: f64,
     pub samples: usize,
+}
+
+impl StepMetrics {
+    /// The value of the term logged as `name` at this step.
+    pub fn term(&self, name: &str) -> Option<f32> {
+        self.terms.get(name)
+    }
+}
+
+/// The fields every line has; any other key is an objective term.
+const FIXED: [&str; 7] = [
+    "step",
+    "epoch",
+    "loss",
+    "grad_norm",
+    "lr",
+    "samples_per_s",
+    "samples",
+];
+
+impl Serialize for StepMetrics {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(FIXED.len() + self.terms.0.len()))?;
+        map.serialize_entry("step", &self.step)?;
+        map.serialize_entry("epoch", &self.epoch)?;
+        map.serialize_entry("loss", &self.loss)?;
+        for (name, value) in &self.terms.0 {
+            map.serialize_entry(name, value)?;
+        }
+        map.serialize_entry("grad_norm", &self.grad_norm)?;
+        map.serialize_entry("lr", &self.lr)?;
+        map.serialize_entry("samples_per_s", &self.samples_per_s)?;
+        map.serialize_entry("samples", &self.samples)?;
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for StepMetrics {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = StepMetrics;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a metrics record (step, epoch, loss, terms, grad_norm, lr, ...)")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<StepMetrics, A::Error> {
+                use serde::de::Error;
+                let (mut step, mut epoch, mut loss) = (None, None, None);
+                let (mut grad_norm, mut lr, mut rate, mut samples) = (None, None, None, None);
+                let mut terms = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "step" => step = Some(map.next_value()?),
+                        "epoch" => epoch = Some(map.next_value()?),
+                        // A diverged step logs its NaN loss as null.
+                        "loss" => loss = Some(map.next_value::<Option<f32>>()?.unwrap_or(f32::NAN)),
+                        "grad_norm" => {
+                            grad_norm = Some(map.next_value::<Option<f64>>()?.unwrap_or(f64::NAN))
+                        }
+                        "lr" => lr = Some(map.next_value()?),
+                        "samples_per_s" => rate = Some(map.next_value()?),
+                        "samples" => samples = Some(map.next_value()?),
+                        _ => {
+                            let value: Option<f32> = map.next_value()?;
+                            terms.push((key, value));
+                        }
+                    }
+                }
+                Ok(StepMetrics {
+                    step: step.ok_or_else(|| A::Error::missing_field("step"))?,
+                    epoch: epoch.ok_or_else(|| A::Error::missing_field("epoch"))?,
+                    loss: loss.ok_or_else(|| A::Error::missing_field("loss"))?,
+                    terms: TermValues(terms),
+                    grad_norm: grad_norm.ok_or_else(|| A::Error::missing_field("grad_norm"))?,
+                    lr: lr.ok_or_else(|| A::Error::missing_field("lr"))?,
+                    samples_per_s: rate.ok_or_else(|| A::Error::missing_field("samples_per_s"))?,
+                    samples: samples.ok_or_else(|| A::Error::missing_field("samples"))?,
+                })
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
 }
 
 /// Appends lines to `metrics.jsonl`, flushing each so a killed run keeps what it logged.
@@ -75,37 +164,64 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
     Ok(out)
 }
 
-/// Colours of the plotted series, in the order of [`SERIES`].
-pub const SERIES: &[(&str, [u8; 3])] = &[
-    ("loss", [20, 20, 20]),
-    ("ce", [31, 119, 180]),
-    ("l_res", [255, 127, 14]),
-    ("l_vis", [44, 160, 44]),
-    ("l_rel", [214, 39, 40]),
+/// Colour of the loss curve.
+pub const LOSS_COLOUR: [u8; 3] = [20, 20, 20];
+
+/// Colours of the objective's terms, in the order they first appear in the log (the built-in
+/// objectives' ce, l_res, l_vis, l_rel get blue, orange, green, red).
+pub const TERM_COLOURS: &[[u8; 3]] = &[
+    [31, 119, 180],
+    [255, 127, 14],
+    [44, 160, 44],
+    [214, 39, 40],
+    [148, 103, 189],
+    [140, 86, 75],
+    [227, 119, 194],
+    [127, 127, 127],
+    [188, 189, 34],
+    [23, 190, 207],
 ];
+
+/// The plotted series: the loss, then every term the log names, with their colours.
+fn series(metrics: &[StepMetrics]) -> Vec<(String, [u8; 3])> {
+    let mut names: Vec<String> = Vec::new();
+    for m in metrics {
+        for name in m.terms.names() {
+            if !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+        }
+    }
+    std::iter::once(("loss".to_string(), LOSS_COLOUR))
+        .chain(
+            names
+                .into_iter()
+                .enumerate()
+                .map(|(i, n)| (n, TERM_COLOURS[i % TERM_COLOURS.len()])),
+        )
+        .collect()
+}
 
 fn series_value(m: &StepMetrics, name: &str) -> Option<f32> {
     match name {
         "loss" => Some(m.loss),
-        "ce" => m.ce,
-        "l_res" => m.l_res,
-        "l_vis" => m.l_vis,
-        "l_rel" => m.l_rel,
-        _ => None,
+        term => m.term(term),
     }
 }
 
 /// Draws every loss term against the step on a log-scaled y axis (light grid at powers of
-/// ten), smoothed with a running mean so noisy curves stay readable. Series colours:
-/// loss black, ce blue, l_res orange, l_vis green, l_rel red.
+/// ten), smoothed with a running mean so noisy curves stay readable. The loss is black; the
+/// terms take [`TERM_COLOURS`] in order (ce blue, l_res orange, l_vis green, l_rel red for the
+/// built-in objectives).
 pub fn plot_losses(metrics: &[StepMetrics], path: &Path) -> Result<()> {
     const W: u32 = 640;
     const H: u32 = 360;
     const PAD: f32 = 24.0;
     let mut img = RgbImage::from_pixel(W, H, Rgb([255, 255, 255]));
+    let series = series(metrics);
     let values: Vec<f32> = metrics
         .iter()
-        .flat_map(|m| SERIES.iter().filter_map(|(n, _)| series_value(m, n)))
+        .flat_map(|m| series.iter().filter_map(|(n, _)| series_value(m, n)))
         .filter(|v| v.is_finite() && *v > 0.0)
         .collect();
     if metrics.len() >= 2 && !values.is_empty() {
@@ -140,7 +256,7 @@ pub fn plot_losses(metrics: &[StepMetrics], path: &Path) -> Result<()> {
             [120, 120, 120],
         );
         let window = (metrics.len() / 50).max(1);
-        for (name, colour) in SERIES {
+        for (name, colour) in &series {
             let points: Vec<(f32, f32)> = metrics
                 .iter()
                 .filter_map(|m| series_value(m, name).map(|v| (m.step as f32, v)))
@@ -189,10 +305,10 @@ mod tests {
             step,
             epoch: 0,
             loss,
-            ce: Some(loss * 0.5),
-            l_res: None,
-            l_vis: None,
-            l_rel: None,
+            terms: TermValues(vec![
+                ("ce".into(), Some(loss * 0.5)),
+                ("l_res".into(), None),
+            ]),
             grad_norm: 1.0,
             lr: 1e-3,
             samples_per_s: 10.0,
@@ -222,5 +338,29 @@ mod tests {
         let black = img.pixels().filter(|p| p.0 == [20, 20, 20]).count();
         let blue = img.pixels().filter(|p| p.0 == [31, 119, 180]).count();
         assert!(black > 50 && blue > 50, "curves not drawn: {black} {blue}");
+    }
+
+    #[test]
+    fn lines_keep_the_objectives_terms_in_order_and_read_back() {
+        let metrics = StepMetrics {
+            terms: TermValues(vec![
+                ("ce".into(), Some(1.5)),
+                ("gkd".into(), None),
+                ("l_rel".into(), Some(0.25)),
+            ]),
+            ..m(7, 2.0)
+        };
+        let line = serde_json::to_string(&metrics).unwrap();
+        assert_eq!(
+            line,
+            "{\"step\":7,\"epoch\":0,\"loss\":2.0,\"ce\":1.5,\"gkd\":null,\"l_rel\":0.25,\
+             \"grad_norm\":1.0,\"lr\":0.001,\"samples_per_s\":10.0,\"samples\":4}"
+        );
+        let back: StepMetrics = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, metrics);
+        assert_eq!(back.term("l_rel"), Some(0.25));
+        assert_eq!(back.term("gkd"), None);
+        let err = serde_json::from_str::<StepMetrics>("{\"step\":1}").unwrap_err();
+        assert!(err.to_string().contains("missing field `epoch`"), "{err}");
     }
 }

@@ -1,29 +1,30 @@
-//! `mmkd teacher-cache`: runs a frozen teacher over a stage's data once and writes its top-k
-//! log-probabilities and relation matrices.
+//! `mmkd teacher-cache`: the online teacher signal run over a stage's data once, its top-k
+//! log-probabilities and relation matrices written by the cache store.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
-use candle_core::Tensor;
+use anyhow::{ensure, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use mmkd_datasets::{collate, CollateConfig, PaddingSide, TokenizedSample};
+use mmkd_datasets::TokenizedSample;
 use serde::Serialize;
 
-use super::manifest::{Manifest, RunIdentity};
-use super::shard::SampleRecord;
-use super::store::CacheWriter;
-use super::{run_identity, teacher_identity};
+use super::{run_identity, OnlineTeacher};
+use crate::batch::{
+    prepare_data, resolve_template, response_positions, training_tokenize_config, visual_positions,
+    ModelInputs,
+};
 use crate::config::StageSettings;
 use crate::distill::positions::gather_rows;
 use crate::distill::{
     hidden_form_is_cheaper, relation_matrices, relation_matrices_from_hidden, truncate_vocab,
-    TopKHost, IGNORE_INDEX,
+    TopKHost,
 };
-use crate::models::llava::Trainable;
-use crate::train::init::{from_checkpoint, parse_dtype, PreparedModel};
-use crate::train::trainer::{pixel_values, prepare_data, resolve_template, token_batch};
+use crate::objective::Objective;
+use crate::teacher_cache::{
+    teacher_identity, CacheWriter, Manifest, RunIdentity, SampleRecord, TeacherIdentity,
+};
 
 /// What to cache.
 #[derive(Clone, Debug)]
@@ -61,42 +62,21 @@ pub struct BuildSummary {
     pub skipped: BTreeMap<String, usize>,
 }
 
-/// Positions t whose logit L_res distils: label t + 1 supervised.
-pub fn response_positions(sample: &TokenizedSample) -> Vec<u32> {
-    (1..sample.labels.len())
-        .filter(|&t| sample.labels[t] != IGNORE_INDEX)
-        .map(|t| (t - 1) as u32)
-        .collect()
-}
-
-/// Image-token positions (L_vis, L_rel).
-pub fn visual_positions(sample: &TokenizedSample, image_token_id: u32) -> Vec<u32> {
-    sample
-        .input_ids
-        .iter()
-        .enumerate()
-        .filter(|(_, &id)| id == image_token_id)
-        .map(|(t, _)| t as u32)
-        .collect()
-}
-
 /// Writes the cache (or finishes an interrupted one) and returns its summary.
 pub fn build_cache(req: &BuildRequest) -> Result<BuildSummary> {
     let started = Instant::now();
     let settings = &req.settings;
     settings.distill.validate()?;
+    let objective = Objective::new(&settings.objective, &settings.distill)?;
     ensure!(
-        settings.stage.distills(),
-        "a teacher cache is for the distillation stages (dpt, dft)"
+        objective.teacher_term().is_some(),
+        "a teacher cache is for objectives that read a teacher; the objective of `{}` ({}) reads none",
+        settings.stage.name(),
+        objective.names().join(", ")
     );
     ensure!(req.batch_size > 0, "--batch-size must be at least 1");
-    let teacher = from_checkpoint(
-        &req.teacher,
-        Trainable::NONE,
-        parse_dtype(&settings.train.frozen_dtype)?,
-    )
-    .context("loading the teacher")?;
-    let model = &teacher.model;
+    let teacher = OnlineTeacher::load(&req.teacher, settings)?;
+    let model = &teacher.model.model;
     let full_vocab = model.config.text_config.vocab_size;
     let vocab = match settings.train.truncate_vocab {
         Some(n) => {
@@ -117,9 +97,9 @@ pub fn build_cache(req: &BuildRequest) -> Result<BuildSummary> {
     let data = prepare_data(
         &req.data,
         &req.images,
-        &teacher.tokenizer,
+        &teacher.model.tokenizer,
         &template,
-        &crate::train::trainer::training_tokenize_config(model, settings.data.max_length),
+        &training_tokenize_config(model, settings.data.max_length),
         "teacher-cache",
     )?;
     let run = run_identity(
@@ -127,11 +107,11 @@ pub fn build_cache(req: &BuildRequest) -> Result<BuildSummary> {
         &req.data,
         &req.images,
         &template,
-        &teacher.tokenizer,
-        &teacher.processor,
+        &teacher.model.tokenizer,
+        &teacher.model.processor,
     )?;
-    let teacher_id = teacher_identity(&teacher.tokenizer_dir)?;
-    let relations = settings.distill.gamma_rel > 0.0;
+    let teacher_id = teacher_identity(&teacher.model.dir)?;
+    let relations = objective.needs_teacher_relations();
     let job = serde_json::json!({
         "run": run, "teacher": teacher_id, "top_k": req.top_k, "relations": relations,
         "shard_size": req.shard_size,
@@ -209,10 +189,10 @@ pub fn build_cache(req: &BuildRequest) -> Result<BuildSummary> {
 #[allow(clippy::too_many_arguments)]
 fn manifest_for(
     run: RunIdentity,
-    teacher: super::TeacherIdentity,
+    teacher: TeacherIdentity,
     req: &BuildRequest,
     vocab: usize,
-    prepared: &PreparedModel,
+    prepared: &OnlineTeacher,
     relations: bool,
     samples: usize,
     response_positions: usize,
@@ -224,8 +204,8 @@ fn manifest_for(
         teacher,
         top_k: req.top_k,
         vocab,
-        image_token_id: prepared.model.image_token_id(),
-        tokens_per_image: prepared.model.tokens_per_image(),
+        image_token_id: prepared.model.model.image_token_id(),
+        tokens_per_image: prepared.model.model.tokens_per_image(),
         relations,
         data: req.data.display().to_string(),
         samples,
@@ -256,7 +236,7 @@ fn progress_bar(show: bool, total: usize, done: usize) -> ProgressBar {
 
 /// How one batch of samples becomes cache records.
 struct Writing<'a> {
-    teacher: &'a PreparedModel,
+    teacher: &'a OnlineTeacher,
     /// Cut the logits to this vocabulary.
     vocab: Option<usize>,
     top_k: usize,
@@ -267,28 +247,20 @@ struct Writing<'a> {
 impl Writing<'_> {
     /// The records of `samples`, the dataset's samples `first..first + samples.len()`.
     fn records(&self, samples: &[TokenizedSample], first: usize) -> Result<Vec<SampleRecord>> {
-        let model = &self.teacher.model;
+        let model = &self.teacher.model.model;
         let refs: Vec<&TokenizedSample> = samples.iter().collect();
         let indices: Vec<usize> = (first..first + samples.len()).collect();
-        let batch = collate(
-            &refs,
-            &indices,
-            &CollateConfig {
-                pad_token_id: 0,
-                padding_side: PaddingSide::Right,
-                pad_to_multiple_of: 1,
-            },
-        );
-        let tokens = token_batch(&batch);
-        let pixels = pixel_values(&batch, self.teacher)?;
-        let out = model.forward(&tokens, pixels.as_ref()).with_context(|| {
-            format!("teacher forward on samples {}", batch.sample_ids.join(", "))
-        })?;
+        let batch = ModelInputs::new(
+            mmkd_datasets::collate(&refs, &indices, &crate::batch::TRAINING_COLLATE),
+            &self.teacher.model.processor,
+            model,
+        )?;
+        let out = self.teacher.forward(&batch)?;
         let logits = match self.vocab {
             Some(n) => truncate_vocab(&out.logits.detach(), n)?,
             None => out.logits.detach(),
         };
-        let seq = batch.seq_len();
+        let seq = batch.tokens.seq_len();
         let image_token_id = model.image_token_id();
         let response_pos: Vec<Vec<u32>> = samples.iter().map(response_positions).collect();
         let visual_pos: Vec<Vec<u32>> = samples
@@ -312,16 +284,15 @@ impl Writing<'_> {
         let response = top(flat(&response_pos))?;
         let visual = top(flat(&visual_pos))?;
         let relation_mats = if self.relations {
-            let mask: Vec<u8> = out.visual.mask.iter().flatten().copied().collect();
-            let mask = Tensor::from_vec(mask, (samples.len(), seq), model.device())?;
+            let mask = &batch.visual_mask;
             let visual_counts: Vec<usize> = visual_pos.iter().map(Vec::len).collect();
             let (_, _, hidden) = out.hidden.dims3()?;
             if self.vocab.is_none()
                 && hidden_form_is_cheaper(&visual_counts, logits.dim(2)?, hidden, hidden)
             {
-                relation_matrices_from_hidden(&out.hidden, model.lm.lm_head_weight(), &mask)?
+                relation_matrices_from_hidden(&out.hidden, model.lm.lm_head_weight(), mask)?
             } else {
-                relation_matrices(&logits, &mask)?
+                relation_matrices(&logits, mask)?
             }
         } else {
             vec![None; samples.len()]

@@ -1,64 +1,35 @@
-//! Building the model a stage trains (or the frozen teacher it distils from): from a previous
-//! checkpoint (`--init`), by composing vision and LLM checkpoints, or fresh from the preset's
-//! architecture (the synthetic experiments).
+//! Building the model a stage trains: from a previous checkpoint (`--init`), by composing
+//! vision and LLM checkpoints, or fresh from the preset's architecture (the synthetic
+//! experiments).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use mmkd_nn::WeightSource;
 use mmkd_vision::{load_vision_weights, ImageProcessor, VisionConfig};
-use tokenizers::Tokenizer;
 
-use crate::checkpoint::bundle::{load_processor, load_tokenizer};
+use crate::checkpoint::bundle::load_tokenizer;
 use crate::checkpoint::compose::{compose, saved_processor, ComposeSpec};
-use crate::checkpoint::{hub, layout, read_config, read_weights};
+use crate::checkpoint::{hub, layout, read_weights, LoadedModel};
 use crate::config::ModelSpec;
 use crate::models::llava::{BuildOptions, LlavaModel, Trainable, LM_PREFIX, VISION_PREFIX};
 use crate::models::llava_config::LlavaConfig;
 use crate::models::projector::ProjectorKind;
 
-/// A model with the files it reads inputs with.
-pub struct PreparedModel {
-    pub model: LlavaModel,
-    /// Directory holding `tokenizer.json` (copied into every checkpoint).
-    pub tokenizer_dir: PathBuf,
-    pub tokenizer: Tokenizer,
-    pub processor: ImageProcessor,
-    /// Where the weights came from, for the run summary.
-    pub origin: String,
-}
-
-pub fn parse_dtype(name: &str) -> Result<DType> {
-    Ok(match name {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        other => bail!("unknown dtype `{other}` (f32, bf16, f16)"),
-    })
-}
-
-/// Loads a LLaVA checkpoint (directory or hub id) with every module required.
+/// Loads a LLaVA checkpoint (directory or hub id) with every module required, its frozen
+/// modules in `frozen_dtype`, on `device`.
 pub fn from_checkpoint(
     spec: &str,
     trainable: Trainable,
     frozen_dtype: DType,
-) -> Result<PreparedModel> {
-    let dir = hub::resolve_model(spec)?;
-    let config = read_config(&dir)?;
-    let weights = read_weights(&dir, &candle_core::Device::Cpu)?;
+    device: &Device,
+) -> Result<LoadedModel> {
     let mut options = BuildOptions::new(trainable, 0);
     options.frozen_dtype = frozen_dtype;
-    let model = LlavaModel::build(&config, Arc::new(weights), &options)
-        .with_context(|| format!("loading {}", dir.display()))?;
-    Ok(PreparedModel {
-        model,
-        tokenizer: load_tokenizer(&dir)?,
-        processor: load_processor(&dir)?,
-        tokenizer_dir: dir.clone(),
-        origin: dir.display().to_string(),
-    })
+    options.device = device.clone();
+    LoadedModel::load(spec, &options)
 }
 
 /// The image processor of a fresh model: the tower checkpoint's (`saved`) or the tower's
@@ -88,11 +59,13 @@ pub fn from_spec(
     tokenizer_file: Option<&Path>,
     trainable: Trainable,
     frozen_dtype: DType,
-) -> Result<PreparedModel> {
+    device: &Device,
+) -> Result<LoadedModel> {
     let projector = ProjectorKind::parse(&spec.projector)?;
     let feature_layer = serde_json::to_value(&spec.feature_layer)?;
     let mut options = BuildOptions::new(trainable, spec.seed);
     options.frozen_dtype = frozen_dtype;
+    options.device = device.clone();
     match (
         &spec.vision,
         &spec.llm,
@@ -113,10 +86,10 @@ pub fn from_spec(
             )?;
             options.require = vec![VISION_PREFIX, LM_PREFIX];
             let model = LlavaModel::build(&composed.config, Arc::new(composed.weights), &options)?;
-            Ok(PreparedModel {
+            Ok(LoadedModel {
                 model,
                 tokenizer: load_tokenizer(&composed.llm_dir)?,
-                tokenizer_dir: composed.llm_dir.clone(),
+                dir: composed.llm_dir.clone(),
                 processor: composed.processor,
                 origin: format!("{vision} + {llm} + fresh {}", projector.name()),
             })
@@ -131,7 +104,7 @@ pub fn from_spec(
             fresh_llm(spec, vision, text_cfg, tokenizer_file, options)
         }
         (Some(vision), None, expected, Some(text_cfg)) => {
-            let tower = tower_from_checkpoint(vision)?;
+            let tower = tower_from_checkpoint(vision, device)?;
             if let Some(expected) = expected {
                 check_tower_config(&tower, expected)?;
             }
@@ -158,9 +131,8 @@ struct FreshTower {
 
 /// The tower of a checkpoint: a SigLIP/CLIP vision checkpoint or a LLaVA checkpoint (its
 /// `vision_tower`), so students can share a teacher's trained tower.
-fn tower_from_checkpoint(spec: &str) -> Result<FreshTower> {
+fn tower_from_checkpoint(spec: &str, device: &Device) -> Result<FreshTower> {
     let dir = hub::resolve_model(spec)?;
-    let device = candle_core::Device::Cpu;
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
@@ -171,14 +143,14 @@ fn tower_from_checkpoint(spec: &str) -> Result<FreshTower> {
         let config = LlavaConfig::from_json_str(&text)
             .with_context(|| format!("invalid LLaVA config {}", config_path.display()))?;
         let mut weights = WeightSource::empty();
-        weights.merge_renamed(read_weights(&dir, &device)?, |name| {
+        weights.merge_renamed(read_weights(&dir, device)?, |name| {
             name.starts_with(VISION_PREFIX).then(|| name.to_string())
         });
         (config.vision_config, weights)
     } else {
         let config = VisionConfig::from_json_value(&value)
             .with_context(|| format!("{}: not a vision tower config", config_path.display()))?;
-        let mut weights = load_vision_weights(&dir, &device)?;
+        let mut weights = load_vision_weights(&dir, device)?;
         weights.rename(layout::vision_key);
         (config, weights)
     };
@@ -224,7 +196,7 @@ fn fresh_llm(
     text_cfg: &toml::Table,
     tokenizer_file: Option<&Path>,
     mut options: BuildOptions,
-) -> Result<PreparedModel> {
+) -> Result<LoadedModel> {
     let projector = ProjectorKind::parse(&spec.projector)?;
     let tokenizer_file = tokenizer_file.context(
         "a freshly built model needs a tokenizer: pass --tokenizer FILE or set data.tokenizer",
@@ -267,14 +239,14 @@ fn fresh_llm(
     };
     let model = LlavaModel::build(&config, Arc::new(tower.weights), &options)?;
     let processor = fresh_processor(spec, &config.vision_config, tower.processor)?;
-    let tokenizer_dir = tokenizer_file
+    let dir = tokenizer_file
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
-    Ok(PreparedModel {
+    Ok(LoadedModel {
         model,
         tokenizer,
-        tokenizer_dir,
+        dir,
         processor,
         origin: format!("{} + fresh LLM (seed {})", tower.origin, spec.seed),
     })

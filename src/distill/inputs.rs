@@ -1,0 +1,357 @@
+//! One micro-batch as every loss term reads it: the student's logits (at every position, or at
+//! the rows a term asks for), the labels and visual positions computed once, and the teacher's
+//! side (its logits from an online model, or its top-k rows from a cache). Each term of an
+//! objective is one method here, so the named terms of `crate::objective` and the fixed
+//! LLaVA-KD combination ([`super::distill_loss`]) run the same code.
+
+use std::cell::OnceCell;
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::Tensor;
+
+use super::config::DistillLossConfig;
+use super::loss::{ce_of_rows, ce_rows, check_targets};
+use super::mdist::{check_labels, check_pair, rows_loss};
+use super::positions::{gather_rows, response_rows, visual_rows, ResponseRows};
+use super::rdist::{
+    relation_loss, relation_loss_from_hidden, relation_loss_to_cached,
+    student_hidden_form_is_cheaper, StudentRelation,
+};
+use super::topk::{topk_per_token, TopKRows};
+
+/// Where the student's logits at the rows a loss reads come from.
+#[derive(Clone, Copy, Debug)]
+pub enum StudentLogits<'a> {
+    /// `[batch, seq, vocab]` at every position; the rows are gathered from them.
+    Full(&'a Tensor),
+    /// Final hidden states `[batch, seq, hidden]` and the bias-free LM head `[vocab, hidden]`
+    /// (cut to the vocabulary the loss compares): logits are computed at the loss's rows only.
+    /// Same values; the head then skips the positions no loss reads, and the backward scatters
+    /// hidden-width gradients instead of a vocabulary-wide one per gathered row set.
+    AtRows {
+        hidden: &'a Tensor,
+        head: &'a Tensor,
+    },
+}
+
+impl StudentLogits<'_> {
+    /// `[batch, seq, vocab]`.
+    pub(crate) fn dims(&self) -> Result<(usize, usize, usize)> {
+        match self {
+            StudentLogits::Full(logits) => logits.dims3().with_context(|| {
+                format!(
+                    "student logits must be [batch, seq, vocab], got {:?}",
+                    logits.dims()
+                )
+            }),
+            StudentLogits::AtRows { hidden, head } => {
+                let (b, s, h) = hidden.dims3().with_context(|| {
+                    format!(
+                        "student hidden states must be [batch, seq, hidden], got {:?}",
+                        hidden.dims()
+                    )
+                })?;
+                let (v, head_h) = head
+                    .dims2()
+                    .context("the LM head must be [vocab, hidden]")?;
+                ensure!(
+                    head_h == h,
+                    "the LM head is [{v}, {head_h}], the hidden states are {h} wide"
+                );
+                Ok((b, s, v))
+            }
+        }
+    }
+
+    /// The logits `[rows, vocab]` at flat `batch·seq` rows.
+    fn rows(&self, rows: &[u32]) -> Result<Tensor> {
+        match self {
+            StudentLogits::Full(logits) => gather_rows(logits, rows),
+            StudentLogits::AtRows { hidden, head } => {
+                let picked = gather_rows(hidden, rows)?;
+                Ok(mmkd_nn::fused::linear(&picked, head, None)?)
+            }
+        }
+    }
+}
+
+/// Hidden states and bias-free `lm_head` weights for the cheaper relation loss
+/// (see [`relation_loss_from_hidden`]).
+#[derive(Clone, Copy, Debug)]
+pub struct RelationHidden<'a> {
+    pub student_hidden: &'a Tensor,
+    pub student_head: &'a Tensor,
+    pub teacher_hidden: &'a Tensor,
+    pub teacher_head: &'a Tensor,
+}
+
+/// A teacher read back from an offline cache, lined up with one batch.
+#[derive(Clone, Copy, Debug)]
+pub struct CachedTeacher<'a> {
+    /// Top-k rows at the batch's response positions, in [`response_rows`] order.
+    pub response: &'a TopKRows,
+    /// Top-k rows at the batch's visual positions, in [`visual_rows`] order.
+    pub visual: &'a TopKRows,
+    /// The teacher's relation matrix of each batch row (`None`: no visual position, or the
+    /// cache holds none because L_rel is off).
+    pub relations: &'a [Option<Tensor>],
+}
+
+/// The teacher's side of a micro-batch.
+#[derive(Clone, Copy, Debug)]
+pub enum TeacherSide<'a> {
+    /// An online teacher's logits `[batch, seq, vocab]` (detached here), with the hidden
+    /// states for the cheaper L_rel when both heads are bias-free and uncut.
+    Logits {
+        logits: &'a Tensor,
+        relation_hidden: Option<RelationHidden<'a>>,
+    },
+    /// A teacher cache's rows for this batch.
+    Cached(CachedTeacher<'a>),
+}
+
+/// One micro-batch's loss inputs, checked once; the student's logit rows that several terms
+/// read (the response rows: CE and L_res; the visual rows: L_vis and L_rel) are computed once.
+pub struct LossInputs<'a> {
+    student: StudentLogits<'a>,
+    labels: &'a Tensor,
+    visual_mask: &'a Tensor,
+    teacher: Option<TeacherSide<'a>>,
+    student_relation: Option<StudentRelation<'a>>,
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+    response: ResponseRows,
+    visual: Vec<u32>,
+    response_logits: OnceCell<Option<Tensor>>,
+    visual_logits: OnceCell<Option<Tensor>>,
+}
+
+impl<'a> LossInputs<'a> {
+    /// Checks the shapes (and, with a teacher's logits, that both sides agree) and computes
+    /// the positions. `student_relation` chooses the student side of L_rel against a cache;
+    /// `None` lets [`LossInputs::relation`] pick the cheaper form.
+    pub fn new(
+        student: StudentLogits<'a>,
+        labels: &'a Tensor,
+        visual_mask: &'a Tensor,
+        teacher: Option<TeacherSide<'a>>,
+        student_relation: Option<StudentRelation<'a>>,
+    ) -> Result<Self> {
+        let (batch, seq, vocab) = student.dims()?;
+        match (&student, &teacher) {
+            (StudentLogits::Full(s), Some(TeacherSide::Logits { logits, .. })) => {
+                check_pair(s, logits)?;
+                check_labels(s, labels, "labels")?;
+                check_labels(s, visual_mask, "visual mask")?;
+            }
+            (StudentLogits::Full(s), None) => {
+                check_labels(s, labels, "labels")?;
+                check_labels(s, visual_mask, "visual mask")?;
+            }
+            (_, Some(TeacherSide::Logits { .. })) => bail!(
+                "an online teacher's logits are compared with the student's full logits, not \
+                 with logits at selected rows"
+            ),
+            (_, _) => {
+                for (t, what) in [(labels, "labels"), (visual_mask, "visual mask")] {
+                    ensure!(
+                        t.dims() == [batch, seq],
+                        "{what} have shape {:?}, the logits cover [{batch}, {seq}] positions",
+                        t.dims()
+                    );
+                }
+            }
+        }
+        let response = response_rows(labels)?;
+        if matches!(teacher, Some(TeacherSide::Cached(_))) {
+            check_targets(&response, seq, vocab)?;
+        }
+        let visual = visual_rows(visual_mask)?;
+        Ok(Self {
+            student,
+            labels,
+            visual_mask,
+            teacher,
+            student_relation,
+            batch,
+            seq,
+            vocab,
+            response,
+            visual,
+            response_logits: OnceCell::new(),
+            visual_logits: OnceCell::new(),
+        })
+    }
+
+    pub fn labels(&self) -> &Tensor {
+        self.labels
+    }
+
+    pub fn visual_mask(&self) -> &Tensor {
+        self.visual_mask
+    }
+
+    pub fn has_teacher(&self) -> bool {
+        self.teacher.is_some()
+    }
+
+    /// Next-token cross-entropy over the supervised tokens (`None`: no supervised token).
+    pub fn ce(&self) -> Result<Option<Tensor>> {
+        match self.student {
+            StudentLogits::Full(logits) => ce_rows(logits, &self.response),
+            StudentLogits::AtRows { .. } => self
+                .response_logits()?
+                .map(|rows| ce_of_rows(&rows, &self.response))
+                .transpose(),
+        }
+    }
+
+    /// MDist's L_res: the mean divergence over the response rows.
+    pub fn response_divergence(&self, cfg: &DistillLossConfig) -> Result<Option<Tensor>> {
+        match self.teacher_side("L_res")? {
+            TeacherSide::Logits { logits, .. } => {
+                rows_loss(self.full_logits()?, logits, &self.response.rows, cfg)
+                    .context("response distillation loss (L_res)")
+            }
+            TeacherSide::Cached(cached) => {
+                let what = "response distillation loss (L_res) from the teacher cache";
+                check_cached(self.response.rows.len(), cached.response, "L_res").context(what)?;
+                self.response_logits()?
+                    .map(|rows| -> Result<Tensor> {
+                        Ok(topk_per_token(&rows, cached.response, cfg)?.mean_all()?)
+                    })
+                    .transpose()
+                    .context(what)
+            }
+        }
+    }
+
+    /// MDist's L_vis: the mean divergence over the visual rows.
+    pub fn visual_divergence(&self, cfg: &DistillLossConfig) -> Result<Option<Tensor>> {
+        match self.teacher_side("L_vis")? {
+            TeacherSide::Logits { logits, .. } => {
+                rows_loss(self.full_logits()?, logits, &self.visual, cfg)
+                    .context("visual distillation loss (L_vis)")
+            }
+            TeacherSide::Cached(cached) => {
+                let what = "visual distillation loss (L_vis) from the teacher cache";
+                check_cached(self.visual.len(), cached.visual, "L_vis").context(what)?;
+                self.visual_logits()?
+                    .map(|rows| -> Result<Tensor> {
+                        Ok(topk_per_token(&rows, cached.visual, cfg)
+                            .context(what)?
+                            .mean_all()?)
+                    })
+                    .transpose()
+            }
+        }
+    }
+
+    /// RDist's L_rel: 1 − cosine between the student's and the teacher's visual-token
+    /// relation matrices, averaged over the samples with images.
+    pub fn relation(&self) -> Result<Option<Tensor>> {
+        match self.teacher_side("L_rel")? {
+            TeacherSide::Logits {
+                relation_hidden: Some(h),
+                ..
+            } => relation_loss_from_hidden(
+                h.student_hidden,
+                h.student_head,
+                h.teacher_hidden,
+                h.teacher_head,
+                self.visual_mask,
+            ),
+            TeacherSide::Logits {
+                logits,
+                relation_hidden: None,
+            } => relation_loss(self.full_logits()?, logits, self.visual_mask),
+            TeacherSide::Cached(cached) => {
+                // Unless the caller chose, the student side takes the cheaper of Z Zᵀ =
+                // H (WᵀW) Hᵀ and the visual-row logits (the teacher's side is cached).
+                let relation = match (self.student_relation, self.student) {
+                    (Some(relation), _) => Some(relation),
+                    (None, StudentLogits::AtRows { hidden, head }) => {
+                        let mut per_sample = vec![0usize; self.batch];
+                        for &row in &self.visual {
+                            per_sample[row as usize / self.seq] += 1;
+                        }
+                        student_hidden_form_is_cheaper(&per_sample, self.vocab, hidden.dim(2)?)
+                            .then_some(StudentRelation::Hidden { hidden, head })
+                    }
+                    (None, _) => None,
+                };
+                match relation {
+                    Some(relation) => {
+                        relation_loss_to_cached(relation, cached.relations, self.visual_mask)
+                    }
+                    None => match self.visual_logits()? {
+                        Some(rows) => relation_loss_to_cached(
+                            StudentRelation::VisualRows(&rows),
+                            cached.relations,
+                            self.visual_mask,
+                        ),
+                        None => Ok(None),
+                    },
+                }
+            }
+        }
+    }
+
+    fn teacher_side(&self, term: &str) -> Result<TeacherSide<'a>> {
+        self.teacher
+            .with_context(|| format!("{term} compares with a teacher, and this batch has none"))
+    }
+
+    fn full_logits(&self) -> Result<&'a Tensor> {
+        match self.student {
+            StudentLogits::Full(logits) => Ok(logits),
+            StudentLogits::AtRows { .. } => {
+                bail!("this loss needs the student's logits at every position")
+            }
+        }
+    }
+
+    /// The student's logits at the response rows (`None`: no supervised token), computed once.
+    fn response_logits(&self) -> Result<Option<Tensor>> {
+        memo(&self.response_logits, || {
+            if self.response.is_empty() {
+                Ok(None)
+            } else {
+                self.student.rows(&self.response.rows).map(Some)
+            }
+        })
+    }
+
+    /// The student's logits at the visual rows (`None`: no visual position), computed once.
+    fn visual_logits(&self) -> Result<Option<Tensor>> {
+        memo(&self.visual_logits, || {
+            if self.visual.is_empty() {
+                Ok(None)
+            } else {
+                self.student.rows(&self.visual).map(Some)
+            }
+        })
+    }
+}
+
+fn memo(
+    cell: &OnceCell<Option<Tensor>>,
+    compute: impl FnOnce() -> Result<Option<Tensor>>,
+) -> Result<Option<Tensor>> {
+    if let Some(value) = cell.get() {
+        return Ok(value.clone());
+    }
+    let value = compute()?;
+    Ok(cell.get_or_init(|| value).clone())
+}
+
+/// The cache must hold one teacher row per position of the batch.
+fn check_cached(positions: usize, top: &TopKRows, what: &str) -> Result<()> {
+    ensure!(
+        top.rows()? == positions,
+        "{what}: the cache holds {} teacher rows for the batch's {positions} positions",
+        top.rows()?
+    );
+    Ok(())
+}

@@ -1,0 +1,29 @@
+//! `ce`: next-token cross-entropy over the supervised tokens (every stage's language loss).
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::TermKind;
+use crate::distill::LossInputs;
+use crate::objective::{Needs, Term};
+
+pub const KIND: TermKind = TermKind {
+    name: "ce",
+    log_name: "ce",
+    about: "next-token cross-entropy on the data",
+    divergence_options: false,
+    build: |_| Ok(Box::new(CrossEntropy)),
+};
+
+#[derive(Debug)]
+struct CrossEntropy;
+
+impl Term for CrossEntropy {
+    fn needs(&self) -> Needs {
+        Needs::default()
+    }
+
+    fn loss(&self, inputs: &LossInputs<'_>) -> Result<Option<Tensor>> {
+        inputs.ce()
+    }
+}

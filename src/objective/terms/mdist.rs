@@ -1,0 +1,64 @@
+//! `mdist.response` and `mdist.visual`: LLaVA-KD's MDist, the teacher‖student divergence at
+//! the response positions (L_res) and at the visual positions (L_vis).
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::TermKind;
+use crate::distill::{DistillLossConfig, LossInputs};
+use crate::objective::{Needs, Term};
+
+pub const RESPONSE: TermKind = TermKind {
+    name: "mdist.response",
+    log_name: "l_res",
+    about: "teacher‖student divergence at the response tokens",
+    divergence_options: true,
+    build: |cfg| {
+        Ok(Box::new(Mdist {
+            at: Positions::Response,
+            cfg: cfg.clone(),
+        }))
+    },
+};
+
+pub const VISUAL: TermKind = TermKind {
+    name: "mdist.visual",
+    log_name: "l_vis",
+    about: "teacher‖student divergence at the image tokens",
+    divergence_options: true,
+    build: |cfg| {
+        Ok(Box::new(Mdist {
+            at: Positions::Visual,
+            cfg: cfg.clone(),
+        }))
+    },
+};
+
+#[derive(Clone, Copy, Debug)]
+enum Positions {
+    Response,
+    Visual,
+}
+
+#[derive(Debug)]
+struct Mdist {
+    at: Positions,
+    cfg: DistillLossConfig,
+}
+
+impl Term for Mdist {
+    fn needs(&self) -> Needs {
+        Needs {
+            teacher: true,
+            teacher_relations: false,
+            teacher_temperature: Some(self.cfg.temperature),
+        }
+    }
+
+    fn loss(&self, inputs: &LossInputs<'_>) -> Result<Option<Tensor>> {
+        match self.at {
+            Positions::Response => inputs.response_divergence(&self.cfg),
+            Positions::Visual => inputs.visual_divergence(&self.cfg),
+        }
+    }
+}

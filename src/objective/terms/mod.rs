@@ -1,0 +1,44 @@
+//! The registered terms. A new term is one file here and one line in [`TERMS`].
+
+mod ce;
+mod mdist;
+mod rdist;
+
+use anyhow::{bail, Result};
+
+use super::Term;
+use crate::distill::DistillLossConfig;
+
+/// A term as the registry knows it.
+pub struct TermKind {
+    /// The name presets use (`term = "..."`).
+    pub name: &'static str,
+    /// The name its values are logged under unless the preset gives one.
+    pub log_name: &'static str,
+    /// One line for the error that lists the terms.
+    pub about: &'static str,
+    /// Whether it takes `divergence`, `temperature` and `t2_scaling`.
+    pub divergence_options: bool,
+    /// Builds the term from its resolved settings.
+    pub build: fn(&DistillLossConfig) -> Result<Box<dyn Term>>,
+}
+
+/// Every term an objective can name.
+pub const TERMS: &[TermKind] = &[ce::KIND, mdist::RESPONSE, mdist::VISUAL, rdist::KIND];
+
+/// The registered term called `name`.
+pub fn kind(name: &str) -> Result<&'static TermKind> {
+    match TERMS.iter().find(|k| k.name == name) {
+        Some(kind) => Ok(kind),
+        None => bail!("unknown objective term `{name}` (known: {})", known()),
+    }
+}
+
+/// The registered names with what each is.
+pub fn known() -> String {
+    TERMS
+        .iter()
+        .map(|k| format!("{} ({})", k.name, k.about))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,34 @@
+//! `rdist`: LLaVA-KD's RDist, 1 − cosine between the teacher's and the student's visual-token
+//! relation matrices.
+
+use anyhow::Result;
+use candle_core::Tensor;
+
+use super::TermKind;
+use crate::distill::LossInputs;
+use crate::objective::{Needs, Term};
+
+pub const KIND: TermKind = TermKind {
+    name: "rdist",
+    log_name: "l_rel",
+    about: "teacher/student visual-token relation matrices",
+    divergence_options: false,
+    build: |_| Ok(Box::new(Rdist)),
+};
+
+#[derive(Debug)]
+struct Rdist;
+
+impl Term for Rdist {
+    fn needs(&self) -> Needs {
+        Needs {
+            teacher: true,
+            teacher_relations: true,
+            teacher_temperature: None,
+        }
+    }
+
+    fn loss(&self, inputs: &LossInputs<'_>) -> Result<Option<Tensor>> {
+        inputs.relation()
+    }
+}

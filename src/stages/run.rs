@@ -1,0 +1,607 @@
+//! A stage run from start to finish: models, teacher signal, data, then the learner's step in
+//! a loop with metrics, progress, atomic checkpoints and resume; the trained model and the
+//! summary last.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use mmkd_datasets::{BatchSampler, SampleShape, SamplerConfig, TokenizedSample};
+use serde::Serialize;
+
+use super::init::{from_checkpoint, from_spec};
+use super::progress::step_bar;
+use crate::batch::{prepare_data, resolve_template, training_tokenize_config, ModelInputs};
+use crate::checkpoint::{temp_sibling, write_llava_files, LoadedModel, SaveAssets};
+use crate::config::{Module, Stage, StageSettings};
+use crate::models::llava::{ImageInput, LlavaOutput, Trainable, PROJECTOR_PREFIX, VISION_PREFIX};
+use crate::objective::{Objective, TermSpec, TermValues};
+use crate::runtime::parse_dtype;
+use crate::teacher::{teacher_rows, CachedSignal, OnlineTeacher, TeacherSignal};
+use crate::teacher_cache::Manifest;
+use crate::train::forward::{objective_loss, StudentBatch};
+use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, StepMetrics};
+use crate::train::state::{
+    digest, latest_checkpoint, read_state, save_checkpoint, TrainerState, OPTIMIZER_FILE,
+};
+use crate::train::step::{MicroBatch, MicroBatchSource, MicroLoss, NotFinite, TrainStep};
+use crate::train::{AdamW, AdamWConfig, LrSchedule, ParamGroupConfig};
+
+/// One stage run as the CLI (or the demo) asks for it.
+#[derive(Clone, Debug)]
+pub struct StageRun {
+    pub settings: StageSettings,
+    /// Previous stage's checkpoint (required for SFT and DFT).
+    pub init: Option<String>,
+    /// Teacher checkpoint (objectives that read a teacher).
+    pub teacher: Option<String>,
+    /// Offline teacher cache (written by `mmkd teacher-cache`) instead of `teacher`.
+    pub teacher_cache: Option<PathBuf>,
+    pub data: PathBuf,
+    pub images: PathBuf,
+    pub out: PathBuf,
+    /// Tokenizer for freshly built models.
+    pub tokenizer: Option<PathBuf>,
+    pub resume: bool,
+    /// Draw a progress bar (off in tests).
+    pub progress: bool,
+}
+
+/// What a finished stage reports (also written to `OUT/summary.json`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StageSummary {
+    pub stage: Stage,
+    pub steps: usize,
+    pub samples_seen: usize,
+    pub wall_seconds: f64,
+    pub samples_per_s: f64,
+    pub first_loss: f32,
+    pub final_loss: f32,
+    /// Each objective term's value at the first and the last step, by logged name.
+    pub first_terms: TermValues,
+    pub final_terms: TermValues,
+    pub data_records: usize,
+    pub data_kept: usize,
+    pub data_truncated: usize,
+    /// Records not trained on, by reason.
+    pub data_skipped: std::collections::BTreeMap<String, usize>,
+    pub model_origin: String,
+    pub parameters_trained: usize,
+    pub settings: serde_json::Value,
+}
+
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// Whether `out` holds a finished stage (its summary is written last).
+pub fn stage_finished(out: &Path) -> bool {
+    out.join(SUMMARY_FILE).exists()
+}
+
+fn trainable_modules(settings: &StageSettings) -> Trainable {
+    let modules = settings.train.modules(settings.stage);
+    Trainable {
+        vision: modules.contains(&Module::Vision),
+        projector: modules.contains(&Module::Projector),
+        llm: modules.contains(&Module::Llm),
+    }
+}
+
+/// The projector's parameter group, and the vision tower's when it trains.
+fn optimizer_groups(settings: &StageSettings, vars: &[(String, Var)]) -> Vec<ParamGroupConfig> {
+    let group = |name: &str, prefix: &str, lr_scale: f64| ParamGroupConfig {
+        name: name.into(),
+        prefixes: vec![format!("{prefix}.")],
+        lr_scale,
+        weight_decay: settings.train.weight_decay,
+    };
+    let mut groups = vec![group(
+        "projector",
+        PROJECTOR_PREFIX,
+        settings.train.projector_lr_scale,
+    )];
+    if vars
+        .iter()
+        .any(|(name, _)| name.starts_with(&format!("{VISION_PREFIX}.")))
+    {
+        groups.push(group(
+            "vision",
+            VISION_PREFIX,
+            settings.train.vision_lr_scale,
+        ));
+    }
+    groups
+}
+
+/// The digest a checkpoint records so that a resume with other settings is refused. Settings
+/// that change no number (micro-batches side by side, the device) are left out, and so is an
+/// objective that is the stage's built-in one (checkpoints of builds before objectives resume).
+fn settings_digest(run: &StageRun, cache: Option<&Manifest>) -> String {
+    let settings = &run.settings;
+    let mut digested = settings.as_json();
+    if let Some(train) = digested.get_mut("train").and_then(|t| t.as_object_mut()) {
+        train.remove("parallel_micro_batches");
+        train.remove("device");
+    }
+    if settings.objective == TermSpec::builtin(settings.stage.distills(), &settings.distill) {
+        if let Some(all) = digested.as_object_mut() {
+            all.remove("objective");
+        }
+    }
+    digest(&serde_json::json!({
+        "settings": digested, "data": run.data, "images": run.images, "init": run.init,
+        "teacher": run.teacher,
+        "teacher_cache": cache.map(Manifest::identity_digest),
+    }))
+}
+
+/// A micro-batch with the work on it that no trained weight changes: the online teacher's
+/// output (`None` without an online teacher) and the student's frozen-tower features (`None`
+/// when the tower trains or the batch has no image).
+struct StageMicroBatch {
+    inputs: ModelInputs,
+    teacher_out: Option<LlavaOutput>,
+    student_tower: Option<Tensor>,
+}
+
+impl MicroBatch for StageMicroBatch {
+    fn samples(&self) -> usize {
+        self.inputs.collated.batch_size()
+    }
+
+    fn sample_ids(&self) -> Vec<String> {
+        self.inputs.collated.sample_ids.clone()
+    }
+}
+
+/// One step's micro-batches, drawn from the sampler, `parallel` of them side by side.
+struct StageBatches<'a> {
+    samples: &'a [TokenizedSample],
+    student: &'a LoadedModel,
+    teacher: Option<&'a TeacherSignal>,
+    /// Whether there is frozen work worth doing ahead (an online teacher, a frozen tower).
+    look_ahead: bool,
+    parallel: usize,
+    /// This step's micro-batches (sample indices).
+    step: Vec<Vec<usize>>,
+    /// The next step's first chunk (empty on the last step).
+    next_step: Vec<Vec<usize>>,
+    ahead: Vec<StageMicroBatch>,
+}
+
+impl StageBatches<'_> {
+    /// A micro-batch collated, with the online teacher's output and the student's
+    /// frozen-tower features on it.
+    fn prepare(&self, indices: Vec<usize>) -> Result<StageMicroBatch> {
+        let inputs = ModelInputs::collate(self.samples, indices, self.student)?;
+        let teacher_out = match self.teacher {
+            Some(t) => t.forward_ahead(&inputs)?,
+            None => None,
+        };
+        let student_tower = match &inputs.pixels {
+            Some(pixels) => self.student.model.frozen_tower_features(pixels)?,
+            None => None,
+        };
+        Ok(StageMicroBatch {
+            inputs,
+            teacher_out,
+            student_tower,
+        })
+    }
+
+    fn chunk(&self, chunk: usize) -> &[Vec<usize>] {
+        let start = chunk * self.parallel;
+        &self.step[start..(start + self.parallel).min(self.step.len())]
+    }
+}
+
+impl MicroBatchSource for StageBatches<'_> {
+    type Item = StageMicroBatch;
+
+    fn chunks(&self) -> usize {
+        self.step.len().div_ceil(self.parallel)
+    }
+
+    fn take(&mut self, chunk: usize) -> Result<Vec<StageMicroBatch>> {
+        let mut ready = std::mem::take(&mut self.ahead).into_iter();
+        self.chunk(chunk)
+            .to_vec()
+            .into_iter()
+            .map(|indices| match ready.next() {
+                Some(mb) if mb.inputs.collated.sample_indices == indices => Ok(mb),
+                _ => self.prepare(indices),
+            })
+            .collect()
+    }
+
+    fn prepare_ahead(&self, chunk: usize) -> Result<Vec<StageMicroBatch>> {
+        if !self.look_ahead {
+            return Ok(Vec::new());
+        }
+        let next = if chunk + 1 < self.chunks() {
+            self.chunk(chunk + 1)
+        } else {
+            &self.next_step
+        };
+        next.iter()
+            .map(|indices| self.prepare(indices.clone()))
+            .collect()
+    }
+
+    fn keep_ahead(&mut self, ready: Vec<StageMicroBatch>) {
+        self.ahead = ready;
+    }
+}
+
+/// How a stage gets its teacher, decided before the data is read.
+#[allow(clippy::large_enum_variant)]
+enum TeacherPlan {
+    None,
+    Online(OnlineTeacher),
+    Cached(PathBuf, Manifest),
+}
+
+/// Runs one stage to completion (or resumes it) and writes the trained model to `run.out`.
+pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
+    let settings = &run.settings;
+    let stage = settings.stage;
+    let started = Instant::now();
+    std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
+    let objective = Objective::new(&settings.objective, &settings.distill)
+        .with_context(|| format!("the objective of `{}`", stage.name()))?;
+    let teacher_term = objective.teacher_term();
+    let cache_manifest = match (&run.teacher_cache, teacher_term) {
+        (Some(dir), Some(_)) => Some(Manifest::read(dir)?),
+        (Some(_), None) => bail!(
+            "--teacher-cache: the objective of `{}` ({}) reads no teacher; it is for objectives \
+             with a distillation term (dpt, dft)",
+            stage.name(),
+            objective.names().join(", ")
+        ),
+        (None, _) => None,
+    };
+    let settings_digest = settings_digest(run, cache_manifest.as_ref());
+    let frozen_dtype = parse_dtype(&settings.train.frozen_dtype)?;
+    let device = settings.train.device.open()?;
+    let trainable = trainable_modules(settings);
+
+    // Resume point.
+    let resume_from = if run.resume {
+        let ckpt = latest_checkpoint(&run.out)?.with_context(|| {
+            format!(
+                "--resume: no complete checkpoint in {}",
+                crate::train::state::checkpoints_dir(&run.out).display()
+            )
+        })?;
+        let state = read_state(&ckpt)?;
+        anyhow::ensure!(
+            state.settings_digest == settings_digest,
+            "--resume: {} was written with other settings, data or models; resume with the same command",
+            ckpt.display()
+        );
+        Some((ckpt, state))
+    } else {
+        if latest_checkpoint(&run.out)?.is_some() {
+            bail!(
+                "{} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out",
+                run.out.display()
+            );
+        }
+        None
+    };
+
+    // Models.
+    let student = match (&resume_from, &run.init) {
+        (Some((ckpt, _)), _) => from_checkpoint(
+            ckpt.to_str().context("non-UTF-8 path")?,
+            trainable,
+            frozen_dtype,
+            &device,
+        )?,
+        (None, Some(init)) => from_checkpoint(init, trainable, frozen_dtype, &device)?,
+        (None, None) if stage.is_pretraining() => {
+            let tokenizer = run
+                .tokenizer
+                .clone()
+                .or_else(|| settings.data.tokenizer.clone());
+            from_spec(
+                &settings.model,
+                tokenizer.as_deref(),
+                trainable,
+                frozen_dtype,
+                &device,
+            )?
+        }
+        (None, None) => bail!(
+            "`{}` continues a trained model: pass --init DIR (the previous stage's output)",
+            stage.name()
+        ),
+    };
+    let plan = match (teacher_term, &run.teacher, cache_manifest) {
+        (None, Some(_), _) => bail!(
+            "--teacher: the objective of `{}` ({}) reads no teacher; leave --teacher out, or add a \
+             distillation term to `stages.{}.objective`",
+            stage.name(),
+            objective.names().join(", "),
+            stage.name()
+        ),
+        (None, None, _) => TeacherPlan::None,
+        (Some(_), Some(_), Some(_)) => {
+            bail!("--teacher and --teacher-cache are mutually exclusive: give one")
+        }
+        (Some(_), Some(spec), None) => {
+            TeacherPlan::Online(OnlineTeacher::load(spec, settings)?.for_student(&student)?)
+        }
+        (Some(_), None, Some(manifest)) => {
+            let dir = run.teacher_cache.clone().context("no --teacher-cache")?;
+            TeacherPlan::Cached(dir, manifest)
+        }
+        (Some(term), None, None) => bail!(
+            "`{}` distils from a teacher (objective term `{term}`): pass --teacher DIR, or \
+             --teacher-cache CACHE (written by `mmkd teacher-cache`)",
+            stage.name()
+        ),
+    };
+    let model = &student.model;
+
+    // Data.
+    let template = resolve_template(&settings.template())?;
+    let data = prepare_data(
+        &run.data,
+        &run.images,
+        &student.tokenizer,
+        &template,
+        &training_tokenize_config(model, settings.data.max_length),
+        stage.name(),
+    )?;
+    let report = &data.report;
+    let teacher = match plan {
+        TeacherPlan::None => None,
+        TeacherPlan::Online(t) => Some(TeacherSignal::Online(t)),
+        TeacherPlan::Cached(dir, manifest) => Some(TeacherSignal::Cached(CachedSignal::open(
+            &dir,
+            &manifest,
+            &student,
+            settings,
+            &objective,
+            &run.data,
+            &run.images,
+            &template,
+        )?)),
+    };
+
+    let mut sampler_cfg = SamplerConfig::new(settings.train.batch_size, settings.train.seed);
+    sampler_cfg.group_by_modality_length = settings.train.group_by_modality_length;
+    let cursor = resume_from
+        .as_ref()
+        .map(|(_, s)| s.cursor)
+        .unwrap_or_default();
+    let mut sampler = BatchSampler::new(SampleShape::of(&data.samples), sampler_cfg, cursor)?;
+    let accum_steps = settings.train.grad_accum;
+    let total_steps = match settings.train.max_steps {
+        Some(n) => n,
+        None => (settings.train.epochs * sampler.batches_per_epoch())
+            .div_ceil(accum_steps)
+            .max(1),
+    };
+
+    // Optimisation.
+    let vars = model.store.trainable_vars();
+    let mut optimizer = AdamW::new(
+        vars.clone(),
+        AdamWConfig {
+            weight_decay: settings.train.weight_decay,
+            groups: optimizer_groups(settings, &vars),
+            ..Default::default()
+        },
+    )?;
+    let (start_step, mut samples_seen) = match &resume_from {
+        Some((ckpt, state)) => {
+            optimizer.load(&ckpt.join(OPTIMIZER_FILE))?;
+            (state.step, state.samples_seen)
+        }
+        None => (0, 0),
+    };
+    let mut learner = TrainStep::new(vars.clone(), optimizer, settings.train.max_grad_norm);
+    let schedule = LrSchedule::new(&settings.train.schedule, settings.train.lr, total_steps)?;
+    let mut log = MetricsLog::open(
+        &run.out.join("metrics.jsonl"),
+        resume_from.as_ref().map(|(_, s)| s.step),
+    )?;
+    let assets = SaveAssets {
+        tokenizer_dir: Some(&student.dir),
+        tokenizer: Some(&student.tokenizer),
+        processor: Some(&student.processor),
+    };
+
+    let bar = step_bar(total_steps, stage.name(), run.progress);
+    bar.set_position(start_step as u64);
+
+    let parallel = settings.train.parallel_micro_batches.clamp(1, accum_steps);
+    let mut batches = StageBatches {
+        samples: &data.samples,
+        student: &student,
+        teacher: teacher.as_ref(),
+        look_ahead: teacher.as_ref().is_some_and(TeacherSignal::is_online)
+            || !model.trainable().vision,
+        parallel,
+        step: Vec::new(),
+        next_step: Vec::new(),
+        ahead: Vec::new(),
+    };
+    // The student's forward and objective on one micro-batch.
+    let loss_of = |mb: &StageMicroBatch| -> Result<MicroLoss> {
+        let cached = match &teacher {
+            Some(TeacherSignal::Cached(c)) => Some(c.rows(&mb.inputs, &data.samples)?),
+            _ => None,
+        };
+        let images = match (&mb.student_tower, &mb.inputs.pixels) {
+            (Some(features), _) => Some(ImageInput::Tower(features)),
+            (None, pixels) => pixels.as_ref().map(ImageInput::Pixels),
+        };
+        objective_loss(
+            model,
+            StudentBatch {
+                tokens: &mb.inputs.tokens,
+                labels: &mb.inputs.labels,
+                visual_mask: &mb.inputs.visual_mask,
+                images,
+            },
+            teacher_rows(teacher.as_ref(), mb.teacher_out.as_ref(), cached.as_ref())?,
+            &objective,
+        )
+    };
+    for step in start_step..total_steps {
+        let step_started = Instant::now();
+        batches.step = (0..accum_steps).map(|_| sampler.next_batch()).collect();
+        batches.next_step = if step + 1 < total_steps {
+            let mut peek = sampler.clone();
+            (0..parallel).map(|_| peek.next_batch()).collect()
+        } else {
+            Vec::new()
+        };
+        let lr = schedule.lr(step);
+        let report = learner
+            .run(&mut batches, lr, &loss_of)
+            .or_else(|e| stop_on_not_finite(e, step, &run.out))?;
+        samples_seen += report.samples;
+
+        let metrics = StepMetrics {
+            step: step + 1,
+            epoch: sampler.cursor().epoch,
+            loss: report.loss,
+            terms: report.terms,
+            grad_norm: report.grad_norm,
+            lr,
+            samples_per_s: report.samples as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
+            samples: samples_seen,
+        };
+        log.append(&metrics)?;
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} {:.1} samples/s",
+            metrics.loss, lr, metrics.samples_per_s
+        ));
+        bar.inc(1);
+
+        let done = step + 1;
+        if settings.train.save_every > 0
+            && done % settings.train.save_every == 0
+            && done < total_steps
+        {
+            // Never checkpoint weights an overflowing update has already ruined.
+            ensure_finite_params(&vars, step, &run.out)?;
+            let state = TrainerState {
+                stage: stage.name().into(),
+                step: done,
+                total_steps,
+                cursor: sampler.cursor(),
+                samples_seen,
+                settings_digest: settings_digest.clone(),
+            };
+            save_checkpoint(
+                &run.out,
+                model,
+                assets,
+                learner.optimizer(),
+                &state,
+                settings.train.keep_last,
+            )?;
+        }
+    }
+    bar.finish_and_clear();
+
+    // The final model goes into OUT itself, file by file (each rename is atomic); the summary,
+    // written last, marks the stage as finished.
+    let tmp = temp_sibling(&run.out.join("final"))?;
+    write_llava_files(model, &tmp, assets)?;
+    for entry in std::fs::read_dir(&tmp)? {
+        let entry = entry?;
+        std::fs::rename(entry.path(), run.out.join(entry.file_name()))?;
+    }
+    std::fs::remove_dir_all(&tmp)?;
+    let all_metrics = read_metrics(&run.out.join("metrics.jsonl"))?;
+    plot_losses(&all_metrics, &run.out.join("loss.png"))?;
+    let wall = started.elapsed().as_secs_f64();
+    let summary = StageSummary {
+        stage,
+        steps: total_steps,
+        samples_seen,
+        wall_seconds: wall,
+        samples_per_s: median(all_metrics.iter().map(|m| m.samples_per_s).collect()),
+        first_loss: all_metrics.first().map(|m| m.loss).unwrap_or(f32::NAN),
+        final_loss: all_metrics.last().map(|m| m.loss).unwrap_or(f32::NAN),
+        first_terms: all_metrics
+            .first()
+            .map(|m| m.terms.clone())
+            .unwrap_or_default(),
+        final_terms: all_metrics
+            .last()
+            .map(|m| m.terms.clone())
+            .unwrap_or_default(),
+        data_records: report.records,
+        data_kept: report.kept,
+        data_truncated: report.truncated,
+        data_skipped: report
+            .skipped_by_kind()
+            .into_iter()
+            .map(|(k, n)| (format!("{k:?}"), n))
+            .collect(),
+        model_origin: student.origin.clone(),
+        parameters_trained: model.store.count_trainable(),
+        settings: settings.as_json(),
+    };
+    std::fs::write(
+        run.out.join(SUMMARY_FILE),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    Ok(summary)
+}
+
+/// A loss or gradient that is not a finite number stops the run, naming the step, the samples
+/// and the last good checkpoint.
+fn stop_on_not_finite<T>(err: anyhow::Error, step: usize, out: &Path) -> Result<T> {
+    match err.downcast_ref::<NotFinite>() {
+        Some(nf) => {
+            finite_or_stop(nf.value, &nf.what, step, &nf.sample_ids, out)?;
+            Err(err)
+        }
+        None => Err(err),
+    }
+}
+
+fn finite_or_stop(value: f64, what: &str, step: usize, ids: &[String], out: &Path) -> Result<()> {
+    if value.is_finite() {
+        return Ok(());
+    }
+    let last = latest_checkpoint(out)?
+        .map(|p| format!("the last good checkpoint is {}", p.display()))
+        .unwrap_or_else(|| "no checkpoint was written yet".into());
+    bail!(
+        "{what} is {value} at step {} (samples {}): stopping; {last}. Lower the learning rate or check the data",
+        step + 1,
+        ids.join(", ")
+    )
+}
+
+fn ensure_finite_params(vars: &[(String, Var)], step: usize, out: &Path) -> Result<()> {
+    for (name, var) in vars {
+        let sum = var
+            .as_tensor()
+            .abs()?
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        if !sum.is_finite() {
+            finite_or_stop(sum, &format!("parameter `{name}`"), step, &[], out)?;
+        }
+    }
+    Ok(())
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}

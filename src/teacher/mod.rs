@@ -1,0 +1,335 @@
+//! Teacher signals: where a step's teacher side comes from. An online teacher runs its frozen
+//! forward on the step's own micro-batch; a teacher cache (`mmkd teacher-cache`) gives the
+//! rows an online teacher wrote earlier. The cache writer is the online signal plus the
+//! cache store ([`cache_writer`]).
+
+pub mod cache_writer;
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use mmkd_datasets::{Template, TokenizedSample};
+use mmkd_vision::ImageProcessor;
+use tokenizers::Tokenizer;
+
+use crate::batch::ModelInputs;
+use crate::checkpoint::LoadedModel;
+use crate::config::StageSettings;
+use crate::distill::positions::{response_rows, visual_rows};
+use crate::models::llava::{BuildOptions, LlavaModel, LlavaOutput, Trainable};
+use crate::objective::Objective;
+use crate::teacher_cache::digest::{digest_file, digest_str};
+use crate::teacher_cache::{
+    check_run, check_teacher_unchanged, CachedBatch, Manifest, RunIdentity, TeacherCache,
+    FORMAT_VERSION,
+};
+use crate::train::forward::TeacherRows;
+pub use cache_writer::{build_cache, describe, BuildRequest, BuildSummary};
+
+/// A frozen teacher model run on each micro-batch.
+pub struct OnlineTeacher {
+    pub model: LoadedModel,
+    /// The vocabulary teacher and student are both cut to (`train.truncate_vocab`).
+    pub truncate: Option<usize>,
+}
+
+impl OnlineTeacher {
+    /// Loads the teacher checkpoint frozen (`train.frozen_dtype`) on the stage's device.
+    pub fn load(spec: &str, settings: &StageSettings) -> Result<Self> {
+        let mut options = BuildOptions::new(Trainable::NONE, 0);
+        options.frozen_dtype = crate::runtime::parse_dtype(&settings.train.frozen_dtype)?;
+        options.device = settings.train.device.open()?;
+        let model = LoadedModel::load(spec, &options).context("loading the teacher")?;
+        Ok(Self {
+            model,
+            truncate: settings.train.truncate_vocab,
+        })
+    }
+
+    /// Checks that it can distil into `student` (see [`check_compatible`]) and settles the
+    /// vocabulary both are cut to.
+    pub fn for_student(mut self, student: &LoadedModel) -> Result<Self> {
+        self.truncate = check_compatible(student, &self.model, self.truncate)?;
+        Ok(self)
+    }
+
+    /// The frozen forward on one micro-batch (constants: no graph).
+    pub fn forward(&self, batch: &ModelInputs) -> Result<LlavaOutput> {
+        self.model
+            .model
+            .forward(&batch.tokens, batch.pixels.as_ref())
+            .with_context(|| {
+                format!(
+                    "teacher forward on samples {}",
+                    batch.collated.sample_ids.join(", ")
+                )
+            })
+    }
+}
+
+/// A teacher cache opened for one run.
+pub struct CachedSignal {
+    cache: TeacherCache,
+    /// The cache's vocabulary when the student's is cut to it.
+    pub truncate: Option<usize>,
+}
+
+/// Where a stage's teacher side comes from.
+#[allow(clippy::large_enum_variant)]
+pub enum TeacherSignal {
+    Online(OnlineTeacher),
+    Cached(CachedSignal),
+}
+
+impl TeacherSignal {
+    /// The online teacher's output on a micro-batch, computed ahead of the student's pass;
+    /// `None` for a cache (read when the batch is trained on).
+    pub fn forward_ahead(&self, batch: &ModelInputs) -> Result<Option<LlavaOutput>> {
+        match self {
+            TeacherSignal::Online(t) => t.forward(batch).map(Some),
+            TeacherSignal::Cached(_) => Ok(None),
+        }
+    }
+
+    /// Whether the signal runs a model (whose forward is worth doing ahead).
+    pub fn is_online(&self) -> bool {
+        matches!(self, TeacherSignal::Online(_))
+    }
+}
+
+/// A micro-batch's teacher side for [`crate::train::forward::objective_loss`]: the online
+/// output computed ahead, or the cache's rows read now and checked against the batch.
+pub fn teacher_rows<'a>(
+    signal: Option<&'a TeacherSignal>,
+    online_output: Option<&'a LlavaOutput>,
+    cached_rows: Option<&'a CachedBatch>,
+) -> Result<TeacherRows<'a>> {
+    Ok(match signal {
+        None => TeacherRows::None,
+        Some(TeacherSignal::Online(t)) => TeacherRows::Online {
+            output: online_output
+                .context("the online teacher's output was not computed for this micro-batch")?,
+            teacher: &t.model.model,
+            truncate: t.truncate,
+        },
+        Some(TeacherSignal::Cached(c)) => TeacherRows::Cached {
+            rows: cached_rows.context("the teacher cache was not read for this micro-batch")?,
+            truncate: c.truncate,
+        },
+    })
+}
+
+impl CachedSignal {
+    /// Opens the cache in `dir` for this run: refuses it when it was written for other data,
+    /// template, tokenizer, settings or a teacher that has changed since, for a student it
+    /// cannot distil into, or without what the objective reads.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        dir: &Path,
+        manifest: &Manifest,
+        student: &LoadedModel,
+        settings: &StageSettings,
+        objective: &Objective,
+        data: &Path,
+        images: &Path,
+        template: &Template,
+    ) -> Result<Self> {
+        let identity = run_identity(
+            settings,
+            data,
+            images,
+            template,
+            &student.tokenizer,
+            &student.processor,
+        )?;
+        check_run(dir, &manifest.run, &identity)?;
+        check_teacher_unchanged(dir, &manifest.teacher)?;
+        let truncate = check_cache_compatible(&student.model, manifest, settings, objective)?;
+        Ok(Self {
+            cache: TeacherCache::open(dir)?,
+            truncate,
+        })
+    }
+
+    /// The cache's rows for `batch` (whose samples come from `samples`), checked against the
+    /// batch's own response and visual positions.
+    pub fn rows(&self, batch: &ModelInputs, samples: &[TokenizedSample]) -> Result<CachedBatch> {
+        let seq = batch.tokens.seq_len();
+        let records = batch.samples(samples);
+        let keys: Vec<(usize, &str)> = records.iter().map(|s| (s.index, s.id.as_str())).collect();
+        let cached = self.cache.batch(&keys, seq, batch.labels.device())?;
+        let ids: Vec<&str> = keys.iter().map(|k| k.1).collect();
+        same_rows(
+            &response_rows(&batch.labels)?.rows,
+            &cached.response_rows,
+            seq,
+            &ids,
+            "response",
+        )?;
+        same_rows(
+            &visual_rows(&batch.visual_mask)?,
+            &cached.visual_rows,
+            seq,
+            &ids,
+            "visual",
+        )?;
+        Ok(cached)
+    }
+}
+
+/// Checks that a teacher can distil into the student: same visual tokens per image, same image
+/// preprocessing, same vocabulary (or an explicit truncation). Returns the vocabulary to cut to.
+pub fn check_compatible(
+    student: &LoadedModel,
+    teacher: &LoadedModel,
+    truncate: Option<usize>,
+) -> Result<Option<usize>> {
+    let (s, t) = (&student.model, &teacher.model);
+    ensure!(
+        s.tokens_per_image() == t.tokens_per_image(),
+        "teacher and student disagree on visual tokens per image ({} vs {}): their positions would not line up",
+        t.tokens_per_image(),
+        s.tokens_per_image()
+    );
+    ensure!(
+        s.image_token_id() == t.image_token_id(),
+        "teacher and student use different image token ids ({} vs {})",
+        t.image_token_id(),
+        s.image_token_id()
+    );
+    ensure!(
+        student.processor == teacher.processor,
+        "teacher and student preprocess images differently (compare their preprocessor configs): \
+         a shared vision input is required"
+    );
+    let (sv, tv) = (
+        s.config.text_config.vocab_size,
+        t.config.text_config.vocab_size,
+    );
+    match truncate {
+        Some(n) => {
+            ensure!(
+                n <= sv && n <= tv,
+                "truncate_vocab = {n} exceeds a vocabulary (teacher {tv}, student {sv})"
+            );
+            Ok(Some(n))
+        }
+        None if sv == tv => Ok(None),
+        None => bail!(
+            "teacher vocabulary ({tv}) differs from the student's ({sv}); if they differ only by padding, \
+             set train.truncate_vocab = {} to cut both to the smaller",
+            sv.min(tv)
+        ),
+    }
+}
+
+/// The cache's counterpart of [`check_compatible`], from the values its manifest recorded, and
+/// what the objective reads: relation matrices, and probabilities at the cache's temperature.
+fn check_cache_compatible(
+    student: &LlavaModel,
+    manifest: &Manifest,
+    settings: &StageSettings,
+    objective: &Objective,
+) -> Result<Option<usize>> {
+    ensure!(
+        student.tokens_per_image() == manifest.tokens_per_image,
+        "the cached teacher and the student disagree on visual tokens per image ({} vs {}): their \
+         positions would not line up",
+        manifest.tokens_per_image,
+        student.tokens_per_image()
+    );
+    ensure!(
+        student.image_token_id() == manifest.image_token_id,
+        "the cached teacher and the student use different image token ids ({} vs {})",
+        manifest.image_token_id,
+        student.image_token_id()
+    );
+    let sv = student.config.text_config.vocab_size;
+    let truncate = settings.train.truncate_vocab;
+    match truncate {
+        Some(n) => ensure!(
+            n <= sv,
+            "truncate_vocab = {n} exceeds the student's vocabulary ({sv})"
+        ),
+        None => ensure!(
+            sv == manifest.vocab,
+            "the cached teacher's vocabulary ({}) differs from the student's ({sv}); if they differ \
+             only by padding, set train.truncate_vocab = {} and rebuild the cache with it",
+            manifest.vocab,
+            sv.min(manifest.vocab)
+        ),
+    }
+    if objective.needs_teacher_relations() && !manifest.relations {
+        bail!(
+            "the teacher cache holds no relation matrices (it was written with gamma_rel = 0), but \
+             this run's objective has `rdist` (gamma_rel {}): rebuild the cache or set \
+             distill.gamma_rel = 0",
+            settings.distill.gamma_rel
+        );
+    }
+    for (term, temperature) in objective.teacher_temperatures() {
+        ensure!(
+            temperature == manifest.run.temperature,
+            "objective term `{term}` reads the teacher at temperature {temperature}, the cache \
+             holds its probabilities at {}: rebuild the cache at that temperature or give the \
+             term the cache's",
+            manifest.run.temperature
+        );
+    }
+    Ok(truncate)
+}
+
+/// The cache's rows must be the batch's own; otherwise name the first sample that differs.
+fn same_rows(batch: &[u32], cached: &[u32], seq: usize, ids: &[&str], what: &str) -> Result<()> {
+    if batch == cached {
+        return Ok(());
+    }
+    let first = batch
+        .iter()
+        .zip(cached)
+        .position(|(a, b)| a != b)
+        .unwrap_or(batch.len().min(cached.len()));
+    let row = batch.get(first).or(cached.get(first)).copied().unwrap_or(0) as usize;
+    let id = ids.get(row / seq).copied().unwrap_or("?");
+    bail!(
+        "sample {id}: the teacher cache's {what} positions differ from this run's ({} vs {} in the \
+         batch): the cache was written for other data or settings",
+        cached.len(),
+        batch.len()
+    )
+}
+
+/// The identity of a stage run's inputs, as a cache records it and a run checks it.
+pub fn run_identity(
+    settings: &StageSettings,
+    data: &Path,
+    images: &Path,
+    template: &Template,
+    tokenizer: &Tokenizer,
+    processor: &ImageProcessor,
+) -> Result<RunIdentity> {
+    let tokenizer_json = tokenizer
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
+    let images = images
+        .canonicalize()
+        .unwrap_or_else(|_| images.to_path_buf());
+    Ok(RunIdentity {
+        format_version: FORMAT_VERSION,
+        stage_kind: if settings.stage.is_pretraining() {
+            "pretraining"
+        } else {
+            "chat"
+        }
+        .into(),
+        data_digest: digest_file(data).with_context(|| format!("data file {}", data.display()))?,
+        images: images.display().to_string(),
+        template: settings.template(),
+        template_digest: digest_str(&serde_json::to_string(template)?),
+        tokenizer_digest: digest_str(&tokenizer_json),
+        processor_digest: digest_str(&format!("{processor:?}")),
+        max_length: settings.data.max_length,
+        temperature: settings.distill.temperature,
+        truncate_vocab: settings.train.truncate_vocab,
+    })
+}

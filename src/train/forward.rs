@@ -1,0 +1,146 @@
+//! One micro-batch's student forward and objective, against whatever teacher side the step
+//! has: none, an online teacher's output on the same batch, or a teacher cache's rows. The
+//! trainer and the bench both call [`objective_loss`], so the bench times the training step.
+
+use std::time::Instant;
+
+use anyhow::{ensure, Result};
+use candle_core::Tensor;
+
+use super::step::MicroLoss;
+use crate::distill::{
+    truncate_vocab, CachedTeacher, LossInputs, RelationHidden, StudentLogits, TeacherSide,
+};
+use crate::models::llava::{ImageInput, LlavaModel, LlavaOutput, TokenBatch};
+use crate::objective::Objective;
+use crate::teacher_cache::CachedBatch;
+
+/// What the student reads of one micro-batch.
+#[derive(Clone, Copy)]
+pub struct StudentBatch<'a> {
+    pub tokens: &'a TokenBatch,
+    /// `[batch, seq]` unshifted labels.
+    pub labels: &'a Tensor,
+    /// `[batch, seq]`, 1 at the image-token positions.
+    pub visual_mask: &'a Tensor,
+    pub images: Option<ImageInput<'a>>,
+}
+
+/// The teacher's side of one micro-batch.
+#[derive(Clone, Copy)]
+pub enum TeacherRows<'a> {
+    /// The objective reads no teacher.
+    None,
+    /// An online teacher's output on the same batch, with the vocabulary both are cut to.
+    Online {
+        output: &'a LlavaOutput,
+        teacher: &'a LlavaModel,
+        truncate: Option<usize>,
+    },
+    /// A teacher cache's rows for the batch (already checked against its positions), and the
+    /// cache's vocabulary when it is smaller than the student's.
+    Cached {
+        rows: &'a CachedBatch,
+        truncate: Option<usize>,
+    },
+}
+
+/// The student's forward on `batch` and the objective against `teacher`.
+///
+/// Without a teacher, and with an online one, the student's logits are computed at every
+/// position; against a cache only at the rows the terms read (`StudentLogits::AtRows`). With
+/// an online teacher whose vocabulary is not cut, L_rel comes from the hidden states
+/// (Z Zᵀ = H (WᵀW) Hᵀ).
+pub fn objective_loss(
+    student: &LlavaModel,
+    batch: StudentBatch<'_>,
+    teacher: TeacherRows<'_>,
+    objective: &Objective,
+) -> Result<MicroLoss> {
+    let clock = Instant::now();
+    let value = match teacher {
+        TeacherRows::None => {
+            let out = student.forward_images(batch.tokens, batch.images)?;
+            let student_forward = clock.elapsed().as_secs_f64();
+            let inputs = LossInputs::new(
+                StudentLogits::Full(&out.logits),
+                batch.labels,
+                batch.visual_mask,
+                None,
+                None,
+            )?;
+            (objective.evaluate(&inputs)?, student_forward)
+        }
+        TeacherRows::Cached { rows, truncate } => {
+            let hidden = student.forward_images_hidden(batch.tokens, batch.images)?;
+            let student_forward = clock.elapsed().as_secs_f64();
+            // A cache of a smaller vocabulary compares the head's first rows (the padding
+            // after them is the student's alone).
+            let head = student.lm.lm_head_weight();
+            let head = match truncate {
+                Some(n) => {
+                    let have = head.dim(0)?;
+                    ensure!(
+                        n <= have,
+                        "cannot cut the student's vocabulary of {have} to the cache's {n}: it is larger"
+                    );
+                    head.narrow(0, 0, n)?
+                }
+                None => head.clone(),
+            };
+            let inputs = LossInputs::new(
+                StudentLogits::AtRows {
+                    hidden: &hidden.hidden,
+                    head: &head,
+                },
+                batch.labels,
+                batch.visual_mask,
+                Some(TeacherSide::Cached(CachedTeacher {
+                    response: &rows.response,
+                    visual: &rows.visual,
+                    relations: &rows.relations,
+                })),
+                None,
+            )?;
+            (objective.evaluate(&inputs)?, student_forward)
+        }
+        TeacherRows::Online {
+            output,
+            teacher,
+            truncate,
+        } => {
+            let out = student.forward_images(batch.tokens, batch.images)?;
+            let student_forward = clock.elapsed().as_secs_f64();
+            let t_logits = output.logits.detach();
+            let (s_logits, t_logits) = match truncate {
+                Some(n) => (
+                    truncate_vocab(&out.logits, n)?,
+                    truncate_vocab(&t_logits, n)?,
+                ),
+                None => (out.logits.clone(), t_logits),
+            };
+            let t_hidden = output.hidden.detach();
+            let relation_hidden = truncate.is_none().then(|| RelationHidden {
+                student_hidden: &out.hidden,
+                student_head: student.lm.lm_head_weight(),
+                teacher_hidden: &t_hidden,
+                teacher_head: teacher.lm.lm_head_weight(),
+            });
+            let inputs = LossInputs::new(
+                StudentLogits::Full(&s_logits),
+                batch.labels,
+                batch.visual_mask,
+                Some(TeacherSide::Logits {
+                    logits: &t_logits,
+                    relation_hidden,
+                }),
+                None,
+            )?;
+            (objective.evaluate(&inputs)?, student_forward)
+        }
+    };
+    let (value, student_forward) = value;
+    let mut loss = MicroLoss::new(value.total, value.total_value, value.terms);
+    loss.student_forward_seconds = student_forward;
+    Ok(loss)
+}
