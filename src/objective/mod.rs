@@ -196,3 +196,223 @@ impl Objective {
 fn scalar(t: &Tensor) -> Result<f32> {
     Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::distill::{distill_loss, DistillBatch, Divergence, RelationHidden, StudentLogits};
+    use candle_core::{Device, Var};
+
+    fn spec(toml_text: &str) -> Vec<TermSpec> {
+        #[derive(serde::Deserialize)]
+        struct Doc {
+            objective: Vec<TermSpec>,
+        }
+        toml::from_str::<Doc>(toml_text).unwrap().objective
+    }
+
+    /// A batch of random student and teacher logits with supervised and visual positions.
+    struct Batch {
+        student: Var,
+        teacher: Tensor,
+        labels: Tensor,
+        mask: Tensor,
+    }
+
+    fn batch() -> Batch {
+        let dev = Device::Cpu;
+        let (b, s, v) = (2, 6, 11);
+        Batch {
+            student: Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, v), &dev).unwrap()).unwrap(),
+            teacher: Tensor::randn(0f32, 2.0, (b, s, v), &dev).unwrap(),
+            labels: Tensor::new(
+                &[
+                    [-100i64, -100, -100, 4, 7, 2],
+                    [-100, -100, -100, 5, 1, -100],
+                ],
+                &dev,
+            )
+            .unwrap(),
+            mask: Tensor::new(&[[0u8, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]], &dev).unwrap(),
+        }
+    }
+
+    fn inputs(b: &Batch) -> LossInputs<'_> {
+        LossInputs::new(
+            StudentLogits::Full(b.student.as_tensor()),
+            &b.labels,
+            &b.mask,
+            Some(crate::distill::TeacherSide::Logits {
+                logits: &b.teacher,
+                relation_hidden: None,
+            }),
+            None,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_builtin_distillation_objective_is_llava_kd_bit_for_bit() {
+        let b = batch();
+        let cfg = DistillLossConfig {
+            alpha_res: 0.7,
+            gamma_rel: 0.5,
+            ..Default::default()
+        };
+        let objective = Objective::new(&TermSpec::builtin(true, &cfg), &cfg).unwrap();
+        let ours = objective.evaluate(&inputs(&b)).unwrap();
+        let reference = distill_loss(
+            &DistillBatch {
+                student_logits: b.student.as_tensor(),
+                teacher_logits: &b.teacher,
+                labels: &b.labels,
+                visual_mask: &b.mask,
+                relation_hidden: None::<RelationHidden>,
+            },
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(ours.total_value, reference.total_value);
+        assert_eq!(
+            ours.terms,
+            TermValues(vec![
+                ("ce".into(), reference.ce),
+                ("l_res".into(), reference.l_res),
+                ("l_vis".into(), reference.l_vis),
+                ("l_rel".into(), reference.l_rel),
+            ])
+        );
+        let (g1, g2) = (
+            ours.total.backward().unwrap(),
+            reference.total.backward().unwrap(),
+        );
+        let (g1, g2) = (
+            g1.get(b.student.as_tensor()).unwrap(),
+            g2.get(b.student.as_tensor()).unwrap(),
+        );
+        assert_eq!(
+            g1.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            g2.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn terms_take_their_own_divergence_weight_and_name() {
+        let b = batch();
+        let defaults = DistillLossConfig::default();
+        let objective = Objective::new(
+            &spec(
+                r#"
+                [[objective]]
+                term = "ce"
+                [[objective]]
+                term = "mdist.response"
+                name = "rkl"
+                weight = 0.5
+                divergence = "reverse_kl"
+                temperature = 2.0
+                [[objective]]
+                term = "mdist.response"
+                "#,
+            ),
+            &defaults,
+        )
+        .unwrap();
+        assert_eq!(objective.names(), ["ce", "rkl", "l_res"]);
+        assert_eq!(objective.teacher_term(), Some("mdist.response"));
+        assert!(!objective.needs_teacher_relations());
+        assert_eq!(
+            objective.teacher_temperatures(),
+            [("mdist.response", 2.0), ("mdist.response", 1.0)]
+        );
+        let value = objective.evaluate(&inputs(&b)).unwrap();
+        let (ce, rkl, fkl) = (
+            value.terms.get("ce").unwrap(),
+            value.terms.get("rkl").unwrap(),
+            value.terms.get("l_res").unwrap(),
+        );
+        assert!((value.total_value - (ce + 0.5 * rkl + fkl)).abs() < 1e-5);
+        // The reverse KL at T = 2 is its own number, not the forward one.
+        let reverse = DistillLossConfig {
+            divergence: Divergence::ReverseKl,
+            temperature: 2.0,
+            ..defaults
+        };
+        let expected =
+            crate::distill::response_loss(b.student.as_tensor(), &b.teacher, &b.labels, &reverse)
+                .unwrap()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+        assert_eq!(rkl, expected);
+        assert_ne!(rkl, fkl);
+    }
+
+    #[test]
+    fn a_zero_weight_turns_a_term_off_and_a_teacher_free_objective_needs_no_teacher() {
+        let b = batch();
+        let cfg = DistillLossConfig {
+            beta_vis: 0.0,
+            ..Default::default()
+        };
+        let objective = Objective::new(&TermSpec::builtin(true, &cfg), &cfg).unwrap();
+        let value = objective.evaluate(&inputs(&b)).unwrap();
+        assert_eq!(value.terms.get("l_vis"), None);
+        assert!(
+            value.terms.names().any(|n| n == "l_vis"),
+            "still logged, as null"
+        );
+
+        let ce_only = Objective::new(&TermSpec::builtin(false, &cfg), &cfg).unwrap();
+        assert_eq!(ce_only.teacher_term(), None);
+        let no_teacher = LossInputs::new(
+            StudentLogits::Full(b.student.as_tensor()),
+            &b.labels,
+            &b.mask,
+            None,
+            None,
+        )
+        .unwrap();
+        let value = ce_only.evaluate(&no_teacher).unwrap();
+        assert_eq!(value.terms.0.len(), 1);
+        // A teacher term on a batch without a teacher is an error naming the term.
+        let err = objective.evaluate(&no_teacher).unwrap_err().to_string();
+        assert!(err.contains("L_res") && err.contains("teacher"), "{err}");
+    }
+
+    #[test]
+    fn bad_objectives_are_errors_that_list_what_is_valid() {
+        let defaults = DistillLossConfig::default();
+        let err = |text: &str| format!("{:#}", Objective::new(&spec(text), &defaults).unwrap_err());
+        let unknown = err("[[objective]]\nterm = \"kld\"");
+        assert!(
+            unknown.contains("unknown objective term `kld`"),
+            "{unknown}"
+        );
+        for name in ["ce", "mdist.response", "mdist.visual", "rdist"] {
+            assert!(unknown.contains(name), "{unknown} lacks {name}");
+        }
+        let option = err("[[objective]]\nterm = \"rdist\"\ntemperature = 2.0");
+        assert!(
+            option.contains("`rdist` takes no `temperature`") && option.contains("weight"),
+            "{option}"
+        );
+        let twice = err("[[objective]]\nterm = \"ce\"\n[[objective]]\nterm = \"ce\"");
+        assert!(twice.contains("names `ce` twice"), "{twice}");
+        let negative = err("[[objective]]\nterm = \"ce\"\nweight = -1.0");
+        assert!(negative.contains("weight must be ≥ 0"), "{negative}");
+        let reserved = err("[[objective]]\nterm = \"ce\"\nname = \"loss\"");
+        assert!(reserved.contains("metrics field"), "{reserved}");
+        let bad_t = err("[[objective]]\nterm = \"mdist.visual\"\ntemperature = 0.0");
+        assert!(bad_t.contains("temperature"), "{bad_t}");
+        assert!(Objective::new(&[], &defaults).is_err());
+        // A misspelt option is named by the preset reader.
+        let typo = toml::from_str::<TermSpec>("term = \"ce\"\nwieght = 1.0")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            typo.contains("unknown field `wieght`") && typo.contains("weight"),
+            "{typo}"
+        );
+    }
+}

@@ -334,3 +334,198 @@ impl TermSums {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::AdamWConfig;
+    use candle_core::{DType, Device};
+    use std::sync::{Arc, Mutex};
+
+    /// y = w·x on one sample per micro-batch; the loss is (y − target)².
+    struct Sample {
+        id: String,
+        x: f32,
+        target: f32,
+    }
+
+    impl MicroBatch for Sample {
+        fn samples(&self) -> usize {
+            1
+        }
+        fn sample_ids(&self) -> Vec<String> {
+            vec![self.id.clone()]
+        }
+    }
+
+    /// `chunks` chunks of the given samples, `per_chunk` side by side.
+    struct Samples {
+        all: Vec<(f32, f32)>,
+        per_chunk: usize,
+        /// Chunks handed out ahead (counted to check the look-ahead is used).
+        ahead: Vec<Sample>,
+        taken_ahead: Arc<Mutex<usize>>,
+    }
+
+    impl Samples {
+        fn make(&self, range: std::ops::Range<usize>) -> Vec<Sample> {
+            range
+                .map(|i| Sample {
+                    id: format!("s{i}"),
+                    x: self.all[i].0,
+                    target: self.all[i].1,
+                })
+                .collect()
+        }
+    }
+
+    impl MicroBatchSource for Samples {
+        type Item = Sample;
+        fn chunks(&self) -> usize {
+            self.all.len().div_ceil(self.per_chunk)
+        }
+        fn take(&mut self, chunk: usize) -> Result<Vec<Sample>> {
+            if !self.ahead.is_empty() {
+                *self.taken_ahead.lock().unwrap() += 1;
+                return Ok(std::mem::take(&mut self.ahead));
+            }
+            let start = chunk * self.per_chunk;
+            Ok(self.make(start..(start + self.per_chunk).min(self.all.len())))
+        }
+        fn prepare_ahead(&self, chunk: usize) -> Result<Vec<Sample>> {
+            let start = (chunk + 1) * self.per_chunk;
+            Ok(if start < self.all.len() {
+                self.make(start..(start + self.per_chunk).min(self.all.len()))
+            } else {
+                Vec::new()
+            })
+        }
+        fn keep_ahead(&mut self, ready: Vec<Sample>) {
+            self.ahead = ready;
+        }
+    }
+
+    fn learner(max_grad_norm: f64) -> (Var, TrainStep) {
+        let w = Var::from_tensor(&Tensor::new(&[0.5f32], &Device::Cpu).unwrap()).unwrap();
+        let vars = vec![("w".to_string(), w.clone())];
+        let adam = AdamW::new(vars.clone(), AdamWConfig::default()).unwrap();
+        (w, TrainStep::new(vars, adam, max_grad_norm))
+    }
+
+    fn loss_of(w: &Var) -> impl Fn(&Sample) -> Result<MicroLoss> + Sync + '_ {
+        move |s: &Sample| {
+            let y = w.as_tensor().affine(s.x as f64, 0.0)?;
+            let loss = y.affine(1.0, -(s.target as f64))?.sqr()?.sum_all()?;
+            let value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+            Ok(MicroLoss::new(
+                loss,
+                value,
+                TermValues(vec![("sq".into(), Some(value))]),
+            ))
+        }
+    }
+
+    fn value(w: &Var) -> f32 {
+        w.as_tensor().to_vec1::<f32>().unwrap()[0]
+    }
+
+    #[test]
+    fn chunks_side_by_side_or_not_make_the_same_update_and_the_same_report() {
+        let data = vec![(1.0, 2.0), (2.0, -1.0), (-1.5, 0.5), (0.5, 3.0)];
+        let mut runs = Vec::new();
+        for per_chunk in [1, 2, 4] {
+            let (w, mut step) = learner(1.0);
+            let taken_ahead = Arc::new(Mutex::new(0));
+            let mut source = Samples {
+                all: data.clone(),
+                per_chunk,
+                ahead: Vec::new(),
+                taken_ahead: taken_ahead.clone(),
+            };
+            let report = step.run(&mut source, 0.1, &loss_of(&w)).unwrap();
+            assert_eq!(report.samples, 4);
+            assert_eq!(*taken_ahead.lock().unwrap(), 4 / per_chunk - 1);
+            runs.push((value(&w), report.loss, report.terms, report.grad_norm));
+        }
+        assert_eq!(runs[0], runs[1]);
+        assert_eq!(runs[0], runs[2]);
+        // The mean loss and term over the four samples; the update moved w.
+        let losses: Vec<f32> = data
+            .iter()
+            .map(|(x, t)| (0.5 * x - t) * (0.5 * x - t))
+            .collect();
+        let mean = losses.iter().sum::<f32>() / 4.0;
+        assert!((runs[0].1 - mean).abs() < 1e-6);
+        assert_eq!(runs[0].2.get("sq"), Some(runs[0].1));
+        assert_ne!(runs[0].0, 0.5);
+    }
+
+    /// A sync that records its calls and zeroes the gradients (as if the other processes'
+    /// gradients cancelled this one's).
+    struct ZeroingSync(Arc<Mutex<usize>>);
+
+    impl GradientSync for ZeroingSync {
+        fn sync(&mut self, grads: &mut GradStore, vars: &[(String, Var)]) -> Result<()> {
+            *self.0.lock().unwrap() += 1;
+            for (_, var) in vars {
+                let zero = grads.get(var.as_tensor()).unwrap().zeros_like()?;
+                grads.insert(var.as_tensor(), zero);
+            }
+            Ok(())
+        }
+        fn world_size(&self) -> usize {
+            2
+        }
+    }
+
+    #[test]
+    fn the_gradient_sync_runs_between_backward_and_the_optimizer() {
+        let (w, step) = learner(0.0);
+        let calls = Arc::new(Mutex::new(0));
+        let mut step = step.with_sync(Box::new(ZeroingSync(calls.clone())));
+        let mut source = Samples {
+            all: vec![(1.0, 2.0), (2.0, -1.0)],
+            per_chunk: 1,
+            ahead: Vec::new(),
+            taken_ahead: Arc::default(),
+        };
+        let report = step.run(&mut source, 0.1, &loss_of(&w)).unwrap();
+        assert_eq!(
+            *calls.lock().unwrap(),
+            1,
+            "one sync per step, not per micro-batch"
+        );
+        // The optimizer saw the synced (zero) gradient: w did not move, the norm is 0.
+        assert_eq!(value(&w), 0.5);
+        assert_eq!(report.grad_norm, 0.0);
+    }
+
+    #[test]
+    fn the_norm_is_taken_before_clipping_and_a_nan_loss_names_its_samples() {
+        let (w, mut clipped) = learner(1e-3);
+        let mut source = Samples {
+            all: vec![(10.0, -50.0)],
+            per_chunk: 1,
+            ahead: Vec::new(),
+            taken_ahead: Arc::default(),
+        };
+        let report = clipped.run(&mut source, 0.1, &loss_of(&w)).unwrap();
+        assert!(
+            report.grad_norm > 1.0,
+            "the norm is measured before clipping"
+        );
+
+        let (w, mut step) = learner(1.0);
+        let mut source = Samples {
+            all: vec![(1.0, f32::NAN), (1.0, 1.0)],
+            per_chunk: 2,
+            ahead: Vec::new(),
+            taken_ahead: Arc::default(),
+        };
+        let err = step.run(&mut source, 0.1, &loss_of(&w)).unwrap_err();
+        let not_finite = err.downcast_ref::<NotFinite>().expect("a NotFinite error");
+        assert_eq!(not_finite.what, "the loss");
+        assert_eq!(not_finite.sample_ids, ["s0"]);
+        assert_eq!(value(&w), 0.5, "nothing was updated");
+    }
+}

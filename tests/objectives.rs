@@ -1,0 +1,395 @@
+//! Objectives composed in a preset, through the CLI: an objective of `ce` alone is SFT, step
+//! for step; a custom objective logs its terms by name; an objective that needs a teacher
+//! refuses to start without one, naming the term; bad objectives list what is valid.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::mmkd;
+use mmkd::train::metrics::{read_metrics, StepMetrics};
+
+/// Synthetic data, a tokenizer, a tiny teacher (PT → SFT) and a pre-trained student.
+struct World {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+fn world() -> &'static World {
+    static WORLD: OnceLock<World> = OnceLock::new();
+    WORLD.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let s = |p: &str| root.join(p).to_str().unwrap().to_string();
+        ok(&[
+            "data",
+            "synth",
+            "--out",
+            &s("data"),
+            "--train",
+            "32",
+            "--val",
+            "4",
+            "--test",
+            "4",
+            "--image-size",
+            "32",
+            "--seed",
+            "5",
+        ]);
+        ok(&[
+            "data",
+            "tokenizer",
+            "--data",
+            &s("data/train"),
+            "--vocab-size",
+            "400",
+            "--out",
+            &s("data/tokenizer.json"),
+        ]);
+        let tok = s("data/tokenizer.json");
+        stage_ok(
+            &root,
+            "pretrain",
+            &[
+                "--role",
+                "teacher",
+                "--tokenizer",
+                &tok,
+                "--out",
+                &s("teacher-pt"),
+            ],
+        );
+        stage_ok(
+            &root,
+            "sft",
+            &[
+                "--role",
+                "teacher",
+                "--init",
+                &s("teacher-pt"),
+                "--out",
+                &s("teacher"),
+            ],
+        );
+        stage_ok(
+            &root,
+            "pretrain",
+            &["--tokenizer", &tok, "--out", &s("student")],
+        );
+        World { _dir: dir, root }
+    })
+}
+
+fn ok(args: &[&str]) {
+    let (ok, _, err) = mmkd(args);
+    assert!(ok, "mmkd {args:?} failed: {err}");
+}
+
+/// A stage with the tiny preset on the world's data: (success, stdout, stderr).
+fn stage(root: &Path, stage: &str, extra: &[&str]) -> (bool, String, String) {
+    let data = if stage == "pretrain" || stage == "dpt" {
+        "data/train/pretrain.json"
+    } else {
+        "data/train/instruct.json"
+    };
+    let (data, images) = (root.join(data), root.join("data"));
+    let mut args = vec![
+        stage,
+        "--config",
+        "shapes-tiny",
+        "--quiet",
+        "--data",
+        data.to_str().unwrap(),
+        "--images",
+        images.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    mmkd(&args)
+}
+
+fn stage_ok(root: &Path, name: &str, extra: &[&str]) {
+    let (ok, _, err) = stage(root, name, extra);
+    assert!(ok, "mmkd {name} {extra:?} failed: {err}");
+}
+
+fn metrics(dir: &Path) -> Vec<StepMetrics> {
+    read_metrics(&dir.join("metrics.jsonl")).unwrap()
+}
+
+#[test]
+fn an_objective_of_ce_alone_is_sft_step_for_step() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    stage_ok(
+        &w.root,
+        "sft",
+        &["--init", &s("student"), "--out", &s("ce/sft")],
+    );
+    // DFT without a teacher: its objective reads none.
+    stage_ok(
+        &w.root,
+        "dft",
+        &[
+            "--init",
+            &s("student"),
+            "--out",
+            &s("ce/dft"),
+            "--set",
+            "objective=[{ term = \"ce\" }]",
+        ],
+    );
+    let (sft, dft) = (
+        metrics(&w.root.join("ce/sft")),
+        metrics(&w.root.join("ce/dft")),
+    );
+    assert!(sft.len() >= 4);
+    assert_eq!(sft.len(), dft.len());
+    for (a, b) in sft.iter().zip(&dft) {
+        assert_eq!(
+            (
+                a.step,
+                a.loss,
+                a.terms.clone(),
+                a.grad_norm,
+                a.lr,
+                a.samples
+            ),
+            (
+                b.step,
+                b.loss,
+                b.terms.clone(),
+                b.grad_norm,
+                b.lr,
+                b.samples
+            ),
+            "step {}",
+            a.step
+        );
+    }
+    let weights = |p: &str| std::fs::read(w.root.join(p).join("model.safetensors")).unwrap();
+    assert!(
+        weights("ce/sft") == weights("ce/dft"),
+        "the trained weights differ"
+    );
+}
+
+#[test]
+fn a_custom_objective_logs_its_terms_by_name() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let objective = "objective=[{ term = \"ce\" }, { term = \"mdist.response\", \
+                     divergence = \"reverse_kl\", name = \"rkl\", weight = 0.5 }, \
+                     { term = \"rdist\", weight = 0.25 }]";
+    stage_ok(
+        &w.root,
+        "dft",
+        &[
+            "--init",
+            &s("student"),
+            "--teacher",
+            &s("teacher"),
+            "--out",
+            &s("custom/dft"),
+            "--set",
+            objective,
+        ],
+    );
+    let dir = w.root.join("custom/dft");
+    let first = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let first = first.lines().next().unwrap();
+    let keys: Vec<&str> = [
+        "\"loss\"",
+        "\"ce\"",
+        "\"rkl\"",
+        "\"l_rel\"",
+        "\"grad_norm\"",
+    ]
+    .into_iter()
+    .collect();
+    let at: Vec<usize> = keys.iter().map(|k| first.find(k).unwrap()).collect();
+    assert!(
+        at.windows(2).all(|p| p[0] < p[1]),
+        "terms out of order: {first}"
+    );
+    assert!(
+        !first.contains("l_res") && !first.contains("l_vis"),
+        "{first}"
+    );
+    for m in metrics(&dir) {
+        let (ce, rkl) = (m.term("ce").unwrap(), m.term("rkl").unwrap());
+        let rel = m.term("l_rel").unwrap_or(0.0);
+        let total = ce + 0.5 * rkl + 0.25 * rel;
+        assert!(
+            (m.loss - total).abs() <= 1e-5 * total.abs().max(1.0),
+            "{m:?}"
+        );
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let names: Vec<&str> = summary["final_terms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t[0].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ce", "rkl", "l_rel"]);
+    assert_eq!(
+        summary["settings"]["objective"][1]["divergence"],
+        "reverse_kl"
+    );
+    assert!(dir.join("loss.png").exists());
+}
+
+#[test]
+fn teachers_are_asked_for_by_the_objective() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    // DFT's built-in objective distils: without a teacher it names its first teacher term.
+    let (ok, _, err) = stage(
+        &w.root,
+        "dft",
+        &["--init", &s("student"), "--out", &s("t/1")],
+    );
+    assert!(
+        !ok && err.contains("objective term `mdist.response`") && err.contains("--teacher"),
+        "{err}"
+    );
+    // SFT with a distillation term needs one too, and then runs.
+    let rdist = "objective=[{ term = \"ce\" }, { term = \"rdist\" }]";
+    let (ok, _, err) = stage(
+        &w.root,
+        "sft",
+        &["--init", &s("student"), "--out", &s("t/2"), "--set", rdist],
+    );
+    assert!(!ok && err.contains("objective term `rdist`"), "{err}");
+    let (ok, _, err) = stage(
+        &w.root,
+        "sft",
+        &[
+            "--init",
+            &s("student"),
+            "--out",
+            &s("t/3"),
+            "--set",
+            rdist,
+            "--teacher",
+            &s("teacher"),
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(metrics(&w.root.join("t/3"))
+        .iter()
+        .any(|m| m.term("l_rel").is_some()));
+    // A teacher the objective does not read is refused, not silently ignored.
+    let (ok, _, err) = stage(
+        &w.root,
+        "sft",
+        &[
+            "--init",
+            &s("student"),
+            "--out",
+            &s("t/4"),
+            "--teacher",
+            &s("teacher"),
+        ],
+    );
+    assert!(!ok && err.contains("reads no teacher"), "{err}");
+}
+
+#[test]
+fn bad_objectives_in_a_preset_are_named() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let refused = |set: &str| {
+        let (ok, _, err) = stage(
+            &w.root,
+            "dft",
+            &[
+                "--init",
+                &s("student"),
+                "--teacher",
+                &s("teacher"),
+                "--out",
+                &s("bad"),
+                "--set",
+                set,
+            ],
+        );
+        assert!(!ok, "{set} was accepted");
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let err = refused("objective=[{ term = \"kld\" }]");
+    assert!(
+        err.contains("unknown objective term `kld`") && err.contains("mdist.visual"),
+        "{err}"
+    );
+    let err = refused("objective=[{ term = \"ce\", wieght = 2.0 }]");
+    assert!(
+        err.contains("wieght") && err.contains("stages.dft.objective"),
+        "{err}"
+    );
+    let err = refused("objective=[{ term = \"ce\", divergence = \"reverse_kl\" }]");
+    assert!(err.contains("takes no `divergence`"), "{err}");
+    let err = refused("objective=\"ce\"");
+    assert!(err.contains("stages.dft.objective"), "{err}");
+}
+
+#[test]
+fn a_cached_teacher_serves_only_the_temperature_it_was_written_at() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let (data, images) = (s("data/train/instruct.json"), s("data"));
+    ok(&[
+        "teacher-cache",
+        "--config",
+        "shapes-tiny",
+        "--quiet",
+        "--teacher",
+        &s("teacher"),
+        "--data",
+        &data,
+        "--images",
+        &images,
+        "--stage",
+        "dft",
+        "--top-k",
+        "8",
+        "--out",
+        &s("cache"),
+    ]);
+    let cached = |out: &str, objective: &str| {
+        stage(
+            &w.root,
+            "dft",
+            &[
+                "--init",
+                &s("student"),
+                "--teacher-cache",
+                &s("cache"),
+                "--out",
+                &s(out),
+                "--set",
+                objective,
+            ],
+        )
+    };
+    let (ok, _, err) = cached(
+        "cache/t2",
+        "objective=[{ term = \"ce\" }, { term = \"mdist.response\", temperature = 2.0 }]",
+    );
+    assert!(
+        !ok && err.contains("`mdist.response` reads the teacher at temperature 2"),
+        "{err}"
+    );
+    let (ok, _, err) = cached(
+        "cache/t1",
+        "objective=[{ term = \"ce\" }, { term = \"mdist.visual\", divergence = \"reverse_kl\" }]",
+    );
+    assert!(ok, "{err}");
+    assert!(metrics(&w.root.join("cache/t1"))
+        .iter()
+        .any(|m| m.term("l_vis").is_some()));
+}
