@@ -7,7 +7,7 @@ use std::fs::File;
 use std::io::{BufReader, ErrorKind};
 use std::path::Path;
 
-use image::{DynamicImage, ImageError, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageReader};
 
 use crate::problem::ProblemKind;
 
@@ -86,7 +86,9 @@ fn classify(path: &Path, err: ImageError) -> ImageFault {
     }
 }
 
-/// Decode an image file (any supported format) into memory.
+/// Decodes an image file (PNG, JPEG, BMP, GIF, WebP) into memory, applying its EXIF
+/// orientation as transformers' `load_image` does. The one image loader of mmkd: training
+/// batches, data checks and the vision crate's preprocessing all read images through it.
 pub fn load_image(path: &Path) -> Result<DynamicImage, ImageFault> {
     let reader = open(path)?;
     if reader.format().is_none() {
@@ -96,7 +98,11 @@ pub fn load_image(path: &Path) -> Result<DynamicImage, ImageFault> {
             "unrecognised image format",
         ));
     }
-    reader.decode().map_err(|e| classify(path, e))
+    let mut decoder = reader.into_decoder().map_err(|e| classify(path, e))?;
+    let orientation = decoder.orientation().map_err(|e| classify(path, e))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| classify(path, e))?;
+    img.apply_orientation(orientation);
+    Ok(img)
 }
 
 /// Check one image at the given level; `Ok(())` when it is usable.

@@ -6,8 +6,10 @@ use candle_core::{Device, Shape, Tensor};
 use mmkd_nn::SeededRng;
 
 use super::spec::BenchSpec;
+use crate::batch::visual_mask;
 use crate::distill::IGNORE_INDEX;
 use crate::models::llava::TokenBatch;
+use crate::models::splice::VisualPositions;
 
 /// One step's inputs.
 pub struct BenchBatch {
@@ -30,7 +32,6 @@ impl BenchBatch {
         let response_start = seq - spec.response_tokens;
         let mut ids = Vec::with_capacity(spec.batch);
         let mut labels = Vec::with_capacity(spec.batch * seq);
-        let mut visual = Vec::with_capacity(spec.batch * seq);
         for _ in 0..spec.batch {
             let row: Vec<u32> = (0..seq)
                 .map(|t| {
@@ -47,16 +48,17 @@ impl BenchBatch {
                 } else {
                     IGNORE_INDEX
                 });
-                visual.push(u8::from(id == spec.image_token_id()));
             }
             ids.push(row);
         }
         let side = spec.vision.image_size;
+        // The visual positions as every batch gets them (the batch layer's mask).
+        let visual = VisualPositions::find(&ids, spec.image_token_id());
         Ok(Self {
+            visual_mask: visual_mask(&visual, spec.batch, seq, device)?,
             tokens: TokenBatch::right_padded(&ids, 0),
             pixels: normal_tensor((spec.batch, 3, side, side), seed ^ 0x5eed, device)?,
             labels: Tensor::from_vec(labels, (spec.batch, seq), device)?,
-            visual_mask: Tensor::from_vec(visual, (spec.batch, seq), device)?,
         })
     }
 }

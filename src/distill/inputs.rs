@@ -9,8 +9,8 @@ use std::cell::OnceCell;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 
+use super::ce::{ce_of_rows, ce_rows, check_targets};
 use super::config::DistillLossConfig;
-use super::loss::{ce_of_rows, ce_rows, check_targets};
 use super::mdist::{check_labels, check_pair, rows_loss};
 use super::positions::{gather_rows, response_rows, visual_rows, ResponseRows};
 use super::rdist::{

@@ -1,14 +1,13 @@
-//! The training objective of every stage: masked next-token cross-entropy, plus (in the
-//! distillation stages) L = L_ce + α·L_res + β·L_vis + γ·L_rel.
+//! LLaVA-KD's loss as one function: L = L_ce + α·L_res + β·L_vis + γ·L_rel against an online
+//! teacher ([`distill_loss`]) or a teacher cache ([`distill_loss_cached`]), from the same terms
+//! the named objectives use ([`super::inputs::LossInputs`]).
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, D};
 
+use super::ce::{cross_entropy, scalar};
 use super::config::DistillLossConfig;
 use super::inputs::{CachedTeacher, LossInputs, RelationHidden, StudentLogits, TeacherSide};
-use super::logprob::compute_dtype;
-use super::mdist::check_labels;
-use super::positions::{gather_rows, response_rows, ResponseRows};
 use super::rdist::StudentRelation;
 
 /// One batch's loss: `total` to backpropagate, each term's value for logging (`None` when the
@@ -164,62 +163,6 @@ pub fn weighted_sum<'t>(
     Ok(total)
 }
 
-/// Next-token cross-entropy of `[batch, seq, vocab]` logits against unshifted `[batch, seq]`
-/// labels: the logit at t is scored against `labels[t + 1]`, positions labelled -100 are
-/// skipped, and the result is the mean over the supervised tokens of the whole batch (as
-/// `torch.nn.functional.cross_entropy(..., ignore_index=-100)` on shifted tensors).
-/// `None` when no token is supervised.
-pub fn cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Option<Tensor>> {
-    logits.dims3().with_context(|| {
-        format!(
-            "logits must be [batch, seq, vocab], got {:?}",
-            logits.dims()
-        )
-    })?;
-    check_labels(logits, labels, "labels")?;
-    ce_rows(logits, &response_rows(labels)?)
-}
-
-pub(crate) fn ce_rows(logits: &Tensor, response: &ResponseRows) -> Result<Option<Tensor>> {
-    if response.is_empty() {
-        return Ok(None);
-    }
-    let (_, seq, vocab) = logits.dims3()?;
-    check_targets(response, seq, vocab)?;
-    ce_of_rows(&gather_rows(logits, &response.rows)?, response).map(Some)
-}
-
-/// Every response target must index the logits' vocabulary; otherwise name the sample and
-/// position.
-pub(crate) fn check_targets(response: &ResponseRows, seq: usize, vocab: usize) -> Result<()> {
-    if let Some((i, &bad)) = response
-        .targets
-        .iter()
-        .enumerate()
-        .find(|(_, &t)| t as usize >= vocab)
-    {
-        let row = response.rows[i] as usize;
-        bail!(
-            "labels: sample {}, position {} holds token {bad}, outside the vocabulary of {vocab} logits",
-            row / seq,
-            row % seq + 1
-        );
-    }
-    Ok(())
-}
-
-pub(crate) fn scalar(t: &Tensor) -> Result<f32> {
-    Ok(t.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?)
-}
-
-/// Mean cross-entropy of the response rows' logits `[rows, vocab]` against their targets.
-pub(crate) fn ce_of_rows(rows: &Tensor, response: &ResponseRows) -> Result<Tensor> {
-    let rows = rows.to_dtype(compute_dtype(rows))?;
-    let targets = Tensor::from_slice(&response.targets, response.len(), rows.device())?;
-    let per_token = mmkd_nn::fused::cross_entropy_rows(&rows, &targets)?;
-    Ok(per_token.mean_all()?)
-}
-
 /// Cuts `[.., V]` logits to their first `vocab` entries, for a teacher and student whose
 /// vocabularies differ only by padding (e.g. Qwen 152064 vs 151936). Fails when `vocab` is
 /// larger than the logits' vocabulary.
@@ -237,7 +180,7 @@ pub fn truncate_vocab(logits: &Tensor, vocab: usize) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::positions::visual_rows;
+    use super::super::positions::{gather_rows, response_rows, visual_rows};
     use super::*;
     use candle_core::{DType, Device, Var};
     use mmkd_nn::grad_check::finite_difference;

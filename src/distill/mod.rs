@@ -3,6 +3,7 @@
 //! masked cross-entropy every stage trains on; the same objective against a teacher kept as
 //! top-k log-probabilities in an offline cache (`topk`).
 
+mod ce;
 pub mod config;
 pub mod divergence;
 pub mod inputs;
@@ -13,13 +14,14 @@ pub mod positions;
 pub mod rdist;
 pub mod topk;
 
+pub use ce::cross_entropy;
 pub use config::DistillLossConfig;
 pub use divergence::Divergence;
 pub use inputs::{CachedTeacher, LossInputs, RelationHidden, StudentLogits, TeacherSide};
 pub use logprob::log_softmax;
 pub use loss::{
-    cross_entropy, distill_loss, distill_loss_cached, truncate_vocab, weighted_sum,
-    CachedDistillBatch, DistillBatch, LossTerms,
+    distill_loss, distill_loss_cached, truncate_vocab, weighted_sum, CachedDistillBatch,
+    DistillBatch, LossTerms,
 };
 pub use mdist::{response_loss, visual_loss};
 pub use positions::{visual_mask_from_ids, visual_positions_per_sample, IGNORE_INDEX};

@@ -2,38 +2,31 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use image::{DynamicImage, ImageDecoder, ImageReader};
+use anyhow::{anyhow, Result};
+use image::DynamicImage;
+use mmkd_datasets::ProblemKind;
 
 use crate::resample::Rgb8;
 
 /// Decodes an image file (PNG, JPEG, BMP, GIF, WebP), applying its EXIF orientation as
-/// transformers' `load_image` does. Errors name the file.
+/// transformers' `load_image` does: `mmkd_datasets::load_image`, the one loader training and
+/// evaluation share, with errors that name the file and what went wrong.
 pub fn load_image(path: &Path) -> Result<DynamicImage> {
-    let reader = ImageReader::open(path)
-        .with_context(|| format!("cannot open image {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("cannot read image {}", path.display()))?;
-    if reader.format().is_none() {
-        bail!(
-            "cannot decode image {}: unrecognised or unsupported image format (supported: PNG, JPEG, BMP, GIF, WebP)",
-            path.display()
-        );
-    }
-    let mut decoder = reader
-        .into_decoder()
-        .with_context(|| format!("cannot decode image {}", path.display()))?;
-    let orientation = decoder
-        .orientation()
-        .with_context(|| format!("cannot read the orientation of image {}", path.display()))?;
-    let mut img = DynamicImage::from_decoder(decoder).with_context(|| {
-        format!(
-            "cannot decode image {} (corrupt or truncated?)",
-            path.display()
-        )
-    })?;
-    img.apply_orientation(orientation);
-    Ok(img)
+    mmkd_datasets::load_image(path).map_err(|fault| {
+        let what = match fault.kind {
+            ProblemKind::MissingImage => "cannot open image",
+            ProblemKind::UnsupportedImage => {
+                return anyhow!(
+                    "cannot decode image {}: unsupported image format ({}); supported: PNG, \
+                     JPEG, BMP, GIF, WebP",
+                    fault.path,
+                    fault.reason
+                )
+            }
+            _ => "cannot decode image",
+        };
+        anyhow!("{what} {}: {}", fault.path, fault.reason)
+    })
 }
 
 /// Converts to 8-bit RGB as transformers' `convert_to_rgb` does: grayscale is replicated,

@@ -2,6 +2,7 @@
 //! SigLIP/CLIP vision towers, and LLaVA's selection of image features from their hidden states.
 
 pub mod config;
+mod geometry;
 pub mod image_io;
 pub mod preprocess;
 pub mod resample;

@@ -227,3 +227,20 @@ fn missing_processor_config_names_the_file() {
         "{err}"
     );
 }
+
+#[test]
+fn exif_orientation_is_applied_by_the_one_loader_training_and_evaluation_share() {
+    // A 6×2 JPEG stored sideways (EXIF orientation 6); shown as transformers shows it, 2×6
+    // with its red end at the top (make_exif_fixture.py).
+    let path = fixtures().join("images/exif_orientation_6.jpg");
+    let for_training = mmkd_datasets::load_image(&path).unwrap().to_rgb8();
+    let for_eval = load_image(&path).unwrap().to_rgb8();
+    assert_eq!(for_training.dimensions(), (2, 6));
+    assert_eq!(for_training.as_raw(), for_eval.as_raw());
+    let (top, bottom) = (for_training.get_pixel(0, 0), for_training.get_pixel(1, 5));
+    assert!(top[0] > 200 && top[2] < 60, "top is not red: {top:?}");
+    assert!(
+        bottom[2] > 200 && bottom[0] < 60,
+        "bottom is not blue: {bottom:?}"
+    );
+}

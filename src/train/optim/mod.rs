@@ -14,12 +14,14 @@
 //! parameters matching none form the `default` group). Inside every group, parameters exempt
 //! from decay get weight decay 0 (see [`is_decay_exempt`]).
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
-
-use anyhow::{bail, ensure, Context, Result};
-use candle_core::{backprop::GradStore, DType, Device, Tensor, Var};
+use anyhow::{ensure, Context, Result};
+use candle_core::{backprop::GradStore, DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
+
+use kernel::{fused_update, tensor_update, UpdateCoefs};
+
+mod kernel;
+mod state;
 
 /// Name of the group of parameters that match no configured group.
 pub const DEFAULT_GROUP: &str = "default";
@@ -151,202 +153,11 @@ struct ParamState {
     step: u64,
 }
 
-/// The f32 elements of a contiguous CPU tensor's storage, without copying them.
-fn f32_elements<'a>(
-    storage: &'a candle_core::Storage,
-    layout: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    match storage {
-        candle_core::Storage::Cpu(cpu) => mmkd_nn::fused::data::<f32>(cpu, layout, "AdamW"),
-        _ => candle_core::bail!("AdamW: expected a CPU tensor"),
-    }
-}
-
-/// The scalars of one parameter's update.
-struct UpdateCoefs {
-    lr: f64,
-    weight_decay: f64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    /// The parameter's step count, this update included.
-    t: i32,
-}
-
-impl UpdateCoefs {
-    fn step_size(&self) -> f64 {
-        self.lr / (1.0 - self.beta1.powi(self.t))
-    }
-
-    fn bias_correction2_sqrt(&self) -> f64 {
-        (1.0 - self.beta2.powi(self.t)).sqrt()
-    }
-}
-
-/// The update from tensor ops (any dtype and device); returns (param, m, v).
-fn tensor_update(
-    param: &Tensor,
-    grad: &Tensor,
-    moments: Option<&(Tensor, Tensor)>,
-    c: &UpdateCoefs,
-) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let (m, v) = match moments {
-        Some(mv) => mv.clone(),
-        None => (grad.zeros_like()?, grad.zeros_like()?),
-    };
-    let mut param = param.clone();
-    if c.weight_decay != 0.0 {
-        param = param.affine(1.0 - c.lr * c.weight_decay, 0.0)?;
-    }
-    // m.lerp(g, 1−β1) and v·β2 + (1−β2)·g², as PyTorch writes them.
-    let m = m.add(&grad.sub(&m)?.affine(1.0 - c.beta1, 0.0)?)?;
-    let v = v
-        .affine(c.beta2, 0.0)?
-        .add(&grad.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
-    let denom = v.sqrt()?.affine(1.0 / c.bias_correction2_sqrt(), c.eps)?;
-    let param = param.sub(&m.div(&denom)?.affine(c.step_size(), 0.0)?)?;
-    Ok((param, m, v))
-}
-
-/// Runs `f` on the elements of a contiguous f32 CPU tensor's own storage, mutably, through
-/// candle's in-place op hook: every tensor sharing that storage (the `Var`) sees the result.
-fn with_f32_mut(
-    tensor: &Tensor,
-    f: impl FnOnce(&mut [f32]) -> candle_core::Result<()> + Send,
-) -> candle_core::Result<()> {
-    struct InPlace<F>(std::sync::Mutex<Option<F>>);
-    impl<F: FnOnce(&mut [f32]) -> candle_core::Result<()> + Send> candle_core::InplaceOp1
-        for InPlace<F>
-    {
-        fn name(&self) -> &'static str {
-            "adamw-in-place"
-        }
-        fn cpu_fwd(
-            &self,
-            storage: &mut candle_core::CpuStorage,
-            layout: &candle_core::Layout,
-        ) -> candle_core::Result<()> {
-            let f = self
-                .0
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("AdamW: poisoned lock".into()))?
-                .take()
-                .ok_or_else(|| candle_core::Error::Msg("AdamW: in-place op ran twice".into()))?;
-            let candle_core::CpuStorage::F32(all) = storage else {
-                candle_core::bail!("AdamW: expected f32 storage")
-            };
-            let Some((start, end)) = layout.contiguous_offsets() else {
-                candle_core::bail!("AdamW: the in-place update needs contiguous tensors")
-            };
-            f(&mut all[start..end])
-        }
-    }
-    tensor.inplace_op1(&InPlace(std::sync::Mutex::new(Some(f))))
-}
-
-/// The same update for f32 parameters on the CPU, written in place into the parameter's and the
-/// moments' own storage in one pass over each element, spread over rayon's pool. The tensor
-/// form makes a dozen single-threaded passes and allocations per parameter, and writing fresh
-/// buffers then copying them into the `Var` cost a tenth of a small model's step in allocation,
-/// page faults and copies. Same operations in the same order (f32, the scalars rounded to f32
-/// as candle's `affine` does), so both give the same numbers.
-fn fused_update(
-    param: &Tensor,
-    grads: &[Tensor],
-    grad_scale: f64,
-    (m, v): &(Tensor, Tensor),
-    c: &UpdateCoefs,
-) -> candle_core::Result<()> {
-    use rayon::prelude::*;
-    let decay = (c.weight_decay != 0.0).then_some((1.0 - c.lr * c.weight_decay) as f32);
-    let (one_minus_b1, b2, one_minus_b2) = (
-        (1.0 - c.beta1) as f32,
-        c.beta2 as f32,
-        (1.0 - c.beta2) as f32,
-    );
-    let (inv_bc2, eps, step, grad_scale) = (
-        (1.0 / c.bias_correction2_sqrt()) as f32,
-        c.eps as f32,
-        c.step_size() as f32,
-        grad_scale as f32,
-    );
-    let grads = grads
-        .iter()
-        .map(Tensor::contiguous)
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let guards = grads
-        .iter()
-        .map(Tensor::storage_and_layout)
-        .collect::<Vec<_>>();
-    let g = guards
-        .iter()
-        .map(|(storage, layout)| f32_elements(storage, layout))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let n = param.elem_count();
-    if let Some(bad) = g.iter().find(|g| g.len() != n) {
-        candle_core::bail!(
-            "AdamW: a gradient has {} elements, the parameter {n}",
-            bad.len()
-        );
-    }
-    with_f32_mut(param, |p| {
-        with_f32_mut(m, |m| {
-            with_f32_mut(v, |v| {
-                const CHUNK: usize = 1 << 14;
-                p.par_chunks_mut(CHUNK)
-                    .zip(m.par_chunks_mut(CHUNK))
-                    .zip(v.par_chunks_mut(CHUNK))
-                    .enumerate()
-                    .for_each(|(chunk, ((p, m), v))| {
-                        let span = chunk * CHUNK..chunk * CHUNK + p.len();
-                        // The micro-batches' mean gradient, summed and scaled as
-                        // GradAccumulator does, gathered first (only when there are several)
-                        // so the update below is one loop over equal-length slices (it
-                        // vectorises).
-                        let mean: std::borrow::Cow<[f32]> = if g.len() == 1 {
-                            std::borrow::Cow::Borrowed(&g[0][span])
-                        } else {
-                            let mut sum = g[0][span.clone()].to_vec();
-                            for other in &g[1..] {
-                                for (x, &y) in sum.iter_mut().zip(&other[span.clone()]) {
-                                    *x += y;
-                                }
-                            }
-                            for x in &mut sum {
-                                *x *= grad_scale;
-                            }
-                            std::borrow::Cow::Owned(sum)
-                        };
-                        let decay = decay.unwrap_or(1.0);
-                        for (((pi, mi), vi), &gi) in p
-                            .iter_mut()
-                            .zip(m.iter_mut())
-                            .zip(v.iter_mut())
-                            .zip(mean.iter())
-                        {
-                            let m_new = *mi + (gi - *mi) * one_minus_b1;
-                            let v_new = *vi * b2 + (gi * gi) * one_minus_b2;
-                            let denom = v_new.sqrt() * inv_bc2 + eps;
-                            *pi = *pi * decay - (m_new / denom) * step;
-                            *mi = m_new;
-                            *vi = v_new;
-                        }
-                    });
-                Ok(())
-            })
-        })
-    })
-}
-
 pub struct AdamW {
     cfg: AdamWConfig,
     groups: Vec<GroupSummary>,
     params: Vec<ParamState>,
 }
-
-const META_KIND: &str = "mmkd.optimizer";
-const META_STEPS: &str = "mmkd.steps";
-const KIND: &str = "adamw";
 
 impl AdamW {
     /// `vars` as returned by `ParamStore::trainable_vars()` (names unique, f32). Every
@@ -518,141 +329,13 @@ impl AdamW {
         }
         Ok(stats)
     }
-
-    /// Writes the moments (`{name}.exp_avg`, `{name}.exp_avg_sq`) and every parameter's step
-    /// count (metadata `mmkd.steps`, JSON) to a safetensors file, atomically.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        let mut steps = BTreeMap::new();
-        for p in &self.params {
-            steps.insert(p.name.clone(), p.step);
-            if let Some((m, v)) = &p.moments {
-                tensors.push((format!("{}.exp_avg", p.name), m.to_device(&Device::Cpu)?));
-                tensors.push((format!("{}.exp_avg_sq", p.name), v.to_device(&Device::Cpu)?));
-            }
-        }
-        let metadata = HashMap::from([
-            (META_KIND.to_string(), KIND.to_string()),
-            (META_STEPS.to_string(), serde_json::to_string(&steps)?),
-        ]);
-        let tmp = path.with_extension("safetensors.tmp");
-        safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
-            .with_context(|| format!("writing optimizer state {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("moving optimizer state to {}", path.display()))?;
-        Ok(())
-    }
-
-    /// Restores a state written by [`AdamW::save`]. The file must hold exactly this optimizer's
-    /// parameters with matching shapes; nothing changes when it does not.
-    pub fn load(&mut self, path: &Path) -> Result<()> {
-        let state = read_state(path)?;
-        let ours: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
-        let missing: Vec<&str> = ours
-            .iter()
-            .copied()
-            .filter(|n| !state.steps.contains_key(*n))
-            .collect();
-        let extra: Vec<&String> = state
-            .steps
-            .keys()
-            .filter(|n| ours.binary_search(&n.as_str()).is_err())
-            .collect();
-        if !missing.is_empty() || !extra.is_empty() {
-            bail!(
-                "optimizer state {} does not belong to these trainable parameters: {} missing from the file{}, \
-                 {} in the file but not trainable here{} (a checkpoint of another stage or model?)",
-                path.display(),
-                missing.len(),
-                first_few(&missing),
-                extra.len(),
-                first_few(&extra)
-            );
-        }
-        let mut restored = Vec::with_capacity(self.params.len());
-        for p in &self.params {
-            let step = state.steps[&p.name];
-            let moments = match (
-                state.tensors.get(&format!("{}.exp_avg", p.name)),
-                state.tensors.get(&format!("{}.exp_avg_sq", p.name)),
-            ) {
-                (Some(m), Some(v)) => {
-                    for (what, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
-                        ensure!(
-                            t.dims() == p.var.dims(),
-                            "optimizer state {}: `{}.{what}` has shape {:?}, the parameter has {:?}",
-                            path.display(),
-                            p.name,
-                            t.dims(),
-                            p.var.dims()
-                        );
-                    }
-                    let device = p.var.device();
-                    Some((
-                        m.to_dtype(DType::F32)?.to_device(device)?,
-                        v.to_dtype(DType::F32)?.to_device(device)?,
-                    ))
-                }
-                (None, None) if step == 0 => None,
-                _ => bail!(
-                    "optimizer state {}: `{}` has step count {step} but not both moments",
-                    path.display(),
-                    p.name
-                ),
-            };
-            restored.push((moments, step));
-        }
-        for (p, (moments, step)) in self.params.iter_mut().zip(restored) {
-            p.moments = moments;
-            p.step = step;
-        }
-        Ok(())
-    }
-}
-
-struct SavedState {
-    steps: BTreeMap<String, u64>,
-    tensors: HashMap<String, Tensor>,
-}
-
-fn read_state(path: &Path) -> Result<SavedState> {
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("reading optimizer state {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
-    let meta = header.metadata().clone().unwrap_or_default();
-    ensure!(
-        meta.get(META_KIND).map(String::as_str) == Some(KIND),
-        "{} is not an mmkd AdamW state (metadata `{META_KIND}` is {:?})",
-        path.display(),
-        meta.get(META_KIND)
-    );
-    let steps_json = meta
-        .get(META_STEPS)
-        .with_context(|| format!("{}: metadata `{META_STEPS}` is missing", path.display()))?;
-    let steps: BTreeMap<String, u64> = serde_json::from_str(steps_json).with_context(|| {
-        format!(
-            "{}: metadata `{META_STEPS}` is not a name → step map",
-            path.display()
-        )
-    })?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .with_context(|| format!("reading tensors of {}", path.display()))?;
-    Ok(SavedState { steps, tensors })
-}
-
-fn first_few<T: AsRef<str>>(names: &[T]) -> String {
-    if names.is_empty() {
-        return String::new();
-    }
-    let shown: Vec<&str> = names.iter().take(3).map(|n| n.as_ref()).collect();
-    let more = if names.len() > 3 { ", …" } else { "" };
-    format!(" ({}{more})", shown.join(", "))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
+    use std::collections::HashMap;
 
     fn var(dims: &[usize], value: f32) -> Var {
         Var::from_tensor(&Tensor::full(value, dims, &Device::Cpu).unwrap()).unwrap()
