@@ -393,3 +393,96 @@ fn a_cached_teacher_serves_only_the_temperature_it_was_written_at() {
         .iter()
         .any(|m| m.term("l_vis").is_some()));
 }
+
+#[test]
+fn the_validation_pass_measures_held_out_data_and_changes_no_trained_number() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let common = ["--init", &s("student"), "--teacher", &s("teacher")];
+    let (val_data, questions, answers) = (
+        s("data/val/instruct.json"),
+        s("data/val/questions.jsonl"),
+        s("data/val/answers.jsonl"),
+    );
+    let plain_out = s("val/plain");
+    let mut plain = common.to_vec();
+    plain.extend(["--out", &plain_out]);
+    stage_ok(&w.root, "dft", &plain);
+    let validated_out = s("val/validated");
+    let mut validated = common.to_vec();
+    validated.extend([
+        "--out",
+        &validated_out,
+        "--val-data",
+        &val_data,
+        "--val-questions",
+        &questions,
+        "--val-answers",
+        &answers,
+        "--validate-every",
+        "3",
+    ]);
+    stage_ok(&w.root, "dft", &validated);
+
+    let (a, b) = (
+        metrics(&w.root.join("val/plain")),
+        metrics(&w.root.join("val/validated")),
+    );
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(
+            (x.loss, x.terms.clone(), x.grad_norm),
+            (y.loss, y.terms.clone(), y.grad_norm)
+        );
+    }
+    let weights = |p: &str| std::fs::read(w.root.join(p).join("model.safetensors")).unwrap();
+    assert!(weights("val/plain") == weights("val/validated"));
+
+    let passes =
+        mmkd::stages::validate::read_validation(&w.root.join("val/validated/validation.jsonl"))
+            .unwrap();
+    let total = b.len();
+    let mut expected: Vec<usize> = (3..=total).step_by(3).collect();
+    if expected.last() != Some(&total) {
+        expected.push(total);
+    }
+    assert_eq!(passes.iter().map(|p| p.step).collect::<Vec<_>>(), expected);
+    let held_out = std::fs::read_to_string(&val_data).unwrap();
+    let records: Vec<serde_json::Value> = serde_json::from_str(&held_out).unwrap();
+    let questions_in_file = std::fs::read_to_string(&questions).unwrap().lines().count();
+    for p in &passes {
+        let loss = p.loss.unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{p:?}");
+        assert_eq!(p.samples, records.len());
+        // With an online teacher the held-out objective is the whole objective.
+        assert!(
+            p.terms.get("ce").is_some() && p.terms.get("l_res").is_some(),
+            "{p:?}"
+        );
+        assert_eq!(p.vqa_questions, questions_in_file.min(200));
+        let acc = p.vqa_accuracy.unwrap();
+        assert!((0.0..=100.0).contains(&acc), "{acc}");
+    }
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(w.root.join("val/validated/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["validation"]["step"], total);
+
+    // Asking for validation without held-out data is refused up front.
+    let (ok, _, err) = stage(
+        &w.root,
+        "dft",
+        &[
+            "--init",
+            &s("student"),
+            "--teacher",
+            &s("teacher"),
+            "--out",
+            &s("val/none"),
+            "--validate-every",
+            "2",
+        ],
+    );
+    assert!(!ok && err.contains("nothing to validate on"), "{err}");
+}

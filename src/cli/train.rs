@@ -60,6 +60,21 @@ pub struct StageArgs {
     pub resume: bool,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Held-out data (LLaVA JSON/JSONL, images under --images) for the validation pass: its
+    /// objective value goes to validation.jsonl (`data.val_data`).
+    #[arg(long)]
+    pub val_data: Option<PathBuf>,
+    /// Held-out VQA questions (`mmkd eval vqa` format) the validation pass answers
+    /// (`data.val_questions`; with --val-answers).
+    #[arg(long, requires = "val_answers")]
+    pub val_questions: Option<PathBuf>,
+    /// Reference answers of --val-questions (`data.val_answers`).
+    #[arg(long, requires = "val_questions")]
+    pub val_answers: Option<PathBuf>,
+    /// Run the validation pass every N optimizer steps and after the last
+    /// (`train.validate_every`; 0: never).
+    #[arg(long)]
+    pub validate_every: Option<usize>,
     /// Where the models run: cpu, cuda or cuda:N (default: the preset's `train.device`, cpu).
     #[arg(long)]
     pub device: Option<DeviceSpec>,
@@ -83,6 +98,19 @@ pub fn resolve_settings(args: &StageArgs, stage: Stage) -> Result<StageSettings>
     }
     if let Some(seed) = args.seed {
         sets.push(format!("stages.{}.seed={seed}", stage.name()));
+    }
+    for (key, path) in [
+        ("val_data", &args.val_data),
+        ("val_questions", &args.val_questions),
+        ("val_answers", &args.val_answers),
+    ] {
+        if let Some(path) = path {
+            let path = path.to_str().context("non-UTF-8 path")?;
+            sets.push(format!("data.{key}={}", toml::Value::from(path)));
+        }
+    }
+    if let Some(n) = args.validate_every {
+        sets.push(format!("stages.{}.validate_every={n}", stage.name()));
     }
     if let Some(device) = args.device {
         sets.push(format!("stages.{}.device=\"{device}\"", stage.name()));

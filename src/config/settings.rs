@@ -144,6 +144,13 @@ pub struct DataSettings {
     pub images: Option<PathBuf>,
     /// Tokenizer for freshly built models (`tokenizer.json`).
     pub tokenizer: Option<PathBuf>,
+    /// Held-out data (LLaVA JSON/JSONL, images under the same root) whose loss the validation
+    /// pass measures (`train.validate_every`).
+    pub val_data: Option<PathBuf>,
+    /// VQA questions (`mmkd eval vqa` format) the validation pass answers, with their
+    /// reference answers.
+    pub val_questions: Option<PathBuf>,
+    pub val_answers: Option<PathBuf>,
 }
 
 fn default_chat_template() -> String {
@@ -210,6 +217,14 @@ pub struct TrainSettings {
     /// Where the models run: `cpu`, `cuda` or `cuda:N` (`--device`).
     #[serde(default)]
     pub device: DeviceSpec,
+    /// A validation pass every N optimizer steps and after the last (0: none): the objective
+    /// on `data.val_data`, and VQA accuracy on `data.val_questions` when given. Written to
+    /// `validation.jsonl`; it changes no trained number.
+    #[serde(default)]
+    pub validate_every: usize,
+    /// Questions the validation pass answers (the first N of `data.val_questions`).
+    #[serde(default = "default_validate_questions")]
+    pub validate_questions: usize,
     /// Keep image and text-only samples apart and group by length.
     #[serde(default = "yes")]
     pub group_by_modality_length: bool,
@@ -253,6 +268,9 @@ fn default_batch() -> usize {
 }
 fn default_keep() -> usize {
     2
+}
+fn default_validate_questions() -> usize {
+    200
 }
 fn default_frozen_dtype() -> String {
     "f32".into()
@@ -392,6 +410,18 @@ impl StageSettings {
         );
         crate::objective::Objective::new(&self.objective, &self.distill)
             .with_context(|| format!("the objective of stage {}", self.stage.name()))?;
+        if t.validate_every > 0 {
+            anyhow::ensure!(
+                self.data.val_data.is_some() || self.data.val_questions.is_some(),
+                "train.validate_every = {} but there is nothing to validate on: set data.val_data \
+                 (--val-data) and/or data.val_questions (--val-questions)",
+                t.validate_every
+            );
+        }
+        anyhow::ensure!(
+            self.data.val_questions.is_some() == self.data.val_answers.is_some(),
+            "data.val_questions and data.val_answers go together (--val-questions, --val-answers)"
+        );
         if let Some(modules) = &t.trainable {
             anyhow::ensure!(
                 !modules.is_empty(),

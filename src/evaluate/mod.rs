@@ -5,6 +5,7 @@ pub mod files;
 pub mod run;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -26,7 +27,8 @@ pub struct PromptItem {
 
 /// A model ready to answer prompts with a conversation template.
 pub struct Answerer {
-    pub bundle: LoadedModel,
+    /// Shared, so a training run can answer with the model it is training.
+    pub bundle: Arc<LoadedModel>,
     pub template: Template,
     pub batch_size: usize,
     pub generation: GenerationConfig,
@@ -51,6 +53,27 @@ impl Answerer {
     ) -> Result<Self> {
         let bundle = LoadedModel::load(model, &BuildOptions::new(Trainable::NONE, 0))?;
         let template = Template::by_name_or_path(template)?;
+        let model_id = Path::new(model)
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_else(|| model.to_string());
+        Ok(Self::new(
+            Arc::new(bundle),
+            template,
+            batch_size,
+            max_new_tokens,
+            model_id,
+        ))
+    }
+
+    /// Answers with a model already in memory (e.g. the one a stage is training).
+    pub fn new(
+        bundle: Arc<LoadedModel>,
+        template: Template,
+        batch_size: usize,
+        max_new_tokens: usize,
+        model_id: String,
+    ) -> Self {
         let mut stop_token_ids: Vec<u32> = ["<|endoftext|>", "<|im_end|>", "</s>", "<|eot_id|>"]
             .iter()
             .filter_map(|t| bundle.token_id(t))
@@ -68,11 +91,7 @@ impl Answerer {
         } else {
             Vec::new()
         };
-        let model_id = Path::new(model)
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_else(|| model.to_string());
-        Ok(Self {
+        Self {
             bundle,
             template,
             batch_size: batch_size.max(1),
@@ -83,7 +102,7 @@ impl Answerer {
                 ..Default::default()
             },
             model_id,
-        })
+        }
     }
 
     /// The prompt text (with `<image>` placeholders) for a question.

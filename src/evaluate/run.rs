@@ -19,7 +19,7 @@ use crate::eval::caption::{evaluate_captions, CaptionExample};
 use crate::eval::choice::{extract_choice, option_letter};
 use crate::eval::ids::SampleId;
 use crate::eval::pope::{evaluate_pope, PopeExample, YesNo};
-use crate::eval::vqa::{evaluate_vqa, VqaExample};
+use crate::eval::vqa::{evaluate_vqa, VqaExample, VqaSummary};
 use crate::models::llava::TokenBatch;
 
 /// The caption prompt used when a caption item brings none.
@@ -98,6 +98,54 @@ fn percent_table(title: &str, rows: &[(String, f64, usize)]) -> String {
     md
 }
 
+/// The prompts of VQA questions, their images resolved against `images`.
+pub fn vqa_prompts(
+    questions: &[QuestionLine],
+    images: &Path,
+    prompt_suffix: &str,
+) -> Vec<PromptItem> {
+    questions
+        .iter()
+        .map(|q| PromptItem {
+            id: q.question_id.clone(),
+            image: resolve(images, &q.image),
+            text: format!("{}{prompt_suffix}", q.text),
+        })
+        .collect()
+}
+
+/// Scores `predictions` (one per question, in order) against the reference answers, which
+/// must cover exactly the same question ids.
+pub fn score_vqa(
+    questions: &[QuestionLine],
+    predictions: &[String],
+    refs: &[AnswerLine],
+) -> Result<VqaSummary> {
+    check_ids_match(
+        questions.iter().map(|q| q.question_id.as_str()),
+        refs.iter().map(|r| r.question_id.as_str()),
+        "answers",
+    )?;
+    let by_id: HashMap<&str, &AnswerLine> =
+        refs.iter().map(|r| (r.question_id.as_str(), r)).collect();
+    let examples: Vec<VqaExample> = questions
+        .iter()
+        .zip(predictions)
+        .map(|(q, a)| {
+            let r = by_id[q.question_id.as_str()];
+            VqaExample {
+                id: SampleId(q.question_id.clone()),
+                prediction: a.clone(),
+                answers: r.answers.clone(),
+                accepted: r.accepted.clone(),
+                answer_type: r.answer_type.clone(),
+                category: q.category.clone().or_else(|| r.category.clone()),
+            }
+        })
+        .collect();
+    evaluate_vqa(&examples)
+}
+
 /// VQA: answers `questions`, scores them against `answers` when given (10-answer soft accuracy
 /// after the official normalization; single-reference questions reduce to exact match).
 pub fn eval_vqa(
@@ -116,14 +164,7 @@ pub fn eval_vqa(
         "{} has no questions",
         questions_path.display()
     );
-    let items: Vec<PromptItem> = questions
-        .iter()
-        .map(|q| PromptItem {
-            id: q.question_id.clone(),
-            image: resolve(images, &q.image),
-            text: format!("{}{prompt_suffix}", q.text),
-        })
-        .collect();
+    let items = vqa_prompts(&questions, images, prompt_suffix);
     let (answers, stats) = answerer.answer_all(&items, "vqa", progress)?;
     let preds: Vec<PredictionLine> = items
         .iter()
@@ -145,29 +186,7 @@ pub fn eval_vqa(
         ),
         Some(path) => {
             let refs: Vec<AnswerLine> = read_records(path)?;
-            check_ids_match(
-                questions.iter().map(|q| q.question_id.as_str()),
-                refs.iter().map(|r| r.question_id.as_str()),
-                "answers",
-            )?;
-            let by_id: HashMap<&str, &AnswerLine> =
-                refs.iter().map(|r| (r.question_id.as_str(), r)).collect();
-            let examples: Vec<VqaExample> = questions
-                .iter()
-                .zip(&answers)
-                .map(|(q, a)| {
-                    let r = by_id[q.question_id.as_str()];
-                    VqaExample {
-                        id: SampleId(q.question_id.clone()),
-                        prediction: a.clone(),
-                        answers: r.answers.clone(),
-                        accepted: r.accepted.clone(),
-                        answer_type: r.answer_type.clone(),
-                        category: q.category.clone().or_else(|| r.category.clone()),
-                    }
-                })
-                .collect();
-            let summary = evaluate_vqa(&examples)?;
+            let summary = score_vqa(&questions, &answers, &refs)?;
             headline.insert("vqa_accuracy".into(), summary.accuracy);
             let mut md = format!(
                 "# VQA accuracy: {:.2} % ({} questions)\n\n",

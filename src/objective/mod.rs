@@ -57,7 +57,7 @@ pub struct Objective {
 
 /// Each term's value on one micro-batch (or its mean over a step), by logged name, in the
 /// objective's order; `None` where the batch had nothing for the term or its weight is 0.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct TermValues(pub Vec<(String, Option<f32>)>);
 
 impl TermValues {
@@ -118,6 +118,25 @@ impl Objective {
             });
         }
         Ok(Self { entries })
+    }
+
+    /// The terms of `specs` that read no teacher (what can be measured where no teacher's
+    /// output exists, e.g. on held-out data against a teacher cache).
+    pub fn teacher_free_terms(
+        specs: &[TermSpec],
+        defaults: &DistillLossConfig,
+    ) -> Result<Vec<TermSpec>> {
+        let mut kept = Vec::new();
+        for spec in specs {
+            let kind = terms::kind(&spec.term)?;
+            if !(kind.build)(&spec.resolve(kind, defaults)?)?
+                .needs()
+                .teacher
+            {
+                kept.push(spec.clone());
+            }
+        }
+        Ok(kept)
     }
 
     /// The names the terms are logged under, in order.

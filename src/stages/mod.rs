@@ -4,5 +4,6 @@
 pub mod init;
 pub mod progress;
 pub mod run;
+pub mod validate;
 
 pub use run::{run_stage, stage_finished, StageRun, StageSummary, SUMMARY_FILE};

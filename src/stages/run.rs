@@ -3,6 +3,7 @@
 //! summary last.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -12,6 +13,7 @@ use serde::Serialize;
 
 use super::init::{from_checkpoint, from_spec};
 use super::progress::step_bar;
+use super::validate::{Validation, ValidationRecord};
 use crate::batch::{prepare_data, resolve_template, training_tokenize_config, ModelInputs};
 use crate::checkpoint::{temp_sibling, write_llava_files, LoadedModel, SaveAssets};
 use crate::config::{Module, Stage, StageSettings};
@@ -68,6 +70,8 @@ pub struct StageSummary {
     pub data_skipped: std::collections::BTreeMap<String, usize>,
     pub model_origin: String,
     pub parameters_trained: usize,
+    /// The last validation pass (`train.validate_every`), also in `validation.jsonl`.
+    pub validation: Option<ValidationRecord>,
     pub settings: serde_json::Value,
 }
 
@@ -113,15 +117,28 @@ fn optimizer_groups(settings: &StageSettings, vars: &[(String, Var)]) -> Vec<Par
     groups
 }
 
-/// The digest a checkpoint records so that a resume with other settings is refused. Settings
-/// that change no number (micro-batches side by side, the device) are left out, and so is an
-/// objective that is the stage's built-in one (checkpoints of builds before objectives resume).
+/// Settings that change no trained number, left out of the resume digest: a run may resume
+/// with other values (and checkpoints of builds that lacked them still resume).
+const UNDIGESTED: &[(&str, &str)] = &[
+    ("train", "parallel_micro_batches"),
+    ("train", "device"),
+    ("train", "validate_every"),
+    ("train", "validate_questions"),
+    ("data", "val_data"),
+    ("data", "val_questions"),
+    ("data", "val_answers"),
+];
+
+/// The digest a checkpoint records so that a resume with other settings is refused. The
+/// [`UNDIGESTED`] settings are left out, and so is an objective that is the stage's built-in
+/// one (checkpoints of builds before objectives resume).
 fn settings_digest(run: &StageRun, cache: Option<&Manifest>) -> String {
     let settings = &run.settings;
     let mut digested = settings.as_json();
-    if let Some(train) = digested.get_mut("train").and_then(|t| t.as_object_mut()) {
-        train.remove("parallel_micro_batches");
-        train.remove("device");
+    for (section, key) in UNDIGESTED {
+        if let Some(table) = digested.get_mut(*section).and_then(|t| t.as_object_mut()) {
+            table.remove(*key);
+        }
     }
     if settings.objective == TermSpec::builtin(settings.stage.distills(), &settings.distill) {
         if let Some(all) = digested.as_object_mut() {
@@ -317,6 +334,8 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
             stage.name()
         ),
     };
+    // Shared with the validation pass, which answers questions with it.
+    let student = Arc::new(student);
     let plan = match (teacher_term, &run.teacher, cache_manifest) {
         (None, Some(_), _) => bail!(
             "--teacher: the objective of `{}` ({}) reads no teacher; leave --teacher out, or add a \
@@ -369,6 +388,19 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
             &template,
         )?)),
     };
+
+    let validation = Validation::prepare(
+        settings,
+        &student,
+        &template,
+        &run.images,
+        teacher.as_ref().is_some_and(TeacherSignal::is_online),
+        &run.out,
+    )?;
+    if let Some(v) = &validation {
+        v.truncate_log(resume_from.as_ref().map(|(_, s)| s.step))?;
+    }
+    let mut last_validation = None;
 
     let mut sampler_cfg = SamplerConfig::new(settings.train.batch_size, settings.train.seed);
     sampler_cfg.group_by_modality_length = settings.train.group_by_modality_length;
@@ -484,6 +516,11 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         bar.inc(1);
 
         let done = step + 1;
+        if let Some(v) = validation.as_ref().filter(|v| v.due(done, total_steps)) {
+            let record = v.run(done, &student, teacher.as_ref())?;
+            bar.println(describe_validation(&record));
+            last_validation = Some(record);
+        }
         if settings.train.save_every > 0
             && done % settings.train.save_every == 0
             && done < total_steps
@@ -548,6 +585,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
             .collect(),
         model_origin: student.origin.clone(),
         parameters_trained: model.store.count_trainable(),
+        validation: last_validation,
         settings: settings.as_json(),
     };
     std::fs::write(
@@ -555,6 +593,18 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         serde_json::to_string_pretty(&summary)?,
     )?;
     Ok(summary)
+}
+
+/// One line for the progress output.
+fn describe_validation(r: &ValidationRecord) -> String {
+    let mut parts = vec![format!("validation at step {}:", r.step)];
+    if let Some(loss) = r.loss {
+        parts.push(format!("held-out loss {loss:.4} ({} samples)", r.samples));
+    }
+    if let Some(acc) = r.vqa_accuracy {
+        parts.push(format!("VQA {acc:.2} % ({} questions)", r.vqa_questions));
+    }
+    parts.join(" ")
 }
 
 /// A loss or gradient that is not a finite number stops the run, naming the step, the samples
