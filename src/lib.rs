@@ -11,8 +11,10 @@
 //! - [`stages`]: a stage run from a preset, with checkpoints and resume.
 //! - [`runtime`]: the device and the gradient-sync hook.
 //! - [`config`]: presets (TOML with inheritance and overrides).
-//! - [`eval`]: VQA accuracy, caption metrics, POPE, multiple choice.
-//! - [`evaluate`]: running a model over benchmarks (batched generation + scoring).
+//! - [`scoring`]: model-free scorers (`mmkd metrics`): VQA accuracy, caption metrics, POPE,
+//!   multiple choice, as the official scorers compute them.
+//! - [`eval`]: a model run over evaluation sets (`mmkd eval`): batched generation, then
+//!   [`scoring`].
 //! - [`teacher_cache`]: the offline teacher cache's format (manifest, shards, store).
 //! - [`bench`]: the distillation-step benchmark (`mmkd bench`).
 //! - [`cli`]: the `mmkd` command line.
@@ -25,12 +27,12 @@ pub mod config;
 pub mod demo;
 pub mod distill;
 pub mod eval;
-pub mod evaluate;
 pub mod generate;
 pub mod models;
 pub mod objective;
 pub mod prompt;
 pub mod runtime;
+pub mod scoring;
 pub mod stages;
 pub mod teacher;
 pub mod teacher_cache;

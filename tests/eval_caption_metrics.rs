@@ -1,11 +1,13 @@
 //! Caption metrics: against pycocoevalcap's numbers on the committed fixture, and on small cases
 //! worked out by hand.
 
-use mmkd::eval::caption::bleu::corpus_bleu;
-use mmkd::eval::caption::cider::cider_d;
-use mmkd::eval::caption::rouge::{rouge_l, rouge_words};
-use mmkd::eval::caption::{evaluate_captions, score_tokenized, CaptionExample, TokenizedCaptions};
-use mmkd::eval::ids::SampleId;
+use mmkd::scoring::caption::bleu::corpus_bleu;
+use mmkd::scoring::caption::cider::cider_d;
+use mmkd::scoring::caption::rouge::{rouge_l, rouge_words};
+use mmkd::scoring::caption::{
+    evaluate_captions, score_tokenized, CaptionExample, TokenizedCaptions,
+};
+use mmkd::scoring::ids::SampleId;
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -64,7 +66,7 @@ fn assert_close(name: &str, got: f64, want: f64) {
     );
 }
 
-fn check_against_fixture(f: &Fixture, got: &mmkd::eval::caption::CaptionScores) {
+fn check_against_fixture(f: &Fixture, got: &mmkd::scoring::caption::CaptionScores) {
     let want = [
         f.scores.bleu_1,
         f.scores.bleu_2,

@@ -1,10 +1,10 @@
 //! POPE (counts checked by hand) and multiple-choice scoring.
 
-use mmkd::eval::choice::{
+use mmkd::scoring::choice::{
     evaluate_choices, extract_choice, pick_by_likelihood, ChoiceExample, ChoiceRule,
     LikelihoodRule, OptionLogLikelihood,
 };
-use mmkd::eval::pope::{evaluate_pope, pope_answer_to_label, PopeExample, YesNo};
+use mmkd::scoring::pope::{evaluate_pope, pope_answer_to_label, PopeExample, YesNo};
 
 #[test]
 fn pope_answer_rule_is_the_official_one() {

@@ -1,7 +1,7 @@
 //! The PTB tokenizer against the real pycocoevalcap / Stanford CoreNLP 3.4.1 output stored by
 //! `tests/fixtures/eval/make_caption_fixture.py`.
 
-use mmkd::eval::caption::ptb::{ptb_tokenize_lines, tokenize_captions};
+use mmkd::scoring::caption::ptb::{ptb_tokenize_lines, tokenize_captions};
 use serde::Deserialize;
 
 #[derive(Deserialize)]

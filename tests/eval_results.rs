@@ -1,8 +1,8 @@
 //! The shared report type: markdown rendering and serde round trip.
 
-use mmkd::eval::caption::CaptionScores;
-use mmkd::eval::pope::{evaluate_pope, PopeExample, YesNo};
-use mmkd::eval::results::{markdown_comparison, MetricScale, MetricsReport};
+use mmkd::scoring::caption::CaptionScores;
+use mmkd::scoring::pope::{evaluate_pope, PopeExample, YesNo};
+use mmkd::scoring::results::{markdown_comparison, MetricScale, MetricsReport};
 
 fn caption_report() -> MetricsReport {
     let scores = CaptionScores {

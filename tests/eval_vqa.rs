@@ -3,13 +3,13 @@
 
 use std::path::PathBuf;
 
-use mmkd::eval::readers::{load_vqa_examples, read_vqa_questions};
-use mmkd::eval::vqa::normalize::evalai_normalize;
-use mmkd::eval::vqa::normalize::{
+use mmkd::scoring::readers::{load_vqa_examples, read_vqa_questions};
+use mmkd::scoring::vqa::normalize::evalai_normalize;
+use mmkd::scoring::vqa::normalize::{
     normalize_prediction, process_digit_article, process_ground_truths, process_punctuation,
     CONTRACTIONS,
 };
-use mmkd::eval::vqa::{
+use mmkd::scoring::vqa::{
     evaluate_vqa, evaluate_vqa_with, score_vqa_answer, score_vqa_answer_with, VqaProcessor,
     VqaScoring,
 };
@@ -188,8 +188,8 @@ fn a_single_reference_is_scored_by_exact_match_after_normalizing_both() {
 
 #[test]
 fn summary_breaks_down_by_answer_type_and_category() {
-    use mmkd::eval::ids::SampleId;
-    use mmkd::eval::vqa::VqaExample;
+    use mmkd::scoring::ids::SampleId;
+    use mmkd::scoring::vqa::VqaExample;
     let ex = |id: &str, pred: &str, k: usize, t: &str, c: Option<&str>| VqaExample {
         id: SampleId(id.into()),
         prediction: pred.into(),
@@ -345,8 +345,8 @@ fn evalai_processor_differs_where_documented() {
 
 #[test]
 fn accepted_forms_are_scored_by_exact_match_against_any() {
-    use mmkd::eval::ids::SampleId;
-    use mmkd::eval::vqa::{VqaExample, VqaScoring};
+    use mmkd::scoring::ids::SampleId;
+    use mmkd::scoring::vqa::{VqaExample, VqaScoring};
     let ex = |pred: &str| VqaExample {
         id: SampleId("q".into()),
         prediction: pred.into(),

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
-use crate::evaluate::run::{compare, eval_captions, eval_choice, eval_pope, eval_vqa, EvalResults};
-use crate::evaluate::Answerer;
+use crate::eval::run::{compare, eval_captions, eval_choice, eval_pope, eval_vqa, EvalResults};
+use crate::eval::Answerer;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {

@@ -16,11 +16,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::eval::caption::{evaluate_captions, CaptionScores, METEOR_NOTE};
-use crate::eval::pope::{evaluate_pope, PopeMetrics};
-use crate::eval::readers::{load_caption_examples, load_pope_examples, load_vqa_examples};
-use crate::eval::results::MetricsReport;
-use crate::eval::vqa::{evaluate_vqa_with, GroupAccuracy, VqaProcessor};
+use crate::scoring::caption::{evaluate_captions, CaptionScores, METEOR_NOTE};
+use crate::scoring::pope::{evaluate_pope, PopeMetrics};
+use crate::scoring::readers::{load_caption_examples, load_pope_examples, load_vqa_examples};
+use crate::scoring::results::MetricsReport;
+use crate::scoring::vqa::{evaluate_vqa_with, GroupAccuracy, VqaProcessor};
 
 /// The VQA answer processor, as a command-line value.
 #[derive(Debug, Clone, Copy, ValueEnum)]

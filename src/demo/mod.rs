@@ -16,8 +16,8 @@ use serde::Serialize;
 
 use crate::config::preset::apply_override;
 use crate::config::{load_document, Document, Role, Stage, StageSettings};
-use crate::evaluate::run::{eval_captions, eval_pope, eval_vqa, EvalResults};
-use crate::evaluate::Answerer;
+use crate::eval::run::{eval_captions, eval_pope, eval_vqa, EvalResults};
+use crate::eval::Answerer;
 use crate::stages::{run_stage, stage_finished, StageRun};
 use settings::DemoSettings;
 

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 
 use super::settings::{DemoSettings, EvalSplit};
 use super::{ModelResult, MODELS};
-use crate::evaluate::files::{read_records, AnswerLine, PredictionLine, QuestionLine};
+use crate::eval::files::{read_records, AnswerLine, PredictionLine, QuestionLine};
 
 type SeedResults = (u64, PathBuf, BTreeMap<String, ModelResult>);
 /// A named metric read from one model's results.

@@ -11,7 +11,7 @@
 //! the Basic Multilingual Plane (the jar sees two UTF-16 units there).
 
 use super::pattern::*;
-use crate::eval::pytext::is_decimal_digit;
+use crate::scoring::pytext::is_decimal_digit;
 
 /// What a rule does with the text it matched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::eval::ids::SampleId;
+use crate::scoring::ids::SampleId;
 
 /// Where a record came from, for error messages.
 #[derive(Debug, Clone, PartialEq, Eq)]

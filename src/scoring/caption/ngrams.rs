@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use crate::eval::pytext::py_split_whitespace;
+use crate::scoring::pytext::py_split_whitespace;
 
 /// Counts of every n-gram with 1 ≤ n ≤ `max_n` (`precook` in pycocoevalcap).
 pub type NgramCounts<'a> = HashMap<&'a [&'a str], usize>;

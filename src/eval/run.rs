@@ -15,12 +15,12 @@ use super::files::{
     PopeLine, PredictionLine, QuestionLine,
 };
 use super::{Answerer, GenerationStats, PromptItem};
-use crate::eval::caption::{evaluate_captions, CaptionExample};
-use crate::eval::choice::{extract_choice, option_letter};
-use crate::eval::ids::SampleId;
-use crate::eval::pope::{evaluate_pope, PopeExample, YesNo};
-use crate::eval::vqa::{evaluate_vqa, VqaExample, VqaSummary};
 use crate::models::llava::TokenBatch;
+use crate::scoring::caption::{evaluate_captions, CaptionExample};
+use crate::scoring::choice::{extract_choice, option_letter};
+use crate::scoring::ids::SampleId;
+use crate::scoring::pope::{evaluate_pope, PopeExample, YesNo};
+use crate::scoring::vqa::{evaluate_vqa, VqaExample, VqaSummary};
 
 /// The caption prompt used when a caption item brings none.
 pub const DEFAULT_CAPTION_PROMPT: &str = "Describe the image briefly.";
@@ -320,7 +320,7 @@ pub fn eval_captions(
         metrics: json!({
             "bleu_1": scores.bleu[0], "bleu_2": scores.bleu[1], "bleu_3": scores.bleu[2], "bleu_4": scores.bleu[3],
             "rouge_l": scores.rouge_l, "cider": scores.cider, "count": scores.count,
-            "meteor": null, "meteor_note": crate::eval::caption::METEOR_NOTE,
+            "meteor": null, "meteor_note": crate::scoring::caption::METEOR_NOTE,
         }),
         generation: Some((&stats).into()),
     };
