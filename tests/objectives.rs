@@ -385,6 +385,11 @@ fn a_cached_teacher_serves_only_the_temperature_it_was_written_at() {
         "{err}"
     );
     let (ok, _, err) = cached(
+        "cache/mse",
+        "objective=[{ term = \"ce\" }, { term = \"logits.mse\", weight = 0.1 }]",
+    );
+    assert!(!ok && err.contains("`logits.mse` reads the teacher's full logits"), "{err}");
+    let (ok, _, err) = cached(
         "cache/t1",
         "objective=[{ term = \"ce\" }, { term = \"mdist.visual\", divergence = \"reverse_kl\" }]",
     );

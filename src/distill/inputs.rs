@@ -110,6 +110,15 @@ pub enum TeacherSide<'a> {
     Cached(CachedTeacher<'a>),
 }
 
+/// The positions a term reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// Logit t where label t + 1 is supervised.
+    Response,
+    /// The image-token positions.
+    Visual,
+}
+
 /// One micro-batch's loss inputs, checked once; the student's logit rows that several terms
 /// read (the response rows: CE and L_res; the visual rows: L_vis and L_rel) are computed once.
 pub struct LossInputs<'a> {
@@ -296,6 +305,31 @@ impl<'a> LossInputs<'a> {
                 }
             }
         }
+    }
+
+    /// The student's logits `[rows, vocab]` at `rows` (part of the graph; computed once per
+    /// batch), `None` when the batch has no such position.
+    pub fn student_rows(&self, rows: Rows) -> Result<Option<Tensor>> {
+        match rows {
+            Rows::Response => self.response_logits(),
+            Rows::Visual => self.visual_logits(),
+        }
+    }
+
+    /// An online teacher's logits `[rows, vocab]` at `rows` (detached), `None` when the batch
+    /// has no such position. A cache keeps only the teacher's top-k: an error naming `term`.
+    pub fn teacher_logit_rows(&self, rows: Rows, term: &str) -> Result<Option<Tensor>> {
+        let TeacherSide::Logits { logits, .. } = self.teacher_side(term)? else {
+            bail!("{term} reads the teacher's full logits, which a teacher cache does not keep: run it with --teacher");
+        };
+        let rows = match rows {
+            Rows::Response => &self.response.rows,
+            Rows::Visual => &self.visual,
+        };
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        gather_rows(&logits.detach(), rows).map(Some)
     }
 
     fn teacher_side(&self, term: &str) -> Result<TeacherSide<'a>> {

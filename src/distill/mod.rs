@@ -17,7 +17,7 @@ pub mod topk;
 pub use ce::cross_entropy;
 pub use config::DistillLossConfig;
 pub use divergence::Divergence;
-pub use inputs::{CachedTeacher, LossInputs, RelationHidden, StudentLogits, TeacherSide};
+pub use inputs::{CachedTeacher, LossInputs, RelationHidden, Rows, StudentLogits, TeacherSide};
 pub use logprob::log_softmax;
 pub use loss::{
     distill_loss, distill_loss_cached, truncate_vocab, weighted_sum, CachedDistillBatch,

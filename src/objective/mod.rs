@@ -36,6 +36,8 @@ pub struct Needs {
     pub teacher: bool,
     /// The teacher's visual-token relation matrices (a cache must hold them).
     pub teacher_relations: bool,
+    /// The teacher's full logits (an online teacher: a cache keeps only the top-k).
+    pub teacher_logits: bool,
     /// The temperature the teacher's probabilities are read at (a cache stores them at one).
     pub teacher_temperature: Option<f64>,
 }
@@ -148,6 +150,13 @@ impl Objective {
     pub fn teacher_term(&self) -> Option<&'static str> {
         self.active()
             .find(|e| e.term.needs().teacher)
+            .map(|e| e.kind)
+    }
+
+    /// The first term (its registered name) that reads the teacher's full logits, if any.
+    pub fn teacher_logits_term(&self) -> Option<&'static str> {
+        self.active()
+            .find(|e| e.term.needs().teacher_logits)
             .map(|e| e.kind)
     }
 

@@ -259,6 +259,13 @@ fn check_cache_compatible(
             sv.min(manifest.vocab)
         ),
     }
+    if let Some(term) = objective.teacher_logits_term() {
+        bail!(
+            "objective term `{term}` reads the teacher's full logits, and a teacher cache keeps only \
+             its top-{} per position: run it with --teacher",
+            manifest.top_k
+        );
+    }
     if objective.needs_teacher_relations() && !manifest.relations {
         bail!(
             "the teacher cache holds no relation matrices (it was written with gamma_rel = 0), but \

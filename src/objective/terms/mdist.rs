@@ -50,6 +50,7 @@ impl Term for Mdist {
     fn needs(&self) -> Needs {
         Needs {
             teacher: true,
+            teacher_logits: false,
             teacher_relations: false,
             teacher_temperature: Some(self.cfg.temperature),
         }

@@ -1,6 +1,7 @@
 //! The registered terms. A new term is one file here and one line in [`TERMS`].
 
 mod ce;
+mod logits_mse;
 mod mdist;
 mod rdist;
 
@@ -24,7 +25,13 @@ pub struct TermKind {
 }
 
 /// Every term an objective can name.
-pub const TERMS: &[TermKind] = &[ce::KIND, mdist::RESPONSE, mdist::VISUAL, rdist::KIND];
+pub const TERMS: &[TermKind] = &[
+    ce::KIND,
+    mdist::RESPONSE,
+    mdist::VISUAL,
+    rdist::KIND,
+    logits_mse::KIND,
+];
 
 /// The registered term called `name`.
 pub fn kind(name: &str) -> Result<&'static TermKind> {

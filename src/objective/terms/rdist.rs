@@ -23,6 +23,7 @@ impl Term for Rdist {
     fn needs(&self) -> Needs {
         Needs {
             teacher: true,
+            teacher_logits: false,
             teacher_relations: true,
             teacher_temperature: None,
         }
