@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use mmkd::batch::{prepare_data, resolve_template, training_tokenize_config, ModelInputs};
+use mmkd::batch::{prepare_data, training_tokenize_config, ModelInputs};
 use mmkd::config::{load_document, Role, Stage, StageSettings};
 use mmkd::distill::positions::{gather_rows, response_rows, visual_rows};
 use mmkd::distill::{topk_per_token, TopKHost};
@@ -66,7 +66,7 @@ fn main() -> Result<()> {
     let vocab = teacher.model.config.text_config.vocab_size;
     let mut ks: Vec<usize> = args.k.iter().copied().filter(|&k| k < vocab).collect();
     ks.push(vocab);
-    let template = resolve_template(&settings.template())?;
+    let template = mmkd_datasets::Template::by_name_or_path(&settings.template())?;
     let data = prepare_data(
         &args.data,
         &args.images,

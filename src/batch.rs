@@ -24,15 +24,6 @@ pub const TRAINING_COLLATE: CollateConfig = CollateConfig {
     pad_to_multiple_of: 1,
 };
 
-/// A conversation template: a file when `name` is one, else a built-in by that name.
-pub fn resolve_template(name: &str) -> Result<Template> {
-    if Path::new(name).is_file() {
-        Template::from_file(Path::new(name))
-    } else {
-        Template::builtin(name)
-    }
-}
-
 /// How a stage tokenizes for `model`: its image token and visual tokens per image, long
 /// samples truncated (never inside an image block).
 pub fn training_tokenize_config(model: &LlavaModel, max_length: usize) -> TokenizeConfig {

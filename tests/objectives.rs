@@ -388,7 +388,10 @@ fn a_cached_teacher_serves_only_the_temperature_it_was_written_at() {
         "cache/mse",
         "objective=[{ term = \"ce\" }, { term = \"logits.mse\", weight = 0.1 }]",
     );
-    assert!(!ok && err.contains("`logits.mse` reads the teacher's full logits"), "{err}");
+    assert!(
+        !ok && err.contains("`logits.mse` reads the teacher's full logits"),
+        "{err}"
+    );
     let (ok, _, err) = cached(
         "cache/t1",
         "objective=[{ term = \"ce\" }, { term = \"mdist.visual\", divergence = \"reverse_kl\" }]",
@@ -490,4 +493,67 @@ fn the_validation_pass_measures_held_out_data_and_changes_no_trained_number() {
         ],
     );
     assert!(!ok && err.contains("nothing to validate on"), "{err}");
+}
+
+#[test]
+fn the_device_is_a_setting_and_a_missing_backend_is_named() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let (ok, _, err) = stage(
+        &w.root,
+        "sft",
+        &[
+            "--init",
+            &s("student"),
+            "--out",
+            &s("dev/gpu"),
+            "--device",
+            "gpu",
+        ],
+    );
+    assert!(
+        !ok && err.contains("unknown device `gpu` (cpu, cuda, cuda:N)"),
+        "{err}"
+    );
+    if !candle_core::utils::cuda_is_available() {
+        let (ok, _, err) = stage(
+            &w.root,
+            "sft",
+            &[
+                "--init",
+                &s("student"),
+                "--out",
+                &s("dev/cuda"),
+                "--device",
+                "cuda:0",
+            ],
+        );
+        assert!(!ok && err.contains("built without CUDA"), "{err}");
+        let (ok, _, err) = mmkd(&["inspect", &s("student")]);
+        assert!(ok, "{err}");
+        let (ok, _, err) = mmkd(&[
+            "generate",
+            "--model",
+            &s("student"),
+            "--prompt",
+            "hi",
+            "--device",
+            "cuda",
+        ]);
+        assert!(!ok && err.contains("built without CUDA"), "{err}");
+    }
+    stage_ok(
+        &w.root,
+        "sft",
+        &[
+            "--init",
+            &s("student"),
+            "--out",
+            &s("dev/cpu"),
+            "--device",
+            "cpu",
+            "--max-steps",
+            "1",
+        ],
+    );
 }

@@ -35,6 +35,9 @@ pub struct ModelArgs {
     pub out: PathBuf,
     #[arg(long)]
     pub quiet: bool,
+    /// Where the model runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::runtime::DeviceSpec,
 }
 
 #[derive(Debug, Subcommand)]
@@ -89,7 +92,13 @@ pub enum EvalTask {
 }
 
 fn answerer(m: &ModelArgs) -> Result<Answerer> {
-    Answerer::load(&m.model, &m.template, m.batch_size, m.max_new_tokens)
+    Answerer::load(
+        &m.model,
+        &m.template,
+        m.batch_size,
+        m.max_new_tokens,
+        m.device,
+    )
 }
 
 fn report(results: &EvalResults, out: &std::path::Path) -> Result<()> {

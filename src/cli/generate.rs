@@ -14,6 +14,9 @@ use crate::prompt::PromptLayout;
 pub struct GenerateArgs {
     #[arg(long)]
     pub model: String,
+    /// Where the model runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::runtime::DeviceSpec,
     #[arg(long)]
     pub image: Option<PathBuf>,
     #[arg(long)]
@@ -39,7 +42,9 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let bundle = LoadedModel::load(&args.model, &BuildOptions::new(Trainable::NONE, 0))?;
+    let mut options = BuildOptions::new(Trainable::NONE, 0);
+    options.device = args.device.open()?;
+    let bundle = LoadedModel::load(&args.model, &options)?;
     let layout = PromptLayout::new(&bundle, &args.template, &args.prompt, args.image.is_some())?;
     let pixels = args
         .image

@@ -17,6 +17,9 @@ pub struct ScoreArgs {
     /// Checkpoint directory or hub id.
     #[arg(long)]
     pub model: String,
+    /// Where the model runs: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::runtime::DeviceSpec,
     #[arg(long)]
     pub image: Option<PathBuf>,
     #[arg(long)]
@@ -76,7 +79,9 @@ pub fn score(
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
-    let bundle = LoadedModel::load(&args.model, &BuildOptions::new(Trainable::NONE, 0))?;
+    let mut options = BuildOptions::new(Trainable::NONE, 0);
+    options.device = args.device.open()?;
+    let bundle = LoadedModel::load(&args.model, &options)?;
     let layout = PromptLayout::new(&bundle, &args.template, &args.prompt, args.image.is_some())?
         .answer(&args.answer, &bundle)?;
     let result = score(&bundle, &layout, args.image.as_ref())?;

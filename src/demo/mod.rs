@@ -228,6 +228,7 @@ fn evaluate(
         template,
         demo.eval_batch_size,
         demo.max_new_tokens,
+        crate::runtime::DeviceSpec::Cpu,
     )?;
     let test = data.join(demo.eval_split.name());
     let vqa = cached_or(&eval_dir.join("vqa"), || {

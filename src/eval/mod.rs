@@ -50,8 +50,11 @@ impl Answerer {
         template: &str,
         batch_size: usize,
         max_new_tokens: usize,
+        device: crate::runtime::DeviceSpec,
     ) -> Result<Self> {
-        let bundle = LoadedModel::load(model, &BuildOptions::new(Trainable::NONE, 0))?;
+        let mut options = BuildOptions::new(Trainable::NONE, 0);
+        options.device = device.open()?;
+        let bundle = LoadedModel::load(model, &options)?;
         let template = Template::by_name_or_path(template)?;
         let model_id = Path::new(model)
             .file_name()

@@ -14,7 +14,7 @@ use serde::Serialize;
 use super::init::{from_checkpoint, from_spec};
 use super::progress::step_bar;
 use super::validate::{Validation, ValidationRecord};
-use crate::batch::{prepare_data, resolve_template, training_tokenize_config, ModelInputs};
+use crate::batch::{prepare_data, training_tokenize_config, ModelInputs};
 use crate::checkpoint::{temp_sibling, write_llava_files, LoadedModel, SaveAssets};
 use crate::config::{Module, Stage, StageSettings};
 use crate::models::llava::{ImageInput, LlavaOutput, Trainable, PROJECTOR_PREFIX, VISION_PREFIX};
@@ -364,7 +364,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
     let model = &student.model;
 
     // Data.
-    let template = resolve_template(&settings.template())?;
+    let template = mmkd_datasets::Template::by_name_or_path(&settings.template())?;
     let data = prepare_data(
         &run.data,
         &run.images,

@@ -12,8 +12,7 @@ use serde::Serialize;
 
 use super::{run_identity, OnlineTeacher};
 use crate::batch::{
-    prepare_data, resolve_template, response_positions, training_tokenize_config, visual_positions,
-    ModelInputs,
+    prepare_data, response_positions, training_tokenize_config, visual_positions, ModelInputs,
 };
 use crate::config::StageSettings;
 use crate::distill::positions::gather_rows;
@@ -93,7 +92,7 @@ pub fn build_cache(req: &BuildRequest) -> Result<BuildSummary> {
         "--top-k must be between 1 and the vocabulary ({vocab}), got {}",
         req.top_k
     );
-    let template = resolve_template(&settings.template())?;
+    let template = mmkd_datasets::Template::by_name_or_path(&settings.template())?;
     let data = prepare_data(
         &req.data,
         &req.images,
