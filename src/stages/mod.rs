@@ -1,9 +1,35 @@
 //! Training stages from the command line: a stage's models built or loaded, its teacher signal
 //! and data set up, the learner's step run to the end with metrics, checkpoints and resume.
 
+mod batches;
 pub mod init;
 pub mod progress;
 pub mod run;
+mod setup;
 pub mod validate;
 
-pub use run::{run_stage, stage_finished, StageRun, StageSummary, SUMMARY_FILE};
+pub use run::{run_stage, stage_finished, StageSummary, SUMMARY_FILE};
+
+use std::path::PathBuf;
+
+use crate::config::StageSettings;
+
+/// One stage run as the CLI (or the demo) asks for it.
+#[derive(Clone, Debug)]
+pub struct StageRun {
+    pub settings: StageSettings,
+    /// Previous stage's checkpoint (required for SFT and DFT).
+    pub init: Option<String>,
+    /// Teacher checkpoint (objectives that read a teacher).
+    pub teacher: Option<String>,
+    /// Offline teacher cache (written by `mmkd teacher-cache`) instead of `teacher`.
+    pub teacher_cache: Option<PathBuf>,
+    pub data: PathBuf,
+    pub images: PathBuf,
+    pub out: PathBuf,
+    /// Tokenizer for freshly built models.
+    pub tokenizer: Option<PathBuf>,
+    pub resume: bool,
+    /// Draw a progress bar (off in tests).
+    pub progress: bool,
+}

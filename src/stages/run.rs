@@ -2,53 +2,35 @@
 //! a loop with metrics, progress, atomic checkpoints and resume; the trained model and the
 //! summary last.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Tensor, Var};
-use mmkd_datasets::{BatchSampler, SampleShape, SamplerConfig, TokenizedSample};
+use candle_core::Var;
+use mmkd_datasets::{BatchSampler, SampleShape, SamplerConfig};
 use serde::Serialize;
 
-use super::init::{from_checkpoint, from_spec};
+use super::batches::{StageBatches, StageMicroBatch};
 use super::progress::step_bar;
+use super::setup::{
+    load_student, open_cache_manifest, optimizer_groups, plan_teacher, resume_point,
+    settings_digest, trainable_modules, TeacherPlan,
+};
 use super::validate::{Validation, ValidationRecord};
-use crate::batch::{prepare_data, training_tokenize_config, ModelInputs};
-use crate::checkpoint::{temp_sibling, write_llava_files, LoadedModel, SaveAssets};
-use crate::config::{Module, Stage, StageSettings};
-use crate::models::llava::{ImageInput, LlavaOutput, Trainable, PROJECTOR_PREFIX, VISION_PREFIX};
-use crate::objective::{Objective, TermSpec, TermValues};
+use super::StageRun;
+use crate::batch::{prepare_data, training_tokenize_config};
+use crate::checkpoint::{temp_sibling, write_llava_files, SaveAssets};
+use crate::config::Stage;
+use crate::models::llava::ImageInput;
+use crate::objective::{Objective, TermValues};
 use crate::runtime::parse_dtype;
-use crate::teacher::{teacher_rows, CachedSignal, OnlineTeacher, TeacherSignal};
-use crate::teacher_cache::Manifest;
+use crate::teacher::{teacher_rows, CachedSignal, TeacherSignal};
 use crate::train::forward::{objective_loss, StudentBatch};
 use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, StepMetrics};
-use crate::train::state::{
-    digest, latest_checkpoint, read_state, save_checkpoint, TrainerState, OPTIMIZER_FILE,
-};
-use crate::train::step::{MicroBatch, MicroBatchSource, MicroLoss, NotFinite, TrainStep};
-use crate::train::{AdamW, AdamWConfig, LrSchedule, ParamGroupConfig};
-
-/// One stage run as the CLI (or the demo) asks for it.
-#[derive(Clone, Debug)]
-pub struct StageRun {
-    pub settings: StageSettings,
-    /// Previous stage's checkpoint (required for SFT and DFT).
-    pub init: Option<String>,
-    /// Teacher checkpoint (objectives that read a teacher).
-    pub teacher: Option<String>,
-    /// Offline teacher cache (written by `mmkd teacher-cache`) instead of `teacher`.
-    pub teacher_cache: Option<PathBuf>,
-    pub data: PathBuf,
-    pub images: PathBuf,
-    pub out: PathBuf,
-    /// Tokenizer for freshly built models.
-    pub tokenizer: Option<PathBuf>,
-    pub resume: bool,
-    /// Draw a progress bar (off in tests).
-    pub progress: bool,
-}
+use crate::train::state::{latest_checkpoint, save_checkpoint, TrainerState, OPTIMIZER_FILE};
+use crate::train::step::{MicroLoss, NotFinite, TrainStep};
+use crate::train::{AdamW, AdamWConfig, LrSchedule};
 
 /// What a finished stage reports (also written to `OUT/summary.json`).
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -82,182 +64,6 @@ pub fn stage_finished(out: &Path) -> bool {
     out.join(SUMMARY_FILE).exists()
 }
 
-fn trainable_modules(settings: &StageSettings) -> Trainable {
-    let modules = settings.train.modules(settings.stage);
-    Trainable {
-        vision: modules.contains(&Module::Vision),
-        projector: modules.contains(&Module::Projector),
-        llm: modules.contains(&Module::Llm),
-    }
-}
-
-/// The projector's parameter group, and the vision tower's when it trains.
-fn optimizer_groups(settings: &StageSettings, vars: &[(String, Var)]) -> Vec<ParamGroupConfig> {
-    let group = |name: &str, prefix: &str, lr_scale: f64| ParamGroupConfig {
-        name: name.into(),
-        prefixes: vec![format!("{prefix}.")],
-        lr_scale,
-        weight_decay: settings.train.weight_decay,
-    };
-    let mut groups = vec![group(
-        "projector",
-        PROJECTOR_PREFIX,
-        settings.train.projector_lr_scale,
-    )];
-    if vars
-        .iter()
-        .any(|(name, _)| name.starts_with(&format!("{VISION_PREFIX}.")))
-    {
-        groups.push(group(
-            "vision",
-            VISION_PREFIX,
-            settings.train.vision_lr_scale,
-        ));
-    }
-    groups
-}
-
-/// Settings that change no trained number, left out of the resume digest: a run may resume
-/// with other values (and checkpoints of builds that lacked them still resume).
-const UNDIGESTED: &[(&str, &str)] = &[
-    ("train", "parallel_micro_batches"),
-    ("train", "device"),
-    ("train", "validate_every"),
-    ("train", "validate_questions"),
-    ("data", "val_data"),
-    ("data", "val_questions"),
-    ("data", "val_answers"),
-];
-
-/// The digest a checkpoint records so that a resume with other settings is refused. The
-/// [`UNDIGESTED`] settings are left out, and so is an objective that is the stage's built-in
-/// one (checkpoints of builds before objectives resume).
-fn settings_digest(run: &StageRun, cache: Option<&Manifest>) -> String {
-    let settings = &run.settings;
-    let mut digested = settings.as_json();
-    for (section, key) in UNDIGESTED {
-        if let Some(table) = digested.get_mut(*section).and_then(|t| t.as_object_mut()) {
-            table.remove(*key);
-        }
-    }
-    if settings.objective == TermSpec::builtin(settings.stage.distills(), &settings.distill) {
-        if let Some(all) = digested.as_object_mut() {
-            all.remove("objective");
-        }
-    }
-    digest(&serde_json::json!({
-        "settings": digested, "data": run.data, "images": run.images, "init": run.init,
-        "teacher": run.teacher,
-        "teacher_cache": cache.map(Manifest::identity_digest),
-    }))
-}
-
-/// A micro-batch with the work on it that no trained weight changes: the online teacher's
-/// output (`None` without an online teacher) and the student's frozen-tower features (`None`
-/// when the tower trains or the batch has no image).
-struct StageMicroBatch {
-    inputs: ModelInputs,
-    teacher_out: Option<LlavaOutput>,
-    student_tower: Option<Tensor>,
-}
-
-impl MicroBatch for StageMicroBatch {
-    fn samples(&self) -> usize {
-        self.inputs.collated.batch_size()
-    }
-
-    fn sample_ids(&self) -> Vec<String> {
-        self.inputs.collated.sample_ids.clone()
-    }
-}
-
-/// One step's micro-batches, drawn from the sampler, `parallel` of them side by side.
-struct StageBatches<'a> {
-    samples: &'a [TokenizedSample],
-    student: &'a LoadedModel,
-    teacher: Option<&'a TeacherSignal>,
-    /// Whether there is frozen work worth doing ahead (an online teacher, a frozen tower).
-    look_ahead: bool,
-    parallel: usize,
-    /// This step's micro-batches (sample indices).
-    step: Vec<Vec<usize>>,
-    /// The next step's first chunk (empty on the last step).
-    next_step: Vec<Vec<usize>>,
-    ahead: Vec<StageMicroBatch>,
-}
-
-impl StageBatches<'_> {
-    /// A micro-batch collated, with the online teacher's output and the student's
-    /// frozen-tower features on it.
-    fn prepare(&self, indices: Vec<usize>) -> Result<StageMicroBatch> {
-        let inputs = ModelInputs::collate(self.samples, indices, self.student)?;
-        let teacher_out = match self.teacher {
-            Some(t) => t.forward_ahead(&inputs)?,
-            None => None,
-        };
-        let student_tower = match &inputs.pixels {
-            Some(pixels) => self.student.model.frozen_tower_features(pixels)?,
-            None => None,
-        };
-        Ok(StageMicroBatch {
-            inputs,
-            teacher_out,
-            student_tower,
-        })
-    }
-
-    fn chunk(&self, chunk: usize) -> &[Vec<usize>] {
-        let start = chunk * self.parallel;
-        &self.step[start..(start + self.parallel).min(self.step.len())]
-    }
-}
-
-impl MicroBatchSource for StageBatches<'_> {
-    type Item = StageMicroBatch;
-
-    fn chunks(&self) -> usize {
-        self.step.len().div_ceil(self.parallel)
-    }
-
-    fn take(&mut self, chunk: usize) -> Result<Vec<StageMicroBatch>> {
-        let mut ready = std::mem::take(&mut self.ahead).into_iter();
-        self.chunk(chunk)
-            .to_vec()
-            .into_iter()
-            .map(|indices| match ready.next() {
-                Some(mb) if mb.inputs.collated.sample_indices == indices => Ok(mb),
-                _ => self.prepare(indices),
-            })
-            .collect()
-    }
-
-    fn prepare_ahead(&self, chunk: usize) -> Result<Vec<StageMicroBatch>> {
-        if !self.look_ahead {
-            return Ok(Vec::new());
-        }
-        let next = if chunk + 1 < self.chunks() {
-            self.chunk(chunk + 1)
-        } else {
-            &self.next_step
-        };
-        next.iter()
-            .map(|indices| self.prepare(indices.clone()))
-            .collect()
-    }
-
-    fn keep_ahead(&mut self, ready: Vec<StageMicroBatch>) {
-        self.ahead = ready;
-    }
-}
-
-/// How a stage gets its teacher, decided before the data is read.
-#[allow(clippy::large_enum_variant)]
-enum TeacherPlan {
-    None,
-    Online(OnlineTeacher),
-    Cached(PathBuf, Manifest),
-}
-
 /// Runs one stage to completion (or resumes it) and writes the trained model to `run.out`.
 pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
     let settings = &run.settings;
@@ -266,101 +72,24 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
     std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
     let objective = Objective::new(&settings.objective, &settings.distill)
         .with_context(|| format!("the objective of `{}`", stage.name()))?;
-    let teacher_term = objective.teacher_term();
-    let cache_manifest = match (&run.teacher_cache, teacher_term) {
-        (Some(dir), Some(_)) => Some(Manifest::read(dir)?),
-        (Some(_), None) => bail!(
-            "--teacher-cache: the objective of `{}` ({}) reads no teacher; it is for objectives \
-             with a distillation term (dpt, dft)",
-            stage.name(),
-            objective.names().join(", ")
-        ),
-        (None, _) => None,
-    };
+    let cache_manifest = open_cache_manifest(run, &objective)?;
     let settings_digest = settings_digest(run, cache_manifest.as_ref());
     let frozen_dtype = parse_dtype(&settings.train.frozen_dtype)?;
     let device = settings.train.device.open()?;
-    let trainable = trainable_modules(settings);
 
-    // Resume point.
-    let resume_from = if run.resume {
-        let ckpt = latest_checkpoint(&run.out)?.with_context(|| {
-            format!(
-                "--resume: no complete checkpoint in {}",
-                crate::train::state::checkpoints_dir(&run.out).display()
-            )
-        })?;
-        let state = read_state(&ckpt)?;
-        anyhow::ensure!(
-            state.settings_digest == settings_digest,
-            "--resume: {} was written with other settings, data or models; resume with the same command",
-            ckpt.display()
-        );
-        Some((ckpt, state))
-    } else {
-        if latest_checkpoint(&run.out)?.is_some() {
-            bail!(
-                "{} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out",
-                run.out.display()
-            );
-        }
-        None
-    };
+    let resume_from = resume_point(run, &settings_digest)?;
 
     // Models.
-    let student = match (&resume_from, &run.init) {
-        (Some((ckpt, _)), _) => from_checkpoint(
-            ckpt.to_str().context("non-UTF-8 path")?,
-            trainable,
-            frozen_dtype,
-            &device,
-        )?,
-        (None, Some(init)) => from_checkpoint(init, trainable, frozen_dtype, &device)?,
-        (None, None) if stage.is_pretraining() => {
-            let tokenizer = run
-                .tokenizer
-                .clone()
-                .or_else(|| settings.data.tokenizer.clone());
-            from_spec(
-                &settings.model,
-                tokenizer.as_deref(),
-                trainable,
-                frozen_dtype,
-                &device,
-            )?
-        }
-        (None, None) => bail!(
-            "`{}` continues a trained model: pass --init DIR (the previous stage's output)",
-            stage.name()
-        ),
-    };
+    let student = load_student(
+        run,
+        resume_from.as_ref().map(|(ckpt, _)| ckpt.as_path()),
+        trainable_modules(settings),
+        frozen_dtype,
+        &device,
+    )?;
     // Shared with the validation pass, which answers questions with it.
     let student = Arc::new(student);
-    let plan = match (teacher_term, &run.teacher, cache_manifest) {
-        (None, Some(_), _) => bail!(
-            "--teacher: the objective of `{}` ({}) reads no teacher; leave --teacher out, or add a \
-             distillation term to `stages.{}.objective`",
-            stage.name(),
-            objective.names().join(", "),
-            stage.name()
-        ),
-        (None, None, _) => TeacherPlan::None,
-        (Some(_), Some(_), Some(_)) => {
-            bail!("--teacher and --teacher-cache are mutually exclusive: give one")
-        }
-        (Some(_), Some(spec), None) => {
-            TeacherPlan::Online(OnlineTeacher::load(spec, settings)?.for_student(&student)?)
-        }
-        (Some(_), None, Some(manifest)) => {
-            let dir = run.teacher_cache.clone().context("no --teacher-cache")?;
-            TeacherPlan::Cached(dir, manifest)
-        }
-        (Some(term), None, None) => bail!(
-            "`{}` distils from a teacher (objective term `{term}`): pass --teacher DIR, or \
-             --teacher-cache CACHE (written by `mmkd teacher-cache`)",
-            stage.name()
-        ),
-    };
+    let plan = plan_teacher(run, &objective, &student, cache_manifest)?;
     let model = &student.model;
 
     // Data.
