@@ -40,10 +40,12 @@ pub fn clip_grad_norm(grads: &mut GradStore, vars: &[(String, Var)], max_norm: f
 }
 
 /// Sums the gradients of a fixed set of parameters over micro-batches. Only the parameters'
-/// gradients are kept (a `GradStore` from `backward` also holds every intermediate's).
+/// gradients are kept (a `GradStore` from `backward` also holds every intermediate's); the sum
+/// is formed when asked for, in one pass per parameter.
 pub struct GradAccumulator {
     vars: Vec<(String, Var)>,
-    sums: Vec<Option<Tensor>>,
+    /// Each parameter's gradients, one per micro-batch that gave it one, in order.
+    parts: Vec<Vec<Tensor>>,
     micro_batches: usize,
 }
 
@@ -51,7 +53,7 @@ impl GradAccumulator {
     pub fn new(vars: &[(String, Var)]) -> Self {
         Self {
             vars: vars.to_vec(),
-            sums: vec![None; vars.len()],
+            parts: vec![Vec::new(); vars.len()],
             micro_batches: 0,
         }
     }
@@ -63,21 +65,18 @@ impl GradAccumulator {
 
     /// Adds `weight ×` one micro-batch's gradients (e.g. its share of the batch's tokens).
     pub fn add_scaled(&mut self, grads: &GradStore, weight: f64) -> Result<()> {
-        for ((name, var), sum) in self.vars.iter().zip(self.sums.iter_mut()) {
+        for ((name, var), parts) in self.vars.iter().zip(self.parts.iter_mut()) {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
             let g = if weight == 1.0 {
                 g.detach()
             } else {
-                g.affine(weight, 0.0)?.detach()
+                g.affine(weight, 0.0)
+                    .with_context(|| format!("weighting the gradient of `{name}`"))?
+                    .detach()
             };
-            *sum = Some(match sum.take() {
-                Some(acc) => acc
-                    .add(&g)
-                    .with_context(|| format!("accumulating the gradient of `{name}`"))?,
-                None => g,
-            });
+            parts.push(g);
         }
         self.micro_batches += 1;
         Ok(())
@@ -103,24 +102,78 @@ impl GradAccumulator {
 
     /// Forgets everything accumulated (after an optimizer step).
     pub fn reset(&mut self) {
-        self.sums.iter_mut().for_each(|s| *s = None);
+        self.parts.iter_mut().for_each(Vec::clear);
         self.micro_batches = 0;
     }
 
     fn scaled(&self, factor: f64) -> Result<GradStore> {
         let mut store = GradStore::default();
-        for ((_, var), sum) in self.vars.iter().zip(&self.sums) {
-            if let Some(s) = sum {
-                let g = if factor == 1.0 {
-                    s.clone()
-                } else {
-                    s.affine(factor, 0.0)?
-                };
-                store.insert(var.as_tensor(), g);
+        for ((name, var), parts) in self.vars.iter().zip(&self.parts) {
+            if parts.is_empty() {
+                continue;
             }
+            let g = sum_scaled(parts, factor)
+                .with_context(|| format!("accumulating the gradient of `{name}`"))?;
+            store.insert(var.as_tensor(), g);
         }
         Ok(store)
     }
+}
+
+/// (p₀ + p₁ + …)·factor, added left to right and scaled as candle's `add` and `affine` do
+/// (f32 sums, then `x·factor + 0`): one parallel pass for contiguous f32 CPU gradients, the
+/// tensor ops otherwise. Both give the same numbers.
+fn sum_scaled(parts: &[Tensor], factor: f64) -> Result<Tensor> {
+    if parts.len() == 1 && factor == 1.0 {
+        return Ok(parts[0].clone());
+    }
+    let fused = parts.iter().all(|p| {
+        p.dtype() == DType::F32
+            && p.device().is_cpu()
+            && p.is_contiguous()
+            && p.dims() == parts[0].dims()
+    });
+    if !fused {
+        let mut sum = parts[0].clone();
+        for p in &parts[1..] {
+            sum = sum.add(p)?;
+        }
+        return Ok(if factor == 1.0 {
+            sum
+        } else {
+            sum.affine(factor, 0.0)?
+        });
+    }
+    use rayon::prelude::*;
+    let guards: Vec<_> = parts.iter().map(Tensor::storage_and_layout).collect();
+    let slices = guards
+        .iter()
+        .map(|(storage, layout)| match &**storage {
+            candle_core::Storage::Cpu(cpu) => {
+                mmkd_nn::fused::data::<f32>(cpu, layout, "gradient accumulation")
+            }
+            _ => candle_core::bail!("gradient accumulation: expected a CPU tensor"),
+        })
+        .collect::<candle_core::Result<Vec<&[f32]>>>()?;
+    let (scale, scaled) = (factor as f32, factor != 1.0);
+    const CHUNK: usize = 1 << 14;
+    let mut out = slices[0].to_vec();
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(chunk, out)| {
+            let span = chunk * CHUNK..chunk * CHUNK + out.len();
+            for p in &slices[1..] {
+                for (o, &x) in out.iter_mut().zip(&p[span.clone()]) {
+                    *o += x;
+                }
+            }
+            if scaled {
+                for o in out.iter_mut() {
+                    *o = *o * scale + 0.0;
+                }
+            }
+        });
+    Ok(Tensor::from_vec(out, parts[0].shape(), parts[0].device())?)
 }
 
 #[cfg(test)]
@@ -173,6 +226,26 @@ mod tests {
         assert!((norm - 34f64.sqrt()).abs() < 1e-6);
         assert_eq!(grad(&grads, &vars[0].1), vec![3.0, 3.0]);
         assert_eq!(grad(&grads, &vars[1].1), vec![4.0]);
+    }
+
+    #[test]
+    fn the_fused_sum_equals_candles_add_and_affine_bit_for_bit() {
+        let dev = Device::Cpu;
+        let parts: Vec<Tensor> = (0..3)
+            .map(|i| Tensor::randn(0f32, 1.0 + i as f32, (70_000,), &dev).unwrap())
+            .collect();
+        for (k, factor) in [(1, 0.5), (2, 1.0), (2, 0.5), (3, 1.0 / 3.0)] {
+            let fused = sum_scaled(&parts[..k], factor).unwrap();
+            let mut reference = parts[0].clone();
+            for p in &parts[1..k] {
+                reference = reference.add(p).unwrap();
+            }
+            let reference = reference.affine(factor, 0.0).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+            };
+            assert_eq!(bits(&fused), bits(&reference), "{k} parts, factor {factor}");
+        }
     }
 
     #[test]
