@@ -557,3 +557,70 @@ fn the_device_is_a_setting_and_a_missing_backend_is_named() {
         ],
     );
 }
+
+#[test]
+fn finished_work_is_not_overwritten_without_force() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let out = s("done/sft");
+    let args = ["--init", &s("student"), "--out", &out, "--max-steps", "2"];
+    stage_ok(&w.root, "sft", &args);
+    let before = std::fs::read(w.root.join("done/sft/model.safetensors")).unwrap();
+    let (ok, _, err) = stage(&w.root, "sft", &[&args[..], &["--set", "lr=0.5"]].concat());
+    assert!(
+        !ok && err.contains("holds a finished stage") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(w.root.join("done/sft/model.safetensors")).unwrap(),
+        before
+    );
+    // --force trains again from scratch and replaces it.
+    stage_ok(
+        &w.root,
+        "sft",
+        &[&args[..], &["--set", "lr=0.5", "--force"]].concat(),
+    );
+    assert_ne!(
+        std::fs::read(w.root.join("done/sft/model.safetensors")).unwrap(),
+        before
+    );
+    assert_eq!(metrics(&w.root.join("done/sft")).len(), 2);
+}
+
+#[test]
+fn the_data_seed_and_the_init_seed_are_two_flags() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let tok = s("data/tokenizer.json");
+    let run = |out: &str, flag: &str| -> serde_json::Value {
+        let out = s(out);
+        stage_ok(
+            &w.root,
+            "pretrain",
+            &[
+                "--tokenizer",
+                &tok,
+                "--out",
+                &out,
+                "--max-steps",
+                "1",
+                flag,
+                "7",
+            ],
+        );
+        serde_json::from_str(
+            &std::fs::read_to_string(Path::new(&out).join("summary.json")).unwrap(),
+        )
+        .unwrap()
+    };
+    let data = run("seeds/data", "--seed");
+    assert_eq!(data["settings"]["train"]["seed"], 7);
+    assert_eq!(
+        data["settings"]["model"]["seed"], 2,
+        "the preset's student seed"
+    );
+    let init = run("seeds/init", "--init-seed");
+    assert_eq!(init["settings"]["train"]["seed"], 0);
+    assert_eq!(init["settings"]["model"]["seed"], 7);
+}

@@ -83,7 +83,7 @@ pub struct CheckArgs {
     /// Directory the samples' image paths are relative to.
     #[arg(long)]
     pub images: PathBuf,
-    /// Template name (plain, vicuna_v1, phi, qwen2_base, chatml, llama3) or TOML file; with
+    /// Template name (plain, vicuna_v1, phi, compact, qwen2_base, chatml, llama3) or TOML file; with
     /// --tokenizer, every sample is tokenized and its labels verified.
     #[arg(long, requires = "tokenizer")]
     pub template: Option<String>,

@@ -46,13 +46,17 @@ pub enum Command {
     Metrics(metrics::MetricsArgs),
     /// Time one distillation step of a benchmark spec (samples/s, GFLOP/s, memory).
     Bench(bench::BenchArgs),
-    /// PT: train the projector on captions (plain template, cross-entropy).
+    /// PT: pre-train on captions (plain template, objective `ce`). Trains the projector (the
+    /// paper's) or the modules of `train.trainable` (the synthetic presets add the LLM).
     Pretrain(train::StageArgs),
-    /// SFT: train projector + LLM on instructions (chat template, cross-entropy).
+    /// SFT: fine-tune projector + LLM on instructions (chat template, objective `ce`).
     Sft(train::StageArgs),
-    /// DPT: projector only, CE + α·L_res + β·L_vis + γ·L_rel against --teacher.
+    /// DPT: distilled pre-training on captions, CE + α·L_res + β·L_vis + γ·L_rel against
+    /// --teacher (or --teacher-cache); trains the projector or `train.trainable`'s modules.
     Dpt(train::StageArgs),
-    /// DFT: projector + LLM, CE + α·L_res + β·L_vis + γ·L_rel against --teacher.
+    /// DFT: distilled fine-tuning of projector + LLM on instructions, against --teacher (or
+    /// --teacher-cache): CE + α·L_res + β·L_vis + γ·L_rel. Any stage's loss can be replaced by
+    /// an objective in the preset (`[[stages.<stage>.objective]]`, see the README).
     Dft(train::StageArgs),
     /// Run a teacher over a stage's data once and store its top-k log-probs and relation
     /// matrices, for `dpt|dft --teacher-cache`.

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::config::preset::apply_override;
 use crate::config::settings::expand_override;
 use crate::config::{load_document, Role, Stage, StageSettings};
 use crate::runtime::DeviceSpec;
@@ -17,7 +16,8 @@ pub struct StageArgs {
     #[arg(long, default_value = "shapes-small")]
     pub config: String,
     /// Override a preset value: `key.path=value`; a key without a dot applies to this stage
-    /// (`--set lr=1e-4` = `--set stages.<stage>.lr=1e-4`). Repeatable.
+    /// (`--set lr=1e-4` = `--set stages.<stage>.lr=1e-4`). A `--set` beats every preset layer,
+    /// the role tables (`[teacher.stages.<stage>]`) included. Repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
     /// Which model of the preset to build when starting fresh.
@@ -51,15 +51,28 @@ pub struct StageArgs {
     /// Output directory: the trained model, metrics.jsonl, loss.png, summary.json, checkpoints/.
     #[arg(long)]
     pub out: PathBuf,
+    /// Stop after N optimizer steps; the learning-rate schedule is laid out for N
+    /// (`train.max_steps`; default: the preset's `epochs` over the data).
     #[arg(long)]
     pub max_steps: Option<usize>,
+    /// Write a resumable checkpoint to OUT/checkpoints every N optimizer steps
+    /// (`train.save_every`; default 0: only the final model).
     #[arg(long)]
     pub save_every: Option<usize>,
     /// Continue from the newest checkpoint in --out.
     #[arg(long)]
     pub resume: bool,
+    /// Train again into an --out that holds a finished stage or an earlier run's checkpoints,
+    /// replacing them.
+    #[arg(long, conflicts_with = "resume")]
+    pub force: bool,
+    /// Seed of this stage's data order (`train.seed`; default 0). A fresh model's initial
+    /// weights have their own seed, --init-seed.
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Seed of a freshly built model's weights (`models.<role>.seed`); no effect with --init.
+    #[arg(long)]
+    pub init_seed: Option<u64>,
     /// Held-out data (LLaVA JSON/JSONL, images under --images) for the validation pass: its
     /// objective value goes to validation.jsonl (`data.val_data`).
     #[arg(long)]
@@ -99,6 +112,9 @@ pub fn resolve_settings(args: &StageArgs, stage: Stage) -> Result<StageSettings>
     if let Some(seed) = args.seed {
         sets.push(format!("stages.{}.seed={seed}", stage.name()));
     }
+    if let Some(seed) = args.init_seed {
+        sets.push(format!("models.{}.seed={seed}", args.role.name()));
+    }
     for (key, path) in [
         ("val_data", &args.val_data),
         ("val_questions", &args.val_questions),
@@ -116,7 +132,7 @@ pub fn resolve_settings(args: &StageArgs, stage: Stage) -> Result<StageSettings>
         sets.push(format!("stages.{}.device=\"{device}\"", stage.name()));
     }
     for set in &sets {
-        apply_override(&mut doc.table, set)?;
+        doc.set(set)?;
     }
     let mut settings = StageSettings::resolve(&doc, stage, args.role)?;
     if let (Some(vision), Some(llm)) = (&args.vision, &args.llm) {
@@ -159,6 +175,7 @@ pub fn run(args: StageArgs, stage: Stage) -> Result<()> {
         out: args.out.clone(),
         tokenizer: args.tokenizer.clone(),
         resume: args.resume,
+        force: args.force,
         progress: !args.quiet,
     };
     let summary = run_stage(&run)?;

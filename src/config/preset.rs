@@ -36,6 +36,19 @@ pub struct Document {
     pub table: Table,
     /// The chain of presets read, child first (for messages).
     pub origin: Vec<String>,
+    /// The `--set` assignments applied, in order (see [`Document::set`]).
+    pub overrides: Vec<String>,
+}
+
+impl Document {
+    /// Applies one `--set key.path=value` and remembers it: when a stage's settings are
+    /// resolved, the overrides of `train.*` and `stages.<stage>.*` are applied once more on
+    /// top of every layer (the role tables included), so a `--set` always wins.
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        apply_override(&mut self.table, assignment)?;
+        self.overrides.push(assignment.to_string());
+        Ok(())
+    }
 }
 
 /// Loads a preset by built-in name or file path, resolving `inherits` chains (a file's
@@ -43,7 +56,11 @@ pub struct Document {
 pub fn load_document(spec: &str) -> Result<Document> {
     let mut origin = Vec::new();
     let table = load_recursive(spec, None, &mut origin)?;
-    Ok(Document { table, origin })
+    Ok(Document {
+        table,
+        origin,
+        overrides: Vec::new(),
+    })
 }
 
 fn read_preset(spec: &str, base: Option<&Path>) -> Result<(String, Table, Option<PathBuf>)> {

@@ -295,7 +295,8 @@ pub struct StageSettings {
 
 impl StageSettings {
     /// Resolves `doc` for `stage` and `role`: the stage's paper defaults, then `[train]`, then
-    /// `[stages.<stage>]`, then `[<role>.train]` / `[<role>.stages.<stage>]` overrides.
+    /// `[stages.<stage>]`, then `[<role>.train]` / `[<role>.stages.<stage>]`, then the `--set`
+    /// overrides of `train.*` and `stages.<stage>.*` ([`Document::set`]), which always win.
     pub fn resolve(doc: &Document, stage: Stage, role: Role) -> Result<Self> {
         let known = [
             "description",
@@ -345,6 +346,20 @@ impl StageSettings {
         merge(&mut train, sub(&stages, stage.name()));
         merge(&mut train, sub(&role_table, "train"));
         merge(&mut train, sub(&sub(&role_table, "stages"), stage.name()));
+        // `--set` beats every layer above: its train and stage keys are applied once more.
+        let stage_prefix = format!("stages.{}.", stage.name());
+        for assignment in &doc.overrides {
+            let Some((path, value)) = assignment.split_once('=') else {
+                continue;
+            };
+            let path = path.trim();
+            if let Some(key) = path
+                .strip_prefix("train.")
+                .or_else(|| path.strip_prefix(stage_prefix.as_str()))
+            {
+                super::preset::apply_override(&mut train, &format!("{key}={value}"))?;
+            }
+        }
         let objective = train
             .remove("objective")
             .map(|terms| -> Result<Vec<TermSpec>> {
@@ -481,6 +496,27 @@ mod tests {
         let sft = StageSettings::resolve(&doc, Stage::Sft, Role::Student).unwrap();
         assert_eq!(sft.train.lr, 0.5);
         assert_ne!(sft.template(), "plain");
+    }
+
+    #[test]
+    fn a_set_beats_every_preset_layer_role_tables_included() {
+        // shapes-small's [teacher.stages.sft] sets the teacher's SFT lr above `stages.sft`.
+        let plain = load_document("shapes-small").unwrap();
+        let preset = StageSettings::resolve(&plain, Stage::Sft, Role::Teacher).unwrap();
+        for set in ["lr=0.125", "stages.sft.lr=0.125", "train.lr=0.125"] {
+            let mut doc = load_document("shapes-small").unwrap();
+            doc.set(&expand_override(set, Stage::Sft)).unwrap();
+            let teacher = StageSettings::resolve(&doc, Stage::Sft, Role::Teacher).unwrap();
+            assert_ne!(preset.train.lr, 0.125);
+            assert_eq!(teacher.train.lr, 0.125, "{set}");
+            let student = StageSettings::resolve(&doc, Stage::Sft, Role::Student).unwrap();
+            assert_eq!(student.train.lr, 0.125, "{set}");
+        }
+        // A stage's --set leaves the other stages alone.
+        let mut doc = load_document("shapes-small").unwrap();
+        doc.set(&expand_override("lr=0.125", Stage::Sft)).unwrap();
+        let dft = StageSettings::resolve(&doc, Stage::Dft, Role::Student).unwrap();
+        assert_ne!(dft.train.lr, 0.125);
     }
 
     #[test]

@@ -188,6 +188,7 @@ fn run_plan(
     );
     let started = Instant::now();
     run_stage(&StageRun {
+        force: false,
         settings,
         init: plan.init.map(|d| seed_dir.join(d).display().to_string()),
         teacher: plan.teacher.map(|d| seed_dir.join(d).display().to_string()),
@@ -300,7 +301,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
     let started = Instant::now();
     let mut doc = load_document(&options.preset)?;
     for set in &options.overrides {
-        apply_override(&mut doc.table, set)?;
+        doc.set(set)?;
     }
     let demo = DemoSettings::from_document(&doc)?;
     std::fs::create_dir_all(&options.out)

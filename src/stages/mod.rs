@@ -8,11 +8,19 @@ pub mod run;
 mod setup;
 pub mod validate;
 
-pub use run::{run_stage, stage_finished, StageSummary, SUMMARY_FILE};
+pub use run::{run_stage, StageSummary};
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::config::StageSettings;
+
+/// Written last: its presence marks a finished stage.
+pub const SUMMARY_FILE: &str = "summary.json";
+
+/// Whether `out` holds a finished stage (its summary is written last).
+pub fn stage_finished(out: &Path) -> bool {
+    out.join(SUMMARY_FILE).exists()
+}
 
 /// One stage run as the CLI (or the demo) asks for it.
 #[derive(Clone, Debug)]
@@ -30,6 +38,9 @@ pub struct StageRun {
     /// Tokenizer for freshly built models.
     pub tokenizer: Option<PathBuf>,
     pub resume: bool,
+    /// Train into an `out` that holds a finished stage or an earlier run's checkpoints,
+    /// replacing them (without it such an `out` is refused).
+    pub force: bool,
     /// Draw a progress bar (off in tests).
     pub progress: bool,
 }

@@ -14,11 +14,11 @@ use serde::Serialize;
 use super::batches::{StageBatches, StageMicroBatch};
 use super::progress::step_bar;
 use super::setup::{
-    load_student, open_cache_manifest, optimizer_groups, plan_teacher, resume_point,
+    claim_out, load_student, open_cache_manifest, optimizer_groups, plan_teacher, resume_point,
     settings_digest, trainable_modules, TeacherPlan,
 };
 use super::validate::{Validation, ValidationRecord};
-use super::StageRun;
+use super::{StageRun, SUMMARY_FILE};
 use crate::batch::{prepare_data, training_tokenize_config};
 use crate::checkpoint::{temp_sibling, write_llava_files, SaveAssets};
 use crate::config::Stage;
@@ -55,13 +55,6 @@ pub struct StageSummary {
     /// The last validation pass (`train.validate_every`), also in `validation.jsonl`.
     pub validation: Option<ValidationRecord>,
     pub settings: serde_json::Value,
-}
-
-pub const SUMMARY_FILE: &str = "summary.json";
-
-/// Whether `out` holds a finished stage (its summary is written last).
-pub fn stage_finished(out: &Path) -> bool {
-    out.join(SUMMARY_FILE).exists()
 }
 
 /// Runs one stage to completion (or resumes it) and writes the trained model to `run.out`.
@@ -126,9 +119,6 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         teacher.as_ref().is_some_and(TeacherSignal::is_online),
         &run.out,
     )?;
-    if let Some(v) = &validation {
-        v.truncate_log(resume_from.as_ref().map(|(_, s)| s.step))?;
-    }
     let mut last_validation = None;
 
     let mut sampler_cfg = SamplerConfig::new(settings.train.batch_size, settings.train.seed);
@@ -165,6 +155,10 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
     };
     let mut learner = TrainStep::new(vars.clone(), optimizer, settings.train.max_grad_norm);
     let schedule = LrSchedule::new(&settings.train.schedule, settings.train.lr, total_steps)?;
+    claim_out(run)?;
+    if let Some(v) = &validation {
+        v.truncate_log(resume_from.as_ref().map(|(_, s)| s.step))?;
+    }
     let mut log = MetricsLog::open(
         &run.out.join("metrics.jsonl"),
         resume_from.as_ref().map(|(_, s)| s.step),

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Var};
 
 use super::init::{from_checkpoint, from_spec};
-use super::StageRun;
+use super::{StageRun, SUMMARY_FILE};
 use crate::checkpoint::LoadedModel;
 use crate::config::{Module, StageSettings};
 use crate::models::llava::{Trainable, PROJECTOR_PREFIX, VISION_PREFIX};
@@ -124,9 +124,10 @@ pub(super) fn resume_point(
     digest: &str,
 ) -> Result<Option<(PathBuf, TrainerState)>> {
     if !run.resume {
-        if latest_checkpoint(&run.out)?.is_some() {
+        if !run.force && latest_checkpoint(&run.out)?.is_some() {
             bail!(
-                "{} holds checkpoints of an earlier run: pass --resume to continue it, or choose another --out",
+                "{} holds checkpoints of an earlier run: pass --resume to continue it, --force to \
+                 start over, or choose another --out",
                 run.out.display()
             );
         }
@@ -145,6 +146,36 @@ pub(super) fn resume_point(
         ckpt.display()
     );
     Ok(Some((ckpt, state)))
+}
+
+/// Makes `run.out` this run's, once every input has been checked and before anything is
+/// written: a finished stage there is refused, and with `--force` it and an earlier run's
+/// checkpoints are removed first, so nothing of them can be taken for this run's.
+pub(super) fn claim_out(run: &StageRun) -> Result<()> {
+    if run.resume {
+        return Ok(());
+    }
+    let summary = run.out.join(SUMMARY_FILE);
+    if !run.force {
+        if summary.exists() {
+            bail!(
+                "{} holds a finished stage (its summary.json): choose another --out, or pass \
+                 --force to train again and replace it",
+                run.out.display()
+            );
+        }
+        return Ok(());
+    }
+    let old_checkpoints = checkpoints_dir(&run.out);
+    if old_checkpoints.exists() {
+        std::fs::remove_dir_all(&old_checkpoints)
+            .with_context(|| format!("removing {}", old_checkpoints.display()))?;
+    }
+    if summary.exists() {
+        std::fs::remove_file(&summary)
+            .with_context(|| format!("removing {}", summary.display()))?;
+    }
+    Ok(())
 }
 
 /// The model the stage trains: the resumed checkpoint, `--init`, or (pre-training) the
@@ -239,6 +270,7 @@ mod tests {
             out: "out".into(),
             tokenizer: None,
             resume: false,
+            force: false,
             progress: false,
         }
     }

@@ -5,18 +5,21 @@ use anyhow::{Context, Result};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
 /// The global L2 norm of the gradients of `vars` (parameters without a gradient count as 0).
+/// Each parameter's sum of squares is its own candle reduction, run side by side on the pool;
+/// they are added in parameter order, so the norm does not depend on the scheduling.
 pub fn grad_global_norm(grads: &GradStore, vars: &[(String, Var)]) -> Result<f64> {
-    let mut sum_sq = 0.0f64;
-    for (name, var) in vars {
-        if let Some(g) = grads.get(var.as_tensor()) {
-            let sq = g
+    use rayon::prelude::*;
+    let squares = vars
+        .par_iter()
+        .map(|(name, var)| match grads.get(var.as_tensor()) {
+            Some(g) => g
                 .to_dtype(DType::F32)
                 .and_then(|g| g.sqr()?.sum_all()?.to_scalar::<f32>())
-                .with_context(|| format!("norm of the gradient of `{name}`"))?;
-            sum_sq += sq as f64;
-        }
-    }
-    Ok(sum_sq.sqrt())
+                .with_context(|| format!("norm of the gradient of `{name}`")),
+            None => Ok(0.0),
+        })
+        .collect::<Result<Vec<f32>>>()?;
+    Ok(squares.iter().map(|&sq| sq as f64).sum::<f64>().sqrt())
 }
 
 /// Scales the gradients of `vars` so their global L2 norm is at most `max_norm`, as
@@ -242,7 +245,11 @@ mod tests {
             }
             let reference = reference.affine(factor, 0.0).unwrap();
             let bits = |t: &Tensor| -> Vec<u32> {
-                t.to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+                t.to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect()
             };
             assert_eq!(bits(&fused), bits(&reference), "{k} parts, factor {factor}");
         }
