@@ -25,6 +25,7 @@ fn main() -> Result<()> {
             tokenizer_dir: Some(&dir),
             processor: Some(&processor),
             tokenizer: None,
+            training: None,
         },
     )?;
     println!("saved {} to {out}", dir.display());

@@ -14,6 +14,7 @@ use mmkd_datasets::{
 };
 
 use crate::checkpoint::bundle::LoadedModel;
+use crate::checkpoint::training::template_for;
 
 /// End-of-sequence tokens of the tokenizers mmkd meets; whichever the tokenizer has stop generation.
 const END_TOKENS: &[&str] = &[
@@ -35,32 +36,57 @@ pub struct PromptLayout {
 }
 
 impl PromptLayout {
-    /// `template` is `plain` or a template name/path.
+    /// The layout a command asked for: `plain` (image, prompt, answer each tokenized alone) or
+    /// a template name/path; without a request, the chat template the model was trained with
+    /// (its `mmkd_training.json`), else `plain`. A request that differs from the model's
+    /// record is used with a warning.
+    pub fn choose(bundle: &LoadedModel, requested: Option<&str>) -> Result<Option<Template>> {
+        let record = bundle.training.as_ref();
+        match requested {
+            Some("plain") => {
+                if let Some(r) = record.filter(|r| r.chat) {
+                    eprintln!(
+                        "warning: --template plain, but the model was trained with {} (recorded \
+                         in its {})",
+                        r.template_name,
+                        crate::checkpoint::training::TRAINING_FILE
+                    );
+                }
+                Ok(None)
+            }
+            Some(name) => template_for(record, &bundle.dir, Some(name), name).map(Some),
+            None => Ok(record.filter(|r| r.chat).map(|r| r.template.clone())),
+        }
+    }
+
+    /// `template`: `None` for `plain`, else the conversation template.
     pub fn new(
         bundle: &LoadedModel,
-        template: &str,
+        template: Option<Template>,
         prompt: &str,
         with_image: bool,
     ) -> Result<Self> {
         let model = &bundle.model;
-        let (template, prompt_ids) = if template == "plain" {
-            let mut ids = if with_image {
-                bundle.image_block()
-            } else {
-                Vec::new()
-            };
-            ids.extend(bundle.encode(prompt)?);
-            (None, ids)
-        } else {
-            let t = Template::by_name_or_path(template)?;
-            let text = t.generation_prompt(&[], prompt, usize::from(with_image));
-            let (ids, _) = tokenize_prompt(
-                &text,
-                &bundle.tokenizer,
-                model.image_token_id(),
-                model.tokens_per_image(),
-            )?;
-            (Some(t), ids)
+        let (template, prompt_ids) = match template {
+            None => {
+                let mut ids = if with_image {
+                    bundle.image_block()
+                } else {
+                    Vec::new()
+                };
+                ids.extend(bundle.encode(prompt)?);
+                (None, ids)
+            }
+            Some(t) => {
+                let text = t.generation_prompt(&[], prompt, usize::from(with_image));
+                let (ids, _) = tokenize_prompt(
+                    &text,
+                    &bundle.tokenizer,
+                    model.image_token_id(),
+                    model.tokens_per_image(),
+                )?;
+                (Some(t), ids)
+            }
         };
         Ok(Self {
             template,

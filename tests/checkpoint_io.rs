@@ -69,6 +69,7 @@ fn save_then_load_gives_identical_outputs_and_transformers_layout() {
             tokenizer_dir: Some(&src),
             processor: Some(&processor),
             tokenizer: None,
+            training: None,
         };
         save_llava(&model, &out, assets).unwrap();
         // Saving again over an existing directory replaces it atomically.

@@ -624,3 +624,103 @@ fn the_data_seed_and_the_init_seed_are_two_flags() {
     assert_eq!(init["settings"]["train"]["seed"], 0);
     assert_eq!(init["settings"]["model"]["seed"], 7);
 }
+
+#[test]
+fn a_model_carries_its_template_and_a_different_one_is_named() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(w.root.join("teacher/mmkd_training.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(record["template_name"], "compact");
+    assert_eq!(
+        (record["stage"].as_str(), record["chat"].as_bool()),
+        (Some("sft"), Some(true))
+    );
+    assert_eq!(record["max_length"], 160);
+
+    // eval without --template answers in the model's template (compact: no system prompt).
+    let eval = |out: &str, extra: &[&str]| {
+        let (out, questions, images) = (s(out), s("data/val/questions.jsonl"), s("data"));
+        let model = s("teacher");
+        let mut args = vec![
+            "eval",
+            "vqa",
+            "--model",
+            &model,
+            "--images",
+            &images,
+            "--questions",
+            &questions,
+            "--out",
+            &out,
+            "--max-new-tokens",
+            "3",
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = mmkd(&args);
+        assert!(ok, "{err}");
+        let first = std::fs::read_to_string(Path::new(&out).join("predictions.jsonl")).unwrap();
+        let line: serde_json::Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+        (line["prompt"].as_str().unwrap().to_string(), err)
+    };
+    let (prompt, err) = eval("tmpl/own", &[]);
+    assert!(prompt.starts_with("USER: "), "{prompt}");
+    assert!(!err.contains("warning"), "{err}");
+    let (prompt, err) = eval("tmpl/phi", &["--template", "phi"]);
+    assert!(prompt.starts_with("A chat between"), "{prompt}");
+    assert!(
+        err.contains("warning: --template phi differs") && err.contains("compact"),
+        "{err}"
+    );
+
+    // generate and score take it too; `plain` against a chat model is named.
+    let (ok, _, err) = mmkd(&[
+        "generate",
+        "--model",
+        &s("teacher"),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+    ]);
+    assert!(ok && !err.contains("warning"), "{err}");
+    let (ok, _, err) = mmkd(&[
+        "generate",
+        "--model",
+        &s("teacher"),
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+        "--template",
+        "plain",
+    ]);
+    assert!(
+        ok && err.contains("warning: --template plain") && err.contains("compact"),
+        "{err}"
+    );
+
+    // A stage that continues the model with another chat template says so.
+    let (ok, _, err) = stage(
+        &w.root,
+        "sft",
+        &[
+            "--init",
+            &s("teacher"),
+            "--out",
+            &s("tmpl/sft"),
+            "--max-steps",
+            "1",
+            "--set",
+            "data.chat_template=\"phi\"",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("trains with template phi, the model was trained with compact"),
+        "{err}"
+    );
+}

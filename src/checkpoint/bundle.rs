@@ -19,6 +19,8 @@ pub struct LoadedModel {
     pub processor: ImageProcessor,
     /// Where the weights came from, for run summaries.
     pub origin: String,
+    /// What it was trained with (`mmkd_training.json`), when an mmkd stage wrote it.
+    pub training: Option<super::training::TrainingRecord>,
 }
 
 impl LoadedModel {
@@ -27,7 +29,9 @@ impl LoadedModel {
         let (model, dir) = load_llava(spec, options)?;
         let tokenizer = load_tokenizer(&dir)?;
         let processor = load_processor(&dir)?;
+        let training = super::training::TrainingRecord::read(&dir)?;
         Ok(Self {
+            training,
             model,
             origin: dir.display().to_string(),
             dir,

@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod compose;
 pub mod hub;
 pub mod layout;
+pub mod training;
 
 pub use bundle::LoadedModel;
 
@@ -38,6 +39,8 @@ pub struct SaveAssets<'a> {
     pub tokenizer: Option<&'a tokenizers::Tokenizer>,
     /// Image processor written as `preprocessor_config.json` and `processor_config.json`.
     pub processor: Option<&'a mmkd_vision::ImageProcessor>,
+    /// What the model was trained with, written as `mmkd_training.json`.
+    pub training: Option<&'a training::TrainingRecord>,
 }
 
 /// Reads `DIR/config.json` as a LLaVA config.
@@ -114,6 +117,9 @@ pub fn write_llava_files(model: &LlavaModel, dir: &Path, assets: SaveAssets<'_>)
         .map(|(name, t)| (layout::saved_key(&name), t))
         .collect();
     save_safetensors(&tensors, &dir.join(SAFETENSORS_SINGLE))?;
+    if let Some(record) = assets.training {
+        record.write(dir)?;
+    }
     if let Some(src) = assets.tokenizer_dir {
         for file in TOKENIZER_FILES {
             let from = src.join(file);

@@ -23,9 +23,10 @@ pub struct ModelArgs {
     /// Image root the files' image paths are relative to.
     #[arg(long)]
     pub images: PathBuf,
-    /// Conversation template (name or TOML file); use the one the model was fine-tuned with.
-    #[arg(long, default_value = "phi")]
-    pub template: String,
+    /// Conversation template (name or TOML file). Default: the one the model was trained with
+    /// (its mmkd_training.json), else `phi`; a different one is used with a warning.
+    #[arg(long)]
+    pub template: Option<String>,
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 32)]
@@ -94,7 +95,7 @@ pub enum EvalTask {
 fn answerer(m: &ModelArgs) -> Result<Answerer> {
     Answerer::load(
         &m.model,
-        &m.template,
+        m.template.as_deref(),
         m.batch_size,
         m.max_new_tokens,
         m.device,

@@ -23,8 +23,10 @@ pub struct GenerateArgs {
     pub prompt: String,
     /// `plain` (image, prompt, answer, each tokenized alone) or a conversation template
     /// (phi, chatml, vicuna_v1, qwen2_base, llama3, or a TOML file).
-    #[arg(long, default_value = "plain")]
-    pub template: String,
+    /// Default: the chat template the model was trained with (its mmkd_training.json), else
+    /// `plain`.
+    #[arg(long)]
+    pub template: Option<String>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 = greedy decoding.
@@ -45,7 +47,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut options = BuildOptions::new(Trainable::NONE, 0);
     options.device = args.device.open()?;
     let bundle = LoadedModel::load(&args.model, &options)?;
-    let layout = PromptLayout::new(&bundle, &args.template, &args.prompt, args.image.is_some())?;
+    let layout = PromptLayout::new(
+        &bundle,
+        PromptLayout::choose(&bundle, args.template.as_deref())?,
+        &args.prompt,
+        args.image.is_some(),
+    )?;
     let pixels = args
         .image
         .as_ref()

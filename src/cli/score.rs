@@ -28,8 +28,10 @@ pub struct ScoreArgs {
     pub answer: String,
     /// `plain` (image, prompt, answer, each tokenized alone) or a conversation template
     /// (phi, chatml, vicuna_v1, qwen2_base, llama3, or a TOML file).
-    #[arg(long, default_value = "plain")]
-    pub template: String,
+    /// Default: the chat template the model was trained with (its mmkd_training.json), else
+    /// `plain`.
+    #[arg(long)]
+    pub template: Option<String>,
     #[arg(long)]
     pub json: bool,
 }
@@ -82,8 +84,13 @@ pub fn run(args: ScoreArgs) -> Result<()> {
     let mut options = BuildOptions::new(Trainable::NONE, 0);
     options.device = args.device.open()?;
     let bundle = LoadedModel::load(&args.model, &options)?;
-    let layout = PromptLayout::new(&bundle, &args.template, &args.prompt, args.image.is_some())?
-        .answer(&args.answer, &bundle)?;
+    let layout = PromptLayout::new(
+        &bundle,
+        PromptLayout::choose(&bundle, args.template.as_deref())?,
+        &args.prompt,
+        args.image.is_some(),
+    )?
+    .answer(&args.answer, &bundle)?;
     let result = score(&bundle, &layout, args.image.as_ref())?;
     if args.json {
         println!("{}", serde_json::to_string(&result)?);

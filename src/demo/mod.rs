@@ -226,7 +226,7 @@ fn evaluate(
 ) -> Result<Vec<EvalResults>> {
     let mut answerer = Answerer::load(
         model_dir.to_str().context("non-UTF-8 path")?,
-        template,
+        Some(template),
         demo.eval_batch_size,
         demo.max_new_tokens,
         crate::runtime::DeviceSpec::Cpu,

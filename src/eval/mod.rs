@@ -45,9 +45,10 @@ pub struct GenerationStats {
 }
 
 impl Answerer {
+    /// Loads `model` to answer with `template`, or (`None`) the template it was trained with.
     pub fn load(
         model: &str,
-        template: &str,
+        template: Option<&str>,
         batch_size: usize,
         max_new_tokens: usize,
         device: crate::runtime::DeviceSpec,
@@ -55,7 +56,12 @@ impl Answerer {
         let mut options = BuildOptions::new(Trainable::NONE, 0);
         options.device = device.open()?;
         let bundle = LoadedModel::load(model, &options)?;
-        let template = Template::by_name_or_path(template)?;
+        let template = crate::checkpoint::training::template_for(
+            bundle.training.as_ref(),
+            &bundle.dir,
+            template,
+            "phi",
+        )?;
         let model_id = Path::new(model)
             .file_name()
             .map(|n| n.to_string_lossy().to_string())

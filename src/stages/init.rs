@@ -87,6 +87,7 @@ pub fn from_spec(
             options.require = vec![VISION_PREFIX, LM_PREFIX];
             let model = LlavaModel::build(&composed.config, Arc::new(composed.weights), &options)?;
             Ok(LoadedModel {
+                training: None,
                 model,
                 tokenizer: load_tokenizer(&composed.llm_dir)?,
                 dir: composed.llm_dir.clone(),
@@ -244,6 +245,7 @@ fn fresh_llm(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("."));
     Ok(LoadedModel {
+        training: None,
         model,
         tokenizer,
         dir,

@@ -20,6 +20,7 @@ use super::setup::{
 use super::validate::{Validation, ValidationRecord};
 use super::{StageRun, SUMMARY_FILE};
 use crate::batch::{prepare_data, training_tokenize_config};
+use crate::checkpoint::training::TrainingRecord;
 use crate::checkpoint::{temp_sibling, write_llava_files, SaveAssets};
 use crate::config::Stage;
 use crate::models::llava::ImageInput;
@@ -87,6 +88,24 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
 
     // Data.
     let template = mmkd_datasets::Template::by_name_or_path(&settings.template())?;
+    // A chat model continued with another chat template: say so (its answers were learnt in
+    // the recorded one).
+    if let Some(r) = student
+        .training
+        .as_ref()
+        .filter(|r| r.chat && !stage.is_pretraining())
+    {
+        if r.template != template {
+            eprintln!(
+                "warning: `{}` trains with template {}, the model was trained with {} (recorded in \
+                 its {})",
+                stage.name(),
+                settings.template(),
+                r.template_name,
+                crate::checkpoint::training::TRAINING_FILE
+            );
+        }
+    }
     let data = prepare_data(
         &run.data,
         &run.images,
@@ -163,10 +182,18 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         &run.out.join("metrics.jsonl"),
         resume_from.as_ref().map(|(_, s)| s.step),
     )?;
+    let record = TrainingRecord {
+        stage: stage.name().into(),
+        chat: !stage.is_pretraining(),
+        template_name: settings.template(),
+        template: template.clone(),
+        max_length: settings.data.max_length,
+    };
     let assets = SaveAssets {
         tokenizer_dir: Some(&student.dir),
         tokenizer: Some(&student.tokenizer),
         processor: Some(&student.processor),
+        training: Some(&record),
     };
 
     let bar = step_bar(total_steps, stage.name(), run.progress);
