@@ -724,3 +724,47 @@ fn a_model_carries_its_template_and_a_different_one_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn config_keys_and_show_print_what_a_stage_resolves_to() {
+    let (ok, out, err) = mmkd(&["config", "keys", "shapes-small", "--stage", "dft"]);
+    assert!(ok, "{err}");
+    for key in mmkd::config::keys::KEYS {
+        assert!(
+            out.contains(&format!("`{}`", key.key)),
+            "{} missing",
+            key.key
+        );
+    }
+    assert!(
+        out.contains("| `distill.gamma_rel` | float | `0.5` |"),
+        "{out}"
+    );
+    // The role table sets the teacher's SFT lr; a --set wins over it.
+    let show = |extra: &[&str]| {
+        let mut args = vec![
+            "config",
+            "show",
+            "shapes-small",
+            "--stage",
+            "sft",
+            "--role",
+            "teacher",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = mmkd(&args);
+        assert!(ok, "{err}");
+        let settings: toml::Table = toml::from_str(&out).unwrap();
+        settings["train"]["lr"].as_float().unwrap()
+    };
+    assert_eq!(show(&[]), 1e-3);
+    assert_eq!(show(&["--set", "lr=0.5"]), 0.5);
+    let (ok, _, err) = mmkd(&[
+        "config",
+        "show",
+        "shapes-small",
+        "--set",
+        "train.bacth_size=2",
+    ]);
+    assert!(!ok && err.contains("bacth_size"), "{err}");
+}

@@ -1,6 +1,7 @@
 //! The `mmkd` command line: one module per subcommand, this file only dispatches.
 
 pub mod bench;
+pub mod config;
 pub mod data;
 pub mod demo;
 pub mod eval;
@@ -35,6 +36,8 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Generate an answer to a prompt about an image.
     Generate(generate::GenerateArgs),
+    /// Preset keys and resolved settings: `config keys`, `config show PRESET --stage S`.
+    Config(config::ConfigArgs),
     /// Data sets: synthetic data, tokenizer training, data checks.
     Data(data::DataArgs),
     /// The end-to-end demo: synthetic data, pre-trained vision tower, teacher, baseline and
@@ -83,6 +86,7 @@ pub fn run() -> Result<()> {
         Command::Dpt(args) => train::run(args, Stage::Dpt),
         Command::Dft(args) => train::run(args, Stage::Dft),
         Command::TeacherCache(args) => teacher_cache::run(args),
+        Command::Config(args) => config::run(args),
     })
 }
 

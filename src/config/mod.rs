@@ -1,6 +1,7 @@
 //! Presets: TOML files with inheritance (`inherits = "name"`) and `--set key=value` overrides,
 //! validated against typed settings so an unknown or misspelt key is an error naming it.
 
+pub mod keys;
 pub mod preset;
 pub mod settings;
 

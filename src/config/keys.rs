@@ -1,0 +1,138 @@
+//! Every preset key with its type and meaning (`mmkd config keys`). A test checks the table
+//! against the settings types' fields (what a resolved stage serialises to), so a new setting
+//! without a line here, or a line for a setting that is gone, fails.
+
+/// One documented key. `train.*` keys may also be written under `[stages.<stage>]`,
+/// `[<role>.train]` and `[<role>.stages.<stage>]` (later ones win, `--set` wins over all).
+#[derive(Clone, Copy, Debug)]
+pub struct KeyDoc {
+    pub key: &'static str,
+    pub kind: &'static str,
+    pub meaning: &'static str,
+}
+
+const fn k(key: &'static str, kind: &'static str, meaning: &'static str) -> KeyDoc {
+    KeyDoc { key, kind, meaning }
+}
+
+pub const KEYS: &[KeyDoc] = &[
+    // [data]
+    k("data.chat_template", "string", "template of the chat stages (sft, dft): a shipped name (plain, vicuna_v1, phi, compact, qwen2_base, chatml, llama3) or a TOML file"),
+    k("data.max_length", "integer", "longest tokenized sample; longer ones are truncated (never inside an image block)"),
+    k("data.pretrain_data", "path", "caption data of pretrain/dpt when --data is not given"),
+    k("data.instruct_data", "path", "instruction data of sft/dft when --data is not given"),
+    k("data.images", "path", "image root when --images is not given"),
+    k("data.tokenizer", "path", "tokenizer.json of a freshly built model when --tokenizer is not given"),
+    k("data.val_data", "path", "held-out data of the validation pass (--val-data)"),
+    k("data.val_questions", "path", "held-out VQA questions of the validation pass (--val-questions)"),
+    k("data.val_answers", "path", "their reference answers (--val-answers)"),
+    // [train], [stages.<stage>], [<role>.train], [<role>.stages.<stage>]
+    k("train.lr", "float", "base learning rate (stage defaults: 1e-3 pretrain/dpt, 2e-5 sft/dft)"),
+    k("train.projector_lr_scale", "float", "learning-rate multiplier of the projector"),
+    k("train.vision_lr_scale", "float", "learning-rate multiplier of the vision tower when it trains"),
+    k("train.weight_decay", "float", "AdamW's decoupled weight decay (biases and norms exempt)"),
+    k("train.schedule.decay", "string", "learning-rate decay after warmup: cosine, linear or constant"),
+    k("train.schedule.warmup", "table", "{ ratio = 0.03 } of the steps, or { steps = N }"),
+    k("train.schedule.min_lr_ratio", "float", "floor of the decay as a fraction of lr"),
+    k("train.epochs", "integer", "passes over the data (--set epochs=N)"),
+    k("train.max_steps", "integer", "stop after N optimizer steps; the schedule is laid out for N (--max-steps)"),
+    k("train.batch_size", "integer", "samples per forward pass (micro-batch)"),
+    k("train.grad_accum", "integer", "micro-batches per optimizer step"),
+    k("train.parallel_micro_batches", "integer", "micro-batches of a step run side by side (changes no number)"),
+    k("train.max_grad_norm", "float", "global gradient-norm clipping (0: off)"),
+    k("train.save_every", "integer", "resumable checkpoint every N steps (0: only the final model; --save-every)"),
+    k("train.keep_last", "integer", "checkpoints kept"),
+    k("train.seed", "integer", "seed of the data order (--seed); a fresh model's weights: models.<role>.seed"),
+    k("train.template", "string", "template of this stage, over data.chat_template (pretraining: plain)"),
+    k("train.frozen_dtype", "string", "dtype of frozen modules: f32, bf16 or f16"),
+    k("train.device", "string", "where the models run: cpu, cuda or cuda:N (--device)"),
+    k("train.validate_every", "integer", "validation pass every N steps and after the last (0: none; --validate-every)"),
+    k("train.validate_questions", "integer", "held-out questions the validation pass answers"),
+    k("train.group_by_modality_length", "bool", "keep image and text-only samples apart and group by length"),
+    k("train.truncate_vocab", "integer", "cut teacher and student vocabularies to N (padding-only differences)"),
+    k("train.trainable", "list", "modules the stage trains: any of vision, projector, llm (default: the paper's)"),
+    k("train.objective", "list of tables", "the stage's loss, [[stages.<stage>.objective]]: term, weight, name, divergence, temperature, t2_scaling (see the README)"),
+    // [distill]
+    k("distill.divergence", "string or table", "forward_kl, reverse_kl, tvd, { kind = \"jsd\", beta }, { kind = \"skew_forward_kl\" | \"skew_reverse_kl\", alpha }"),
+    k("distill.temperature", "float", "softmax temperature of the distribution terms"),
+    k("distill.t2_scaling", "bool", "multiply the distribution terms by T²"),
+    k("distill.alpha_res", "float", "weight of mdist.response (L_res) in the built-in dpt/dft objective"),
+    k("distill.beta_vis", "float", "weight of mdist.visual (L_vis) in the built-in objective"),
+    k("distill.gamma_rel", "float", "weight of rdist (L_rel) in the built-in objective"),
+    // [models.teacher], [models.student]
+    k("models.<role>.vision", "string", "vision checkpoint (SigLIP/CLIP, or a LLaVA checkpoint's tower): directory or hub id"),
+    k("models.<role>.llm", "string", "causal-LM checkpoint (Qwen2/Llama): directory or hub id"),
+    k("models.<role>.vision_config", "table", "a fresh tower (Hugging Face SiglipVisionConfig / CLIPVisionConfig keys)"),
+    k("models.<role>.text_config", "table", "a fresh LLM (Hugging Face Qwen2Config / LlamaConfig keys)"),
+    k("models.<role>.projector", "string", "projector kind (mlp2x_gelu, linear, ...)"),
+    k("models.<role>.feature_layer", "integer or list", "vision layer(s) LLaVA reads (-2: the second to last)"),
+    k("models.<role>.select_strategy", "string", "default (drop the class token) or full"),
+    k("models.<role>.image_token", "string", "the image placeholder token"),
+    k("models.<role>.seed", "integer", "seed of a fresh model's weights (--init-seed)"),
+    k("models.<role>.image_mean", "list of 3 floats", "per-channel mean of a fresh model's image processor"),
+    k("models.<role>.image_std", "list of 3 floats", "per-channel std of a fresh model's image processor"),
+];
+
+/// The table as `mmkd config keys` prints it, with each key's value for a stage (`defaults`:
+/// `section.key` → value, from the resolved settings).
+pub fn markdown(defaults: &std::collections::BTreeMap<String, String>) -> String {
+    let mut out = String::from("| key | type | value | meaning |\n| --- | --- | --- | --- |\n");
+    for key in KEYS {
+        let default = defaults.get(key.key).cloned().unwrap_or_else(|| "—".into());
+        out.push_str(&format!(
+            "| `{}` | {} | {} | {} |\n",
+            key.key, key.kind, default, key.meaning
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{load_document, Role, Stage, StageSettings};
+
+    /// Every `section.key` (and `train.schedule.key`) a resolved stage serialises.
+    fn field_keys() -> std::collections::BTreeSet<String> {
+        let doc = load_document("shapes-tiny").unwrap();
+        let settings = StageSettings::resolve(&doc, Stage::Dft, Role::Student).unwrap();
+        let json = settings.as_json();
+        let mut keys = std::collections::BTreeSet::new();
+        for (section, prefix) in [
+            ("data", "data"),
+            ("train", "train"),
+            ("distill", "distill"),
+            ("model", "models.<role>"),
+        ] {
+            for (key, value) in json[section].as_object().unwrap() {
+                if section == "train" && key == "schedule" {
+                    for sub in value.as_object().unwrap().keys() {
+                        keys.insert(format!("train.schedule.{sub}"));
+                    }
+                } else {
+                    keys.insert(format!("{prefix}.{key}"));
+                }
+            }
+        }
+        // The objective is resolved next to the train settings.
+        keys.insert("train.objective".into());
+        keys
+    }
+
+    #[test]
+    fn every_setting_is_documented_and_every_documented_key_exists() {
+        let fields = field_keys();
+        let documented: std::collections::BTreeSet<String> =
+            KEYS.iter().map(|k| k.key.to_string()).collect();
+        let missing: Vec<_> = fields.difference(&documented).collect();
+        let stale: Vec<_> = documented.difference(&fields).collect();
+        assert!(
+            missing.is_empty(),
+            "settings without a line in KEYS: {missing:?}"
+        );
+        assert!(stale.is_empty(), "KEYS lines for no setting: {stale:?}");
+        assert!(KEYS
+            .iter()
+            .all(|k| !k.meaning.is_empty() && !k.kind.is_empty()));
+    }
+}
