@@ -768,3 +768,56 @@ fn config_keys_and_show_print_what_a_stage_resolves_to() {
     ]);
     assert!(!ok && err.contains("bacth_size"), "{err}");
 }
+
+#[test]
+fn data_check_reads_its_settings_from_a_model_or_preset_and_groups_problems() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let (data, images) = (s("data/train/instruct.json"), s("data"));
+    // From the model: template, tokenizer, tokens per image and max length.
+    let (ok, out, err) = mmkd(&[
+        "data",
+        "check",
+        "--data",
+        &data,
+        "--images",
+        &images,
+        "--model",
+        &s("teacher"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("tokens per sample: min "), "{out}");
+    // From the preset's stage (the tokenizer given).
+    let tok = s("data/tokenizer.json");
+    let (ok, out, err) = mmkd(&[
+        "data",
+        "check",
+        "--data",
+        &data,
+        "--images",
+        &images,
+        "--config",
+        "shapes-tiny",
+        "--stage",
+        "dft",
+        "--tokenizer",
+        &tok,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("tokens per sample: min "), "{out}");
+    // A file that is not LLaVA data: every record has the same problem; a few are shown by
+    // their question ids, the rest counted.
+    let questions = s("data/val/questions.jsonl");
+    let (ok, out, _) = mmkd(&[
+        "data", "check", "--data", &questions, "--images", &images, "--show", "3",
+    ]);
+    assert!(!ok);
+    assert!(!out.contains("(no id)"), "{out}");
+    assert!(out.contains("sample \"0\""), "{out}");
+    let records = std::fs::read_to_string(&questions).unwrap().lines().count();
+    assert!(
+        out.contains(&format!("… and {} more", records - 3)),
+        "{out}"
+    );
+    assert!(out.lines().count() < 20, "{out}");
+}

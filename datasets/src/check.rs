@@ -9,7 +9,7 @@ use tokenizers::Tokenizer;
 
 use crate::image_io::ImageCheck;
 use crate::prepare::tokenize_samples;
-use crate::problem::{count_by_kind, Problem};
+use crate::problem::{count_by_kind, Problem, ProblemKind};
 use crate::progress::Progress;
 use crate::reader::LlavaDataset;
 use crate::template::Template;
@@ -97,6 +97,31 @@ impl CheckReport {
             .iter()
             .filter(|p| p.kind.is_data_error())
             .count()
+    }
+}
+
+impl CheckReport {
+    /// The problems grouped by kind, in the order kinds first appear: the first `shown` of each
+    /// kind in full, then how many more there are.
+    pub fn problems_grouped(&self, shown: usize) -> String {
+        let mut kinds: Vec<ProblemKind> = Vec::new();
+        for p in &self.problems {
+            if !kinds.contains(&p.kind) {
+                kinds.push(p.kind);
+            }
+        }
+        let mut out = String::new();
+        for kind in kinds {
+            let of_kind: Vec<&Problem> = self.problems.iter().filter(|p| p.kind == kind).collect();
+            out.push_str(&format!("{kind:?}: {} sample(s)\n", of_kind.len()));
+            for p in of_kind.iter().take(shown) {
+                out.push_str(&format!("  {p}\n"));
+            }
+            if of_kind.len() > shown {
+                out.push_str(&format!("  … and {} more\n", of_kind.len() - shown));
+            }
+        }
+        out
     }
 }
 

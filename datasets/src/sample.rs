@@ -288,11 +288,14 @@ pub(crate) fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// The `id` field as text, if present and a string or number.
+/// The record's id as text: its `id`, else `question_id`, `sample_id` or `image_id` (the
+/// evaluation files' ids), when a string or number.
 pub(crate) fn record_id(record: &Value) -> Option<String> {
-    match record.get("id")? {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
+    ["id", "question_id", "sample_id", "image_id"]
+        .iter()
+        .find_map(|key| match record.get(*key)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
 }

@@ -83,18 +83,34 @@ pub struct CheckArgs {
     /// Directory the samples' image paths are relative to.
     #[arg(long)]
     pub images: PathBuf,
+    /// Take the template, tokenizer, visual tokens per image and max length from this
+    /// checkpoint (its mmkd_training.json for the template and max length); flags given
+    /// as well win.
+    #[arg(long, conflicts_with = "config")]
+    pub model: Option<String>,
+    /// Take the template and max length (and `data.tokenizer`) from this preset's stage
+    /// (--stage); flags given as well win.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// The stage of --config whose settings apply.
+    #[arg(long, value_enum, default_value = "sft", requires = "config")]
+    pub stage: crate::config::Stage,
     /// Template name (plain, vicuna_v1, phi, compact, qwen2_base, chatml, llama3) or TOML file; with
-    /// --tokenizer, every sample is tokenized and its labels verified.
-    #[arg(long, requires = "tokenizer")]
+    /// a tokenizer, every sample is tokenized and its labels verified.
+    #[arg(long)]
     pub template: Option<String>,
     /// tokenizer.json (or a directory holding one).
-    #[arg(long, requires = "template")]
+    #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Positions per image block when counting tokens.
-    #[arg(long = "tokens-per-image", default_value_t = 1)]
-    pub tokens_per_image: usize,
-    #[arg(long = "max-length", default_value_t = 2048)]
-    pub max_length: usize,
+    /// Positions per image block when counting tokens (default: --model's, else 1).
+    #[arg(long = "tokens-per-image")]
+    pub tokens_per_image: Option<usize>,
+    /// Longest sample in tokens (default: --model's or --config's, else 2048).
+    #[arg(long = "max-length")]
+    pub max_length: Option<usize>,
+    /// Problems printed in full per kind; the rest are counted.
+    #[arg(long, default_value_t = 5)]
+    pub show: usize,
     #[arg(long, value_enum, default_value_t = TruncationArg::Truncate)]
     pub truncation: TruncationArg,
     /// How far to check images: decode fully by default.
@@ -193,6 +209,48 @@ fn tokenizer(a: TokenizerArgs) -> Result<()> {
     Ok(())
 }
 
+/// What `data check` takes from --model or --config.
+#[derive(Default)]
+struct CheckSettings {
+    template: Option<Template>,
+    tokenizer: Option<PathBuf>,
+    tokens_per_image: Option<usize>,
+    max_length: Option<usize>,
+}
+
+impl CheckSettings {
+    fn of(a: &CheckArgs) -> Result<Self> {
+        if let Some(model) = &a.model {
+            // The config and files only: no weights are read.
+            let dir = crate::checkpoint::hub::resolve_model(model)?;
+            let config = crate::checkpoint::read_config(&dir)?;
+            let record = crate::checkpoint::training::TrainingRecord::read(&dir)?;
+            return Ok(Self {
+                template: record.as_ref().map(|r| r.template.clone()),
+                tokenizer: Some(dir.join("tokenizer.json")),
+                tokens_per_image: Some(
+                    config
+                        .feature_selection()?
+                        .tokens_per_image(&config.vision_config),
+                ),
+                max_length: record.map(|r| r.max_length),
+            });
+        }
+        if let Some(preset) = &a.config {
+            let doc = crate::config::load_document(preset)?;
+            let settings =
+                crate::config::StageSettings::resolve(&doc, a.stage, crate::config::Role::Student)?;
+            return Ok(Self {
+                template: Some(Template::by_name_or_path(&settings.template())?),
+                tokenizer: settings.data.tokenizer.clone(),
+                tokens_per_image: None,
+                max_length: Some(settings.data.max_length),
+            });
+        }
+        Ok(Self::default())
+    }
+}
+
 fn check(a: CheckArgs) -> Result<()> {
     let threads = a.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -205,9 +263,17 @@ fn check(a: CheckArgs) -> Result<()> {
         ImageCheckArg::Header => ImageCheck::Header,
         ImageCheckArg::Decode => ImageCheck::Decode,
     };
-    let loaded = match (&a.template, &a.tokenizer) {
-        (Some(t), Some(p)) => Some((Template::by_name_or_path(t)?, load_tokenizer(p)?)),
-        _ => None,
+    let from = CheckSettings::of(&a)?;
+    let template = match (&a.template, from.template) {
+        (Some(t), _) => Some(Template::by_name_or_path(t)?),
+        (None, t) => t,
+    };
+    let tokenizer_path = a.tokenizer.clone().or(from.tokenizer);
+    let loaded = match (template, &tokenizer_path) {
+        (Some(t), Some(p)) => Some((t, load_tokenizer(p)?)),
+        (Some(_), None) => bail!("checking tokens needs a tokenizer too: pass --tokenizer FILE"),
+        (None, Some(_)) => bail!("checking tokens needs a template too: pass --template T"),
+        (None, None) => None,
     };
     let tokens = match &loaded {
         Some((template, tokenizer)) => Some(TokenCheck {
@@ -215,8 +281,8 @@ fn check(a: CheckArgs) -> Result<()> {
             template,
             config: TokenizeConfig {
                 image_token_id: image_token_id(tokenizer)?,
-                tokens_per_image: a.tokens_per_image,
-                max_length: a.max_length,
+                tokens_per_image: a.tokens_per_image.or(from.tokens_per_image).unwrap_or(1),
+                max_length: a.max_length.or(from.max_length).unwrap_or(2048),
                 truncation: match a.truncation {
                     TruncationArg::Truncate => Truncation::Truncate,
                     TruncationArg::Skip => Truncation::Skip,
@@ -232,9 +298,7 @@ fn check(a: CheckArgs) -> Result<()> {
     };
     let report = check_dataset(&a.data, &a.images, &opts, &Bars::new())?;
     println!("{report}");
-    for p in &report.problems {
-        println!("  {p}");
-    }
+    print!("{}", report.problems_grouped(a.show));
     let errors = report.data_errors();
     if errors > 0 {
         bail!(
