@@ -4,7 +4,7 @@ fn main() -> ExitCode {
     match mmkd::cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("{}", mmkd::cli::error_line(&err));
             ExitCode::FAILURE
         }
     }

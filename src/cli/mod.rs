@@ -99,3 +99,32 @@ fn keep_element_wise_ops_on_the_calling_thread() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
+
+/// An error as `mmkd` prints it: the whole chain on one line (`a: b: c`), runs of spaces (a
+/// message wrapped in the source without a line continuation) collapsed to one.
+pub fn error_line(err: &anyhow::Error) -> String {
+    let text = format!("{err:#}");
+    let mut out = String::with_capacity(text.len());
+    let mut last_space = false;
+    for c in text.chars() {
+        let space = c == ' ';
+        if !(space && last_space) {
+            out.push(c);
+        }
+        last_space = space;
+    }
+    format!("error: {out}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn errors_print_on_one_line_without_runs_of_spaces() {
+        let err = anyhow::anyhow!("pass --teacher DIR, or --teacher-cache CACHE (written by              `mmkd teacher-cache`)")
+            .context("loading   the stage");
+        assert_eq!(
+            super::error_line(&err),
+            "error: loading the stage: pass --teacher DIR, or --teacher-cache CACHE (written by `mmkd teacher-cache`)"
+        );
+    }
+}
