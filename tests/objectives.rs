@@ -821,3 +821,51 @@ fn data_check_reads_its_settings_from_a_model_or_preset_and_groups_problems() {
     );
     assert!(out.lines().count() < 20, "{out}");
 }
+
+#[test]
+fn a_stage_says_where_each_setting_came_from() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let (data, images, init, out) = (
+        s("data/train/instruct.json"),
+        s("data"),
+        s("student"),
+        s("sources/sft"),
+    );
+    let (ok, _, err) = mmkd(&[
+        "sft",
+        "--config",
+        "shapes-tiny",
+        "--data",
+        &data,
+        "--images",
+        &images,
+        "--init",
+        &init,
+        "--out",
+        &out,
+        "--max-steps",
+        "1",
+        "--set",
+        "lr=0.5",
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("train.lr = 0.5  (--set)"), "{err}");
+    assert!(
+        err.contains("train.batch_size = 4  (preset `shapes-tiny` [train])"),
+        "{err}"
+    );
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&out).join("summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["settings_source"]["train.lr"], "--set");
+    assert_eq!(
+        summary["settings_source"]["train.validate_every"],
+        "default"
+    );
+    assert_eq!(
+        summary["settings_source"]["data.chat_template"],
+        "preset `shapes-tiny` [data]"
+    );
+}

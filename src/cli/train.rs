@@ -164,6 +164,9 @@ pub fn data_and_images(
 
 pub fn run(args: StageArgs, stage: Stage) -> Result<()> {
     let settings = resolve_settings(&args, stage)?;
+    if !args.quiet {
+        eprint!("{}", settings.describe_sources());
+    }
     let (data, images) = data_and_images(args.data.as_ref(), args.images.as_ref(), &settings)?;
     let run = StageRun {
         settings,

@@ -87,6 +87,92 @@ pub fn markdown(defaults: &std::collections::BTreeMap<String, String>) -> String
     out
 }
 
+/// Where each documented key of a stage's settings came from: `--set`, a table of the preset
+/// (`name [stages.sft]`, the role tables included), the stage's built-in default, or the
+/// settings' default. Keys are those of [`KEYS`], with `models.<role>` spelled out.
+pub fn provenance(
+    doc: &super::Document,
+    stage: super::Stage,
+    role: super::Role,
+) -> std::collections::BTreeMap<String, String> {
+    use toml::Value;
+    let preset = doc.origin.first().cloned().unwrap_or_default();
+    let table_has = |path: &[&str]| -> bool {
+        let mut cursor = &doc.table;
+        for (i, part) in path.iter().enumerate() {
+            match cursor.get(*part) {
+                Some(Value::Table(t)) if i + 1 < path.len() => cursor = t,
+                Some(_) if i + 1 == path.len() => return true,
+                _ => return false,
+            }
+        }
+        false
+    };
+    let set_by_override = |paths: &[String]| -> bool {
+        doc.overrides.iter().any(|o| {
+            let path = o.split_once('=').map_or(o.as_str(), |(p, _)| p).trim();
+            paths.iter().any(|p| p == path)
+        })
+    };
+    let (s, r) = (stage.name(), role.name());
+    let mut out = std::collections::BTreeMap::new();
+    for key in KEYS {
+        let (section, rest) = key.key.split_once('.').unwrap_or((key.key, ""));
+        let source = match section {
+            "train" => {
+                let parts: Vec<&str> = rest.split('.').collect();
+                let layers: [(Vec<&str>, String); 4] = [
+                    ([r, "stages", s].to_vec(), format!("[{r}.stages.{s}]")),
+                    ([r, "train"].to_vec(), format!("[{r}.train]")),
+                    (["stages", s].to_vec(), format!("[stages.{s}]")),
+                    (["train"].to_vec(), "[train]".to_string()),
+                ];
+                let overrides = [
+                    format!("train.{rest}"),
+                    format!("stages.{s}.{rest}"),
+                    format!("{r}.train.{rest}"),
+                    format!("{r}.stages.{s}.{rest}"),
+                ];
+                if set_by_override(&overrides) {
+                    "--set".to_string()
+                } else if let Some((_, name)) = layers.iter().find(|(prefix, _)| {
+                    let mut path = prefix.clone();
+                    path.extend(&parts);
+                    table_has(&path)
+                }) {
+                    format!("{preset} {name}")
+                } else if rest == "lr" {
+                    format!("stage default ({s})")
+                } else {
+                    "default".to_string()
+                }
+            }
+            "models" => {
+                let field = rest.strip_prefix("<role>.").unwrap_or(rest);
+                if set_by_override(&[format!("models.{r}.{field}")]) {
+                    "--set".to_string()
+                } else if table_has(&["models", r, field]) {
+                    format!("{preset} [models.{r}]")
+                } else {
+                    "default".to_string()
+                }
+            }
+            section => {
+                if set_by_override(&[key.key.to_string()]) {
+                    "--set".to_string()
+                } else if table_has(&[section, rest]) {
+                    format!("{preset} [{section}]")
+                } else {
+                    "default".to_string()
+                }
+            }
+        };
+        let name = key.key.replace("<role>", r);
+        out.insert(name, source);
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +203,42 @@ mod tests {
         // The objective is resolved next to the train settings.
         keys.insert("train.objective".into());
         keys
+    }
+
+    #[test]
+    fn each_key_names_the_layer_it_came_from() {
+        let mut doc = load_document("shapes-small").unwrap();
+        doc.set("stages.sft.batch_size=3").unwrap();
+        doc.set("distill.temperature=2.0").unwrap();
+        let from = provenance(&doc, Stage::Sft, Role::Teacher);
+        assert_eq!(
+            from["train.lr"],
+            "preset `shapes-small` [teacher.stages.sft]"
+        );
+        assert_eq!(from["train.batch_size"], "--set");
+        assert_eq!(from["distill.temperature"], "--set");
+        assert_eq!(from["data.chat_template"], "preset `shapes-small` [data]");
+        assert_eq!(
+            from["models.teacher.seed"],
+            "preset `shapes-small` [models.teacher]"
+        );
+        assert_eq!(from["train.validate_every"], "default");
+        let student = provenance(
+            &load_document("shapes-small").unwrap(),
+            Stage::Dft,
+            Role::Student,
+        );
+        assert!(
+            student["train.lr"].starts_with("preset `shapes-small` [stages.dft]"),
+            "{}",
+            student["train.lr"]
+        );
+        let bare = provenance(
+            &load_document("shapes-tiny").unwrap(),
+            Stage::Dpt,
+            Role::Student,
+        );
+        assert_eq!(bare["train.max_grad_norm"], "preset `shapes-tiny` [train]");
     }
 
     #[test]

@@ -291,6 +291,10 @@ pub struct StageSettings {
     /// The stage's objective: `[[stages.<stage>.objective]]`, or the built-in one (`ce`;
     /// distilling stages add MDist and RDist with the `[distill]` weights).
     pub objective: Vec<TermSpec>,
+    /// Where each key's value came from (`--set`, a preset table, a default); see
+    /// [`super::keys::provenance`]. Not part of the settings themselves.
+    #[serde(skip)]
+    pub sources: BTreeMap<String, String>,
 }
 
 impl StageSettings {
@@ -404,6 +408,7 @@ impl StageSettings {
             train,
             distill,
             objective,
+            sources: super::keys::provenance(doc, stage, role),
         };
         settings.validate()?;
         Ok(settings)
@@ -466,6 +471,32 @@ impl StageSettings {
 
     pub fn as_json(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The settings not left at their defaults, with where each came from.
+    pub fn describe_sources(&self) -> String {
+        let settings = self;
+        let json = settings.as_json();
+        let mut out = format!("{} settings (not defaults):\n", settings.stage.name());
+        for (key, source) in settings.sources.iter().filter(|(_, s)| *s != "default") {
+            let (section, rest) = key.split_once('.').unwrap_or((key, ""));
+            let (section, rest) = match section {
+                "models" => ("model", rest.split_once('.').map_or(rest, |(_, r)| r)),
+                _ => (section, rest),
+            };
+            let mut value = if key == "train.objective" {
+                &json["objective"]
+            } else {
+                &json[section]
+            };
+            if key != "train.objective" {
+                for part in rest.split('.') {
+                    value = &value[part];
+                }
+            }
+            out.push_str(&format!("  {key} = {value}  ({source})\n"));
+        }
+        out
     }
 }
 

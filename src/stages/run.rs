@@ -56,6 +56,8 @@ pub struct StageSummary {
     /// The last validation pass (`train.validate_every`), also in `validation.jsonl`.
     pub validation: Option<ValidationRecord>,
     pub settings: serde_json::Value,
+    /// Where each setting came from: `--set`, a preset table (role tables included), a default.
+    pub settings_source: std::collections::BTreeMap<String, String>,
 }
 
 /// Runs one stage to completion (or resumes it) and writes the trained model to `run.out`.
@@ -337,6 +339,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         parameters_trained: model.store.count_trainable(),
         validation: last_validation,
         settings: settings.as_json(),
+        settings_source: settings.sources.clone(),
     };
     std::fs::write(
         run.out.join(SUMMARY_FILE),
