@@ -31,8 +31,10 @@ pub struct Which {
     /// Preset name (shapes-tiny, shapes-small, llava-kd-qwen1.5-0.5b, llava-kd-qwen2.5-0.5b) or TOML file.
     #[arg(default_value = "shapes-small")]
     pub preset: String,
+    /// The stage whose settings are resolved.
     #[arg(long, value_enum, default_value = "sft")]
     pub stage: Stage,
+    /// The model of the preset (its `[<role>.…]` tables apply).
     #[arg(long, value_enum, default_value = "student")]
     pub role: Role,
     /// Override a value as the stages do (`--set lr=1e-4` = `stages.<stage>.lr`). Repeatable.

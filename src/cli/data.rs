@@ -33,6 +33,7 @@ pub struct SynthArgs {
     /// Output directory (created; must not already hold a data set).
     #[arg(long)]
     pub out: PathBuf,
+    /// Seed of the scenes, questions and captions (same seed, same bytes).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Number of training images.
@@ -54,6 +55,7 @@ pub struct TokenizerArgs {
     /// A LLaVA JSON/JSONL file, or a directory searched for them.
     #[arg(long)]
     pub data: PathBuf,
+    /// Vocabulary size of the trained tokenizer (special tokens included).
     #[arg(long = "vocab-size", default_value_t = 1024)]
     pub vocab_size: usize,
     /// Where to write tokenizer.json.
@@ -111,6 +113,7 @@ pub struct CheckArgs {
     /// Problems printed in full per kind; the rest are counted.
     #[arg(long, default_value_t = 5)]
     pub show: usize,
+    /// What happens to a sample longer than --max-length: truncate it (never inside an image block) or skip it.
     #[arg(long, value_enum, default_value_t = TruncationArg::Truncate)]
     pub truncation: TruncationArg,
     /// How far to check images: decode fully by default.

@@ -25,6 +25,7 @@ pub struct DemoArgs {
     /// Override preset values (`key.path=value`), e.g. `demo.train=500`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// No progress output.
     #[arg(long)]
     pub quiet: bool,
 }

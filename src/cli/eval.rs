@@ -27,13 +27,16 @@ pub struct ModelArgs {
     /// (its mmkd_training.json), else `phi`; a different one is used with a warning.
     #[arg(long)]
     pub template: Option<String>,
+    /// Prompts answered together.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
+    /// Most tokens generated per answer.
     #[arg(long, default_value_t = 32)]
     pub max_new_tokens: usize,
     /// Where predictions.jsonl, results.json and results.md go.
     #[arg(long)]
     pub out: PathBuf,
+    /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
     /// Where the model runs: cpu, cuda or cuda:N.

@@ -12,13 +12,16 @@ use crate::prompt::PromptLayout;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
+    /// Checkpoint directory or hub id.
     #[arg(long)]
     pub model: String,
     /// Where the model runs: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: crate::runtime::DeviceSpec,
+    /// The image the prompt is about (none: a text-only prompt).
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// The question or instruction.
     #[arg(long)]
     pub prompt: String,
     /// `plain` (image, prompt, answer, each tokenized alone) or a conversation template
@@ -27,15 +30,19 @@ pub struct GenerateArgs {
     /// `plain`.
     #[arg(long)]
     pub template: Option<String>,
+    /// Most tokens generated.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
     /// 0 = greedy decoding.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
+    /// Nucleus sampling: sample from the smallest set of tokens whose probability reaches P (1: all).
     #[arg(long, default_value_t = 1.0)]
     pub top_p: f32,
+    /// Sample from the K most likely tokens (0: all).
     #[arg(long, default_value_t = 0)]
     pub top_k: usize,
+    /// Seed of the sampling (with --temperature > 0).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Print the generated token ids too.

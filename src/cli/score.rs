@@ -20,10 +20,13 @@ pub struct ScoreArgs {
     /// Where the model runs: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: crate::runtime::DeviceSpec,
+    /// The image the prompt is about (none: a text-only prompt).
     #[arg(long)]
     pub image: Option<PathBuf>,
+    /// The question or instruction.
     #[arg(long)]
     pub prompt: String,
+    /// The answer whose tokens are scored.
     #[arg(long)]
     pub answer: String,
     /// `plain` (image, prompt, answer, each tokenized alone) or a conversation template
@@ -32,6 +35,7 @@ pub struct ScoreArgs {
     /// `plain`.
     #[arg(long)]
     pub template: Option<String>,
+    /// Print the result as one JSON line.
     #[arg(long)]
     pub json: bool,
 }
