@@ -59,6 +59,28 @@ impl PromptLayout {
         }
     }
 
+    /// The model `model` on `device` and the layout of `prompt` for it in `template` (see
+    /// [`PromptLayout::choose`]): what `generate` and `score` start from.
+    pub fn load(
+        model: &str,
+        device: crate::runtime::DeviceSpec,
+        template: Option<&str>,
+        prompt: &str,
+        with_image: bool,
+    ) -> Result<(LoadedModel, Self)> {
+        let mut options =
+            crate::models::llava::BuildOptions::new(crate::models::llava::Trainable::NONE, 0);
+        options.device = device.open()?;
+        let bundle = LoadedModel::load(model, &options)?;
+        let layout = Self::new(
+            &bundle,
+            Self::choose(&bundle, template)?,
+            prompt,
+            with_image,
+        )?;
+        Ok((bundle, layout))
+    }
+
     /// `template`: `None` for `plain`, else the conversation template.
     pub fn new(
         bundle: &LoadedModel,

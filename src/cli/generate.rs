@@ -5,9 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 
-use crate::checkpoint::bundle::LoadedModel;
 use crate::generate::{generate, GenerationConfig};
-use crate::models::llava::{BuildOptions, Trainable};
+
 use crate::prompt::PromptLayout;
 
 #[derive(Debug, Args)]
@@ -51,12 +50,10 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let mut options = BuildOptions::new(Trainable::NONE, 0);
-    options.device = args.device.open()?;
-    let bundle = LoadedModel::load(&args.model, &options)?;
-    let layout = PromptLayout::new(
-        &bundle,
-        PromptLayout::choose(&bundle, args.template.as_deref())?,
+    let (bundle, layout) = PromptLayout::load(
+        &args.model,
+        args.device,
+        args.template.as_deref(),
         &args.prompt,
         args.image.is_some(),
     )?;

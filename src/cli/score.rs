@@ -9,7 +9,7 @@ use clap::Args;
 use serde::Serialize;
 
 use crate::checkpoint::bundle::LoadedModel;
-use crate::models::llava::{BuildOptions, TokenBatch, Trainable};
+use crate::models::llava::TokenBatch;
 use crate::prompt::PromptLayout;
 
 #[derive(Debug, Args)]
@@ -85,16 +85,14 @@ pub fn score(
 }
 
 pub fn run(args: ScoreArgs) -> Result<()> {
-    let mut options = BuildOptions::new(Trainable::NONE, 0);
-    options.device = args.device.open()?;
-    let bundle = LoadedModel::load(&args.model, &options)?;
-    let layout = PromptLayout::new(
-        &bundle,
-        PromptLayout::choose(&bundle, args.template.as_deref())?,
+    let (bundle, layout) = PromptLayout::load(
+        &args.model,
+        args.device,
+        args.template.as_deref(),
         &args.prompt,
         args.image.is_some(),
-    )?
-    .answer(&args.answer, &bundle)?;
+    )?;
+    let layout = layout.answer(&args.answer, &bundle)?;
     let result = score(&bundle, &layout, args.image.as_ref())?;
     if args.json {
         println!("{}", serde_json::to_string(&result)?);

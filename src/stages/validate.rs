@@ -259,14 +259,5 @@ impl Validation {
 
 /// Reads `validation.jsonl`; a bad line is an error naming the file and line.
 pub fn read_validation(path: &Path) -> Result<Vec<ValidationRecord>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: not a validation record", path.display(), i + 1))
-        })
-        .collect()
+    read_records(path)
 }
