@@ -86,30 +86,26 @@ impl MicroBatch for Shard {
     }
 }
 
-/// The bench's one batch as the learner's micro-batch source.
+/// The bench's one batch as the learner's micro-batch source: `shards` row ranges, the frozen
+/// work for the next step done alongside this one when `overlap`.
 struct Shards<'a> {
-    step: &'a DftStepParts<'a>,
-    teacher: Teacher<'a>,
-    pending: Vec<Shard>,
-}
-
-/// What preparing a shard reads.
-struct DftStepParts<'a> {
-    teacher: &'a LlavaModel,
+    teacher_model: &'a LlavaModel,
     student: &'a LlavaModel,
     batch: &'a BenchBatch,
     shards: usize,
     overlap: bool,
+    teacher: Teacher<'a>,
+    pending: Vec<Shard>,
 }
 
-impl DftStepParts<'_> {
+impl Shards<'_> {
     /// The batch's shards with the frozen work done: the teacher's forward (online), the
     /// student's tower features.
-    fn prepare(&self, teacher: Teacher<'_>) -> Result<Vec<Shard>> {
+    fn prepare(&self) -> Result<Vec<Shard>> {
         let clock = Instant::now();
-        let teacher_out = match teacher {
+        let teacher_out = match self.teacher {
             Teacher::Online => Some(
-                self.teacher
+                self.teacher_model
                     .forward(&self.batch.tokens, Some(&self.batch.pixels))
                     .context("teacher forward")?,
             ),
@@ -159,15 +155,15 @@ impl MicroBatchSource for Shards<'_> {
 
     fn take(&mut self, _chunk: usize) -> Result<Vec<Shard>> {
         if self.pending.is_empty() {
-            self.step.prepare(self.teacher)
+            self.prepare()
         } else {
             Ok(std::mem::take(&mut self.pending))
         }
     }
 
     fn prepare_ahead(&self, _chunk: usize) -> Result<Vec<Shard>> {
-        if self.step.overlap {
-            self.step.prepare(self.teacher)
+        if self.overlap {
+            self.prepare()
         } else {
             Ok(Vec::new())
         }
@@ -250,15 +246,12 @@ impl DftStep {
 
     fn step(&mut self, teacher: Teacher<'_>) -> Result<StepOutcome> {
         let clock = Instant::now();
-        let parts = DftStepParts {
-            teacher: &self.teacher,
+        let mut source = Shards {
+            teacher_model: &self.teacher,
             student: &self.student,
             batch: &self.batch,
             shards: self.student_shards,
             overlap: self.teacher_overlap,
-        };
-        let mut source = Shards {
-            step: &parts,
             teacher,
             pending: std::mem::take(&mut self.pending),
         };

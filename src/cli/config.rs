@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
-use crate::config::keys::{markdown, KEYS};
+use crate::config::keys::{markdown, value_of, KEYS};
 use crate::config::settings::expand_override;
 use crate::config::{load_document, Role, Stage, StageSettings};
 
@@ -84,21 +84,7 @@ fn values(settings: &StageSettings) -> BTreeMap<String, String> {
         other => format!("`{other}`"),
     };
     for key in KEYS {
-        let (section, rest) = key.key.split_once('.').unwrap_or((key.key, ""));
-        let section = if section == "models" {
-            "model"
-        } else {
-            section
-        };
-        let rest = rest.strip_prefix("<role>.").unwrap_or(rest);
-        let mut value = &json[section];
-        for part in rest.split('.') {
-            value = &value[part];
-        }
-        if key.key == "train.objective" {
-            value = &json["objective"];
-        }
-        out.insert(key.key.to_string(), show(value));
+        out.insert(key.key.to_string(), show(value_of(&json, key.key)));
     }
     out
 }

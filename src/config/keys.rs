@@ -73,6 +73,25 @@ pub const KEYS: &[KeyDoc] = &[
     k("models.<role>.image_std", "list of 3 floats", "per-channel std of a fresh model's image processor"),
 ];
 
+/// The value of a documented key (`train.lr`, `models.<role>.seed` or `models.student.seed`,
+/// `train.objective`) in a resolved stage's JSON (`StageSettings::as_json`); `Null` when unset.
+pub fn value_of<'j>(json: &'j serde_json::Value, key: &str) -> &'j serde_json::Value {
+    if key == "train.objective" {
+        return &json["objective"];
+    }
+    let (section, rest) = key.split_once('.').unwrap_or((key, ""));
+    let (section, rest) = match section {
+        // `models.<role>.field`: the stage's own model is `model`.
+        "models" => (
+            "model",
+            rest.split_once('.').map_or(rest, |(_, field)| field),
+        ),
+        _ => (section, rest),
+    };
+    rest.split('.')
+        .fold(&json[section], |value, part| &value[part])
+}
+
 /// The table as `mmkd config keys` prints it, with each key's value for a stage (`defaults`:
 /// `section.key` → value, from the resolved settings).
 pub fn markdown(defaults: &std::collections::BTreeMap<String, String>) -> String {

@@ -423,11 +423,8 @@ impl StageSettings {
             "train.parallel_micro_batches must be at least 1"
         );
         anyhow::ensure!(t.lr.is_finite() && t.lr >= 0.0, "train.lr must be ≥ 0");
-        anyhow::ensure!(
-            ["f32", "bf16", "f16"].contains(&t.frozen_dtype.as_str()),
-            "train.frozen_dtype must be f32, bf16 or f16, found `{}`",
-            t.frozen_dtype
-        );
+        crate::runtime::parse_dtype(&t.frozen_dtype)
+            .context("train.frozen_dtype must be f32, bf16 or f16")?;
         crate::objective::Objective::new(&self.objective, &self.distill)
             .with_context(|| format!("the objective of stage {}", self.stage.name()))?;
         if t.validate_every > 0 {
@@ -475,25 +472,10 @@ impl StageSettings {
 
     /// The settings not left at their defaults, with where each came from.
     pub fn describe_sources(&self) -> String {
-        let settings = self;
-        let json = settings.as_json();
-        let mut out = format!("{} settings (not defaults):\n", settings.stage.name());
-        for (key, source) in settings.sources.iter().filter(|(_, s)| *s != "default") {
-            let (section, rest) = key.split_once('.').unwrap_or((key, ""));
-            let (section, rest) = match section {
-                "models" => ("model", rest.split_once('.').map_or(rest, |(_, r)| r)),
-                _ => (section, rest),
-            };
-            let mut value = if key == "train.objective" {
-                &json["objective"]
-            } else {
-                &json[section]
-            };
-            if key != "train.objective" {
-                for part in rest.split('.') {
-                    value = &value[part];
-                }
-            }
+        let json = self.as_json();
+        let mut out = format!("{} settings (not defaults):\n", self.stage.name());
+        for (key, source) in self.sources.iter().filter(|(_, s)| *s != "default") {
+            let value = super::keys::value_of(&json, key);
             out.push_str(&format!("  {key} = {value}  ({source})\n"));
         }
         out

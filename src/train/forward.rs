@@ -58,22 +58,18 @@ pub fn objective_loss(
     objective: &Objective,
 ) -> Result<MicroLoss> {
     let clock = Instant::now();
-    let value = match teacher {
+    let elapsed = || clock.elapsed().as_secs_f64();
+    let loss = |logits: StudentLogits<'_>, side: Option<TeacherSide<'_>>, forward: f64| {
+        micro_loss(objective, batch, logits, side, forward)
+    };
+    match teacher {
         TeacherRows::None => {
             let out = student.forward_images(batch.tokens, batch.images)?;
-            let student_forward = clock.elapsed().as_secs_f64();
-            let inputs = LossInputs::new(
-                StudentLogits::Full(&out.logits),
-                batch.labels,
-                batch.visual_mask,
-                None,
-                None,
-            )?;
-            (objective.evaluate(&inputs)?, student_forward)
+            loss(StudentLogits::Full(&out.logits), None, elapsed())
         }
         TeacherRows::Cached { rows, truncate } => {
             let hidden = student.forward_images_hidden(batch.tokens, batch.images)?;
-            let student_forward = clock.elapsed().as_secs_f64();
+            let forward = elapsed();
             // A cache of a smaller vocabulary compares the head's first rows (the padding
             // after them is the student's alone).
             let head = student.lm.lm_head_weight();
@@ -88,21 +84,16 @@ pub fn objective_loss(
                 }
                 None => head.clone(),
             };
-            let inputs = LossInputs::new(
-                StudentLogits::AtRows {
-                    hidden: &hidden.hidden,
-                    head: &head,
-                },
-                batch.labels,
-                batch.visual_mask,
-                Some(TeacherSide::Cached(CachedTeacher {
-                    response: &rows.response,
-                    visual: &rows.visual,
-                    relations: &rows.relations,
-                })),
-                None,
-            )?;
-            (objective.evaluate(&inputs)?, student_forward)
+            let side = TeacherSide::Cached(CachedTeacher {
+                response: &rows.response,
+                visual: &rows.visual,
+                relations: &rows.relations,
+            });
+            let logits = StudentLogits::AtRows {
+                hidden: &hidden.hidden,
+                head: &head,
+            };
+            loss(logits, Some(side), forward)
         }
         TeacherRows::Online {
             output,
@@ -110,7 +101,7 @@ pub fn objective_loss(
             truncate,
         } => {
             let out = student.forward_images(batch.tokens, batch.images)?;
-            let student_forward = clock.elapsed().as_secs_f64();
+            let forward = elapsed();
             let t_logits = output.logits.detach();
             let (s_logits, t_logits) = match truncate {
                 Some(n) => (
@@ -126,21 +117,27 @@ pub fn objective_loss(
                 teacher_hidden: &t_hidden,
                 teacher_head: teacher.lm.lm_head_weight(),
             });
-            let inputs = LossInputs::new(
-                StudentLogits::Full(&s_logits),
-                batch.labels,
-                batch.visual_mask,
-                Some(TeacherSide::Logits {
-                    logits: &t_logits,
-                    relation_hidden,
-                }),
-                None,
-            )?;
-            (objective.evaluate(&inputs)?, student_forward)
+            let side = TeacherSide::Logits {
+                logits: &t_logits,
+                relation_hidden,
+            };
+            loss(StudentLogits::Full(&s_logits), Some(side), forward)
         }
-    };
-    let (value, student_forward) = value;
+    }
+}
+
+/// The objective on one micro-batch's student logits and teacher side; `forward`: the seconds
+/// the student's forward took.
+fn micro_loss(
+    objective: &Objective,
+    batch: StudentBatch<'_>,
+    logits: StudentLogits<'_>,
+    side: Option<TeacherSide<'_>>,
+    forward: f64,
+) -> Result<MicroLoss> {
+    let inputs = LossInputs::new(logits, batch.labels, batch.visual_mask, side, None)?;
+    let value = objective.evaluate(&inputs)?;
     let mut loss = MicroLoss::new(value.total, value.total_value, value.terms);
-    loss.student_forward_seconds = student_forward;
+    loss.student_forward_seconds = forward;
     Ok(loss)
 }
