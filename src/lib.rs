@@ -36,4 +36,5 @@ pub mod scoring;
 pub mod stages;
 pub mod teacher;
 pub mod teacher_cache;
+pub mod tower;
 pub mod train;

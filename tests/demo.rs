@@ -97,7 +97,8 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         &std::fs::read_to_string(out.join("seed-0/tower/summary.json")).unwrap(),
     )
     .unwrap();
-    assert_eq!(tower_summary["epochs"], 1, "{tower_summary}");
+    assert_eq!(tower_summary["settings"]["epochs"], 1, "{tower_summary}");
+    assert_eq!(tower_summary["objective"], "labels", "{tower_summary}");
     assert!(tower_summary["scale"].as_f64().unwrap() > 0.0);
     assert!(
         tower("baseline/sft") == teacher_tower,
@@ -111,6 +112,11 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
     assert!(
         md.contains("loss.png") && md.contains("report_images/"),
         "report lacks curves or examples"
+    );
+    assert!(
+        md.contains("`mmkd tower --objective labels`")
+            && md.contains("val patches classified right"),
+        "the report does not say how the tower was made"
     );
     for stage in [
         "teacher/pt",

@@ -787,7 +787,15 @@ fn data_check_reads_its_settings_from_a_model_or_preset_and_groups_problems() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("tokens per sample: min "), "{out}");
-    // From the preset's stage (the tokenizer given).
+    let tokens_line = |out: &str| {
+        out.lines()
+            .find(|l| l.contains("tokens per sample"))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let from_model = tokens_line(&out);
+    // From the preset's stage (the tokenizer given): the same counts, the image blocks sized
+    // by the preset's fresh tower.
     let tok = s("data/tokenizer.json");
     let (ok, out, err) = mmkd(&[
         "data",
@@ -805,6 +813,7 @@ fn data_check_reads_its_settings_from_a_model_or_preset_and_groups_problems() {
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("tokens per sample: min "), "{out}");
+    assert_eq!(tokens_line(&out), from_model);
     // A file that is not LLaVA data: every record has the same problem; a few are shown by
     // their question ids, the rest counted.
     let questions = s("data/val/questions.jsonl");

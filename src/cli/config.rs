@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 
 use crate::config::keys::{markdown, value_of, KEYS};
 use crate::config::settings::expand_override;
+use crate::config::tower::TowerSettings;
 use crate::config::{load_document, Role, Stage, StageSettings};
 
 #[derive(Debug, Args)]
@@ -21,7 +22,7 @@ pub enum ConfigCommand {
     /// Every preset key: its type, its value in the preset for a stage and role, what it does.
     Keys(Which),
     /// The settings a stage resolves to from the preset, its role tables and `--set`s, as TOML
-    /// (what `summary.json` records as `settings`).
+    /// (what `summary.json` records as `settings`), and the preset's `[tower]`.
     Show(Which),
 }
 
@@ -42,18 +43,21 @@ pub struct Which {
     pub set: Vec<String>,
 }
 
-fn resolve(which: &Which) -> Result<StageSettings> {
+/// The stage's settings as JSON, with the preset's `[tower]` (`mmkd tower`) as `tower`.
+fn resolve(which: &Which) -> Result<serde_json::Value> {
     let mut doc = load_document(&which.preset)?;
     for set in &which.set {
         doc.set(&expand_override(set, which.stage))?;
     }
-    StageSettings::resolve(&doc, which.stage, which.role)
+    let mut json = StageSettings::resolve(&doc, which.stage, which.role)?.as_json();
+    json["tower"] = TowerSettings::resolve(&doc)?.as_json();
+    Ok(json)
 }
 
 pub fn run(args: ConfigArgs) -> Result<()> {
     match args.command {
         ConfigCommand::Keys(which) => {
-            let settings = resolve(&which)?;
+            let json = resolve(&which)?;
             println!(
                 "Preset keys (values: `{}`, stage {}, role {}). `train.*` keys may also be set \
                  per stage (`[stages.<stage>]`) and per role (`[<role>.train]`, \
@@ -62,12 +66,11 @@ pub fn run(args: ConfigArgs) -> Result<()> {
                 which.stage.name(),
                 which.role.name()
             );
-            print!("{}", markdown(&values(&settings)));
+            print!("{}", markdown(&values(&json)));
         }
         ConfigCommand::Show(which) => {
-            let settings = resolve(&which)?;
-            let toml =
-                json_to_toml(&settings.as_json()).unwrap_or(toml::Value::Table(Default::default()));
+            let json = resolve(&which)?;
+            let toml = json_to_toml(&json).unwrap_or(toml::Value::Table(Default::default()));
             println!("{}", toml::to_string_pretty(&toml)?);
         }
     }
@@ -75,8 +78,7 @@ pub fn run(args: ConfigArgs) -> Result<()> {
 }
 
 /// `section.key` → the value in `settings`, as the table shows it.
-fn values(settings: &StageSettings) -> BTreeMap<String, String> {
-    let json = settings.as_json();
+fn values(json: &serde_json::Value) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     let show = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "—".to_string(),
@@ -84,7 +86,7 @@ fn values(settings: &StageSettings) -> BTreeMap<String, String> {
         other => format!("`{other}`"),
     };
     for key in KEYS {
-        out.insert(key.key.to_string(), show(value_of(&json, key.key)));
+        out.insert(key.key.to_string(), show(value_of(json, key.key)));
     }
     out
 }

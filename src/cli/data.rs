@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mmkd_datasets::check::{check_dataset, CheckOptions, TokenCheck};
@@ -104,7 +104,8 @@ pub struct CheckArgs {
     /// tokenizer.json (or a directory holding one).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Positions per image block when counting tokens (default: --model's, else 1).
+    /// Positions per image block when counting tokens (default: --model's, or that of
+    /// --config's fresh tower, else 1).
     #[arg(long = "tokens-per-image")]
     pub tokens_per_image: Option<usize>,
     /// Longest sample in tokens (default: --model's or --config's, else 2048).
@@ -243,10 +244,25 @@ impl CheckSettings {
             let doc = crate::config::load_document(preset)?;
             let settings =
                 crate::config::StageSettings::resolve(&doc, a.stage, crate::config::Role::Student)?;
+            // A fresh tower's tokens per image follow from its architecture.
+            let tokens_per_image = match &settings.model.vision_config {
+                Some(table) => {
+                    let config =
+                        mmkd_vision::VisionConfig::from_json_value(&serde_json::to_value(table)?)
+                            .with_context(|| format!("{preset}: the model's vision_config"))?;
+                    let select =
+                        mmkd_vision::FeatureSelect::from_llava_config(&serde_json::json!({
+                            "vision_feature_layer": settings.model.feature_layer,
+                            "vision_feature_select_strategy": settings.model.select_strategy,
+                        }))?;
+                    Some(select.tokens_per_image(&config))
+                }
+                None => None,
+            };
             return Ok(Self {
                 template: Some(Template::by_name_or_path(&settings.template())?),
                 tokenizer: settings.data.tokenizer.clone(),
-                tokens_per_image: None,
+                tokens_per_image,
                 max_length: Some(settings.data.max_length),
             });
         }

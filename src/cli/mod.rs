@@ -10,6 +10,7 @@ pub mod inspect;
 pub mod metrics;
 pub mod score;
 pub mod teacher_cache;
+pub mod tower;
 pub mod train;
 
 use anyhow::Result;
@@ -49,6 +50,9 @@ pub enum Command {
     Metrics(metrics::MetricsArgs),
     /// Time one distillation step of a benchmark spec (samples/s, GFLOP/s, memory).
     Bench(bench::BenchArgs),
+    /// Pre-train a vision tower before the LLaVA stages (`--objective labels|contrastive`);
+    /// writes a SigLIP/CLIP vision checkpoint for `--vision` / `models.<role>.vision`.
+    Tower(tower::TowerArgs),
     /// PT: pre-train on captions (plain template, objective `ce`). Trains the projector (the
     /// paper's) or the modules of `train.trainable` (the synthetic presets add the LLM).
     Pretrain(train::StageArgs),
@@ -81,6 +85,7 @@ pub fn run() -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Metrics(args) => metrics::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Tower(args) => tower::run(args),
         Command::Pretrain(args) => train::run(args, Stage::Pretrain),
         Command::Sft(args) => train::run(args, Stage::Sft),
         Command::Dpt(args) => train::run(args, Stage::Dpt),

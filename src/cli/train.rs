@@ -26,8 +26,10 @@ pub struct StageArgs {
     /// Start from this checkpoint (the previous stage's output).
     #[arg(long)]
     pub init: Option<String>,
-    /// Compose the model from this vision checkpoint (with --llm) instead of the preset's.
-    #[arg(long, requires = "llm")]
+    /// Take the vision tower from this checkpoint (a SigLIP/CLIP directory such as `mmkd
+    /// tower`'s output, a LLaVA checkpoint, or a hub id) instead of the preset's; with --llm
+    /// the model is composed from both checkpoints.
+    #[arg(long)]
     pub vision: Option<String>,
     /// Compose the model from this LLM checkpoint (with --vision).
     #[arg(long, requires = "vision")]
@@ -135,11 +137,16 @@ pub fn resolve_settings(args: &StageArgs, stage: Stage) -> Result<StageSettings>
         doc.set(set)?;
     }
     let mut settings = StageSettings::resolve(&doc, stage, args.role)?;
-    if let (Some(vision), Some(llm)) = (&args.vision, &args.llm) {
-        settings.model.vision = Some(vision.clone());
-        settings.model.llm = Some(llm.clone());
-        settings.model.vision_config = None;
-        settings.model.text_config = None;
+    match (&args.vision, &args.llm) {
+        (Some(vision), Some(llm)) => {
+            settings.model.vision = Some(vision.clone());
+            settings.model.llm = Some(llm.clone());
+            settings.model.vision_config = None;
+            settings.model.text_config = None;
+        }
+        // The preset's `vision_config`, if any, stays as the check of the tower's architecture.
+        (Some(vision), None) => settings.model.vision = Some(vision.clone()),
+        _ => {}
     }
     Ok(settings)
 }

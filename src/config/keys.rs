@@ -71,6 +71,24 @@ pub const KEYS: &[KeyDoc] = &[
     k("models.<role>.seed", "integer", "seed of a fresh model's weights (--init-seed)"),
     k("models.<role>.image_mean", "list of 3 floats", "per-channel mean of a fresh model's image processor"),
     k("models.<role>.image_std", "list of 3 floats", "per-channel std of a fresh model's image processor"),
+    // [tower]: `mmkd tower` (and the demo's vision pre-training)
+    k("tower.objective", "string", "labels (the shapes world's per-cell ground truth) or contrastive (SigLIP's sigmoid loss on captions; --objective)"),
+    k("tower.epochs", "integer", "passes over the data (the demo: demo.tower_epochs)"),
+    k("tower.max_steps", "integer", "stop after N steps (--max-steps)"),
+    k("tower.lr", "float", "AdamW's learning rate, constant"),
+    k("tower.batch_size", "integer", "images per step (and per contrastive batch: its negatives)"),
+    k("tower.feature_rms", "float", "RMS per element of the selected features after the final rescaling"),
+    k("tower.seed", "integer", "seed of the data order (--seed); the tower's weights: models.<role>.seed"),
+    k("tower.save_every", "integer", "resumable checkpoint every N steps (0: none; --save-every)"),
+    k("tower.keep_last", "integer", "checkpoints kept"),
+    k("tower.init_logit_scale", "float", "SigLIP's initial log-scale t' (the scale is exp t'; default ln 10)"),
+    k("tower.init_logit_bias", "float", "SigLIP's initial logit bias b (default -10)"),
+    k("tower.text.hidden_size", "integer", "width of the contrastive objective's text encoder (a small Qwen2 decoder)"),
+    k("tower.text.intermediate_size", "integer", "its MLP width"),
+    k("tower.text.num_hidden_layers", "integer", "its layers"),
+    k("tower.text.num_attention_heads", "integer", "its attention heads"),
+    k("tower.text.embed_dim", "integer", "width of the shared image-text embedding space"),
+    k("tower.text.max_length", "integer", "caption tokens kept (longer captions are cut and counted)"),
 ];
 
 /// The value of a documented key (`train.lr`, `models.<role>.seed` or `models.student.seed`,
@@ -177,10 +195,12 @@ pub fn provenance(
                 }
             }
             section => {
+                let mut path = vec![section];
+                path.extend(rest.split('.'));
                 if set_by_override(&[key.key.to_string()]) {
                     "--set".to_string()
-                } else if table_has(&[section, rest]) {
-                    format!("{preset} [{section}]")
+                } else if table_has(&path) {
+                    format!("{preset} [{}]", path[..path.len() - 1].join("."))
                 } else {
                     "default".to_string()
                 }
@@ -221,6 +241,16 @@ mod tests {
         }
         // The objective is resolved next to the train settings.
         keys.insert("train.objective".into());
+        // `[tower]` is resolved on its own (`mmkd tower`).
+        let tower = crate::config::tower::TowerSettings::default().as_json();
+        for (key, value) in tower.as_object().unwrap() {
+            match value.as_object() {
+                Some(table) => keys.extend(table.keys().map(|sub| format!("tower.{key}.{sub}"))),
+                None => {
+                    keys.insert(format!("tower.{key}"));
+                }
+            }
+        }
         keys
     }
 
@@ -242,6 +272,12 @@ mod tests {
             "preset `shapes-small` [models.teacher]"
         );
         assert_eq!(from["train.validate_every"], "default");
+        assert_eq!(from["tower.objective"], "preset `shapes-small` [tower]");
+        assert_eq!(
+            from["tower.text.embed_dim"],
+            "preset `shapes-small` [tower.text]"
+        );
+        assert_eq!(from["tower.init_logit_bias"], "default");
         let student = provenance(
             &load_document("shapes-small").unwrap(),
             Stage::Dft,

@@ -4,6 +4,7 @@
 pub mod keys;
 pub mod preset;
 pub mod settings;
+pub mod tower;
 
 pub use preset::{builtin_preset_names, load_document, Document};
 pub use settings::{DataSettings, ModelSpec, Module, Role, Stage, StageSettings, TrainSettings};

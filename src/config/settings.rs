@@ -17,13 +17,15 @@ use crate::train::ScheduleConfig;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Stage {
-    /// PT: projector only, `plain` template, cross-entropy.
+    /// PT: captions, `plain` template, cross-entropy; trains the projector (or
+    /// `train.trainable`'s modules: the shapes presets add the LLM).
     Pretrain,
-    /// SFT: projector + LLM, chat template, cross-entropy.
+    /// SFT: instructions, chat template, cross-entropy; trains projector + LLM.
     Sft,
-    /// DPT: projector only; CE + α·L_res + β·L_vis + γ·L_rel against a teacher.
+    /// DPT: captions; CE + α·L_res + β·L_vis + γ·L_rel against a teacher; trains the projector
+    /// (or `train.trainable`'s modules).
     Dpt,
-    /// DFT: projector + LLM; same loss.
+    /// DFT: instructions; the same loss; trains projector + LLM.
     Dft,
 }
 
@@ -310,6 +312,7 @@ impl StageSettings {
             "stages",
             "distill",
             "demo",
+            "tower",
             "teacher",
             "student",
         ];
@@ -408,7 +411,11 @@ impl StageSettings {
             train,
             distill,
             objective,
-            sources: super::keys::provenance(doc, stage, role),
+            // `[tower]` belongs to `mmkd tower`, not to the LLaVA stages.
+            sources: super::keys::provenance(doc, stage, role)
+                .into_iter()
+                .filter(|(key, _)| !key.starts_with("tower."))
+                .collect(),
         };
         settings.validate()?;
         Ok(settings)

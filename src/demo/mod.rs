@@ -6,7 +6,6 @@
 
 pub mod report;
 pub mod settings;
-pub mod tower;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,10 +14,12 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::config::preset::apply_override;
+use crate::config::tower::{TowerObjective, TowerSettings};
 use crate::config::{load_document, Document, Role, Stage, StageSettings};
 use crate::eval::run::{eval_captions, eval_pope, eval_vqa, EvalResults};
 use crate::eval::Answerer;
 use crate::stages::{run_stage, stage_finished, StageRun};
+use crate::tower::{run_tower, TowerRun};
 use settings::DemoSettings;
 
 /// The three models the demo compares.
@@ -54,8 +55,9 @@ fn say(progress: bool, msg: &str) {
     }
 }
 
-/// The seed's pre-trained vision tower (`tower/`), trained unless finished earlier.
-fn run_tower(
+/// The seed's pre-trained vision tower (`tower/`): `mmkd tower` with the preset's `[tower]`,
+/// trained unless finished earlier.
+fn pretrain_tower(
     doc: &Document,
     demo: &DemoSettings,
     seed_dir: &Path,
@@ -64,37 +66,52 @@ fn run_tower(
     progress: bool,
 ) -> Result<()> {
     let out = seed_dir.join(TOWER_DIR);
-    if tower::tower_finished(&out) {
+    if stage_finished(&out) {
         say(progress, &format!("{TOWER_DIR}: done earlier, skipped"));
         return Ok(());
     }
+    let mut settings = TowerSettings::resolve(doc)?;
+    settings.epochs = demo.tower_epochs;
+    settings.max_steps = None;
+    let mut model = StageSettings::resolve(doc, Stage::Pretrain, Role::Teacher)?.model;
+    // One seed per demo seed, for the initial weights and the data order alike.
+    model.seed = model.seed.wrapping_add(1000 * seed);
+    settings.seed = model.seed;
+    let file = match settings.objective {
+        TowerObjective::Labels => "scenes.jsonl",
+        TowerObjective::Contrastive => "pretrain.json",
+    };
     say(
         progress,
         &format!(
-            "{TOWER_DIR}: vision pre-training ({} epoch(s))",
-            demo.tower.epochs
+            "{TOWER_DIR}: vision pre-training, {} ({} epoch(s))",
+            settings.objective.name(),
+            settings.epochs
         ),
     );
-    let spec = StageSettings::resolve(doc, Stage::Pretrain, Role::Teacher)?.model;
-    let summary = tower::pretrain_tower(
-        &spec,
-        &demo.tower,
-        data,
-        &out,
-        spec.seed.wrapping_add(1000 * seed),
+    let summary = run_tower(&TowerRun {
+        settings,
+        model,
+        data: data.join("train").join(file),
+        images: data.to_path_buf(),
+        val_data: Some(data.join("val").join(file)),
+        tokenizer: Some(data.join("tokenizer.json")),
+        out,
+        resume: false,
+        force: false,
         progress,
-    )
+    })
     .context("demo stage tower")?;
-    let accuracy: Vec<String> = summary
-        .val_accuracy
+    let figures: Vec<String> = summary
+        .validation
         .iter()
-        .map(|(k, v)| format!("{k} {v:.1} %"))
+        .map(|(k, v)| format!("{k} {v:.1}"))
         .collect();
     say(
         progress,
         &format!(
-            "{TOWER_DIR}: val patches right: {}; features rescaled by {:.3}",
-            accuracy.join(", "),
+            "{TOWER_DIR}: val {}; features rescaled by {:.3}",
+            figures.join(", "),
             summary.scale
         ),
     );
@@ -315,8 +332,8 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
         let seed_dir = options.out.join(format!("seed-{seed}"));
         // The teacher composes its LLM with the pre-trained tower when there is one; the
         // students take the teacher's tower either way.
-        let teacher_tower = if demo.tower.epochs > 0 {
-            run_tower(&doc, &demo, &seed_dir, &data, seed, options.progress)?;
+        let teacher_tower = if demo.tower_epochs > 0 {
+            pretrain_tower(&doc, &demo, &seed_dir, &data, seed, options.progress)?;
             Some(TOWER_DIR)
         } else {
             None

@@ -8,6 +8,7 @@ use serde_json::{json, Value};
 
 use super::settings::{DemoSettings, EvalSplit};
 use super::{ModelResult, MODELS};
+use crate::config::tower::TowerObjective;
 use crate::eval::files::{read_records, AnswerLine, PredictionLine, QuestionLine};
 
 type SeedResults = (u64, PathBuf, BTreeMap<String, ModelResult>);
@@ -91,37 +92,51 @@ fn cell(values: &[f64], decimals: usize) -> String {
     }
 }
 
-/// Writes both reports; returns the path of `report.md`.
-/// How the shared vision tower came to be, with its pre-training accuracy (seed 0).
+/// How the shared vision tower came to be, with its held-out figures (seed 0).
 fn tower_sentence(demo: &DemoSettings, per_seed: &[SeedResults]) -> String {
-    if demo.tower.epochs == 0 {
+    if demo.tower_epochs == 0 {
         return "All three models share one frozen, randomly initialised vision tower.\n\n".into();
     }
     let summary = per_seed.first().and_then(|(_, dir, _)| {
         let text = std::fs::read_to_string(dir.join(super::TOWER_DIR).join("summary.json")).ok()?;
-        serde_json::from_str::<super::tower::TowerSummary>(&text).ok()
+        serde_json::from_str::<crate::tower::TowerSummary>(&text).ok()
     });
-    let accuracy = summary
-        .map(|s| {
-            let parts: Vec<String> = s
-                .val_accuracy
+    let Some(summary) = summary else {
+        return format!(
+            "All three models share one frozen vision tower, pre-trained first for {} epoch(s) \
+             (`mmkd tower`).\n\n",
+            demo.tower_epochs
+        );
+    };
+    let v = &summary.validation;
+    let how = match summary.objective {
+        TowerObjective::Labels => {
+            let parts: Vec<String> = v
                 .iter()
-                .map(|(k, v)| format!("{k} {v:.1} %"))
+                .map(|(k, v)| format!("{} {v:.1} %", k.trim_end_matches("_accuracy")))
                 .collect();
             format!(
-                " (seed 0: val patches classified right: {})",
+                "to name the shape, colour and size in each patch's grid cell from the train \
+                 split's ground truth (seed 0: val patches classified right: {})",
                 parts.join(", ")
             )
-        })
-        .unwrap_or_default();
+        }
+        TowerObjective::Contrastive => format!(
+            "with SigLIP's sigmoid loss against a small text encoder on the train split's \
+             captions (seed 0: val image→text top-1 {:.1} % within batches, chance {:.1} %)",
+            v.get("image_to_text_top1").copied().unwrap_or(f64::NAN),
+            v.get("image_to_text_chance").copied().unwrap_or(f64::NAN)
+        ),
+    };
     format!(
-        "All three models share one frozen vision tower, pre-trained first for {} epoch(s) to name the shape, colour \
-         and size in each patch's grid cell from the train split's ground truth{accuracy}: the synthetic world's \
-         stand-in for SigLIP.\n\n",
-        demo.tower.epochs
+        "All three models share one frozen vision tower, pre-trained first for {} epoch(s) {how} \
+         (`mmkd tower --objective {}`): the synthetic world's stand-in for SigLIP.\n\n",
+        demo.tower_epochs,
+        summary.objective.name()
     )
 }
 
+/// Writes both reports; returns the path of `report.md`.
 pub fn write(
     out: &Path,
     preset: &str,

@@ -3,7 +3,6 @@
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::tower::TowerPretraining;
 use crate::config::Document;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -34,9 +33,10 @@ pub struct DemoSettings {
     /// tuning a preset (so the test split is never looked at before the end).
     #[serde(default)]
     pub eval_split: EvalSplit,
-    /// Vision pre-training before the teacher (`[demo.tower]`; off when absent).
+    /// Epochs of vision pre-training (`mmkd tower` with the preset's `[tower]`) before the
+    /// teacher; 0: the models share a random frozen tower.
     #[serde(default)]
-    pub tower: TowerPretraining,
+    pub tower_epochs: usize,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

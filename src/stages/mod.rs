@@ -3,6 +3,7 @@
 
 mod batches;
 pub mod init;
+pub mod output;
 pub mod progress;
 pub mod run;
 mod setup;
@@ -43,4 +44,14 @@ pub struct StageRun {
     pub force: bool,
     /// Draw a progress bar (off in tests).
     pub progress: bool,
+}
+
+impl StageRun {
+    pub fn output(&self) -> output::OutputDir<'_> {
+        output::OutputDir {
+            path: &self.out,
+            resume: self.resume,
+            force: self.force,
+        }
+    }
 }

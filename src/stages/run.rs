@@ -14,8 +14,8 @@ use serde::Serialize;
 use super::batches::{StageBatches, StageMicroBatch};
 use super::progress::step_bar;
 use super::setup::{
-    claim_out, load_student, open_cache_manifest, optimizer_groups, plan_teacher, resume_point,
-    settings_digest, trainable_modules, TeacherPlan,
+    load_student, open_cache_manifest, optimizer_groups, plan_teacher, settings_digest,
+    trainable_modules, TeacherPlan,
 };
 use super::validate::{Validation, ValidationRecord};
 use super::{StageRun, SUMMARY_FILE};
@@ -73,7 +73,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
     let frozen_dtype = parse_dtype(&settings.train.frozen_dtype)?;
     let device = settings.train.device.open()?;
 
-    let resume_from = resume_point(run, &settings_digest)?;
+    let resume_from = run.output().resume_point(&settings_digest)?;
 
     // Models.
     let student = load_student(
@@ -176,7 +176,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
     };
     let mut learner = TrainStep::new(vars.clone(), optimizer, settings.train.max_grad_norm);
     let schedule = LrSchedule::new(&settings.train.schedule, settings.train.lr, total_steps)?;
-    claim_out(run)?;
+    run.output().claim()?;
     if let Some(v) = &validation {
         v.truncate_log(resume_from.as_ref().map(|(_, s)| s.step))?;
     }

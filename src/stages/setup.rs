@@ -8,14 +8,14 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Var};
 
 use super::init::{from_checkpoint, from_spec};
-use super::{StageRun, SUMMARY_FILE};
+use super::StageRun;
 use crate::checkpoint::LoadedModel;
 use crate::config::{Module, StageSettings};
 use crate::models::llava::{Trainable, PROJECTOR_PREFIX, VISION_PREFIX};
 use crate::objective::{Objective, TermSpec};
 use crate::teacher::OnlineTeacher;
 use crate::teacher_cache::Manifest;
-use crate::train::state::{checkpoints_dir, digest, latest_checkpoint, read_state, TrainerState};
+use crate::train::state::digest;
 use crate::train::ParamGroupConfig;
 
 /// How a stage gets its teacher, decided before the data is read.
@@ -115,67 +115,6 @@ pub(super) fn open_cache_manifest(
         ),
         (None, _) => Ok(None),
     }
-}
-
-/// The checkpoint `--resume` continues from (refused when it was written with other
-/// settings), or `None` for a fresh run (refused when the directory holds an earlier run's).
-pub(super) fn resume_point(
-    run: &StageRun,
-    digest: &str,
-) -> Result<Option<(PathBuf, TrainerState)>> {
-    if !run.resume {
-        if !run.force && latest_checkpoint(&run.out)?.is_some() {
-            bail!(
-                "{} holds checkpoints of an earlier run: pass --resume to continue it, --force to \
-                 start over, or choose another --out",
-                run.out.display()
-            );
-        }
-        return Ok(None);
-    }
-    let ckpt = latest_checkpoint(&run.out)?.with_context(|| {
-        format!(
-            "--resume: no complete checkpoint in {}",
-            checkpoints_dir(&run.out).display()
-        )
-    })?;
-    let state = read_state(&ckpt)?;
-    anyhow::ensure!(
-        state.settings_digest == digest,
-        "--resume: {} was written with other settings, data or models; resume with the same command",
-        ckpt.display()
-    );
-    Ok(Some((ckpt, state)))
-}
-
-/// Makes `run.out` this run's, once every input has been checked and before anything is
-/// written: a finished stage there is refused, and with `--force` it and an earlier run's
-/// checkpoints are removed first, so nothing of them can be taken for this run's.
-pub(super) fn claim_out(run: &StageRun) -> Result<()> {
-    if run.resume {
-        return Ok(());
-    }
-    let summary = run.out.join(SUMMARY_FILE);
-    if !run.force {
-        if summary.exists() {
-            bail!(
-                "{} holds a finished stage (its summary.json): choose another --out, or pass \
-                 --force to train again and replace it",
-                run.out.display()
-            );
-        }
-        return Ok(());
-    }
-    let old_checkpoints = checkpoints_dir(&run.out);
-    if old_checkpoints.exists() {
-        std::fs::remove_dir_all(&old_checkpoints)
-            .with_context(|| format!("removing {}", old_checkpoints.display()))?;
-    }
-    if summary.exists() {
-        std::fs::remove_file(&summary)
-            .with_context(|| format!("removing {}", summary.display()))?;
-    }
-    Ok(())
 }
 
 /// The model the stage trains: the resumed checkpoint, `--init`, or (pre-training) the

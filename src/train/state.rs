@@ -37,7 +37,7 @@ fn step_dir(out: &Path, step: usize) -> PathBuf {
     checkpoints_dir(out).join(format!("step-{step:08}"))
 }
 
-/// Writes a checkpoint atomically and prunes old ones.
+/// Writes a LLaVA stage's checkpoint atomically and prunes old ones.
 pub fn save_checkpoint(
     out: &Path,
     model: &LlavaModel,
@@ -46,9 +46,27 @@ pub fn save_checkpoint(
     state: &TrainerState,
     keep_last: usize,
 ) -> Result<PathBuf> {
+    save_checkpoint_with(
+        out,
+        |dir| write_llava_files(model, dir, assets),
+        optimizer,
+        state,
+        keep_last,
+    )
+}
+
+/// Writes a checkpoint atomically (the model's files by `write_model`, then the optimizer and
+/// the state) and prunes old ones.
+pub fn save_checkpoint_with(
+    out: &Path,
+    write_model: impl FnOnce(&Path) -> Result<()>,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    keep_last: usize,
+) -> Result<PathBuf> {
     let final_dir = step_dir(out, state.step);
     let tmp = temp_sibling(&final_dir)?;
-    write_llava_files(model, &tmp, assets)?;
+    write_model(&tmp)?;
     optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
     std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
     replace_dir(&tmp, &final_dir)?;
