@@ -878,3 +878,53 @@ fn a_stage_says_where_each_setting_came_from() {
         "preset `shapes-tiny` [data]"
     );
 }
+
+#[test]
+fn a_second_run_on_the_same_out_is_refused_and_the_first_runs_work_is_untouched() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let out = s("locked/sft");
+    std::fs::create_dir_all(&out).unwrap();
+    // A run in progress on `out` (this test process stands in for it).
+    let lock = Path::new(&out).join(".mmkd-lock");
+    std::fs::write(
+        &lock,
+        format!("{}\nmmkd sft --out {out}\n", std::process::id()),
+    )
+    .unwrap();
+    std::fs::write(Path::new(&out).join("metrics.jsonl"), "the first run's\n").unwrap();
+    let (data, images, init) = (s("data/train/instruct.json"), s("data"), s("student"));
+    let args = [
+        "sft",
+        "--config",
+        "shapes-tiny",
+        "--data",
+        &data,
+        "--images",
+        &images,
+        "--init",
+        &init,
+        "--out",
+        &out,
+        "--max-steps",
+        "1",
+        "--quiet",
+    ];
+    let (ok, _, err) = mmkd(&args);
+    assert!(!ok);
+    assert!(
+        err.contains("in use by another mmkd run")
+            && err.contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&out).join("metrics.jsonl")).unwrap(),
+        "the first run's\n"
+    );
+    // Once that run is gone, its lock is stale and the stage runs.
+    std::fs::remove_file(Path::new(&out).join("metrics.jsonl")).unwrap();
+    std::fs::write(&lock, "999999999\nmmkd sft\n").unwrap();
+    let (ok, _, err) = mmkd(&args);
+    assert!(ok, "{err}");
+    assert!(!lock.exists(), "the lock outlived its run");
+}

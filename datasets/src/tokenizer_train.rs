@@ -38,8 +38,7 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     } else {
         path.to_path_buf()
     };
-    let mut tokenizer = Tokenizer::from_file(&file)
-        .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", file.display()))?;
+    let mut tokenizer = read_tokenizer_file(&file)?;
     tokenizer.with_truncation(None).map_err(|e| {
         anyhow!(
             "cannot disable truncation of tokenizer {}: {e}",
@@ -48,6 +47,42 @@ pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
     })?;
     tokenizer.with_padding(None);
     Ok(tokenizer)
+}
+
+/// Parses a `tokenizer.json`. The text is checked to be JSON first, and a panic inside the
+/// tokenizers crate (some malformed files make it panic instead of failing) is contained: a bad
+/// file is an error naming it, never a crash.
+fn read_tokenizer_file(file: &Path) -> Result<Tokenizer> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow!("cannot read tokenizer {}: {e}", file.display()))?;
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(&text) {
+        bail!(
+            "cannot load tokenizer {}: not valid JSON ({e}){}",
+            file.display(),
+            if e.is_eof() {
+                "; is the file truncated?"
+            } else {
+                ""
+            }
+        );
+    }
+    let parsed =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Tokenizer::from_str(&text)));
+    match parsed {
+        Ok(Ok(tokenizer)) => Ok(tokenizer),
+        Ok(Err(e)) => bail!("cannot load tokenizer {}: {e}", file.display()),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "no message".into());
+            bail!(
+                "cannot load tokenizer {}: the tokenizers library failed on it ({why})",
+                file.display()
+            )
+        }
+    }
 }
 
 /// The text a tokenizer is trained on: every turn of every usable sample of the LLaVA files
@@ -183,6 +218,36 @@ mod tests {
             }
         }
         texts
+    }
+
+    #[test]
+    fn a_truncated_or_broken_tokenizer_file_is_an_error_naming_it_never_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.json");
+        save_tokenizer(&train_bpe(&corpus(), 400).unwrap(), &good).unwrap();
+        let text = std::fs::read_to_string(&good).unwrap();
+        let bad = dir.path().join("tokenizer.json");
+        // Every cut inside the decoder section (where tokenizers 0.21 panicked on a truncated
+        // file) and a spread of cuts over the rest.
+        let decoder = text.find("\"decoder\"").unwrap();
+        let step = (text.len() / 200).max(1);
+        let cuts = (decoder..(decoder + 300).min(text.len()))
+            .chain((0..text.len()).step_by(step))
+            .filter(|&c| text.is_char_boundary(c));
+        for cut in cuts {
+            std::fs::write(&bad, &text[..cut]).unwrap();
+            let err = load_tokenizer(&bad).unwrap_err().to_string();
+            assert!(err.contains("tokenizer.json"), "cut {cut}: {err}");
+        }
+        // Valid JSON that is not a tokenizer.
+        std::fs::write(
+            &bad,
+            r#"{"model": {"type": "BPE", "vocab": 3}, "decoder": 7}"#,
+        )
+        .unwrap();
+        let err = load_tokenizer(&bad).unwrap_err().to_string();
+        assert!(err.contains("cannot load tokenizer"), "{err}");
+        assert!(load_tokenizer(&good).is_ok());
     }
 
     #[test]

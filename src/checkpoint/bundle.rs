@@ -83,8 +83,7 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
             path.display()
         );
     }
-    Tokenizer::from_file(&path)
-        .map_err(|e| anyhow::anyhow!("cannot read tokenizer {}: {e}", path.display()))
+    mmkd_datasets::load_tokenizer(&path)
 }
 
 /// The image processor: `preprocessor_config.json`, or the `image_processor` entry of

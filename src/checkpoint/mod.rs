@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod compose;
 pub mod hub;
 pub mod layout;
+pub mod lock;
 pub mod training;
 
 pub use bundle::LoadedModel;

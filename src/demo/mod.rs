@@ -321,8 +321,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
         doc.set(set)?;
     }
     let demo = DemoSettings::from_document(&doc)?;
-    std::fs::create_dir_all(&options.out)
-        .with_context(|| format!("creating {}", options.out.display()))?;
+    let _lock = crate::checkpoint::lock::OutputLock::acquire(&options.out)?;
     let data = prepare_data(&options.out, &demo, options.progress)?;
     let chat_template = StageSettings::resolve(&doc, Stage::Sft, Role::Student)?.template();
 

@@ -20,6 +20,7 @@ use super::setup::{
 use super::validate::{Validation, ValidationRecord};
 use super::{StageRun, SUMMARY_FILE};
 use crate::batch::{prepare_data, training_tokenize_config};
+use crate::checkpoint::lock::OutputLock;
 use crate::checkpoint::training::TrainingRecord;
 use crate::checkpoint::{temp_sibling, write_llava_files, SaveAssets};
 use crate::config::Stage;
@@ -65,7 +66,8 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
     let settings = &run.settings;
     let stage = settings.stage;
     let started = Instant::now();
-    std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
+    // One run per directory: held until the stage returns.
+    let _lock = OutputLock::acquire(&run.out)?;
     let objective = Objective::new(&settings.objective, &settings.distill)
         .with_context(|| format!("the objective of `{}`", stage.name()))?;
     let cache_manifest = open_cache_manifest(run, &objective)?;

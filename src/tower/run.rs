@@ -18,6 +18,7 @@ use super::encoder::{ImageRef, TowerEncoder};
 use super::export::{feature_rms, write_tower};
 use super::labels::LabelsTask;
 use super::TowerTask;
+use crate::checkpoint::lock::OutputLock;
 use crate::checkpoint::temp_sibling;
 use crate::config::tower::{TowerObjective, TowerSettings};
 use crate::config::ModelSpec;
@@ -145,7 +146,8 @@ fn build_task(
 pub fn run_tower(run: &TowerRun) -> Result<TowerSummary> {
     let settings = &run.settings;
     let started = Instant::now();
-    std::fs::create_dir_all(&run.out).with_context(|| format!("creating {}", run.out.display()))?;
+    // One run per directory: held until the stage returns.
+    let _lock = OutputLock::acquire(&run.out)?;
     let output = OutputDir {
         path: &run.out,
         resume: run.resume,
