@@ -97,6 +97,26 @@ impl TextConfig {
             None | Some("default") => {}
             Some(other) => anyhow::bail!("rope scaling type `{other}` is not supported"),
         }
+        // Bounds far beyond any released model: a corrupt config must not make the builder's
+        // arithmetic overflow or its allocations explode.
+        for (key, value, max) in [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("num_hidden_layers", self.num_hidden_layers, 1024),
+            ("num_attention_heads", self.num_attention_heads, 1024),
+            ("num_key_value_heads", self.kv_heads(), 1024),
+            ("head_dim", self.head_dim.unwrap_or(0), 1 << 12),
+        ] {
+            anyhow::ensure!(
+                value <= max,
+                "text config: `{key}` = {value} is beyond any language model (at most {max})"
+            );
+        }
+        anyhow::ensure!(
+            self.num_attention_heads > 0 && self.kv_heads() > 0 && self.hidden_size > 0,
+            "text config: hidden_size, num_attention_heads and num_key_value_heads must be positive"
+        );
         anyhow::ensure!(
             self.hidden_size.is_multiple_of(self.num_attention_heads) || self.head_dim.is_some(),
             "hidden_size {} is not divisible by num_attention_heads {}",

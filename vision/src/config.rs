@@ -224,6 +224,26 @@ impl VisionConfig {
                 self.patch_size
             );
         }
+        // Bounds far beyond any released tower: a corrupt config must not make the model
+        // builder's arithmetic overflow or its allocations explode.
+        for (key, value, max) in [
+            (
+                "image_size",
+                self.image_size,
+                crate::preprocess::MAX_IMAGE_SIDE,
+            ),
+            ("hidden_size", self.hidden_size, 1 << 16),
+            ("intermediate_size", self.intermediate_size, 1 << 18),
+            ("num_hidden_layers", self.num_hidden_layers, 1024),
+            ("num_attention_heads", self.num_attention_heads, 1024),
+            ("num_channels", self.num_channels, 16),
+        ] {
+            if value > max {
+                bail!(
+                    "vision config: `{key}` = {value} is beyond any vision tower (at most {max})"
+                );
+            }
+        }
         if self.layer_norm_eps.is_nan() || self.layer_norm_eps <= 0.0 {
             bail!(
                 "vision config: `layer_norm_eps` must be positive, found {}",

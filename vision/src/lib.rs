@@ -5,6 +5,7 @@ pub mod config;
 mod geometry;
 pub mod image_io;
 pub mod preprocess;
+mod processor_config;
 pub mod resample;
 pub mod select;
 pub mod tower;
