@@ -29,6 +29,7 @@ use crate::objective::{Objective, TermValues};
 use crate::runtime::parse_dtype;
 use crate::teacher::{teacher_rows, CachedSignal, TeacherSignal};
 use crate::train::forward::{objective_loss, StudentBatch};
+use crate::train::interrupt::InterruptGuard;
 use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, StepMetrics};
 use crate::train::state::{latest_checkpoint, save_checkpoint, TrainerState, OPTIMIZER_FILE};
 use crate::train::step::{MicroLoss, NotFinite, TrainStep};
@@ -201,6 +202,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
     };
 
     let bar = step_bar(total_steps, stage.name(), run.progress);
+    let interrupt = InterruptGuard::install();
     bar.set_position(start_step as u64);
 
     let parallel = settings.train.parallel_micro_batches.clamp(1, accum_steps);
@@ -275,10 +277,10 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
             bar.println(describe_validation(&record));
             last_validation = Some(record);
         }
-        if settings.train.save_every > 0
-            && done % settings.train.save_every == 0
-            && done < total_steps
-        {
+        // A signal stops the run after this step, with a checkpoint to resume from.
+        let interrupted = interrupt.requested(done).filter(|_| done < total_steps);
+        let due = settings.train.save_every > 0 && done % settings.train.save_every == 0;
+        if (due || interrupted.is_some()) && done < total_steps {
             // Never checkpoint weights an overflowing update has already ruined.
             ensure_finite_params(&vars, step, &run.out)?;
             let state = TrainerState {
@@ -289,7 +291,7 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
                 samples_seen,
                 settings_digest: settings_digest.clone(),
             };
-            save_checkpoint(
+            let dir = save_checkpoint(
                 &run.out,
                 model,
                 assets,
@@ -297,6 +299,16 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
                 &state,
                 settings.train.keep_last,
             )?;
+            if let Some(stop) = interrupted {
+                bar.finish_and_clear();
+                bail!(
+                    "`{}` interrupted by {} after step {done} of {total_steps}: its checkpoint is \
+                     {}; continue with the same command and --resume",
+                    stage.name(),
+                    stop.name(),
+                    dir.display()
+                );
+            }
         }
     }
     bar.finish_and_clear();

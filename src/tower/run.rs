@@ -25,6 +25,7 @@ use crate::config::ModelSpec;
 use crate::stages::output::OutputDir;
 use crate::stages::progress::step_bar;
 use crate::stages::SUMMARY_FILE;
+use crate::train::interrupt::InterruptGuard;
 use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, StepMetrics};
 use crate::train::state::{digest, save_checkpoint_with, TrainerState, OPTIMIZER_FILE};
 use crate::train::step::{MicroBatch, OneMicroBatch, TrainStep};
@@ -195,6 +196,7 @@ pub fn run_tower(run: &TowerRun) -> Result<TowerSummary> {
     let loss_of = |b: &IndexBatch| task.loss(&encoder, &b.indices);
     let bar = step_bar(total_steps, "tower", run.progress);
     bar.set_position(start_step as u64);
+    let interrupt = InterruptGuard::install();
     // Each epoch shuffles the previous epoch's order: replayed from the seed on resume.
     let mut rng = SeededRng::new(settings.seed);
     let mut order: Vec<usize> = (0..examples).collect();
@@ -227,7 +229,10 @@ pub fn run_tower(run: &TowerRun) -> Result<TowerSummary> {
         bar.set_message(format!("loss {:.4}", report.loss));
 
         let done = step + 1;
-        if settings.save_every > 0 && done % settings.save_every == 0 && done < total_steps {
+        // A signal stops the run after this step, with a checkpoint to resume from.
+        let interrupted = interrupt.requested(done).filter(|_| done < total_steps);
+        let due = settings.save_every > 0 && done % settings.save_every == 0;
+        if (due || interrupted.is_some()) && done < total_steps {
             let state = TrainerState {
                 stage: "tower".into(),
                 step: done,
@@ -240,13 +245,22 @@ pub fn run_tower(run: &TowerRun) -> Result<TowerSummary> {
                 let path = dir.join(PARAMETERS_FILE);
                 Ok(mmkd_nn::weights::save_safetensors(&store.tensors(), &path)?)
             };
-            save_checkpoint_with(
+            let dir = save_checkpoint_with(
                 &run.out,
                 write,
                 learner.optimizer(),
                 &state,
                 settings.keep_last,
             )?;
+            if let Some(stop) = interrupted {
+                bar.finish_and_clear();
+                anyhow::bail!(
+                    "`tower` interrupted by {} after step {done} of {total_steps}: its checkpoint \
+                     is {}; continue with the same command and --resume",
+                    stop.name(),
+                    dir.display()
+                );
+            }
         }
     }
     bar.finish_and_clear();
