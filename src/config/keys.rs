@@ -51,6 +51,8 @@ pub const KEYS: &[KeyDoc] = &[
     k("train.group_by_modality_length", "bool", "keep image and text-only samples apart and group by length"),
     k("train.truncate_vocab", "integer", "cut teacher and student vocabularies to N (padding-only differences)"),
     k("train.trainable", "list", "modules the stage trains: any of vision, projector, llm (default: the paper's)"),
+    k("train.max_loss_spike", "float", "stop a step whose loss is over N× the median of the last 20 steps, before its update (off when unset)"),
+    k("train.max_grad_norm_spike", "float", "likewise for the gradient norm before clipping (off when unset)"),
     k("train.objective", "list of tables", "the stage's loss, [[stages.<stage>.objective]]: term, weight, name, divergence, temperature, t2_scaling (see the README)"),
     // [distill]
     k("distill.divergence", "string or table", "forward_kl, reverse_kl, tvd, { kind = \"jsd\", beta }, { kind = \"skew_forward_kl\" | \"skew_reverse_kl\", alpha }"),

@@ -237,6 +237,11 @@ pub struct TrainSettings {
     /// synthetic presets train the LLM in pre-training too (a random LLM cannot be steered by
     /// a projector alone).
     pub trainable: Option<Vec<Module>>,
+    /// Stop a step whose loss exceeds this many times the median of the last 20 steps
+    /// (before its update; off when absent).
+    pub max_loss_spike: Option<f64>,
+    /// Likewise for the gradient norm (before clipping).
+    pub max_grad_norm_spike: Option<f64>,
 }
 
 /// A trainable part of a LLaVA model.

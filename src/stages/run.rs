@@ -29,6 +29,7 @@ use crate::objective::{Objective, TermValues};
 use crate::runtime::parse_dtype;
 use crate::teacher::{teacher_rows, CachedSignal, TeacherSignal};
 use crate::train::forward::{objective_loss, StudentBatch};
+use crate::train::guard::{Spike, SpikeLimits};
 use crate::train::interrupt::InterruptGuard;
 use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, StepMetrics};
 use crate::train::state::{latest_checkpoint, save_checkpoint, TrainerState, OPTIMIZER_FILE};
@@ -177,7 +178,11 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
         }
         None => (0, 0),
     };
-    let mut learner = TrainStep::new(vars.clone(), optimizer, settings.train.max_grad_norm);
+    let mut learner = TrainStep::new(vars.clone(), optimizer, settings.train.max_grad_norm)
+        .with_spike_guard(SpikeLimits {
+            loss: settings.train.max_loss_spike,
+            grad_norm: settings.train.max_grad_norm_spike,
+        });
     let schedule = LrSchedule::new(&settings.train.schedule, settings.train.lr, total_steps)?;
     run.output().claim()?;
     if let Some(v) = &validation {
@@ -249,9 +254,15 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
             Vec::new()
         };
         let lr = schedule.lr(step);
-        let report = learner
-            .run(&mut batches, lr, &loss_of)
-            .or_else(|e| stop_on_not_finite(e, step, &run.out))?;
+        let report = learner.run(&mut batches, lr, &loss_of).or_else(|e| {
+            let ids: Vec<String> = batches
+                .step
+                .iter()
+                .flatten()
+                .map(|&i| data.samples[i].id.clone())
+                .collect();
+            stop_with_context(e, step, &ids, &run.out)
+        })?;
         samples_seen += report.samples;
 
         let metrics = StepMetrics {
@@ -374,25 +385,42 @@ fn describe_validation(r: &ValidationRecord) -> String {
     parts.join(" ")
 }
 
-/// A loss or gradient that is not a finite number stops the run, naming the step, the samples
-/// and the last good checkpoint.
-fn stop_on_not_finite<T>(err: anyhow::Error, step: usize, out: &Path) -> Result<T> {
-    match err.downcast_ref::<NotFinite>() {
-        Some(nf) => {
-            finite_or_stop(nf.value, &nf.what, step, &nf.sample_ids, out)?;
-            Err(err)
-        }
-        None => Err(err),
+/// A step that fails stops the run: a loss or gradient that is not a finite number, or a
+/// spike, names the step, its samples and the last good checkpoint; any other error gets the
+/// step and samples as context.
+fn stop_with_context<T>(err: anyhow::Error, step: usize, ids: &[String], out: &Path) -> Result<T> {
+    if let Some(nf) = err.downcast_ref::<NotFinite>() {
+        let ids = if nf.sample_ids.is_empty() {
+            ids
+        } else {
+            &nf.sample_ids
+        };
+        finite_or_stop(nf.value, &nf.what, step, ids, out)?;
+        return Err(err);
     }
+    if let Some(spike) = err.downcast_ref::<Spike>() {
+        bail!(
+            "{spike} at step {} (samples {}): stopped before its update; {}. Lower the learning \
+             rate, check these samples, or raise train.max_loss_spike / train.max_grad_norm_spike",
+            step + 1,
+            ids.join(", "),
+            last_checkpoint(out)?
+        );
+    }
+    Err(err.context(format!("step {} (samples {})", step + 1, ids.join(", "))))
+}
+
+fn last_checkpoint(out: &Path) -> Result<String> {
+    Ok(latest_checkpoint(out)?
+        .map(|p| format!("the last good checkpoint is {}", p.display()))
+        .unwrap_or_else(|| "no checkpoint was written yet".into()))
 }
 
 fn finite_or_stop(value: f64, what: &str, step: usize, ids: &[String], out: &Path) -> Result<()> {
     if value.is_finite() {
         return Ok(());
     }
-    let last = latest_checkpoint(out)?
-        .map(|p| format!("the last good checkpoint is {}", p.display()))
-        .unwrap_or_else(|| "no checkpoint was written yet".into());
+    let last = last_checkpoint(out)?;
     bail!(
         "{what} is {value} at step {} (samples {}): stopping; {last}. Lower the learning rate or check the data",
         step + 1,

@@ -71,6 +71,8 @@ const UNDIGESTED: &[(&str, &str)] = &[
     ("train", "device"),
     ("train", "validate_every"),
     ("train", "validate_questions"),
+    ("train", "max_loss_spike"),
+    ("train", "max_grad_norm_spike"),
     ("data", "val_data"),
     ("data", "val_questions"),
     ("data", "val_answers"),

@@ -5,6 +5,7 @@
 
 pub mod forward;
 pub mod grads;
+pub mod guard;
 pub mod interrupt;
 pub mod metrics;
 pub mod optim;

@@ -14,6 +14,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 
+use super::guard::{SpikeGuard, SpikeLimits};
 use super::{clip_grad_norm, grad_global_norm, AdamW, GradAccumulator};
 use crate::objective::TermValues;
 use crate::runtime::{GradientSync, SingleProcess};
@@ -139,6 +140,8 @@ pub struct TrainStep {
     /// Global-norm clipping (0: none, the norm is still measured).
     max_grad_norm: f64,
     sync: Box<dyn GradientSync>,
+    /// Loss and gradient-norm spike guards, checked before each update.
+    guard: Option<SpikeGuard>,
 }
 
 impl TrainStep {
@@ -149,7 +152,16 @@ impl TrainStep {
             optimizer,
             max_grad_norm,
             sync: Box::new(SingleProcess),
+            guard: None,
         }
+    }
+
+    /// Stops a step whose loss or gradient norm spikes (a [`Spike`] error, before the update).
+    pub fn with_spike_guard(mut self, limits: SpikeLimits) -> Self {
+        if limits != SpikeLimits::default() {
+            self.guard = Some(SpikeGuard::new(limits));
+        }
+        self
     }
 
     /// Replaces the gradient sync (data-parallel training).
@@ -203,7 +215,7 @@ impl TrainStep {
                         times.get_or_insert(t);
                     }
                     if last {
-                        self.update(&accum, lr).map(Some)
+                        self.update(&accum, sums.mean_loss() as f64, lr).map(Some)
                     } else {
                         Ok(None)
                     }
@@ -228,7 +240,7 @@ impl TrainStep {
     }
 
     /// Mean of the accumulated gradients → sync → clip → AdamW.
-    fn update(&mut self, accum: &GradAccumulator, lr: f64) -> Result<Update> {
+    fn update(&mut self, accum: &GradAccumulator, loss: f64, lr: f64) -> Result<Update> {
         let clock = Instant::now();
         let mut grads = accum.mean()?;
         self.sync.sync(&mut grads, &self.vars)?;
@@ -244,6 +256,9 @@ impl TrainStep {
                 sample_ids: Vec::new(),
             }
             .into());
+        }
+        if let Some(guard) = &mut self.guard {
+            guard.check(loss, grad_norm)?;
         }
         let stats = self.optimizer.step(&grads, lr)?;
         Ok(Update {

@@ -1,6 +1,7 @@
-//! An interrupted run loses nothing: SIGTERM or Ctrl-C stops a stage after the step in
-//! progress with a checkpoint, the message says how to resume, and the resumed run ends with the
-//! same weights, bit for bit, as one that was never interrupted.
+//! Faults during a run: an interrupted run loses nothing (SIGTERM or Ctrl-C stops a stage after
+//! the step in progress with a checkpoint, the message says how to resume, and the resumed run
+//! ends with the same weights, bit for bit, as one never interrupted); a spike guard stops a
+//! step before its update, naming it; guards that do not fire change no number.
 
 mod common;
 
@@ -185,4 +186,44 @@ fn the_tower_stage_stopped_by_sigterm_resumes_to_the_same_tower() {
     assert!(ok, "{err}");
     let bytes = |d: &str| std::fs::read(dir.path().join(d).join("model.safetensors")).unwrap();
     assert!(bytes("cut") == bytes("whole"));
+}
+
+#[test]
+fn a_spike_guard_stops_the_step_before_its_update_and_changes_nothing_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let plain = dir.path().join("plain");
+    let (ok, _, err) = mmkd(&refs(&pretrain_args(&data, &plain, 14)));
+    assert!(ok, "{err}");
+    // Guards that never fire: the same weights.
+    let guarded = dir.path().join("guarded");
+    let mut args = pretrain_args(&data, &guarded, 14);
+    args.extend(
+        [
+            "--set",
+            "max_loss_spike=1000",
+            "--set",
+            "max_grad_norm_spike=1000",
+        ]
+        .map(String::from),
+    );
+    let (ok, _, err) = mmkd(&refs(&args));
+    assert!(ok, "{err}");
+    let bytes = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(bytes(&plain) == bytes(&guarded));
+    // A guard tight enough to fire as soon as its warm-up of 10 steps is over.
+    let tight = dir.path().join("tight");
+    let mut args = pretrain_args(&data, &tight, 14);
+    args.extend(["--set", "max_grad_norm_spike=0.01"].map(String::from));
+    let (ok, _, err) = mmkd(&refs(&args));
+    assert!(!ok);
+    assert!(
+        err.contains("the gradient norm jumped to")
+            && err.contains("at step 11 (samples ")
+            && err.contains("stopped before its update")
+            && err.contains("max_grad_norm_spike"),
+        "{err}"
+    );
+    let metrics = std::fs::read_to_string(tight.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 10, "{metrics}");
 }
