@@ -227,3 +227,22 @@ fn a_spike_guard_stops_the_step_before_its_update_and_changes_nothing_otherwise(
     let metrics = std::fs::read_to_string(tight.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 10, "{metrics}");
 }
+
+#[test]
+fn a_run_that_does_not_fit_the_memory_is_refused_before_its_first_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = data(dir.path());
+    let out = dir.path().join("big");
+    let (ok, _, err) = mmkd_with_env(
+        &refs(&pretrain_args(&data, &out, 2)),
+        &[("MMKD_MEMORY_LIMIT_BYTES", "1000000")],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("this run needs about")
+            && err.contains("1.0 MiB are available")
+            && err.contains("batch_size"),
+        "{err}"
+    );
+    assert!(!out.join("metrics.jsonl").exists(), "it started anyway");
+}

@@ -12,6 +12,7 @@ use mmkd_datasets::{BatchSampler, SampleShape, SamplerConfig};
 use serde::Serialize;
 
 use super::batches::{StageBatches, StageMicroBatch};
+use super::memory::{available_memory, BatchShape, MemoryEstimate};
 use super::progress::step_bar;
 use super::setup::{
     load_student, open_cache_manifest, optimizer_groups, plan_teacher, settings_digest,
@@ -135,6 +136,34 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
             &template,
         )?)),
     };
+
+    // Refuse a run that cannot fit before it starts.
+    let estimate = MemoryEstimate::of(
+        model,
+        match &teacher {
+            Some(TeacherSignal::Online(t)) => Some(&t.model.model),
+            _ => None,
+        },
+        BatchShape {
+            batch: settings.train.batch_size,
+            seq: data
+                .samples
+                .iter()
+                .map(|s| s.input_ids.len())
+                .max()
+                .unwrap_or(1),
+            parallel: settings
+                .train
+                .parallel_micro_batches
+                .clamp(1, settings.train.grad_accum),
+        },
+    );
+    if run.progress {
+        eprintln!("memory: {}", estimate.describe());
+    }
+    if let Some(available) = available_memory() {
+        estimate.check(available)?;
+    }
 
     let validation = Validation::prepare(
         settings,
