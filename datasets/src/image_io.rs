@@ -11,6 +11,9 @@ use image::{DynamicImage, ImageDecoder, ImageError, ImageReader};
 
 use crate::problem::ProblemKind;
 
+/// The most memory one decoded image may take (the image crate's default allocation limit).
+pub const MAX_DECODED_BYTES: u64 = 512 << 20;
+
 /// How thoroughly images are checked before training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ImageCheck {
@@ -99,6 +102,20 @@ pub fn load_image(path: &Path) -> Result<DynamicImage, ImageFault> {
         ));
     }
     let mut decoder = reader.into_decoder().map_err(|e| classify(path, e))?;
+    // The decoder allocates what the header declares: a few corrupt bytes can ask for 100 GB.
+    let (width, height) = decoder.dimensions();
+    if decoder.total_bytes() > MAX_DECODED_BYTES {
+        return Err(fault(
+            path,
+            ProblemKind::CorruptImage,
+            format!(
+                "the header declares {width}×{height} pixels ({} MiB decoded), beyond the {} MiB \
+                 an image may take",
+                decoder.total_bytes() >> 20,
+                MAX_DECODED_BYTES >> 20
+            ),
+        ));
+    }
     let orientation = decoder.orientation().map_err(|e| classify(path, e))?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| classify(path, e))?;
     img.apply_orientation(orientation);

@@ -348,3 +348,19 @@ fn check_reports_counts_and_problems() {
         "{report}"
     );
 }
+
+/// Found by `scripts/fuzz.sh` (target `image`): a 1.9 kB PNG whose header declares 32 × 1 023 410 208
+/// pixels made the decoder allocate 98 GB and abort. It is refused from its header now.
+#[test]
+fn an_image_declaring_more_pixels_than_memory_is_refused_from_its_header() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/fuzz/image_declaring_98gb.png");
+    let fault = mmkd_datasets::load_image(&path).unwrap_err();
+    assert_eq!(fault.kind, mmkd_datasets::ProblemKind::CorruptImage);
+    assert!(
+        fault.reason.contains("32×1023410208") && fault.reason.contains("512 MiB"),
+        "{}",
+        fault.reason
+    );
+    assert!(mmkd_datasets::check_image(&path, mmkd_datasets::ImageCheck::Decode).is_err());
+}
