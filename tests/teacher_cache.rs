@@ -441,3 +441,38 @@ fn stale_or_mismatched_caches_are_refused_naming_the_field() {
         "is incomplete (no manifest.json)",
     );
 }
+
+/// A shard damaged after the cache was written (a disk error, a partial copy): the run stops
+/// with an error naming the shard, never a panic, and nothing of the damaged run is kept as a
+/// finished stage.
+#[test]
+fn a_corrupt_shard_is_refused_naming_it() {
+    let w = world();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let cache = t.join("cache");
+    let (ok, _, err) = write_cache(&w.root.join("teacher"), &cache, &["--top-k", "8"]);
+    assert!(ok, "{err}");
+    let shard = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .expect("a shard");
+    let name = shard.file_name().unwrap().to_string_lossy().to_string();
+    let bytes = std::fs::read(&shard).unwrap();
+    let student = w.root.join("student");
+    let c = ["--teacher-cache", p(&cache)];
+    for (i, damaged) in [bytes[..bytes.len() / 2].to_vec(), bytes[..7].to_vec(), {
+        let mut b = bytes.clone();
+        b[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        b
+    }]
+    .into_iter()
+    .enumerate()
+    {
+        std::fs::write(&shard, &damaged).unwrap();
+        let out = t.join(format!("damaged-{i}"));
+        refused(dft(&student, &c, &out, &[]), &name);
+        assert!(!out.join("summary.json").exists());
+    }
+}
