@@ -281,7 +281,7 @@ impl TowerTask for ContrastiveTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tower::tests::{tiny_data, tiny_spec};
+    use crate::tower::tests::{max_abs_diff, tiny_data, tiny_spec};
     use mmkd_nn::ParamStore;
 
     fn task(dir: &Path, store: &ParamStore) -> (TowerEncoder, ContrastiveTask) {
@@ -330,14 +330,7 @@ mod tests {
         let long = vec![7u32, 8, 9, 10, 12, 13];
         let alone = task.text_embeddings(&[&short]).unwrap();
         let batched = task.text_embeddings(&[&long, &short]).unwrap();
-        let diff = (alone.get(0).unwrap() - batched.get(1).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&alone.get(0).unwrap(), &batched.get(1).unwrap());
         assert!(diff < 1e-6, "padding changed the embedding by {diff}");
         assert!(task.train.tokens.iter().all(|t| t.len() <= 6));
         let (records, skipped) = task.records();

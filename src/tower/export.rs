@@ -102,22 +102,11 @@ pub fn write_tower(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tower::tests::tiny_spec;
+    use crate::tower::tests::{max_abs_diff, tiny_spec};
     use candle_core::Device;
     use mmkd_nn::ParamBuilder;
     use mmkd_vision::VisionTower;
     use std::collections::HashMap;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     #[test]
     fn rescaling_the_residual_stream_scales_the_features_and_nothing_else() {

@@ -325,7 +325,7 @@ fn epoch_means(metrics: &[StepMetrics]) -> Vec<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tower::tests::{tiny_data, tiny_spec};
+    use crate::tower::tests::{max_abs_diff, tiny_data, tiny_spec};
     use candle_core::{DType, Tensor};
 
     fn labels_run(data: &Path, out: &Path) -> TowerRun {
@@ -399,14 +399,7 @@ mod tests {
             .store
             .get(&format!("model.vision_tower.{name}"))
             .unwrap();
-        let diff = (&in_model.tensor - &saved[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&in_model.tensor, &saved[name]);
         assert_eq!(diff, 0.0, "the teacher's tower is the saved one");
         let scenes =
             mmkd_datasets::read_scene_cells(&data.join("train").join("scenes.jsonl")).unwrap();
