@@ -66,9 +66,23 @@ impl OutputLock {
         Self::acquire_at(dir.join(LOCK_FILE), dir)
     }
 
-    /// Locks `dir` through the lock file `path` (for an output that is renamed into place at
-    /// the end, so its lock cannot live inside it).
-    pub fn acquire_at(path: PathBuf, dir: &Path) -> Result<Self> {
+    /// Locks `out` through a lock file next to it (`.NAME.mmkd-lock`): for an output that is
+    /// renamed into place at the end, so its lock cannot live inside it.
+    pub fn acquire_beside(out: &Path) -> Result<Self> {
+        let name = out
+            .file_name()
+            .with_context(|| format!("{} has no directory name", out.display()))?
+            .to_string_lossy();
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        Self::acquire_at(parent.join(format!(".{name}.mmkd-lock")), out)
+    }
+
+    fn acquire_at(path: PathBuf, dir: &Path) -> Result<Self> {
         let owner = Owner::this_process();
         for _ in 0..2 {
             match std::fs::OpenOptions::new()

@@ -96,6 +96,19 @@ pub fn temp_sibling(out: &Path) -> Result<PathBuf> {
     Ok(tmp)
 }
 
+/// Writes files into the existing directory `out` through a temporary sibling, then moves them
+/// in one by one (each rename is atomic): a reader of `out` never sees a half-written file.
+pub fn write_files_into(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = temp_sibling(&out.join("final"))?;
+    write(&tmp)?;
+    for entry in std::fs::read_dir(&tmp)? {
+        let entry = entry?;
+        std::fs::rename(entry.path(), out.join(entry.file_name()))?;
+    }
+    std::fs::remove_dir_all(&tmp)?;
+    Ok(())
+}
+
 /// Writes the checkpoint files of `model` into the existing directory `dir`.
 pub fn write_llava_files(model: &LlavaModel, dir: &Path, assets: SaveAssets<'_>) -> Result<()> {
     let mut config = model.config.clone();

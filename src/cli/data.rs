@@ -245,20 +245,14 @@ impl CheckSettings {
             let settings =
                 crate::config::StageSettings::resolve(&doc, a.stage, crate::config::Role::Student)?;
             // A fresh tower's tokens per image follow from its architecture.
-            let tokens_per_image = match &settings.model.vision_config {
-                Some(table) => {
-                    let config =
-                        mmkd_vision::VisionConfig::from_json_value(&serde_json::to_value(table)?)
-                            .with_context(|| format!("{preset}: the model's vision_config"))?;
-                    let select =
-                        mmkd_vision::FeatureSelect::from_llava_config(&serde_json::json!({
-                            "vision_feature_layer": settings.model.feature_layer,
-                            "vision_feature_select_strategy": settings.model.select_strategy,
-                        }))?;
-                    Some(select.tokens_per_image(&config))
-                }
-                None => None,
-            };
+            let model = &settings.model;
+            let tokens_per_image = model
+                .fresh_vision_config()
+                .with_context(|| format!("{preset}: the model's vision_config"))?
+                .map(|config| {
+                    Ok::<_, anyhow::Error>(model.feature_select()?.tokens_per_image(&config))
+                })
+                .transpose()?;
             return Ok(Self {
                 template: Some(Template::by_name_or_path(&settings.template())?),
                 tokenizer: settings.data.tokenizer.clone(),

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use crate::config::keys::{provenance, value_of};
+use crate::config::keys::{describe_sources, provenance};
+use crate::config::settings::expand_override_into;
 use crate::config::tower::{TowerObjective, TowerSettings};
 use crate::config::{load_document, Role, Stage, StageSettings};
 use crate::tower::{run_tower, TowerRun};
@@ -78,17 +79,13 @@ pub struct TowerArgs {
     pub quiet: bool,
 }
 
-/// `--set` as the `[tower]` table reads it: a key without a dot is a tower setting.
+/// `--set` as the `[tower]` table reads it: a key without a dot (or under `text.`) is a tower
+/// setting.
 fn expand(assignment: &str) -> String {
-    match assignment.split_once('=') {
-        Some((key, _)) if !key.contains('.') && !key.trim().is_empty() => {
-            format!("tower.{}", assignment.trim_start())
-        }
-        Some((key, _)) if key.trim().starts_with("text.") => {
-            format!("tower.{}", assignment.trim_start())
-        }
-        _ => assignment.to_string(),
+    if assignment.trim_start().starts_with("text.") {
+        return format!("tower.{}", assignment.trim_start());
     }
+    expand_override_into(assignment, "tower")
 }
 
 /// The run the command asks for (the preset with its overrides, flags over both), and its
@@ -115,14 +112,12 @@ pub fn tower_run(args: &TowerArgs) -> Result<(TowerRun, String)> {
         doc.set(set)?;
     }
     let settings = TowerSettings::resolve(&doc)?;
-    let json = serde_json::json!({ "tower": settings.as_json() });
-    let mut described = String::from("tower settings (not defaults):\n");
-    for (key, source) in provenance(&doc, Stage::Pretrain, args.role) {
-        if key.starts_with("tower.") && source != "default" {
-            let value = value_of(&json, &key);
-            described.push_str(&format!("  {key} = {value}  ({source})\n"));
-        }
-    }
+    let sources = provenance(&doc, Stage::Pretrain, args.role);
+    let described = describe_sources(
+        "tower",
+        &serde_json::json!({ "tower": settings.as_json() }),
+        sources.iter().filter(|(key, _)| key.starts_with("tower.")),
+    );
     // The role's model (architecture, image statistics, feature layer, seed) and the preset's
     // data paths, as its pre-training stage resolves them.
     let stage = StageSettings::resolve(&doc, Stage::Pretrain, args.role)?;

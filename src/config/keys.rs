@@ -112,6 +112,20 @@ pub fn value_of<'j>(json: &'j serde_json::Value, key: &str) -> &'j serde_json::V
         .fold(&json[section], |value, part| &value[part])
 }
 
+/// `TITLE settings (not defaults):` and a line `key = value  (source)` for each key of
+/// `sources` that is not a default, its value from the resolved settings' `json`.
+pub fn describe_sources<'a>(
+    title: &str,
+    json: &serde_json::Value,
+    sources: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> String {
+    let mut out = format!("{title} settings (not defaults):\n");
+    for (key, source) in sources.into_iter().filter(|(_, s)| *s != "default") {
+        out.push_str(&format!("  {key} = {}  ({source})\n", value_of(json, key)));
+    }
+    out
+}
+
 /// The table as `mmkd config keys` prints it, with each key's value for a stage (`defaults`:
 /// `section.key` → value, from the resolved settings).
 pub fn markdown(defaults: &std::collections::BTreeMap<String, String>) -> String {

@@ -129,6 +129,27 @@ fn default_image_token() -> String {
     "<image>".into()
 }
 
+impl ModelSpec {
+    /// How LLaVA takes features from the tower (`feature_layer`, `select_strategy`).
+    pub fn feature_select(&self) -> Result<mmkd_vision::FeatureSelect> {
+        mmkd_vision::FeatureSelect::from_llava_config(&serde_json::json!({
+            "vision_feature_layer": self.feature_layer,
+            "vision_feature_select_strategy": self.select_strategy,
+        }))
+    }
+
+    /// The architecture of a fresh tower (`vision_config`), if the spec has one.
+    pub fn fresh_vision_config(&self) -> Result<Option<mmkd_vision::VisionConfig>> {
+        self.vision_config
+            .as_ref()
+            .map(|table| {
+                mmkd_vision::VisionConfig::from_json_value(&serde_json::to_value(table)?)
+                    .context("the preset's vision_config")
+            })
+            .transpose()
+    }
+}
+
 /// Data settings shared by the stages.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -484,21 +505,20 @@ impl StageSettings {
 
     /// The settings not left at their defaults, with where each came from.
     pub fn describe_sources(&self) -> String {
-        let json = self.as_json();
-        let mut out = format!("{} settings (not defaults):\n", self.stage.name());
-        for (key, source) in self.sources.iter().filter(|(_, s)| *s != "default") {
-            let value = super::keys::value_of(&json, key);
-            out.push_str(&format!("  {key} = {value}  ({source})\n"));
-        }
-        out
+        super::keys::describe_sources(self.stage.name(), &self.as_json(), &self.sources)
     }
 }
 
 /// A stage-specific shorthand: `--set lr=1e-4` means `stages.<stage>.lr` when the key has no dot.
 pub fn expand_override(assignment: &str, stage: Stage) -> String {
+    expand_override_into(assignment, &format!("stages.{}", stage.name()))
+}
+
+/// `--set key=value` with a key without a dot, as a key of `table`; other assignments as given.
+pub fn expand_override_into(assignment: &str, table: &str) -> String {
     match assignment.split_once('=') {
         Some((key, _)) if !key.contains('.') && !key.trim().is_empty() => {
-            format!("stages.{}.{}", stage.name(), assignment.trim_start())
+            format!("{table}.{}", assignment.trim_start())
         }
         _ => assignment.to_string(),
     }

@@ -23,7 +23,7 @@ use super::{StageRun, SUMMARY_FILE};
 use crate::batch::{prepare_data, training_tokenize_config};
 use crate::checkpoint::lock::OutputLock;
 use crate::checkpoint::training::TrainingRecord;
-use crate::checkpoint::{temp_sibling, write_llava_files, SaveAssets};
+use crate::checkpoint::{write_files_into, write_llava_files, SaveAssets};
 use crate::config::Stage;
 use crate::models::llava::ImageInput;
 use crate::objective::{Objective, TermValues};
@@ -353,15 +353,9 @@ pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
     }
     bar.finish_and_clear();
 
-    // The final model goes into OUT itself, file by file (each rename is atomic); the summary,
-    // written last, marks the stage as finished.
-    let tmp = temp_sibling(&run.out.join("final"))?;
-    write_llava_files(model, &tmp, assets)?;
-    for entry in std::fs::read_dir(&tmp)? {
-        let entry = entry?;
-        std::fs::rename(entry.path(), run.out.join(entry.file_name()))?;
-    }
-    std::fs::remove_dir_all(&tmp)?;
+    // The final model goes into OUT itself; the summary, written last, marks the stage as
+    // finished.
+    write_files_into(&run.out, |dir| write_llava_files(model, dir, assets))?;
     let all_metrics = read_metrics(&run.out.join("metrics.jsonl"))?;
     plot_losses(&all_metrics, &run.out.join("loss.png"))?;
     let wall = started.elapsed().as_secs_f64();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use mmkd_datasets::TokenizedSample;
 use serde::Serialize;
@@ -117,14 +117,7 @@ pub fn build_cache(req: &BuildRequest) -> Result<BuildSummary> {
         "shard_size": req.shard_size,
     });
     // The cache is renamed into place at the end, so its lock sits next to it.
-    let name = req.out.file_name().map(|n| n.to_string_lossy().to_string());
-    let name = name.with_context(|| format!("{} has no directory name", req.out.display()))?;
-    let parent = match req.out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent)?;
-    let _lock = OutputLock::acquire_at(parent.join(format!(".{name}.mmkd-lock")), &req.out)?;
+    let _lock = OutputLock::acquire_beside(&req.out)?;
     let (mut writer, done) = CacheWriter::open(&req.out, job, req.top_k, req.shard_size)?;
 
     let bar = progress_bar(req.progress, data.samples.len(), done);

@@ -26,15 +26,10 @@ pub struct TowerEncoder {
 impl TowerEncoder {
     /// A fresh tower of `spec`'s `vision_config` (its parameters from `pb`).
     pub fn new(pb: &ParamBuilder, spec: &ModelSpec) -> Result<Self> {
-        let table = spec.vision_config.as_ref().context(
+        let config = spec.fresh_vision_config()?.context(
             "vision pre-training trains a fresh tower: the preset's model needs a `vision_config`",
         )?;
-        let config = VisionConfig::from_json_value(&serde_json::to_value(table)?)
-            .context("the preset's vision_config")?;
-        let select = FeatureSelect::from_llava_config(&serde_json::json!({
-            "vision_feature_layer": spec.feature_layer,
-            "vision_feature_select_strategy": spec.select_strategy,
-        }))?;
+        let select = spec.feature_select()?;
         let tower = VisionTower::new(pb, &config)?;
         // The processor the teacher's fresh model gets.
         let processor = fresh_processor(spec, &config, None)?;

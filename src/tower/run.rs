@@ -19,7 +19,7 @@ use super::export::{feature_rms, write_tower};
 use super::labels::LabelsTask;
 use super::TowerTask;
 use crate::checkpoint::lock::OutputLock;
-use crate::checkpoint::temp_sibling;
+use crate::checkpoint::write_files_into;
 use crate::config::tower::{TowerObjective, TowerSettings};
 use crate::config::ModelSpec;
 use crate::stages::output::OutputDir;
@@ -83,19 +83,22 @@ pub struct TowerSummary {
     pub model: serde_json::Value,
 }
 
-/// A batch of training examples by index.
-struct IndexBatch {
+/// A batch of training examples by index (their ids are looked up only for an error message).
+struct IndexBatch<'a> {
     indices: Vec<usize>,
-    ids: Vec<String>,
+    task: &'a dyn TowerTask,
 }
 
-impl MicroBatch for IndexBatch {
+impl MicroBatch for IndexBatch<'_> {
     fn samples(&self) -> usize {
         self.indices.len()
     }
 
     fn sample_ids(&self) -> Vec<String> {
-        self.ids.clone()
+        self.indices
+            .iter()
+            .map(|&i| self.task.image(i).id.clone())
+            .collect()
     }
 }
 
@@ -209,8 +212,10 @@ pub fn run_tower(run: &TowerRun) -> Result<TowerSummary> {
             epochs_drawn += 1;
         }
         let indices = order[batch * batch_size..((batch + 1) * batch_size).min(examples)].to_vec();
-        let ids = indices.iter().map(|&i| task.image(i).id.clone()).collect();
-        let mut micro = OneMicroBatch(Some(IndexBatch { indices, ids }));
+        let mut micro = OneMicroBatch(Some(IndexBatch {
+            indices,
+            task: task.as_ref(),
+        }));
         let report = learner
             .run(&mut micro, settings.lr, &loss_of)
             .context("tower pre-training")?;
@@ -276,15 +281,8 @@ pub fn run_tower(run: &TowerRun) -> Result<TowerSummary> {
     );
     let scale = settings.feature_rms / rms;
 
-    // The tower goes into OUT itself, file by file (each rename is atomic); the summary,
-    // written last, marks the stage as finished.
-    let tmp = temp_sibling(&run.out.join("final"))?;
-    write_tower(&encoder, &store, scale, &tmp)?;
-    for entry in std::fs::read_dir(&tmp)? {
-        let entry = entry?;
-        std::fs::rename(entry.path(), run.out.join(entry.file_name()))?;
-    }
-    std::fs::remove_dir_all(&tmp)?;
+    // The tower goes into OUT itself; the summary, written last, marks the stage as finished.
+    write_files_into(&run.out, |dir| write_tower(&encoder, &store, scale, dir))?;
     let metrics = read_metrics(&run.out.join("metrics.jsonl"))?;
     plot_losses(&metrics, &run.out.join("loss.png"))?;
     let summary = TowerSummary {
