@@ -43,6 +43,14 @@ for i in 0 1 2 3 4; do
   done
 done
 mkdir -p fuzz/corpus/cache_manifest
+# A real top-8 teacher cache: a teacher trained for two steps, run over the synthetic data.
+target/release/mmkd data tokenizer --data "$SYNTH/train" --vocab-size 300 --out "$SYNTH/tokenizer.json" >/dev/null
+target/release/mmkd pretrain --config shapes-tiny --data "$SYNTH/train/pretrain.json" --images "$SYNTH" \
+  --tokenizer "$SYNTH/tokenizer.json" --out "$SYNTH/teacher" --max-steps 2 --quiet >/dev/null
+target/release/mmkd teacher-cache --teacher "$SYNTH/teacher" --config shapes-tiny --stage dpt \
+  --data "$SYNTH/train/pretrain.json" --images "$SYNTH" --top-k 8 --shard-size 2 --quiet --out "$SYNTH/cache" >/dev/null
+seed cache_shard "$SYNTH"/cache/shard-*.safetensors
+seed cache_manifest "$SYNTH/cache/manifest.json"
 
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then

@@ -207,6 +207,60 @@ fn fixtures() -> &'static Fixtures {
     })
 }
 
+/// A valid teacher-cache shard (top-4; three samples, one with a relation matrix), made once.
+fn shard_fixture() -> &'static Path {
+    static SHARD: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &SHARD
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("shard-00000.safetensors");
+            let mut buffer = mmkd::teacher_cache::shard::ShardBuffer::new(SHARD_K);
+            for r in shard_records() {
+                buffer.push(&r).unwrap();
+            }
+            buffer.write(&path).unwrap();
+            (dir, path)
+        })
+        .1
+}
+
+const SHARD_K: usize = 4;
+
+fn shard_records() -> Vec<mmkd::teacher_cache::SampleRecord> {
+    let rows = |n: usize, salt: u32| mmkd::distill::TopKHost {
+        k: SHARD_K,
+        ids: (0..(n * SHARD_K) as u32)
+            .map(|i| (i * 7 + salt) % 300)
+            .collect(),
+        log_probs: (0..n * SHARD_K).map(|i| -(i as f32) * 0.25 - 0.1).collect(),
+        rest: (0..n).map(|i| -3.0 - i as f32).collect(),
+    };
+    (0..3)
+        .map(|i| mmkd::teacher_cache::SampleRecord {
+            index: i * 5,
+            response_positions: (10..13 + i as u32).collect(),
+            response: rows(3 + i, i as u32),
+            visual_positions: (1..5).collect(),
+            visual: rows(4, 9),
+            relation: (i == 1).then(|| (0..16).map(|v| v as f32 / 16.0).collect()),
+        })
+        .collect()
+}
+
+/// Opens a shard and reads every sample in it, as a distillation step does.
+fn read_whole_shard(path: &Path) -> anyhow::Result<usize> {
+    use mmkd::teacher_cache::shard::{Part, ShardReader};
+    let reader = ShardReader::open(path, SHARD_K)?;
+    let mut positions = Vec::new();
+    let mut rows = mmkd::distill::TopKHost::empty(SHARD_K);
+    for slot in &reader.slots {
+        reader.read_rows(slot, Part::Response, &mut positions, &mut rows)?;
+        reader.read_rows(slot, Part::Visual, &mut positions, &mut rows)?;
+        reader.relation(slot)?;
+    }
+    Ok(reader.slots.len())
+}
+
 /// Writes the corrupted bytes of `original` to a scratch file of the same name and reads it.
 fn check_file(
     original: &Path,
@@ -345,6 +399,13 @@ proptest! {
     }
 
     #[test]
+    fn teacher_cache_shard(m in mutations()) {
+        check_file(shard_fixture(), &m, |p| {
+            let _ = read_whole_shard(p);
+        })?;
+    }
+
+    #[test]
     fn images(m in mutations()) {
         let f = fixtures();
         check_file(&f.data.join("images/train/000001.png"), &m, |p| {
@@ -392,6 +453,83 @@ fn a_safetensors_header_declaring_a_huge_length_is_refused_cheaply() {
         })
         .unwrap();
         assert_eq!(result, Some(true), "declared header length {declared}");
+    }
+}
+
+/// A shard that is valid safetensors but whose sample table points anywhere (values near
+/// 2⁶⁴ whose sums overflow, rows beyond a tensor) or whose tensors disagree in length:
+/// refused naming the shard, never a panic.
+#[test]
+fn a_shard_whose_table_or_tensors_disagree_is_refused_naming_it() {
+    use safetensors::{Dtype, SafeTensors};
+    let original = std::fs::read(shard_fixture()).unwrap();
+    let tensors = SafeTensors::deserialize(&original).unwrap();
+    /// A tensor as (name, type, shape, bytes).
+    type Owned = (String, Dtype, Vec<usize>, Vec<u8>);
+    let valid: Vec<Owned> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, v)| (name, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    assert_eq!(read_whole_shard(shard_fixture()).unwrap(), 3);
+    let u64s = |values: &[u64]| {
+        values
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>()
+    };
+    let table_len = valid.iter().find(|t| t.0 == "samples").unwrap().3.len() / 8;
+    let mut cases: Vec<(&str, Vec<Owned>)> = Vec::new();
+    for (what, column, value) in [
+        ("a start near 2^64", 1, u64::MAX - 1),
+        ("a row count near 2^64", 2, u64::MAX),
+        ("a visual start beyond the rows", 3, 1 << 40),
+        ("a relation side whose square overflows", 6, 1 << 33),
+    ] {
+        let mut table = vec![0u64; table_len];
+        let t = &valid.iter().find(|t| t.0 == "samples").unwrap().3;
+        for (i, v) in table.iter_mut().enumerate() {
+            *v = u64::from_le_bytes(t[i * 8..i * 8 + 8].try_into().unwrap());
+        }
+        table[column] = value;
+        let mut changed = valid.clone();
+        changed.iter_mut().find(|t| t.0 == "samples").unwrap().3 = u64s(&table);
+        cases.push((what, changed));
+    }
+    for name in ["response_positions", "visual_rest", "relations"] {
+        let mut changed = valid.clone();
+        let t = changed.iter_mut().find(|t| t.0 == name).unwrap();
+        t.2 = vec![1];
+        t.3.truncate(4);
+        cases.push((name, changed));
+    }
+    let mut wrong_dtype = valid.clone();
+    wrong_dtype
+        .iter_mut()
+        .find(|t| t.0 == "response_rest")
+        .unwrap()
+        .1 = Dtype::I32;
+    cases.push(("an i32 response_rest", wrong_dtype));
+    for (what, case) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shard-00007.safetensors");
+        let views: Vec<(String, safetensors::tensor::TensorView)> = case
+            .iter()
+            .map(|(n, d, s, b)| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        let mut outcome = None;
+        survives(what, original.len(), || {
+            outcome = Some(read_whole_shard(&path))
+        })
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let err = format!("{:#}", outcome.unwrap().expect_err(what));
+        assert!(err.contains("shard-00007.safetensors"), "{what}: {err}");
     }
 }
 

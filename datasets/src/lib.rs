@@ -5,6 +5,7 @@
 //! Pipeline: [`LlavaDataset::read`] → (optionally) [`LlavaDataset::verify_images`] →
 //! [`TokenizedDataset::build`] with a [`Template`] → [`BatchSampler`] + [`collate`] → [`Batch`].
 
+pub mod atomic;
 pub mod batch;
 pub mod check;
 pub mod image_io;

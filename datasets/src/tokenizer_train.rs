@@ -200,9 +200,10 @@ pub fn save_tokenizer(tokenizer: &Tokenizer, path: &Path) -> Result<()> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    tokenizer
-        .save(path, true)
-        .map_err(|e| anyhow!("cannot write tokenizer {}: {e}", path.display()))
+    let text = tokenizer
+        .to_string(true)
+        .map_err(|e| anyhow!("cannot serialise the tokenizer: {e}"))?;
+    crate::atomic::write_atomically(path, text.as_bytes())
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ pub enum NnError {
     BadSafetensors { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     BadIndex { path: PathBuf, reason: String },
-    #[error("I/O error on {path}: {source}")]
+    #[error("I/O error on {path}")]
     Io {
         path: PathBuf,
         #[source]

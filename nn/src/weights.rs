@@ -182,11 +182,12 @@ pub fn save_safetensors(tensors: &BTreeMap<String, Tensor>, path: &Path) -> Resu
         .iter()
         .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
         .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(contiguous, Some(metadata), &tmp).map_err(|e| {
-        NnError::BadSafetensors {
+    safetensors::serialize_to_file(contiguous, Some(metadata), &tmp).map_err(|e| match e {
+        safetensors::SafeTensorError::IoError(source) => NnError::io(&tmp, source),
+        other => NnError::BadSafetensors {
             path: tmp.clone(),
-            reason: e.to_string(),
-        }
+            reason: other.to_string(),
+        },
     })?;
     std::fs::rename(&tmp, path).map_err(|e| NnError::io(path, e))
 }

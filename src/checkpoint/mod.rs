@@ -7,6 +7,7 @@ pub mod compose;
 pub mod hub;
 pub mod layout;
 pub mod lock;
+pub mod storage;
 pub mod training;
 
 pub use bundle::LoadedModel;
@@ -71,8 +72,7 @@ pub fn load_llava(model: &str, options: &BuildOptions) -> Result<(LlavaModel, Pa
 /// Saves `model` to `out` (config, weights, tokenizer and image processor), atomically: written
 /// to a temporary sibling directory, then renamed into place.
 pub fn save_llava(model: &LlavaModel, out: &Path, assets: SaveAssets<'_>) -> Result<()> {
-    let tmp = temp_sibling(out)?;
-    write_llava_files(model, &tmp, assets)?;
+    let tmp = filled_temp_sibling(out, |dir| write_llava_files(model, dir, assets))?;
     replace_dir(&tmp, out)
 }
 
@@ -96,11 +96,21 @@ pub fn temp_sibling(out: &Path) -> Result<PathBuf> {
     Ok(tmp)
 }
 
+/// A temporary sibling of `out` filled by `write`; removed again when `write` fails (a full
+/// disk must not be made fuller by the half-written attempt).
+pub fn filled_temp_sibling(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let tmp = temp_sibling(out)?;
+    if let Err(err) = write(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(err);
+    }
+    Ok(tmp)
+}
+
 /// Writes files into the existing directory `out` through a temporary sibling, then moves them
 /// in one by one (each rename is atomic): a reader of `out` never sees a half-written file.
 pub fn write_files_into(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = temp_sibling(&out.join("final"))?;
-    write(&tmp)?;
+    let tmp = filled_temp_sibling(&out.join("final"), write)?;
     for entry in std::fs::read_dir(&tmp)? {
         let entry = entry?;
         std::fs::rename(entry.path(), out.join(entry.file_name()))?;
@@ -145,9 +155,10 @@ pub fn write_llava_files(model: &LlavaModel, dir: &Path, assets: SaveAssets<'_>)
     }
     if let Some(tokenizer) = assets.tokenizer {
         let path = dir.join("tokenizer.json");
-        tokenizer
-            .save(&path, false)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        let text = tokenizer
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("serialising the tokenizer: {e}"))?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(processor) = assets.processor {
         write_processor_configs(dir, processor, model)?;

@@ -179,7 +179,18 @@ fn synth(a: SynthArgs) -> Result<()> {
         image_size: a.image_size,
     };
     let start = std::time::Instant::now();
-    let summary = generate_synth(&a.out, &cfg, &Bars::new())?;
+    let summary = generate_synth(&a.out, &cfg, &Bars::new()).map_err(|e| {
+        crate::checkpoint::storage::explain(
+            e,
+            &a.out,
+            || {
+                "each file written so far is whole (written beside its name, then renamed), \
+                 but the data set is unfinished: it has no manifest.json yet"
+                    .into()
+            },
+            "run the same command again",
+        )
+    })?;
     let images = summary.train.images + summary.val.images + summary.test.images;
     println!(
         "wrote {images} images and their data to {} in {:.1?}",

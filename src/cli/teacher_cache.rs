@@ -110,9 +110,10 @@ pub fn run(args: TeacherCacheArgs) -> Result<()> {
         shard_size: args.shard_size,
         progress: !args.quiet,
     })?;
-    println!("{}", describe(&summary));
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("{}", describe(&summary));
     }
     Ok(())
 }

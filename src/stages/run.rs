@@ -33,7 +33,9 @@ use crate::train::forward::{objective_loss, StudentBatch};
 use crate::train::guard::{Spike, SpikeLimits};
 use crate::train::interrupt::InterruptGuard;
 use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, StepMetrics};
-use crate::train::state::{latest_checkpoint, save_checkpoint, TrainerState, OPTIMIZER_FILE};
+use crate::train::state::{
+    describe_last_checkpoint, explain_storage_fault, save_checkpoint, TrainerState, OPTIMIZER_FILE,
+};
 use crate::train::step::{MicroLoss, NotFinite, TrainStep};
 use crate::train::{AdamW, AdamWConfig, LrSchedule};
 
@@ -65,7 +67,12 @@ pub struct StageSummary {
 }
 
 /// Runs one stage to completion (or resumes it) and writes the trained model to `run.out`.
+/// A write refused by the storage (a full disk, a read-only OUT) says what was kept.
 pub fn run_stage(run: &StageRun) -> Result<StageSummary> {
+    train_stage(run).map_err(|e| explain_storage_fault(e, &run.out))
+}
+
+fn train_stage(run: &StageRun) -> Result<StageSummary> {
     let settings = &run.settings;
     let stage = settings.stage;
     let started = Instant::now();
@@ -427,23 +434,17 @@ fn stop_with_context<T>(err: anyhow::Error, step: usize, ids: &[String], out: &P
              rate, check these samples, or raise train.max_loss_spike / train.max_grad_norm_spike",
             step + 1,
             ids.join(", "),
-            last_checkpoint(out)?
+            describe_last_checkpoint(out)?
         );
     }
     Err(err.context(format!("step {} (samples {})", step + 1, ids.join(", "))))
-}
-
-fn last_checkpoint(out: &Path) -> Result<String> {
-    Ok(latest_checkpoint(out)?
-        .map(|p| format!("the last good checkpoint is {}", p.display()))
-        .unwrap_or_else(|| "no checkpoint was written yet".into()))
 }
 
 fn finite_or_stop(value: f64, what: &str, step: usize, ids: &[String], out: &Path) -> Result<()> {
     if value.is_finite() {
         return Ok(());
     }
-    let last = last_checkpoint(out)?;
+    let last = describe_last_checkpoint(out)?;
     bail!(
         "{what} is {value} at step {} (samples {}): stopping; {last}. Lower the learning rate or check the data",
         step + 1,

@@ -63,7 +63,19 @@ pub struct BuildSummary {
 }
 
 /// Writes the cache (or finishes an interrupted one) and returns its summary.
+/// A write refused by the storage (a full disk, a read-only directory) says what was kept.
 pub fn build_cache(req: &BuildRequest) -> Result<BuildSummary> {
+    write_cache(req).map_err(|e| {
+        crate::checkpoint::storage::explain(
+            e,
+            &req.out,
+            || crate::teacher_cache::store::describe_partial(&req.out),
+            "run the same command again to resume after them",
+        )
+    })
+}
+
+fn write_cache(req: &BuildRequest) -> Result<BuildSummary> {
     let started = Instant::now();
     let settings = &req.settings;
     settings.distill.validate()?;

@@ -229,26 +229,32 @@ impl ShardReader {
             reader.file,
             table.len()
         );
-        let rows = |name: &str| -> Result<usize> {
-            Ok(reader.view(name)?.shape().first().copied().unwrap_or(0))
-        };
-        let (nr, nv, nrel) = (
-            rows("response_rest")?,
-            rows("visual_rest")?,
-            rows("relations")?,
-        );
-        for name in [
-            "response_ids",
-            "visual_ids",
-            "response_log_probs",
-            "visual_log_probs",
+        // Every tensor's kind and length, checked once here, so the reads below cannot go
+        // out of range whatever the file holds.
+        let nr = reader.rows_of("response_rest", Dtype::F32, 1)?;
+        let nv = reader.rows_of("visual_rest", Dtype::F32, 1)?;
+        let nrel = reader.rows_of("relations", Dtype::F32, 1)?;
+        for (name, dtype, want) in [
+            ("response_positions", Dtype::U32, [nr, 1]),
+            ("visual_positions", Dtype::U32, [nv, 1]),
+            ("response_ids", Dtype::U32, [nr, k]),
+            ("visual_ids", Dtype::U32, [nv, k]),
+            ("response_log_probs", Dtype::F32, [nr, k]),
+            ("visual_log_probs", Dtype::F32, [nv, k]),
         ] {
-            let shape = reader.view(name)?.shape().to_vec();
-            let want = if name.starts_with("response") { nr } else { nv };
+            let view = reader.view(name)?;
+            let shape = view.shape().to_vec();
+            let fits = if want[1] == 1 {
+                shape == [want[0]]
+            } else {
+                shape == want
+            };
             ensure!(
-                shape == [want, k],
-                "{}: `{name}` is {shape:?}, expected [{want}, {k}] (top-k = {k})",
-                reader.file
+                view.dtype() == dtype && fits,
+                "{}: `{name}` is {:?} {shape:?}, expected {dtype:?} {:?} (top-k = {k})",
+                reader.file,
+                view.dtype(),
+                if want[1] == 1 { &want[..1] } else { &want[..] }
             );
         }
         let mut slots = Vec::with_capacity(table.len() / TABLE_COLUMNS);
@@ -263,10 +269,18 @@ impl ShardReader {
                 relation_start: c[5],
                 relation_side: c[6],
             };
+            let within = |start: usize, len: Option<usize>, total: usize| {
+                len.and_then(|len| start.checked_add(len))
+                    .is_some_and(|end| end <= total)
+            };
             ensure!(
-                slot.response_start + slot.response_rows <= nr
-                    && slot.visual_start + slot.visual_rows <= nv
-                    && slot.relation_start + slot.relation_side * slot.relation_side <= nrel,
+                within(slot.response_start, Some(slot.response_rows), nr)
+                    && within(slot.visual_start, Some(slot.visual_rows), nv)
+                    && within(
+                        slot.relation_start,
+                        slot.relation_side.checked_mul(slot.relation_side),
+                        nrel
+                    ),
                 "{}: the rows of record {} lie outside the shard (corrupt?)",
                 reader.file,
                 slot.index
@@ -275,6 +289,19 @@ impl ShardReader {
         }
         reader.slots = slots;
         Ok(reader)
+    }
+
+    /// The length of the `dims`-dimensional tensor `name` of type `dtype`.
+    fn rows_of(&self, name: &str, dtype: Dtype, dims: usize) -> Result<usize> {
+        let view = self.view(name)?;
+        ensure!(
+            view.dtype() == dtype && view.shape().len() == dims,
+            "{}: `{name}` is {:?} {:?}, expected a {dims}-d {dtype:?} tensor",
+            self.file,
+            view.dtype(),
+            view.shape()
+        );
+        Ok(view.shape()[0])
     }
 
     fn view(&self, name: &str) -> Result<TensorView<'_>> {
@@ -303,11 +330,26 @@ impl ShardReader {
     }
 
     fn u32_range(&self, name: &str, start: usize, len: usize) -> Result<&[u8]> {
-        Ok(&self.bytes(name, Dtype::U32)?[start * 4..(start + len) * 4])
+        self.range(name, Dtype::U32, start, len)
     }
 
     fn f32_range(&self, name: &str, start: usize, len: usize) -> Result<&[u8]> {
-        Ok(&self.bytes(name, Dtype::F32)?[start * 4..(start + len) * 4])
+        self.range(name, Dtype::F32, start, len)
+    }
+
+    /// Elements `start..start + len` of a 4-byte tensor (bounds checked by `open`; checked
+    /// again here rather than trusted).
+    fn range(&self, name: &str, dtype: Dtype, start: usize, len: usize) -> Result<&[u8]> {
+        let bytes = self.bytes(name, dtype)?;
+        start
+            .checked_add(len)
+            .and_then(|end| bytes.get(start.checked_mul(4)?..end.checked_mul(4)?))
+            .with_context(|| {
+                format!(
+                    "{}: rows {start}+{len} of `{name}` lie outside it",
+                    self.file
+                )
+            })
     }
 
     /// Appends one sample's rows of `part` (`response` or `visual`) to `positions` and `out`.

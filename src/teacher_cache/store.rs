@@ -54,6 +54,24 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
 }
 
+/// What an interrupted cache build of `out` has kept: its finished shards and their samples.
+pub fn describe_partial(out: &Path) -> String {
+    let progress = partial_dir(out).ok().and_then(|partial| {
+        let text = std::fs::read_to_string(partial.join(PROGRESS_FILE)).ok()?;
+        let p = serde_json::from_str::<Progress>(&text).ok()?;
+        Some((partial, p))
+    });
+    match progress {
+        Some((partial, p)) => format!(
+            "{} finished shard(s) with {} samples are kept in {}",
+            p.shards.len(),
+            p.shards.iter().map(|s| s.samples).sum::<usize>(),
+            partial.display()
+        ),
+        None => "no shard was finished yet".into(),
+    }
+}
+
 impl CacheWriter {
     /// Prepares to write the cache `out` for `job` (everything that determines its content).
     /// Returns the writer and how many samples (in the job's order) an interrupted run with
@@ -130,7 +148,10 @@ impl CacheWriter {
         let file = format!("shard-{:05}.safetensors", self.progress.shards.len());
         let path = self.partial.join(&file);
         let tmp = path.with_extension("safetensors.tmp");
-        self.buffer.write(&tmp)?;
+        if let Err(err) = self.buffer.write(&tmp) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err);
+        }
         std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
         let bytes = std::fs::metadata(&path)?.len();
         self.progress.shards.push(ShardInfo {

@@ -27,7 +27,9 @@ use crate::stages::progress::step_bar;
 use crate::stages::SUMMARY_FILE;
 use crate::train::interrupt::InterruptGuard;
 use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, StepMetrics};
-use crate::train::state::{digest, save_checkpoint_with, TrainerState, OPTIMIZER_FILE};
+use crate::train::state::{
+    digest, explain_storage_fault, save_checkpoint_with, TrainerState, OPTIMIZER_FILE,
+};
 use crate::train::step::{MicroBatch, OneMicroBatch, TrainStep};
 use crate::train::{AdamW, AdamWConfig};
 
@@ -147,7 +149,12 @@ fn build_task(
 
 /// Trains the tower (or resumes it) and writes it, rescaled, to `run.out` with `metrics.jsonl`,
 /// `loss.png` and `summary.json`.
+/// A write refused by the storage (a full disk, a read-only OUT) says what was kept.
 pub fn run_tower(run: &TowerRun) -> Result<TowerSummary> {
+    train_tower(run).map_err(|e| explain_storage_fault(e, &run.out))
+}
+
+fn train_tower(run: &TowerRun) -> Result<TowerSummary> {
     let settings = &run.settings;
     let started = Instant::now();
     // One run per directory: held until the stage returns.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use mmkd_datasets::Cursor;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{replace_dir, temp_sibling, write_llava_files, SaveAssets};
+use crate::checkpoint::{filled_temp_sibling, replace_dir, write_llava_files, SaveAssets};
 use crate::models::llava::LlavaModel;
 use crate::train::AdamW;
 
@@ -65,13 +65,36 @@ pub fn save_checkpoint_with(
     keep_last: usize,
 ) -> Result<PathBuf> {
     let final_dir = step_dir(out, state.step);
-    let tmp = temp_sibling(&final_dir)?;
-    write_model(&tmp)?;
-    optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
-    std::fs::write(tmp.join(STATE_FILE), serde_json::to_string_pretty(state)?)?;
+    remove_abandoned_temporaries(&checkpoints_dir(out))?;
+    let tmp = filled_temp_sibling(&final_dir, |tmp| {
+        write_model(tmp)?;
+        optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
+        let path = tmp.join(STATE_FILE);
+        std::fs::write(&path, serde_json::to_string_pretty(state)?)
+            .with_context(|| format!("writing {}", path.display()))
+    })
+    .with_context(|| format!("writing the checkpoint {}", final_dir.display()))?;
     replace_dir(&tmp, &final_dir)?;
     prune(out, keep_last.max(1))?;
     Ok(final_dir)
+}
+
+/// Half-written checkpoints a killed run left behind (`.step-N.tmp-PID`): the caller holds the
+/// output's lock, so no live run is writing them, and on a full disk they are space to win back.
+fn remove_abandoned_temporaries(dir: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let ours = format!(".tmp-{}", std::process::id());
+    for entry in entries {
+        let path = entry?.path();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.starts_with(".step-") && name.contains(".tmp-") && !name.ends_with(&ours) {
+            std::fs::remove_dir_all(&path)
+                .with_context(|| format!("removing the abandoned {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn list_checkpoints(out: &Path) -> Result<Vec<(usize, PathBuf)>> {
@@ -112,6 +135,25 @@ fn prune(out: &Path, keep: usize) -> Result<()> {
 /// The newest complete checkpoint of a run, if any.
 pub fn latest_checkpoint(out: &Path) -> Result<Option<PathBuf>> {
     Ok(list_checkpoints(out)?.pop().map(|(_, p)| p))
+}
+
+/// "the last good checkpoint is DIR", or that none was written yet: for a stopped run's message.
+pub fn describe_last_checkpoint(out: &Path) -> Result<String> {
+    Ok(latest_checkpoint(out)?
+        .map(|p| format!("the last good checkpoint is {}", p.display()))
+        .unwrap_or_else(|| "no checkpoint was written yet".into()))
+}
+
+/// A run's error, explained when the storage caused it (a full disk, a read-only `out`): what
+/// was kept and how to resume.
+pub fn explain_storage_fault(err: anyhow::Error, out: &Path) -> anyhow::Error {
+    let kept = || describe_last_checkpoint(out).unwrap_or_else(|e| format!("{e:#}"));
+    crate::checkpoint::storage::explain(
+        err,
+        out,
+        kept,
+        "continue with the same command and --resume",
+    )
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainerState> {

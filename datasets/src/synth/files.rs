@@ -1,13 +1,12 @@
 //! The records `mmkd data synth` writes, and byte-stable JSON / JSONL writers.
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::scene::{Object, Scene};
+use crate::atomic::write_atomically;
 
 /// One LLaVA training sample (`pretrain.json`, `instruct.json`).
 #[derive(Debug, Clone, Serialize)]
@@ -113,49 +112,33 @@ impl From<&Object> for ObjectLine {
     }
 }
 
-fn create(path: &Path) -> Result<BufWriter<File>> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    Ok(BufWriter::new(File::create(path).with_context(|| {
-        format!("cannot create {}", path.display())
-    })?))
-}
-
 /// A JSON list with one compact record per line.
 pub fn write_json_list<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
-    let mut w = create(path)?;
-    let io = |e| anyhow::Error::new(e).context(format!("cannot write {}", path.display()));
-    w.write_all(b"[\n").map_err(io)?;
+    let mut w = b"[\n".to_vec();
     for (i, r) in records.iter().enumerate() {
         serde_json::to_writer(&mut w, r)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        w.write_all(if i + 1 < records.len() { b",\n" } else { b"\n" })
-            .map_err(io)?;
+            .with_context(|| format!("cannot serialise a record of {}", path.display()))?;
+        w.extend_from_slice(if i + 1 < records.len() { b",\n" } else { b"\n" });
     }
-    w.write_all(b"]\n").map_err(io)?;
-    w.flush().map_err(io)
+    w.extend_from_slice(b"]\n");
+    write_atomically(path, &w)
 }
 
 /// One compact JSON record per line.
 pub fn write_jsonl<T: Serialize>(path: &Path, records: &[T]) -> Result<()> {
-    let mut w = create(path)?;
-    let io = |e| anyhow::Error::new(e).context(format!("cannot write {}", path.display()));
+    let mut w = Vec::new();
     for r in records {
         serde_json::to_writer(&mut w, r)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        w.write_all(b"\n").map_err(io)?;
+            .with_context(|| format!("cannot serialise a record of {}", path.display()))?;
+        w.push(b'\n');
     }
-    w.flush().map_err(io)
+    write_atomically(path, &w)
 }
 
 /// Pretty-printed JSON (the manifest).
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let mut w = create(path)?;
-    serde_json::to_writer_pretty(&mut w, value)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    w.write_all(b"\n")
-        .and_then(|()| w.flush())
-        .with_context(|| format!("cannot write {}", path.display()))
+    let mut w = serde_json::to_vec_pretty(value)
+        .with_context(|| format!("cannot serialise {}", path.display()))?;
+    w.push(b'\n');
+    write_atomically(path, &w)
 }

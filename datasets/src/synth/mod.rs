@@ -25,7 +25,6 @@ pub mod render;
 pub mod scene;
 
 use std::collections::HashSet;
-use std::io::BufWriter;
 use std::path::Path;
 use std::thread;
 
@@ -177,16 +176,16 @@ fn scene_id(split: Split, i: usize) -> String {
 }
 
 fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    PngEncoder::new_with_quality(BufWriter::new(file), CompressionType::Fast, FilterType::Sub)
+    let mut png = Vec::new();
+    PngEncoder::new_with_quality(&mut png, CompressionType::Fast, FilterType::Sub)
         .write_image(
             img.as_raw(),
             img.width(),
             img.height(),
             ExtendedColorType::Rgb8,
         )
-        .with_context(|| format!("cannot write {}", path.display()))
+        .with_context(|| format!("cannot encode {}", path.display()))?;
+    crate::atomic::write_atomically(path, &png)
 }
 
 /// Render and save every scene of a split, in parallel.
