@@ -28,6 +28,7 @@ pub mod demo;
 pub mod distill;
 pub mod eval;
 pub mod generate;
+pub mod merge;
 pub mod models;
 pub mod objective;
 pub mod prompt;

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod merge;
 pub mod metrics;
 pub mod score;
 pub mod teacher_cache;
@@ -48,6 +49,9 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Score prediction files against references (VQA, captions, POPE); no model needed.
     Metrics(metrics::MetricsArgs),
+    /// Merge checkpoints of one architecture (LM-Cocktail): weights given (`--weights`) or
+    /// from each model's loss on a few examples (`--auto-weights --examples FILE`).
+    Merge(merge::MergeArgs),
     /// Time one distillation step of a benchmark spec (samples/s, GFLOP/s, memory).
     Bench(bench::BenchArgs),
     /// Pre-train a vision tower before the LLaVA stages (`--objective labels|contrastive`);
@@ -85,6 +89,7 @@ pub fn run() -> Result<()> {
         Command::Demo(args) => demo::run(args),
         Command::Metrics(args) => metrics::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Tower(args) => tower::run(args),
         Command::Pretrain(args) => train::run(args, Stage::Pretrain),
         Command::Sft(args) => train::run(args, Stage::Sft),
