@@ -54,7 +54,7 @@ impl PromptLayout {
                 }
                 Ok(None)
             }
-            Some(name) => template_for(record, &bundle.dir, Some(name), name).map(Some),
+            Some(name) => template_for(record, &bundle.model_dir, Some(name), name).map(Some),
             None => Ok(record.filter(|r| r.chat).map(|r| r.template.clone())),
         }
     }

@@ -3,6 +3,7 @@
 use candle_core::{DType, Result as CResult, Tensor, D};
 
 use crate::error::Result;
+use crate::lora::LoraBranch;
 use crate::params::{Init, ParamBuilder};
 
 /// y = x Wᵀ + b with the PyTorch weight layout `[out, in]`.
@@ -10,10 +11,15 @@ use crate::params::{Init, ParamBuilder};
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A low-rank adapter (its base weight and bias are then frozen).
+    pub lora: Option<LoraBranch>,
 }
 
 impl Linear {
     /// Builds `name.weight` (and `name.bias` when `bias`), initialised N(0, std²) / zeros.
+    /// Where the builder's LoRA plan applies, the base is frozen and `name.lora_A.weight`
+    /// (PEFT's init: uniform ±1/√in, what kaiming-uniform with a = √5 gives) and
+    /// `name.lora_B.weight` (zeros) are added.
     pub fn new(
         pb: &ParamBuilder,
         in_dim: usize,
@@ -21,13 +27,50 @@ impl Linear {
         bias: bool,
         std: f32,
     ) -> Result<Self> {
-        let weight = pb.get((out_dim, in_dim), "weight", Init::Normal { std })?;
+        let plan = pb.lora_here().cloned();
+        let base = if plan.is_some() {
+            pb.trainable(false)
+        } else {
+            pb.clone()
+        };
+        let weight = base.get((out_dim, in_dim), "weight", Init::Normal { std })?;
         let bias = if bias {
-            Some(pb.get(out_dim, "bias", Init::Zeros)?)
+            Some(base.get(out_dim, "bias", Init::Zeros)?)
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        let lora = match plan {
+            Some(plan) => {
+                let adapter = |name: &str| {
+                    pb.pp(name)
+                        .trainable(plan.trainable)
+                        .strict(plan.require_weights)
+                };
+                let bound = 1.0 / (in_dim as f32).sqrt();
+                let a = adapter("lora_A").get(
+                    (plan.rank, in_dim),
+                    "weight",
+                    Init::Uniform { bound },
+                )?;
+                let b = adapter("lora_B").get((out_dim, plan.rank), "weight", Init::Zeros)?;
+                Some(LoraBranch {
+                    a,
+                    b,
+                    scale: plan.scale(),
+                })
+            }
+            None => None,
+        };
+        Ok(Self { weight, bias, lora })
+    }
+
+    /// A plain layer over given tensors (e.g. an LM head tied to the embeddings).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
     }
 
     pub fn out_dim(&self) -> usize {
@@ -48,7 +91,11 @@ impl Linear {
             .as_ref()
             .map(|b| b.to_dtype(x.dtype()))
             .transpose()?;
-        crate::fused::linear(x, &w, b.as_ref())
+        let y = crate::fused::linear(x, &w, b.as_ref())?;
+        match &self.lora {
+            Some(branch) => y + branch.forward(x)?,
+            None => Ok(y),
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Shape, Tensor, Var};
 
 use crate::error::{NnError, Result};
+use crate::lora::LoraPlan;
 use crate::rng::SeededRng;
 use crate::weights::WeightSource;
 
@@ -116,6 +117,7 @@ pub struct ParamBuilder {
     strict: bool,
     frozen_dtype: DType,
     device: Device,
+    lora: Option<Arc<LoraPlan>>,
 }
 
 impl ParamBuilder {
@@ -131,6 +133,7 @@ impl ParamBuilder {
             strict: false,
             frozen_dtype: DType::F32,
             device: device.clone(),
+            lora: None,
         }
     }
 
@@ -170,6 +173,18 @@ impl ParamBuilder {
         let mut next = self.clone();
         next.frozen_dtype = dtype;
         next
+    }
+
+    /// Linear layers built from here on get the plan's adapters where it applies.
+    pub fn lora(&self, plan: Option<Arc<LoraPlan>>) -> Self {
+        let mut next = self.clone();
+        next.lora = plan;
+        next
+    }
+
+    /// The adapter plan, when it applies to the layer at this builder's prefix.
+    pub fn lora_here(&self) -> Option<&LoraPlan> {
+        self.lora.as_deref().filter(|p| p.applies_to(&self.prefix))
     }
 
     pub fn device(&self) -> &Device {

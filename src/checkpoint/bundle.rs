@@ -8,13 +8,18 @@ use candle_core::Tensor;
 use mmkd_vision::ImageProcessor;
 use tokenizers::Tokenizer;
 
-use super::load_llava;
+use super::load_llava_from;
 use crate::models::llava::{BuildOptions, LlavaModel};
 
 pub struct LoadedModel {
     pub model: LlavaModel,
     /// Directory holding `tokenizer.json` (copied into every checkpoint trained from it).
     pub dir: PathBuf,
+    /// The model's own directory: the checkpoint, or the adapter (whose base may hold the
+    /// tokenizer).
+    pub model_dir: PathBuf,
+    /// An adapter's base model directory.
+    pub base_dir: Option<PathBuf>,
     pub tokenizer: Tokenizer,
     pub processor: ImageProcessor,
     /// Where the weights came from, for run summaries.
@@ -25,16 +30,31 @@ pub struct LoadedModel {
 
 impl LoadedModel {
     /// Loads model, tokenizer and image processor from a directory or hub id.
+    /// A LoRA adapter directory loads on its base (see [`super::load_llava_from`]).
     pub fn load(spec: &str, options: &BuildOptions) -> Result<Self> {
-        let (model, dir) = load_llava(spec, options)?;
-        let tokenizer = load_tokenizer(&dir)?;
-        let processor = load_processor(&dir)?;
-        let training = super::training::TrainingRecord::read(&dir)?;
+        let (model, dirs) = load_llava_from(spec, options)?;
+        let tokenizer_dir = dirs.file_dir("tokenizer.json").to_path_buf();
+        let tokenizer = load_tokenizer(&tokenizer_dir)?;
+        let processor_dir = if dirs.dir.join("preprocessor_config.json").exists()
+            || dirs.dir.join("processor_config.json").exists()
+        {
+            &dirs.dir
+        } else {
+            dirs.file_dir("preprocessor_config.json")
+        };
+        let processor = load_processor(processor_dir)?;
+        let training = super::training::TrainingRecord::read(&dirs.dir)?;
+        let origin = match &dirs.base {
+            Some(base) => format!("{} (adapter on {})", dirs.dir.display(), base.display()),
+            None => dirs.dir.display().to_string(),
+        };
         Ok(Self {
             training,
             model,
-            origin: dir.display().to_string(),
-            dir,
+            origin,
+            dir: tokenizer_dir,
+            model_dir: dirs.dir,
+            base_dir: dirs.base,
             tokenizer,
             processor,
         })

@@ -2,6 +2,7 @@
 //! sharded safetensors), compose from separate vision and LLM checkpoints, and save in the layout
 //! `transformers.LlavaForConditionalGeneration.from_pretrained` loads.
 
+pub mod adapter;
 pub mod bundle;
 pub mod compose;
 pub mod hub;
@@ -61,12 +62,64 @@ pub fn read_weights(dir: &Path, device: &candle_core::Device) -> Result<WeightSo
 
 /// Loads a LLaVA model from a local directory or hub id.
 pub fn load_llava(model: &str, options: &BuildOptions) -> Result<(LlavaModel, PathBuf)> {
+    let (llava, dirs) = load_llava_from(model, options)?;
+    Ok((llava, dirs.dir))
+}
+
+/// Where a loaded model's files are: its directory, and for an adapter also its base's.
+#[derive(Clone, Debug)]
+pub struct ModelDirs {
+    pub dir: PathBuf,
+    pub base: Option<PathBuf>,
+}
+
+impl ModelDirs {
+    /// `name` from the model's directory, else from its base's (an adapter written by PEFT
+    /// holds no tokenizer or processor of its own).
+    pub fn file_dir(&self, name: &str) -> &Path {
+        match &self.base {
+            Some(base) if !self.dir.join(name).exists() => base,
+            _ => &self.dir,
+        }
+    }
+}
+
+/// Loads a LLaVA model from a checkpoint directory, a hub id, or a LoRA adapter directory on
+/// its base. An adapter is folded into the base's weights (a plain model), unless
+/// `options.lora` asks for adapters (training them further): then its tensors are loaded into
+/// them.
+pub fn load_llava_from(model: &str, options: &BuildOptions) -> Result<(LlavaModel, ModelDirs)> {
     let dir = hub::resolve_model(model)?;
+    if adapter::is_adapter(&dir) {
+        let adapter = adapter::read_adapter(&dir)?;
+        let base = hub::resolve_model(&adapter.base)
+            .with_context(|| format!("the base model of the adapter in {}", dir.display()))?;
+        let config = read_config(&base)?;
+        let mut weights = read_weights(&base, &options.device)?;
+        match options.lora {
+            None => adapter.fold_into(&mut weights)?,
+            Some(_) => adapter.add_to(&mut weights),
+        }
+        let llava = LlavaModel::build(&config, Arc::new(weights), options).with_context(|| {
+            format!(
+                "loading the adapter in {} on {}",
+                dir.display(),
+                base.display()
+            )
+        })?;
+        return Ok((
+            llava,
+            ModelDirs {
+                dir,
+                base: Some(base),
+            },
+        ));
+    }
     let config = read_config(&dir)?;
     let weights = read_weights(&dir, &options.device)?;
     let llava = LlavaModel::build(&config, Arc::new(weights), options)
         .with_context(|| format!("loading the model in {}", dir.display()))?;
-    Ok((llava, dir))
+    Ok((llava, ModelDirs { dir, base: None }))
 }
 
 /// Saves `model` to `out` (config, weights, tokenizer and image processor), atomically: written

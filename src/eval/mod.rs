@@ -58,7 +58,7 @@ impl Answerer {
         let bundle = LoadedModel::load(model, &options)?;
         let template = crate::checkpoint::training::template_for(
             bundle.training.as_ref(),
-            &bundle.dir,
+            &bundle.model_dir,
             template,
             "phi",
         )?;

@@ -47,7 +47,7 @@ pub fn example_loss(model: &Path, examples: &Examples<'_>) -> Result<ExampleLoss
     )?;
     let template = crate::checkpoint::training::template_for(
         bundle.training.as_ref(),
-        &bundle.dir,
+        &bundle.model_dir,
         examples.template,
         "plain",
     )?;

@@ -254,10 +254,7 @@ impl CausalLm {
             config.rms_norm_eps,
         )?;
         let lm_head = if config.tie_word_embeddings {
-            Linear {
-                weight: embed_tokens.weight.clone(),
-                bias: None,
-            }
+            Linear::from_weights(embed_tokens.weight.clone(), None)
         } else {
             Linear::new(
                 &head_pb.pp("lm_head"),

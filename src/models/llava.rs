@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
-use mmkd_nn::{ParamBuilder, ParamStore, WeightSource};
+use mmkd_nn::{LoraPlan, ParamBuilder, ParamStore, WeightSource};
 use mmkd_vision::select::FeatureSelect;
 use mmkd_vision::tower::VisionTower;
 
@@ -63,6 +63,8 @@ pub struct BuildOptions {
     /// Which module prefixes must be present in the weights (others may be freshly initialised).
     pub require: Vec<&'static str>,
     pub device: Device,
+    /// Low-rank adapters on the linear layers the plan names (their bases frozen).
+    pub lora: Option<Arc<LoraPlan>>,
 }
 
 impl BuildOptions {
@@ -74,6 +76,7 @@ impl BuildOptions {
             frozen_dtype: DType::F32,
             require: vec![VISION_PREFIX, PROJECTOR_PREFIX, LM_PREFIX],
             device: Device::Cpu,
+            lora: None,
         }
     }
 }
@@ -162,7 +165,8 @@ impl LlavaModel {
     ) -> Result<Self> {
         let store = ParamStore::new();
         let root = ParamBuilder::new(&store, source, options.seed, &options.device)
-            .frozen_dtype(options.frozen_dtype);
+            .frozen_dtype(options.frozen_dtype)
+            .lora(options.lora.clone());
         let module = |prefix: &'static str, trainable: bool| {
             root.pp(prefix)
                 .trainable(trainable)
@@ -172,6 +176,7 @@ impl LlavaModel {
         let vision_pb =
             ParamBuilder::new(&store, root.source(), options.vision_seed, &options.device)
                 .frozen_dtype(options.frozen_dtype)
+                .lora(options.lora.clone())
                 .pp(VISION_PREFIX)
                 .trainable(t.vision)
                 .strict(options.require.contains(&VISION_PREFIX));
@@ -194,6 +199,18 @@ impl LlavaModel {
             .strict(options.require.contains(&LM_PREFIX));
         let lm = CausalLm::new(&lm_pb, &head_pb, &config.text_config)
             .context("building the language model")?;
+        // A module with adapters trains (through them) even when its own weights are frozen.
+        let trains = |prefix: &str| {
+            store
+                .trainable_vars()
+                .iter()
+                .any(|(name, _)| name.starts_with(prefix))
+        };
+        let trainable = Trainable {
+            vision: t.vision || trains(VISION_PREFIX),
+            projector: t.projector || trains(PROJECTOR_PREFIX),
+            llm: t.llm || trains(LM_PREFIX) || trains("lm_head"),
+        };
         Ok(Self {
             config: config.clone(),
             store,
@@ -201,7 +218,7 @@ impl LlavaModel {
             selection,
             projector,
             lm,
-            trainable: t,
+            trainable,
             device: options.device.clone(),
         })
     }

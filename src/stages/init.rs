@@ -91,6 +91,8 @@ pub fn from_spec(
                 model,
                 tokenizer: load_tokenizer(&composed.llm_dir)?,
                 dir: composed.llm_dir.clone(),
+                model_dir: composed.llm_dir.clone(),
+                base_dir: None,
                 processor: composed.processor,
                 origin: format!("{vision} + {llm} + fresh {}", projector.name()),
             })
@@ -248,6 +250,8 @@ fn fresh_llm(
         training: None,
         model,
         tokenizer,
+        model_dir: dir.clone(),
+        base_dir: None,
         dir,
         processor,
         origin: format!("{} + fresh LLM (seed {})", tower.origin, spec.seed),

@@ -122,7 +122,7 @@ fn write_cache(req: &BuildRequest) -> Result<BuildSummary> {
         &teacher.model.tokenizer,
         &teacher.model.processor,
     )?;
-    let teacher_id = teacher_identity(&teacher.model.dir)?;
+    let teacher_id = teacher_identity(&teacher.model.model_dir)?;
     let relations = objective.needs_teacher_relations();
     let job = serde_json::json!({
         "run": run, "teacher": teacher_id, "top_k": req.top_k, "relations": relations,

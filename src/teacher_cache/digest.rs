@@ -64,8 +64,15 @@ fn add_file(d: &mut ContentDigest, path: &Path) -> Result<()> {
 /// The digest of a model checkpoint directory: its `config.json` and every `*.safetensors`
 /// weight file (names and contents, in name order). Tokenizer and processor files are bound
 /// separately.
+/// A LoRA adapter's digest covers its own files and its base's digest.
 pub fn digest_checkpoint(dir: &Path) -> Result<String> {
-    let mut files = vec![dir.join("config.json")];
+    let adapter = crate::checkpoint::adapter::is_adapter(dir);
+    let first = if adapter {
+        crate::checkpoint::adapter::ADAPTER_CONFIG
+    } else {
+        "config.json"
+    };
+    let mut files = vec![dir.join(first)];
     let mut weights: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -79,6 +86,11 @@ pub fn digest_checkpoint(dir: &Path) -> Result<String> {
             d.update(name.to_string_lossy().as_bytes());
         }
         add_file(&mut d, file)?;
+    }
+    if adapter {
+        let base = crate::checkpoint::adapter::read_adapter(dir)?.base;
+        let base_dir = crate::checkpoint::hub::resolve_model(&base)?;
+        d.update(digest_checkpoint(&base_dir)?.as_bytes());
     }
     Ok(d.hex())
 }

@@ -45,7 +45,7 @@ pub fn teacher_identity(dir: &Path) -> Result<TeacherIdentity> {
 /// so it is used, with a note.
 pub fn check_teacher_unchanged(cache: &Path, teacher: &TeacherIdentity) -> Result<()> {
     let dir = Path::new(&teacher.path);
-    if !dir.join("config.json").exists() {
+    if !dir.join("config.json").exists() && !crate::checkpoint::adapter::is_adapter(dir) {
         eprintln!(
             "note: teacher cache {}: its teacher {} is not here to verify; using the cache as written",
             cache.display(),

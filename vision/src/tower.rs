@@ -209,10 +209,7 @@ impl VisionTower {
             .embeddings
             .patch_weight
             .reshape((cfg.hidden_size, c * p * p))?;
-        let patch = Linear {
-            weight: w,
-            bias: self.embeddings.patch_bias.clone(),
-        };
+        let patch = Linear::from_weights(w, self.embeddings.patch_bias.clone());
         let mut h = patch.forward(&x)?;
         if let Some(cls) = &self.embeddings.class_embedding {
             let cls = cls
