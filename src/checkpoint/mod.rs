@@ -194,6 +194,12 @@ pub fn write_llava_files(model: &LlavaModel, dir: &Path, assets: SaveAssets<'_>)
         .map(|(name, t)| (layout::saved_key(&name), t))
         .collect();
     save_safetensors(&tensors, &dir.join(SAFETENSORS_SINGLE))?;
+    write_model_assets(model, dir, assets)
+}
+
+/// What a checkpoint holds besides config and weights: training record, tokenizer, image
+/// processor (a LoRA adapter directory holds these too).
+pub fn write_model_assets(model: &LlavaModel, dir: &Path, assets: SaveAssets<'_>) -> Result<()> {
     if let Some(record) = assets.training {
         record.write(dir)?;
     }

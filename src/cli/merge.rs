@@ -22,8 +22,11 @@ pub const MERGE_FILE: &str = "merge.json";
 #[derive(Debug, Args)]
 pub struct MergeArgs {
     /// Checkpoint directories of one architecture and vocabulary (two or more).
-    #[arg(long, num_args = 2.., required = true)]
+    #[arg(long, num_args = 2.., required_unless_present = "lora", conflicts_with = "lora")]
     pub models: Vec<PathBuf>,
+    /// Fold a LoRA adapter directory into its base instead (W + s·B·A): a full checkpoint.
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
     /// One weight per model (normalised to sum to 1): θ = Σ wᵢ·θᵢ.
     #[arg(long, num_args = 1.., conflicts_with = "auto_weights", allow_negative_numbers = true)]
     pub weights: Vec<f64>,
@@ -78,6 +81,11 @@ pub struct MergeRecord {
 }
 
 pub fn run(args: MergeArgs) -> Result<()> {
+    if let Some(adapter) = &args.lora {
+        let origin = fold_adapter(adapter, &args.out, args.force)?;
+        println!("folded {origin} into {}", args.out.display());
+        return Ok(());
+    }
     let record = merge(&args)?;
     if args.json {
         println!("{}", serde_json::to_string(&record)?);
@@ -96,6 +104,38 @@ pub fn run(args: MergeArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Writes the adapter folded into its base as a full checkpoint; returns what was folded.
+fn fold_adapter(adapter: &Path, out: &Path, force: bool) -> Result<String> {
+    ensure!(
+        crate::checkpoint::adapter::is_adapter(adapter),
+        "{} is not a LoRA adapter directory (no adapter_config.json, or it has a config.json)",
+        adapter.display()
+    );
+    if out.exists() && !force {
+        bail!(
+            "{} already exists: choose another --out or pass --force to replace it",
+            out.display()
+        );
+    }
+    let _lock = OutputLock::acquire_beside(out)?;
+    let spec = adapter.to_str().context("adapter path is not UTF-8")?;
+    let bundle = crate::checkpoint::LoadedModel::load(
+        spec,
+        &crate::models::llava::BuildOptions::new(crate::models::llava::Trainable::NONE, 0),
+    )?;
+    crate::checkpoint::save_llava(
+        &bundle.model,
+        out,
+        crate::checkpoint::SaveAssets {
+            tokenizer_dir: Some(&bundle.dir),
+            tokenizer: None,
+            processor: Some(&bundle.processor),
+            training: bundle.training.as_ref(),
+        },
+    )?;
+    Ok(bundle.origin)
 }
 
 fn merge(args: &MergeArgs) -> Result<MergeRecord> {

@@ -53,6 +53,11 @@ pub const KEYS: &[KeyDoc] = &[
     k("train.trainable", "list", "modules the stage trains: any of vision, projector, llm (default: the paper's)"),
     k("train.max_loss_spike", "float", "stop a step whose loss is over N× the median of the last 20 steps, before its update (off when unset)"),
     k("train.max_grad_norm_spike", "float", "likewise for the gradient norm before clipping (off when unset)"),
+    k("train.lora.rank", "integer", "train.lora (a table: low-rank adapters instead of full weights; the stage writes a PEFT adapter): rank r (8)"),
+    k("train.lora.alpha", "float", "the adapters' scale is alpha / r (8)"),
+    k("train.lora.rslora", "bool", "scale by alpha / √r instead (rsLoRA)"),
+    k("train.lora.targets", "list", "linear layers adapted by name (q_proj, v_proj, fc1, linear_1, …) or all-linear (default q_proj, v_proj)"),
+    k("train.lora.modules", "list", "modules whose layers get adapters, their weights frozen: any of vision, projector, llm (default llm); the rest of train.trainable trains fully"),
     k("train.objective", "list of tables", "the stage's loss, [[stages.<stage>.objective]]: term, weight, name, divergence, temperature, t2_scaling (see the README)"),
     // [distill]
     k("distill.divergence", "string or table", "forward_kl, reverse_kl, tvd, { kind = \"jsd\", beta }, { kind = \"skew_forward_kl\" | \"skew_reverse_kl\", alpha }"),
@@ -249,6 +254,12 @@ mod tests {
                 if section == "train" && key == "schedule" {
                     for sub in value.as_object().unwrap().keys() {
                         keys.insert(format!("train.schedule.{sub}"));
+                    }
+                } else if section == "train" && key == "lora" {
+                    let lora =
+                        serde_json::to_value(crate::config::LoraSettings::default()).unwrap();
+                    for sub in lora.as_object().unwrap().keys() {
+                        keys.insert(format!("train.lora.{sub}"));
                     }
                 } else {
                     keys.insert(format!("{prefix}.{key}"));

@@ -7,4 +7,6 @@ pub mod settings;
 pub mod tower;
 
 pub use preset::{builtin_preset_names, load_document, Document};
-pub use settings::{DataSettings, ModelSpec, Module, Role, Stage, StageSettings, TrainSettings};
+pub use settings::{
+    DataSettings, LoraSettings, ModelSpec, Module, Role, Stage, StageSettings, TrainSettings,
+};

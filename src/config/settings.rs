@@ -263,6 +263,47 @@ pub struct TrainSettings {
     pub max_loss_spike: Option<f64>,
     /// Likewise for the gradient norm (before clipping).
     pub max_grad_norm_spike: Option<f64>,
+    /// Train low-rank adapters instead of the weights of `lora.modules` (their bases frozen);
+    /// the other modules of `trainable` train fully. The stage writes a PEFT adapter.
+    pub lora: Option<LoraSettings>,
+}
+
+/// `train.lora`: low-rank adapters (PEFT's defaults where one applies).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSettings {
+    #[serde(default = "default_lora_rank")]
+    pub rank: usize,
+    /// The branch is scaled by alpha / rank (alpha / √rank with `rslora`).
+    #[serde(default = "default_lora_alpha")]
+    pub alpha: f64,
+    /// Linear layers adapted, by name (`q_proj`, `fc1`, `linear_1`, …), or `all-linear`.
+    #[serde(default = "default_lora_targets")]
+    pub targets: Vec<String>,
+    /// Modules whose layers get adapters; their other weights are frozen.
+    #[serde(default = "default_lora_modules")]
+    pub modules: Vec<Module>,
+    #[serde(default)]
+    pub rslora: bool,
+}
+
+impl Default for LoraSettings {
+    fn default() -> Self {
+        toml::from_str("").expect("all LoRA settings have defaults")
+    }
+}
+
+fn default_lora_rank() -> usize {
+    8
+}
+fn default_lora_alpha() -> f64 {
+    8.0
+}
+fn default_lora_targets() -> Vec<String> {
+    vec!["q_proj".into(), "v_proj".into()]
+}
+fn default_lora_modules() -> Vec<Module> {
+    vec![Module::Llm]
 }
 
 /// A trainable part of a LLaVA model.
@@ -472,6 +513,22 @@ impl StageSettings {
             self.data.val_questions.is_some() == self.data.val_answers.is_some(),
             "data.val_questions and data.val_answers go together (--val-questions, --val-answers)"
         );
+        if let Some(lora) = &t.lora {
+            anyhow::ensure!(lora.rank >= 1, "train.lora.rank must be at least 1");
+            anyhow::ensure!(
+                lora.alpha.is_finite() && lora.alpha > 0.0,
+                "train.lora.alpha must be a positive number, got {}",
+                lora.alpha
+            );
+            anyhow::ensure!(
+                !lora.targets.is_empty(),
+                "train.lora.targets is empty: name the layers to adapt"
+            );
+            anyhow::ensure!(
+                !lora.modules.is_empty(),
+                "train.lora.modules is empty: name the modules to adapt"
+            );
+        }
         if let Some(modules) = &t.trainable {
             anyhow::ensure!(
                 !modules.is_empty(),

@@ -26,9 +26,22 @@ pub fn from_checkpoint(
     frozen_dtype: DType,
     device: &Device,
 ) -> Result<LoadedModel> {
+    from_checkpoint_with(spec, trainable, frozen_dtype, device, None)
+}
+
+/// [`from_checkpoint`] with LoRA adapters where `lora` says (loaded from the checkpoint when
+/// it has them, new otherwise).
+pub fn from_checkpoint_with(
+    spec: &str,
+    trainable: Trainable,
+    frozen_dtype: DType,
+    device: &Device,
+    lora: Option<Arc<mmkd_nn::LoraPlan>>,
+) -> Result<LoadedModel> {
     let mut options = BuildOptions::new(trainable, 0);
     options.frozen_dtype = frozen_dtype;
     options.device = device.clone();
+    options.lora = lora;
     LoadedModel::load(spec, &options)
 }
 

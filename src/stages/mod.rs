@@ -3,6 +3,7 @@
 
 mod batches;
 pub mod init;
+pub mod lora;
 pub mod memory;
 pub mod output;
 pub mod progress;

@@ -362,7 +362,15 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
 
     // The final model goes into OUT itself; the summary, written last, marks the stage as
     // finished.
-    write_files_into(&run.out, |dir| write_llava_files(model, dir, assets))?;
+    match super::lora::plan(settings) {
+        Some(plan) => {
+            let base = super::lora::adapter_base(run)?;
+            write_files_into(&run.out, |dir| {
+                super::lora::write_adapter_files(model, dir, assets, &base, &plan)
+            })?
+        }
+        None => write_files_into(&run.out, |dir| write_llava_files(model, dir, assets))?,
+    }
     let all_metrics = read_metrics(&run.out.join("metrics.jsonl"))?;
     plot_losses(&all_metrics, &run.out.join("loss.png"))?;
     let wall = started.elapsed().as_secs_f64();

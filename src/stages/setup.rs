@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Var};
 
-use super::init::{from_checkpoint, from_spec};
+use super::init::{from_checkpoint_with, from_spec};
 use super::StageRun;
 use crate::checkpoint::LoadedModel;
 use crate::config::{Module, StageSettings};
@@ -26,13 +26,17 @@ pub(super) enum TeacherPlan {
     Cached(PathBuf, Manifest),
 }
 
+/// The modules whose own weights train (those with LoRA adapters train through them instead).
 pub(super) fn trainable_modules(settings: &StageSettings) -> Trainable {
     let modules = settings.train.modules(settings.stage);
-    Trainable {
-        vision: modules.contains(&Module::Vision),
-        projector: modules.contains(&Module::Projector),
-        llm: modules.contains(&Module::Llm),
-    }
+    super::lora::fully_trained(
+        settings,
+        Trainable {
+            vision: modules.contains(&Module::Vision),
+            projector: modules.contains(&Module::Projector),
+            llm: modules.contains(&Module::Llm),
+        },
+    )
 }
 
 /// The projector's parameter group, and the vision tower's when it trains.
@@ -129,14 +133,19 @@ pub(super) fn load_student(
     device: &Device,
 ) -> Result<LoadedModel> {
     let settings = &run.settings;
-    match (resume, &run.init) {
-        (Some(ckpt), _) => from_checkpoint(
+    let lora = super::lora::plan(settings);
+    if lora.is_some() {
+        super::lora::adapter_base(run)?;
+    }
+    let student = match (resume, &run.init) {
+        (Some(ckpt), _) => from_checkpoint_with(
             ckpt.to_str().context("non-UTF-8 path")?,
             trainable,
             frozen_dtype,
             device,
-        ),
-        (None, Some(init)) => from_checkpoint(init, trainable, frozen_dtype, device),
+            lora,
+        )?,
+        (None, Some(init)) => from_checkpoint_with(init, trainable, frozen_dtype, device, lora)?,
         (None, None) if settings.stage.is_pretraining() => {
             let tokenizer = run
                 .tokenizer
@@ -148,13 +157,17 @@ pub(super) fn load_student(
                 trainable,
                 frozen_dtype,
                 device,
-            )
+            )?
         }
         (None, None) => bail!(
             "`{}` continues a trained model: pass --init DIR (the previous stage's output)",
             settings.stage.name()
         ),
+    };
+    if let Some(lora) = &settings.train.lora {
+        super::lora::check_targets(&student.model, lora)?;
     }
+    Ok(student)
 }
 
 /// Where the teacher side comes from, as the objective asks: none, an online teacher (loaded
