@@ -80,7 +80,8 @@ pub struct LoraBranch {
 }
 
 impl LoraBranch {
-    /// s·(x Aᵀ) Bᵀ, in `x`'s dtype.
+    /// s·(x Aᵀ) Bᵀ, in `x`'s dtype. The scale is applied to the rank-r intermediate, so no
+    /// extra `[tokens, out]` tensor is kept for the backward pass.
     pub fn forward(&self, x: &Tensor) -> CResult<Tensor> {
         let cast = |t: &Tensor| {
             if t.dtype() == x.dtype() {
@@ -89,9 +90,8 @@ impl LoraBranch {
                 t.to_dtype(x.dtype())
             }
         };
-        let down = crate::fused::linear(x, &cast(&self.a)?, None)?;
-        let up = crate::fused::linear(&down, &cast(&self.b)?, None)?;
-        up.affine(self.scale, 0.0)
+        let down = crate::fused::linear(x, &cast(&self.a)?, None)?.affine(self.scale, 0.0)?;
+        crate::fused::linear(&down, &cast(&self.b)?, None)
     }
 
     /// s·B·A `[out, in]`: what folding the adapter into W adds.

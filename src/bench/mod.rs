@@ -42,6 +42,8 @@ pub struct BenchOptions {
     /// Row ranges of the batch whose student forward and backward run concurrently, their
     /// gradients averaged (1: the whole batch at once).
     pub student_shards: usize,
+    /// Train the student's LLM through adapters of this rank instead of fully.
+    pub lora_rank: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -54,6 +56,7 @@ impl Default for BenchOptions {
             matmul_peak_size: Some(1024),
             teacher_overlap: true,
             student_shards: 1,
+            lora_rank: None,
         }
     }
 }
@@ -65,7 +68,7 @@ pub fn run(
     mut on_step: impl FnMut(usize, &StepOutcome),
 ) -> Result<BenchReport> {
     ensure!(options.steps > 0, "`--steps` must be at least 1");
-    let mut step = DftStep::new(spec, options.seed)?;
+    let mut step = DftStep::with_student_lora(spec, options.seed, options.lora_rank)?;
     step.set_teacher_overlap(options.teacher_overlap);
     step.set_student_shards(options.student_shards)?;
     let mut timed = Vec::with_capacity(options.steps);
@@ -97,6 +100,8 @@ pub fn run(
         None,
     )?;
     report.teacher_overlap = options.teacher_overlap;
+    report.lora_rank = options.lora_rank;
+    report.trainable_parameters = step.trainable_parameters();
     Ok(report)
 }
 
@@ -110,7 +115,7 @@ pub fn run_cached(
     mut on_step: impl FnMut(usize, &StepOutcome),
 ) -> Result<BenchReport> {
     ensure!(options.steps > 0, "`--steps` must be at least 1");
-    let mut step = DftStep::new(spec, options.seed)?;
+    let mut step = DftStep::with_student_lora(spec, options.seed, options.lora_rank)?;
     step.set_student_shards(options.student_shards)?;
     let dir = std::env::temp_dir().join(format!("mmkd-bench-cache-{}", std::process::id()));
     if dir.exists() {
@@ -135,7 +140,7 @@ pub fn run_cached(
             }
         }
         let cpu_per_step = (cpu_time::process_cpu_seconds()? - cpu_start) / options.steps as f64;
-        BenchReport::new(
+        let mut report = BenchReport::new(
             spec,
             options.warmup,
             &timed,
@@ -143,7 +148,10 @@ pub fn run_cached(
             memory::peak_rss_bytes()?,
             None,
             Some(top_k),
-        )
+        )?;
+        report.lora_rank = options.lora_rank;
+        report.trainable_parameters = step.trainable_parameters();
+        Ok(report)
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result

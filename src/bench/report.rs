@@ -42,6 +42,12 @@ pub struct BenchReport {
     pub peak_rss_mib: f64,
     pub loss_first: f32,
     pub loss_last: f32,
+    /// Rank of the student LLM's adapters (`--lora-rank`); `None`: full DFT. With adapters the
+    /// FLOP count above (full DFT's) overstates the work: the frozen weights get no gradient.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<usize>,
+    /// Parameters the optimizer updates (and keeps state for).
+    pub trainable_parameters: usize,
 }
 
 impl BenchReport {
@@ -96,6 +102,8 @@ impl BenchReport {
             peak_rss_mib: peak_rss_bytes as f64 / (1024.0 * 1024.0),
             loss_first: timed[0].loss,
             loss_last: timed[timed.len() - 1].loss,
+            lora_rank: None,
+            trainable_parameters: 0,
         })
     }
 

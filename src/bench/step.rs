@@ -175,14 +175,46 @@ impl MicroBatchSource for Shards<'_> {
 }
 
 impl DftStep {
+    /// Parameters the student's optimizer updates.
+    pub fn trainable_parameters(&self) -> usize {
+        self.student.store.count_trainable()
+    }
+
     /// Builds both models with random weights (teacher seed `seed + 1`, student `seed + 2`, as
     /// the peer seeds them) and the batch (seed `seed`). Clipping is off, as in the peer's step.
     pub fn new(spec: &BenchSpec, seed: u64) -> Result<Self> {
+        Self::with_student_lora(spec, seed, None)
+    }
+
+    /// [`DftStep::new`] with the student's LLM trained through rank-`lora_rank` adapters on
+    /// all its linear layers (the projector still trains fully), as LLaVA's LoRA recipe does.
+    pub fn with_student_lora(
+        spec: &BenchSpec,
+        seed: u64,
+        lora_rank: Option<usize>,
+    ) -> Result<Self> {
         spec.validate()?;
         let device = Device::Cpu;
-        let teacher = build(spec, &spec.teacher, Trainable::NONE, seed + 1)
+        let teacher = build(spec, &spec.teacher, Trainable::NONE, seed + 1, None)
             .context("building the teacher")?;
-        let student = build(spec, &spec.student, Trainable::PROJECTOR_AND_LLM, seed + 2)
+        let (trainable, lora) = match lora_rank {
+            Some(rank) => (
+                Trainable::PROJECTOR,
+                Some(Arc::new(mmkd_nn::LoraPlan {
+                    targets: mmkd_nn::LoraTargets::Rule {
+                        modules: vec![crate::models::llava::LM_PREFIX.into()],
+                        names: vec![mmkd_nn::lora::ALL_LINEAR.into()],
+                    },
+                    rank,
+                    alpha: 2.0 * rank as f64,
+                    rslora: false,
+                    trainable: true,
+                    require_weights: false,
+                })),
+            ),
+            None => (Trainable::PROJECTOR_AND_LLM, None),
+        };
+        let student = build(spec, &spec.student, trainable, seed + 2, lora)
             .context("building the student")?;
         let vars = student.store.trainable_vars();
         let optimizer = AdamW::new(
@@ -430,9 +462,16 @@ impl DftStep {
     }
 }
 
-fn build(spec: &BenchSpec, lm: &LmSpec, trainable: Trainable, seed: u64) -> Result<LlavaModel> {
+fn build(
+    spec: &BenchSpec,
+    lm: &LmSpec,
+    trainable: Trainable,
+    seed: u64,
+    lora: Option<Arc<mmkd_nn::LoraPlan>>,
+) -> Result<LlavaModel> {
     let config = spec.llava_config(lm)?;
     let mut options = BuildOptions::new(trainable, seed);
+    options.lora = lora;
     // Every weight is freshly initialised: nothing is required from the (empty) source.
     options.require.clear();
     LlavaModel::build(&config, Arc::new(WeightSource::empty()), &options)

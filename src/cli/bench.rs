@@ -48,6 +48,10 @@ pub struct BenchArgs {
     /// k of that cache (token ids kept per position).
     #[arg(long, default_value_t = 64, requires = "teacher_cache")]
     pub top_k: usize,
+    /// Train the student's LLM through LoRA adapters of this rank on all its linear layers
+    /// (alpha = 2·rank; the projector trains fully) instead of full DFT.
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -59,6 +63,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         matmul_peak_size: (!args.no_matmul_peak).then_some(args.matmul_peak),
         teacher_overlap: !args.sequential,
         student_shards: args.student_shards,
+        lora_rank: args.lora_rank,
     };
     let bar = ProgressBar::new((args.warmup + args.steps) as u64);
     bar.set_style(

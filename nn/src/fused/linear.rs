@@ -103,17 +103,36 @@ impl Affine {
         Ok((out, Shape::from(dims)))
     }
 
-    /// (∂x, ∂W, ∂b) from x, W and ∂y, all treated as constants.
-    fn grads(x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    /// (∂x, ∂W, ∂b) from x, W and ∂y, all treated as constants. Only what the graph needs
+    /// is computed: a frozen weight (a constant, as in a frozen module or under a LoRA adapter)
+    /// gets no ∂W, an input no gradient reaches (detached features) no ∂x.
+    fn grads(
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (out_dim, in_dim) = w.dims2()?;
         let rows = x.elem_count() / in_dim.max(1);
         let dy2 = dy.detach().contiguous()?.reshape((rows, out_dim))?;
-        let x2 = x.detach().contiguous()?.reshape((rows, in_dim))?;
-        let dx = dy2
-            .apply_op2_no_bwd(&w.detach().contiguous()?, &InputGrad)?
-            .reshape(x.shape())?;
-        let dw = x2.apply_op2_no_bwd(&dy2, &WeightGrad)?;
-        let db = dy2.apply_op1_no_bwd(&ColumnSum)?;
+        let dx = if x.track_op() {
+            Some(
+                dy2.apply_op2_no_bwd(&w.detach().contiguous()?, &InputGrad)?
+                    .reshape(x.shape())?,
+            )
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            let x2 = x.detach().contiguous()?.reshape((rows, in_dim))?;
+            Some(x2.apply_op2_no_bwd(&dy2, &WeightGrad)?)
+        } else {
+            None
+        };
+        let db = match b {
+            Some(b) if b.track_op() => Some(dy2.apply_op1_no_bwd(&ColumnSum)?),
+            _ => None,
+        };
         Ok((dx, dw, db))
     }
 }
@@ -290,8 +309,8 @@ impl CustomOp2 for Affine {
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = Self::grads(x, w, dy)?;
-        Ok((Some(dx), Some(dw)))
+        let (dx, dw, _) = Self::grads(x, w, None, dy)?;
+        Ok((dx, dw))
     }
 }
 
@@ -316,12 +335,11 @@ impl CustomOp3 for Affine {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _y: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = Self::grads(x, w, dy)?;
-        Ok((Some(dx), Some(dw), Some(db)))
+        Self::grads(x, w, Some(b), dy)
     }
 }
 
