@@ -137,10 +137,39 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         .unwrap()
         .modified()
         .unwrap();
-    let (ok, _, err) = mmkd(&["demo", "--preset", "shapes-tiny", "--out", out_s]);
+    // A rerun skips what is finished; opt-in methods add their rows next to LLaVA-KD's.
+    let (ok, _, err) = mmkd(&[
+        "demo",
+        "--preset",
+        "shapes-tiny",
+        "--out",
+        out_s,
+        "--methods",
+        "lora,merge",
+    ]);
     assert!(ok, "{err}");
     assert!(err.contains("done earlier, skipped"), "{err}");
     assert!(err.contains("tower: done earlier, skipped"), "{err}");
+    assert!(out
+        .join("seed-0/distilled-lora/adapter_config.json")
+        .exists());
+    assert!(out.join("seed-0/merged/merge.json").exists());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for row in ["distilled-lora", "merged"] {
+        let acc = report["results"][row]["vqa_accuracy"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&acc), "{row}: {acc}");
+        assert_eq!(
+            report["results"][row]["params"], report["results"]["distilled"]["params"],
+            "{row}"
+        );
+    }
+    assert_eq!(report["methods"][0]["row"], "distilled-lora");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("| distilled-lora |") && md.contains("**merged:** merged − distilled"),
+        "{md}"
+    );
     let after = std::fs::metadata(out.join("seed-0/teacher/sft/model.safetensors"))
         .unwrap()
         .modified()

@@ -25,6 +25,11 @@ pub struct DemoArgs {
     /// Override preset values (`key.path=value`), e.g. `demo.train=500`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
+    /// Methods added as rows next to LLaVA-KD, each built on the seed's own teacher and
+    /// students: `lora` (DFT through LoRA adapters), `merge` (LM-Cocktail merge of the
+    /// distilled and baseline students). Comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub methods: Vec<crate::demo::methods::DemoMethod>,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -32,6 +37,7 @@ pub struct DemoArgs {
 
 pub fn run(args: DemoArgs) -> Result<()> {
     let report = run_demo(&DemoOptions {
+        methods: args.methods,
         preset: args.preset,
         out: args.out.clone(),
         seeds: args.seeds,

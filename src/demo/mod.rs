@@ -4,6 +4,7 @@
 //! (DPT → SFT → DFT), evaluates all three on the held-out test split and writes `report.md` and
 //! `report.json`. Finished stages are skipped on re-runs.
 
+pub mod methods;
 pub mod report;
 pub mod settings;
 
@@ -27,6 +28,8 @@ pub const MODELS: [&str; 3] = ["teacher", "baseline", "distilled"];
 
 #[derive(Clone, Debug)]
 pub struct DemoOptions {
+    /// Methods added as rows next to LLaVA-KD.
+    pub methods: Vec<methods::DemoMethod>,
     pub preset: String,
     pub out: PathBuf,
     pub seeds: usize,
@@ -161,6 +164,8 @@ struct StagePlan<'a> {
     /// A checkpoint whose vision tower a fresh model takes.
     tower: Option<&'a str>,
     epochs: usize,
+    /// Train through LoRA adapters.
+    lora: Option<crate::config::LoraSettings>,
 }
 
 fn run_plan(
@@ -182,6 +187,10 @@ fn run_plan(
         &format!("stages.{}.epochs={}", plan.stage.name(), plan.epochs),
     )?;
     let mut settings = StageSettings::resolve(&doc, plan.stage, plan.role)?;
+    if let Some(lora) = &plan.lora {
+        settings.train.lora = Some(lora.clone());
+        settings.train.lr *= 10.0;
+    }
     settings.train.seed = seed;
     settings.model.seed = settings.model.seed.wrapping_add(1000 * seed);
     if let Some(tower) = plan.tower {
@@ -346,6 +355,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 teacher: None,
                 tower: teacher_tower,
                 epochs: demo.teacher_pt_epochs,
+                lora: None,
             },
             StagePlan {
                 stage: Stage::Sft,
@@ -355,6 +365,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 teacher: None,
                 tower: None,
                 epochs: demo.teacher_sft_epochs,
+                lora: None,
             },
             StagePlan {
                 stage: Stage::Pretrain,
@@ -364,6 +375,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 teacher: None,
                 tower: Some("teacher/pt"),
                 epochs: demo.student_pt_epochs,
+                lora: None,
             },
             // Same step budget as the distilled student: its SFT gets the DFT epochs too.
             StagePlan {
@@ -374,6 +386,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 teacher: None,
                 tower: None,
                 epochs: demo.student_sft_epochs + demo.student_dft_epochs,
+                lora: None,
             },
             StagePlan {
                 stage: Stage::Dpt,
@@ -383,6 +396,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 teacher: Some("teacher/sft"),
                 tower: Some("teacher/pt"),
                 epochs: demo.student_pt_epochs,
+                lora: None,
             },
             StagePlan {
                 stage: Stage::Sft,
@@ -392,6 +406,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 teacher: None,
                 tower: None,
                 epochs: demo.student_sft_epochs,
+                lora: None,
             },
             StagePlan {
                 stage: Stage::Dft,
@@ -401,6 +416,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 teacher: Some("teacher/sft"),
                 tower: None,
                 epochs: demo.student_dft_epochs,
+                lora: None,
             },
         ];
         let mut seconds = std::collections::HashMap::new();
@@ -410,47 +426,63 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 .entry(plan.dir.split('/').next().unwrap_or(""))
                 .or_insert(0.0) += s;
         }
-        let finals = [
+        let mut finals: Vec<(String, PathBuf)> = [
             ("teacher", "teacher/sft"),
             ("baseline", "baseline/sft"),
             ("distilled", "distilled/dft"),
-        ];
+        ]
+        .iter()
+        .map(|(name, dir)| (name.to_string(), seed_dir.join(dir)))
+        .collect();
+        for method in &options.methods {
+            let (dir, s) = methods::run_method(
+                *method,
+                &methods::SeedRun {
+                    doc: &doc,
+                    seed_dir: &seed_dir,
+                    data: &data,
+                    template: &chat_template,
+                    dft_epochs: demo.student_dft_epochs,
+                    seed,
+                    progress: options.progress,
+                },
+            )?;
+            seconds.insert(method.row(), s);
+            finals.push((method.row().to_string(), dir));
+        }
         let mut results = std::collections::BTreeMap::new();
-        for (name, dir) in finals {
+        for (name, model_dir) in &finals {
             say(options.progress, &format!("eval: {name} (seed {seed})"));
-            let model_dir = seed_dir.join(dir);
             let evals = evaluate(
-                &model_dir,
+                model_dir,
                 &seed_dir.join("eval").join(name),
                 &data,
                 &demo,
                 &chat_template,
                 options.progress,
             )?;
-            let weights = crate::checkpoint::read_weights(&model_dir, &candle_core::Device::Cpu)?;
-            let count = weights
-                .names()
-                .filter_map(|n| weights.get(n))
-                .map(|t| t.elem_count())
-                .sum();
+            let count = methods::parameter_count(model_dir)?;
             results.insert(
-                name.to_string(),
+                name.clone(),
                 model_result(
                     &evals,
                     count,
-                    *seconds.get(name).unwrap_or(&0.0),
-                    &model_dir,
+                    *seconds.get(name.as_str()).unwrap_or(&0.0),
+                    model_dir,
                 ),
             );
         }
         per_seed.push((seed, seed_dir, results));
     }
     report::write(
-        &options.out,
-        &options.preset,
-        &demo,
-        &data,
-        &chat_template,
+        &report::RunContext {
+            out: &options.out,
+            methods: &options.methods,
+            preset: &options.preset,
+            demo: &demo,
+            data: &data,
+            template: &chat_template,
+        },
         &per_seed,
         started.elapsed().as_secs_f64(),
     )

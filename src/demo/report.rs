@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
+use super::methods::DemoMethod;
 use super::settings::{DemoSettings, EvalSplit};
 use super::{ModelResult, MODELS};
 use crate::config::tower::TowerObjective;
@@ -62,8 +63,8 @@ fn describe_difference(name_a: &str, name_b: &str, diffs: &[f64]) -> String {
 
 /// The demo's question in one line: does the distilled student beat the baseline, and the
 /// teacher both? Differences are paired by seed, with their spread, so noise reads as noise.
-fn verdict(per_seed: &[SeedResults]) -> String {
-    format!(
+fn verdict(per_seed: &[SeedResults], methods: &[DemoMethod]) -> String {
+    let mut text = format!(
         "**Verdict (VQA accuracy):** {}; {}; {}.\n\n",
         describe_difference(
             "distilled",
@@ -80,7 +81,24 @@ fn verdict(per_seed: &[SeedResults]) -> String {
             "baseline",
             &paired_differences(per_seed, "teacher", "baseline")
         ),
-    )
+    );
+    for method in methods {
+        let row = method.row();
+        text.push_str(&format!(
+            "**{row}:** {}; {}.\n\n",
+            describe_difference(
+                row,
+                "distilled",
+                &paired_differences(per_seed, row, "distilled")
+            ),
+            describe_difference(
+                row,
+                "baseline",
+                &paired_differences(per_seed, row, "baseline")
+            ),
+        ));
+    }
+    text
 }
 
 fn cell(values: &[f64], decimals: usize) -> String {
@@ -136,16 +154,26 @@ fn tower_sentence(demo: &DemoSettings, per_seed: &[SeedResults]) -> String {
     )
 }
 
+/// What a demo run was: where it wrote, which rows it has, on what data.
+pub struct RunContext<'a> {
+    pub out: &'a Path,
+    pub methods: &'a [DemoMethod],
+    pub preset: &'a str,
+    pub demo: &'a DemoSettings,
+    pub data: &'a Path,
+    pub template: &'a str,
+}
+
 /// Writes both reports; returns the path of `report.md`.
-pub fn write(
-    out: &Path,
-    preset: &str,
-    demo: &DemoSettings,
-    data: &Path,
-    template: &str,
-    per_seed: &[SeedResults],
-    wall_seconds: f64,
-) -> Result<PathBuf> {
+pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) -> Result<PathBuf> {
+    let RunContext {
+        out,
+        methods,
+        preset,
+        demo,
+        data,
+        template,
+    } = *ctx;
     let metric_fns: Vec<MetricFn> = vec![
         ("vqa_accuracy", Box::new(|r: &ModelResult| r.vqa_accuracy)),
         ("caption_cider", Box::new(|r: &ModelResult| r.caption_cider)),
@@ -159,8 +187,13 @@ pub fn write(
         ),
         ("pope_f1", Box::new(|r: &ModelResult| r.pope_f1)),
     ];
+    let models: Vec<&str> = MODELS
+        .iter()
+        .copied()
+        .chain(methods.iter().map(|m| m.row()))
+        .collect();
     let mut results = serde_json::Map::new();
-    for model in MODELS {
+    for &model in &models {
         let mut obj = serde_json::Map::new();
         for (name, f) in &metric_fns {
             let values = collect(per_seed, model, f);
@@ -205,6 +238,11 @@ pub fn write(
             "teacher_minus_distilled": difference_json(&paired_differences(per_seed, "teacher", "distilled")),
             "teacher_minus_baseline": difference_json(&paired_differences(per_seed, "teacher", "baseline")),
         },
+        "methods": methods.iter().map(|m| json!({
+            "row": m.row(),
+            "minus_distilled": difference_json(&paired_differences(per_seed, m.row(), "distilled")),
+            "minus_baseline": difference_json(&paired_differences(per_seed, m.row(), "baseline")),
+        })).collect::<Vec<_>>(),
         "per_seed": per_seed.iter().map(|(s, dir, r)| json!({"seed": s, "dir": dir, "results": r})).collect::<Vec<_>>(),
     });
     std::fs::write(
@@ -221,8 +259,11 @@ pub fn write(
         per_seed.len(), wall_seconds, demo.train, if demo.eval_split == EvalSplit::Val { demo.val } else { demo.test }, demo.eval_split.name(), demo.image_size
     ));
     md.push_str(&tower_sentence(demo, per_seed));
+    for method in methods {
+        md.push_str(&format!("{}\n\n", method.describe()));
+    }
     md.push_str("| model | params | VQA acc (%) | CIDEr-D | BLEU-4 | ROUGE-L | POPE F1 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
-    for model in MODELS {
+    for &model in &models {
         let params = per_seed
             .first()
             .and_then(|(_, _, r)| r.get(model))
@@ -239,7 +280,7 @@ pub fn write(
         ));
     }
     md.push('\n');
-    md.push_str(&verdict(per_seed));
+    md.push_str(&verdict(per_seed, methods));
     // Per-category accuracy.
     let mut cats: Vec<String> = per_seed
         .first()
@@ -250,11 +291,11 @@ pub fn write(
     if !cats.is_empty() {
         md.push_str(&format!(
             "| VQA category | {} |\n| --- |{}\n",
-            MODELS.join(" | "),
-            " ---: |".repeat(MODELS.len())
+            models.join(" | "),
+            " ---: |".repeat(models.len())
         ));
         for c in &cats {
-            let cells: Vec<String> = MODELS
+            let cells: Vec<String> = models
                 .iter()
                 .map(|m| {
                     cell(
