@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
@@ -254,35 +253,7 @@ fn a_killed_lora_stage_resumes_to_the_same_adapter() {
 
     let killed = w.p("lora/dft-killed");
     let killed_dir = PathBuf::from(&killed);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mmkd"))
-        .args(args(&killed))
-        .spawn()
-        .unwrap();
-    let mut interrupted = false;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        let has_ckpt = killed_dir
-            .join("checkpoints")
-            .read_dir()
-            .map(|mut d| {
-                d.any(|e| {
-                    e.unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with("step-")
-                })
-            })
-            .unwrap_or(false);
-        if has_ckpt {
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
-            interrupted = !killed_dir.join("summary.json").exists();
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let interrupted = common::kill_after_first_checkpoint(&args(&killed), &killed_dir);
     assert!(
         interrupted,
         "the run finished before it could be killed; the test needs a longer run"

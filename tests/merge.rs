@@ -169,16 +169,7 @@ fn merging_averages_with_the_given_weights_and_is_exact_at_the_ends() {
         let want = ((wa[name].to_dtype(DType::F64).unwrap() * 0.25).unwrap()
             + (wb[name].to_dtype(DType::F64).unwrap() * 0.75).unwrap())
         .unwrap();
-        let diff = (t.to_dtype(DType::F64).unwrap() - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff = common::max_abs_diff(t, &want.to_dtype(DType::F32).unwrap());
         assert!(diff < 1e-6, "{name}: {diff}");
     }
     for file in [

@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use common::mmkd;
@@ -308,36 +307,7 @@ fn sigkill_then_resume_equals_an_uninterrupted_run() {
 
     let killed = s("resume/killed");
     let killed_dir = PathBuf::from(&killed);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mmkd"))
-        .args(common_args(&killed))
-        .spawn()
-        .unwrap();
-    // Kill as soon as a checkpoint exists (mid-run: the final model is not there yet).
-    let mut interrupted = false;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            break;
-        }
-        let has_ckpt = killed_dir
-            .join("checkpoints")
-            .read_dir()
-            .map(|mut d| {
-                d.any(|e| {
-                    e.unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with("step-")
-                })
-            })
-            .unwrap_or(false);
-        if has_ckpt {
-            child.kill().unwrap(); // SIGKILL on Unix
-            child.wait().unwrap();
-            interrupted = !killed_dir.join("summary.json").exists();
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let interrupted = common::kill_after_first_checkpoint(&common_args(&killed), &killed_dir);
     assert!(
         interrupted,
         "the run finished before it could be killed; the test needs a longer run"

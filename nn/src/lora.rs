@@ -145,19 +145,6 @@ mod tests {
         Tensor::from_vec(values, (2, 3, 6), &candle_core::Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
     #[test]
     fn an_adapter_starts_as_its_base_and_adds_s_b_a_once_trained() {
         let store = crate::ParamStore::new();
@@ -166,7 +153,10 @@ mod tests {
         // B = 0: exactly the base layer.
         let base = crate::Linear::from_weights(layer.weight.clone(), layer.bias.clone());
         assert_eq!(
-            max_diff(&layer.forward(&x).unwrap(), &base.forward(&x).unwrap()),
+            crate::fused::testing::max_abs_diff(
+                &layer.forward(&x).unwrap(),
+                &base.forward(&x).unwrap()
+            ),
             0.0
         );
         // Some B: x (W + s·B·A)ᵀ + b.
@@ -182,7 +172,10 @@ mod tests {
             (&trained.weight + branch.delta().unwrap()).unwrap(),
             trained.bias.clone(),
         );
-        let diff = max_diff(&trained.forward(&x).unwrap(), &folded.forward(&x).unwrap());
+        let diff = crate::fused::testing::max_abs_diff(
+            &trained.forward(&x).unwrap(),
+            &folded.forward(&x).unwrap(),
+        );
         assert!(diff < 1e-5, "{diff}");
     }
 

@@ -58,3 +58,37 @@ pub fn mmkd_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String, Stri
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Starts `mmkd ARGS` writing to `out` and SIGKILLs it as soon as its first checkpoint exists
+/// (mid-run: the final model is not there yet). True when the run was cut short (false: it
+/// finished first, and the test needs a longer run).
+#[allow(dead_code)]
+pub fn kill_after_first_checkpoint(args: &[String], out: &std::path::Path) -> bool {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_mmkd"))
+        .args(args)
+        .spawn()
+        .expect("starting mmkd");
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        let has_checkpoint = out
+            .join("checkpoints")
+            .read_dir()
+            .map(|mut d| {
+                d.any(|e| {
+                    e.unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("step-")
+                })
+            })
+            .unwrap_or(false);
+        if has_checkpoint {
+            child.kill().unwrap(); // SIGKILL on Unix
+            child.wait().unwrap();
+            return !out.join("summary.json").exists();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
