@@ -154,9 +154,10 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         .join("seed-0/distilled-lora/adapter_config.json")
         .exists());
     assert!(out.join("seed-0/merged/merge.json").exists());
+    assert!(out.join("seed-0/merged-sft/merge.json").exists());
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    for row in ["distilled-lora", "merged"] {
+    for row in ["distilled-lora", "merged", "merged-sft"] {
         let acc = report["results"][row]["vqa_accuracy"].as_f64().unwrap();
         assert!((0.0..=100.0).contains(&acc), "{row}: {acc}");
         assert_eq!(
@@ -196,4 +197,26 @@ fn first_seed_runs_only_the_seeds_asked_for() {
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(report["per_seed"][0]["seed"], 2, "{}", report["per_seed"]);
+}
+
+#[test]
+fn an_interrupted_demo_goes_on_where_it_stopped() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let args = [
+        "demo",
+        "--preset",
+        "shapes-tiny",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let (ok, _, err) = common::mmkd_with_env(&args, &[("MMKD_FAULT_SIGNAL_AT_STEP", "2")]);
+    assert!(
+        !ok && err.contains("interrupted by SIGTERM after step 2"),
+        "{err}"
+    );
+    let (ok, _, err) = mmkd(&args);
+    assert!(ok, "{err}");
+    assert!(out.join("report.json").exists());
 }

@@ -7,26 +7,28 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use super::{run_plan, say, stage_finished, StagePlan};
+use super::{run_plan, say, StagePlan};
 use crate::config::{Document, LoraSettings, Module, Role, Stage};
 
 /// An opt-in row of the demo.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum DemoMethod {
     /// The distilled student's DFT through LoRA adapters on every linear layer of its LLM
-    /// (rank 16, alpha 32; lr ×10, LLaVA-1.5's LoRA recipe) instead of full weights.
+    /// (rank 16, alpha 32; adapters at 10× the lr, the projector at 1×: LLaVA-1.5's LoRA
+    /// recipe) instead of full weights.
     Lora,
-    /// LM-Cocktail: the distilled student merged with the baseline, weights from each one's
-    /// loss on 16 held-out instructions (τ = 5).
+    /// LM-Cocktail, twice: the distilled student merged with the baseline (`merged`), and with
+    /// its own SFT checkpoint, the model its DFT fine-tuned (`merged-sft`); weights from each
+    /// one's loss on 16 held-out instructions (τ = 5).
     Merge,
 }
 
 impl DemoMethod {
-    /// Its row in the report (and its directory under each seed).
-    pub fn row(self) -> &'static str {
+    /// Its rows in the report (and their directories under each seed).
+    pub fn rows(self) -> &'static [&'static str] {
         match self {
-            DemoMethod::Lora => "distilled-lora",
-            DemoMethod::Merge => "merged",
+            DemoMethod::Lora => &["distilled-lora"],
+            DemoMethod::Merge => &["merged", "merged-sft"],
         }
     }
 
@@ -35,12 +37,15 @@ impl DemoMethod {
         match self {
             DemoMethod::Lora => {
                 "`distilled-lora`: DPT → SFT as the distilled student, then its DFT through LoRA \
-                 adapters (rank 16, alpha 32, every linear layer of the LLM; the projector trains \
-                 fully; learning rate ×10 as in LLaVA-1.5's LoRA recipe) — the same steps."
+                 adapters (rank 16, alpha 32, every linear layer of the LLM) — the same steps; \
+                 the projector trains fully; adapters at 10× the learning rate, the projector at \
+                 1× (LLaVA-1.5's LoRA recipe)."
             }
             DemoMethod::Merge => {
-                "`merged`: LM-Cocktail — the distilled and the baseline student averaged, each \
-                 weighted by softmax(−loss/5) of its loss on 16 held-out instructions; no training."
+                "`merged`, `merged-sft`: LM-Cocktail — the distilled student averaged with the \
+                 baseline student, or with its own SFT checkpoint (the model its DFT fine-tuned), \
+                 each weighted by softmax(−loss/5) of its loss on 16 held-out instructions; no \
+                 training."
             }
         }
     }
@@ -68,72 +73,70 @@ pub struct SeedRun<'a> {
     pub progress: bool,
 }
 
-/// Builds the method's model for one seed (unless done earlier); returns its directory and
-/// the seconds spent.
-pub fn run_method(method: DemoMethod, run: &SeedRun<'_>) -> Result<(PathBuf, f64)> {
-    let SeedRun {
-        doc,
-        seed_dir,
-        data,
-        template,
-        dft_epochs,
-        seed,
-        progress,
-    } = *run;
-    let out = seed_dir.join(method.row());
+/// Builds the method's models for one seed (unless done earlier); returns each row's name,
+/// directory and the seconds spent.
+pub fn run_method(method: DemoMethod, run: &SeedRun<'_>) -> Result<Vec<(String, PathBuf, f64)>> {
+    let seed_dir = run.seed_dir;
     match method {
         DemoMethod::Lora => {
+            let row = method.rows()[0];
             let plan = StagePlan {
                 stage: Stage::Dft,
                 role: Role::Student,
-                dir: method.row(),
+                dir: row,
                 init: Some("distilled/sft"),
                 teacher: Some("teacher/sft"),
                 tower: None,
-                epochs: dft_epochs,
+                epochs: run.dft_epochs,
                 lora: Some(lora_settings()),
             };
-            let seconds = run_plan(doc, seed_dir, data, &plan, seed, progress)?;
-            Ok((out, seconds))
+            let seconds = run_plan(run.doc, seed_dir, run.data, &plan, run.seed, run.progress)?;
+            Ok(vec![(row.to_string(), seed_dir.join(row), seconds)])
         }
         DemoMethod::Merge => {
-            if stage_finished(&out) || out.join(crate::merge::MERGE_FILE).exists() {
-                say(
-                    progress,
-                    &format!("{}: done earlier, skipped", method.row()),
-                );
-                return Ok((out, 0.0));
-            }
-            say(progress, &format!("{}: LM-Cocktail merge", method.row()));
-            let started = Instant::now();
-            let examples = seed_dir.join("merge-examples.json");
-            let records: Vec<serde_json::Value> = serde_json::from_str(
-                &std::fs::read_to_string(data.join("val/instruct.json"))
-                    .context("reading the held-out instructions")?,
-            )?;
-            std::fs::write(
-                &examples,
-                serde_json::to_string(&records[..records.len().min(16)])?,
-            )?;
-            crate::merge::merge(&crate::merge::MergeRequest {
-                models: vec![
-                    seed_dir.join("distilled/dft"),
-                    seed_dir.join("baseline/sft"),
-                ],
-                weights: crate::merge::MergeWeights::Auto {
-                    examples,
-                    images: data.to_path_buf(),
-                    tau: crate::merge::cocktail::DEFAULT_TAU,
-                    template: Some(template.to_string()),
-                    batch_size: crate::merge::cocktail::DEFAULT_BATCH_SIZE,
-                    max_length: 2048,
-                },
-                out: out.clone(),
-                force: false,
-            })?;
-            Ok((out, started.elapsed().as_secs_f64()))
+            let with_baseline = cocktail(run, "merged", "baseline/sft")?;
+            let with_sft = cocktail(run, "merged-sft", "distilled/sft")?;
+            Ok(vec![with_baseline, with_sft])
         }
     }
+}
+
+/// LM-Cocktail of the distilled student and `other` into `row`, with weights from 16
+/// held-out instructions.
+fn cocktail(run: &SeedRun<'_>, row: &str, other: &str) -> Result<(String, PathBuf, f64)> {
+    let out = run.seed_dir.join(row);
+    if out.join(crate::merge::MERGE_FILE).exists() {
+        say(run.progress, &format!("{row}: done earlier, skipped"));
+        return Ok((row.to_string(), out, 0.0));
+    }
+    say(
+        run.progress,
+        &format!("{row}: LM-Cocktail merge of distilled/dft and {other}"),
+    );
+    let started = Instant::now();
+    let examples = run.seed_dir.join("merge-examples.json");
+    let records: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(run.data.join("val/instruct.json"))
+            .context("reading the held-out instructions")?,
+    )?;
+    std::fs::write(
+        &examples,
+        serde_json::to_string(&records[..records.len().min(16)])?,
+    )?;
+    crate::merge::merge(&crate::merge::MergeRequest {
+        models: vec![run.seed_dir.join("distilled/dft"), run.seed_dir.join(other)],
+        weights: crate::merge::MergeWeights::Auto {
+            examples,
+            images: run.data.to_path_buf(),
+            tau: crate::merge::cocktail::DEFAULT_TAU,
+            template: Some(run.template.to_string()),
+            batch_size: crate::merge::cocktail::DEFAULT_BATCH_SIZE,
+            max_length: 2048,
+        },
+        out: out.clone(),
+        force: false,
+    })?;
+    Ok((row.to_string(), out, started.elapsed().as_secs_f64()))
 }
 
 /// Parameters of the model in `dir` as deployed (an adapter folded into its base has its

@@ -99,8 +99,8 @@ fn pretrain_tower(
         images: data.to_path_buf(),
         val_data: Some(data.join("val").join(file)),
         tokenizer: Some(data.join("tokenizer.json")),
+        resume: crate::train::state::latest_checkpoint(&out)?.is_some(),
         out,
-        resume: false,
         force: false,
         progress,
     })
@@ -188,8 +188,11 @@ fn run_plan(
     )?;
     let mut settings = StageSettings::resolve(&doc, plan.stage, plan.role)?;
     if let Some(lora) = &plan.lora {
+        // LLaVA-1.5's LoRA recipe: the adapters at 10× the full fine-tune's rate, the
+        // projector (trained fully) at the full fine-tune's own.
         settings.train.lora = Some(lora.clone());
         settings.train.lr *= 10.0;
+        settings.train.projector_lr_scale /= 10.0;
     }
     settings.train.seed = seed;
     settings.model.seed = settings.model.seed.wrapping_add(1000 * seed);
@@ -221,9 +224,10 @@ fn run_plan(
         teacher_cache: None,
         data: data.join("train").join(file),
         images: data.to_path_buf(),
+        // A stage stopped part-way (Ctrl-C, a kill after a checkpoint) goes on from there.
+        resume: crate::train::state::latest_checkpoint(&out)?.is_some(),
         out,
         tokenizer: Some(data.join("tokenizer.json")),
-        resume: false,
         progress,
     })
     .with_context(|| format!("demo stage {}", plan.dir))?;
@@ -419,11 +423,11 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 lora: None,
             },
         ];
-        let mut seconds = std::collections::HashMap::new();
+        let mut seconds: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
         for plan in &plans {
             let s = run_plan(&doc, &seed_dir, &data, plan, seed, options.progress)?;
             *seconds
-                .entry(plan.dir.split('/').next().unwrap_or(""))
+                .entry(plan.dir.split('/').next().unwrap_or("").to_string())
                 .or_insert(0.0) += s;
         }
         let mut finals: Vec<(String, PathBuf)> = [
@@ -435,7 +439,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
         .map(|(name, dir)| (name.to_string(), seed_dir.join(dir)))
         .collect();
         for method in &options.methods {
-            let (dir, s) = methods::run_method(
+            let rows = methods::run_method(
                 *method,
                 &methods::SeedRun {
                     doc: &doc,
@@ -447,8 +451,10 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                     progress: options.progress,
                 },
             )?;
-            seconds.insert(method.row(), s);
-            finals.push((method.row().to_string(), dir));
+            for (row, dir, s) in rows {
+                seconds.insert(row.clone(), s);
+                finals.push((row, dir));
+            }
         }
         let mut results = std::collections::BTreeMap::new();
         for (name, model_dir) in &finals {

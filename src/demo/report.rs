@@ -82,8 +82,7 @@ fn verdict(per_seed: &[SeedResults], methods: &[DemoMethod]) -> String {
             &paired_differences(per_seed, "teacher", "baseline")
         ),
     );
-    for method in methods {
-        let row = method.row();
+    for row in methods.iter().flat_map(|m| m.rows()) {
         text.push_str(&format!(
             "**{row}:** {}; {}.\n\n",
             describe_difference(
@@ -190,7 +189,7 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
     let models: Vec<&str> = MODELS
         .iter()
         .copied()
-        .chain(methods.iter().map(|m| m.row()))
+        .chain(methods.iter().flat_map(|m| m.rows().iter().copied()))
         .collect();
     let mut results = serde_json::Map::new();
     for &model in &models {
@@ -238,10 +237,10 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
             "teacher_minus_distilled": difference_json(&paired_differences(per_seed, "teacher", "distilled")),
             "teacher_minus_baseline": difference_json(&paired_differences(per_seed, "teacher", "baseline")),
         },
-        "methods": methods.iter().map(|m| json!({
-            "row": m.row(),
-            "minus_distilled": difference_json(&paired_differences(per_seed, m.row(), "distilled")),
-            "minus_baseline": difference_json(&paired_differences(per_seed, m.row(), "baseline")),
+        "methods": methods.iter().flat_map(|m| m.rows()).map(|row| json!({
+            "row": row,
+            "minus_distilled": difference_json(&paired_differences(per_seed, row, "distilled")),
+            "minus_baseline": difference_json(&paired_differences(per_seed, row, "baseline")),
         })).collect::<Vec<_>>(),
         "per_seed": per_seed.iter().map(|(s, dir, r)| json!({"seed": s, "dir": dir, "results": r})).collect::<Vec<_>>(),
     });
