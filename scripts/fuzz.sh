@@ -51,6 +51,10 @@ target/release/mmkd teacher-cache --teacher "$SYNTH/teacher" --config shapes-tin
   --data "$SYNTH/train/pretrain.json" --images "$SYNTH" --top-k 8 --shard-size 2 --quiet --out "$SYNTH/cache" >/dev/null
 seed cache_shard "$SYNTH"/cache/shard-*.safetensors
 seed cache_manifest "$SYNTH/cache/manifest.json"
+# The PEFT fixture's config, its base named by absolute path (the target loads it there).
+mkdir -p fuzz/corpus/lora_adapter
+sed "s#\"../llava_siglip_qwen2\"#\"$ROOT/tests/fixtures/llava_siglip_qwen2\"#" \
+  tests/fixtures/lora_peft/adapter_config.json > fuzz/corpus/lora_adapter/peft_fixture.json
 
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then

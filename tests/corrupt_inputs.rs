@@ -406,6 +406,32 @@ proptest! {
     }
 
     #[test]
+    fn lora_adapter(m in mutations(), which in 0..2usize) {
+        // The PEFT fixture, its base named by absolute path, one of its two files corrupted;
+        // read, then loaded on its base (folded).
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lora_peft");
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llava_siglip_qwen2");
+        let scratch = tempfile::tempdir().unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+        config["base_model_name_or_path"] = serde_json::json!(base.to_str().unwrap());
+        std::fs::write(scratch.path().join("adapter_config.json"), config.to_string()).unwrap();
+        std::fs::copy(src.join("adapter_model.safetensors"), scratch.path().join("adapter_model.safetensors")).unwrap();
+        let name = ["adapter_config.json", "adapter_model.safetensors"][which];
+        let bytes = std::fs::read(scratch.path().join(name)).unwrap();
+        let corrupted = apply(&bytes, &m);
+        std::fs::write(scratch.path().join(name), &corrupted).unwrap();
+        survives(name, corrupted.len() + 200_000, || {
+            if mmkd::checkpoint::adapter::read_adapter(scratch.path()).is_ok() {
+                let _ = mmkd::checkpoint::LoadedModel::load(
+                    scratch.path().to_str().unwrap(),
+                    &mmkd::models::llava::BuildOptions::new(mmkd::models::llava::Trainable::NONE, 0),
+                );
+            }
+        })?;
+    }
+
+    #[test]
     fn images(m in mutations()) {
         let f = fixtures();
         check_file(&f.data.join("images/train/000001.png"), &m, |p| {

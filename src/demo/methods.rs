@@ -14,8 +14,7 @@ use crate::config::{Document, LoraSettings, Module, Role, Stage};
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum DemoMethod {
     /// The distilled student's DFT through LoRA adapters on every linear layer of its LLM
-    /// (rank 16, alpha 32; adapters at 10× the lr, the projector at 1×: LLaVA-1.5's LoRA
-    /// recipe) instead of full weights.
+    /// (rank 16, alpha 32, the full DFT's learning rate) instead of full weights.
     Lora,
     /// LM-Cocktail, twice: the distilled student merged with the baseline (`merged`), and with
     /// its own SFT checkpoint, the model its DFT fine-tuned (`merged-sft`); weights from each
@@ -37,9 +36,9 @@ impl DemoMethod {
         match self {
             DemoMethod::Lora => {
                 "`distilled-lora`: DPT → SFT as the distilled student, then its DFT through LoRA \
-                 adapters (rank 16, alpha 32, every linear layer of the LLM) — the same steps; \
-                 the projector trains fully; adapters at 10× the learning rate, the projector at \
-                 1× (LLaVA-1.5's LoRA recipe)."
+                 adapters (rank 16, alpha 32, every linear layer of the LLM) — the same steps \
+                 and learning rate; the projector trains fully. (LLaVA-1.5's 10× learning rate \
+                 for adapters diverged here: these models already train at 3e-3.)"
             }
             DemoMethod::Merge => {
                 "`merged`, `merged-sft`: LM-Cocktail — the distilled student averaged with the \
