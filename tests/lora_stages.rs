@@ -221,10 +221,53 @@ fn a_lora_sft_trains_adapters_and_the_projector_and_ships_a_peft_adapter() {
     let (a, b) = (answer(&out), answer(&full));
     let accuracy = |s: &str| {
         s.lines()
-            .find(|l| l.contains("overall"))
+            .find(|l| l.contains("VQA accuracy:"))
             .map(str::to_string)
     };
+    assert!(accuracy(&a).is_some(), "{a}");
     assert_eq!(accuracy(&a), accuracy(&b), "{a}\n{b}");
+    // score: the same log-probabilities (to float noise) from the adapter and the folded model.
+    let score = |model: &Path| -> Vec<f64> {
+        let json = run(&[
+            "score",
+            "--model",
+            model.to_str().unwrap(),
+            "--image",
+            &w.p("data/images/test/000000.png"),
+            "--prompt",
+            "What shape is in the top left cell?",
+            "--answer",
+            "a red circle",
+            "--json",
+        ]);
+        let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+        v["answer_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let (sa, sb) = (score(&out), score(&full));
+    assert_eq!(sa.len(), sb.len());
+    assert!(
+        sa.iter().zip(&sb).all(|(x, y)| (x - y).abs() < 1e-4),
+        "{sa:?} {sb:?}"
+    );
+    // A teacher given as an adapter.
+    w.stage(
+        "dft",
+        &[
+            "--init",
+            &w.p("student/pt"),
+            "--teacher",
+            out.to_str().unwrap(),
+            "--out",
+            &w.p("lora/taught-by-adapter"),
+            "--max-steps",
+            "2",
+        ],
+    );
 }
 
 #[test]
