@@ -32,6 +32,7 @@ fn main() -> Result<()> {
         rank: 3,
         alpha: 6.0,
         rslora: true,
+        dropout: 0.0,
         trainable: true,
         require_weights: false,
     };
@@ -65,7 +66,6 @@ fn main() -> Result<()> {
         &AdapterOutput {
             base: src,
             plan: &plan,
-            dropout: 0.0,
             modules_to_save: vec!["multi_modal_projector".into()],
         },
     )?;

@@ -53,6 +53,7 @@ fn everywhere() -> LoraPlan {
         rank: 2,
         alpha: 4.0,
         rslora: false,
+        dropout: 0.0,
         trainable: true,
         require_weights: false,
     }
@@ -143,7 +144,6 @@ fn an_adapter_mmkd_writes_reads_back_as_the_same_model() {
         &AdapterOutput {
             base: base_dir.to_str().unwrap(),
             plan: &everywhere(),
-            dropout: 0.0,
             modules_to_save: vec![],
         },
     )

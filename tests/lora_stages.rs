@@ -271,8 +271,9 @@ fn a_lora_sft_trains_adapters_and_the_projector_and_ships_a_peft_adapter() {
 }
 
 #[test]
-fn a_killed_lora_stage_resumes_to_the_same_adapter() {
+fn a_killed_lora_stage_with_dropout_resumes_to_the_same_adapter() {
     let w = world();
+    // Dropout draws masks every step: resuming must draw the same ones.
     let args = |out: &str| -> Vec<String> {
         let mut extra: Vec<String> = [
             "--init",
@@ -289,10 +290,21 @@ fn a_killed_lora_stage_resumes_to_the_same_adapter() {
         .map(String::from)
         .to_vec();
         extra.extend(LORA.map(String::from));
+        extra.extend(["--set".into(), "train.lora.dropout=0.1".into()]);
         w.stage_args("dft", &extra.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let full = w.p("lora/dft-full");
     run(&args(&full).iter().map(String::as_str).collect::<Vec<_>>());
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&full).join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["lora_dropout"], 0.1);
+    // Without dropout the same run ends elsewhere: the masks did something.
+    let plain = w.p("lora/dft-no-dropout");
+    let mut no_dropout = args(&plain);
+    no_dropout.truncate(no_dropout.len() - 2);
+    run(&no_dropout.iter().map(String::as_str).collect::<Vec<_>>());
 
     let killed = w.p("lora/dft-killed");
     let killed_dir = PathBuf::from(&killed);
@@ -376,8 +388,11 @@ fn bad_lora_settings_are_refused_before_training() {
             "--out",
             &w.p("lora/bad4"),
             "--set",
-            "train.lora.dropout=0.1",
+            "train.lora.dropout=1.0",
         ],
     );
-    assert!(!ok && err.contains("dropout"), "{err}");
+    assert!(
+        !ok && err.contains("train.lora.dropout must be in [0, 1)"),
+        "{err}"
+    );
 }

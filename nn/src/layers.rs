@@ -57,6 +57,8 @@ impl Linear {
                     a,
                     b,
                     scale: plan.scale(),
+                    dropout: plan.dropout,
+                    name: pb.prefix().to_string(),
                 })
             }
             None => None,

@@ -3,9 +3,12 @@
 //! Kalajdzievski 2023: s = α/√r). B starts at zero, so an adapted model starts as its base.
 //! The branch is two thin matmuls; W + s·BA is never materialised while training.
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
 
 use candle_core::{Result as CResult, Tensor};
+
+use crate::SeededRng;
 
 /// Which linear layers get adapters and how they are scaled.
 #[derive(Clone, Debug, PartialEq)]
@@ -14,6 +17,8 @@ pub struct LoraPlan {
     pub rank: usize,
     pub alpha: f64,
     pub rslora: bool,
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`).
+    pub dropout: f64,
     /// Adapters are trainable `Var`s (training) or constants (a loaded adapter for inference).
     pub trainable: bool,
     /// Adapter weights must come from the weight source (a loaded adapter) instead of being
@@ -69,6 +74,22 @@ impl LoraPlan {
     }
 }
 
+thread_local! {
+    /// The dropout seed of the forward pass running on this thread, when it trains.
+    static DROPOUT_SEED: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Runs `forward` with LoRA dropout on: each adapted layer drops inputs by a mask drawn from
+/// `seed` and its own name, so a training step's masks depend on the step and its samples
+/// only — not on threads or timing — and a resumed run draws the same ones. Outside this call
+/// (evaluation, generation, a teacher) adapters see their whole input.
+pub fn with_dropout<T>(seed: u64, forward: impl FnOnce() -> T) -> T {
+    let previous = DROPOUT_SEED.with(|s| s.replace(Some(seed)));
+    let out = forward();
+    DROPOUT_SEED.with(|s| s.set(previous));
+    out
+}
+
 /// The adapter of one linear layer.
 #[derive(Clone, Debug)]
 pub struct LoraBranch {
@@ -77,6 +98,10 @@ pub struct LoraBranch {
     /// `[out, r]`.
     pub b: Tensor,
     pub scale: f64,
+    /// Dropout probability on the input (only inside [`with_dropout`]).
+    pub dropout: f64,
+    /// The layer's name, which seeds its dropout masks.
+    pub name: String,
 }
 
 impl LoraBranch {
@@ -90,8 +115,25 @@ impl LoraBranch {
                 t.to_dtype(x.dtype())
             }
         };
-        let down = crate::fused::linear(x, &cast(&self.a)?, None)?.affine(self.scale, 0.0)?;
+        let seed = DROPOUT_SEED.with(Cell::get).filter(|_| self.dropout > 0.0);
+        let x = match seed {
+            Some(seed) => self.drop(x, seed)?,
+            None => x.clone(),
+        };
+        let down = crate::fused::linear(&x, &cast(&self.a)?, None)?.affine(self.scale, 0.0)?;
         crate::fused::linear(&down, &cast(&self.b)?, None)
+    }
+
+    /// Inverted dropout: each input kept with probability 1 − p and scaled by 1/(1 − p).
+    fn drop(&self, x: &Tensor, seed: u64) -> CResult<Tensor> {
+        let p = self.dropout as f32;
+        let keep = 1.0 / (1.0 - p);
+        let mut rng = SeededRng::for_name(seed, &self.name);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.uniform() < p { 0.0 } else { keep })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
     }
 
     /// s·B·A `[out, in]`: what folding the adapter into W adds.
@@ -113,6 +155,7 @@ mod tests {
             rank: 4,
             alpha: 8.0,
             rslora: false,
+            dropout: 0.0,
             trainable: true,
             require_weights: false,
         }
@@ -208,6 +251,8 @@ mod tests {
                     a: a.clone(),
                     b: b.clone(),
                     scale: 2.0,
+                    dropout: 0.0,
+                    name: "q_proj".into(),
                 }),
             };
             l.forward(&x)?.sqr()?.sum_all()
@@ -248,6 +293,51 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn dropout_acts_only_while_training_and_repeats_with_its_seed() {
+        let store = crate::ParamStore::new();
+        let mut plan = rule(&["model.language_model"], &["q_proj"]);
+        plan.dropout = 0.5;
+        let mut layer = adapted_layer(&store, plan);
+        let branch = layer.lora.as_mut().unwrap();
+        branch.b =
+            Tensor::ones((5, 4), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+        let x = input();
+        let plain = layer.forward(&x).unwrap();
+        let seeded = |seed| with_dropout(seed, || layer.forward(&x).unwrap());
+        // Outside a training forward: no dropout.
+        let mut without = layer.clone();
+        without.lora.as_mut().unwrap().dropout = 0.0;
+        assert_eq!(
+            crate::fused::testing::max_abs_diff(&plain, &without.forward(&x).unwrap()),
+            0.0
+        );
+        // Inside: a mask that depends on the seed only.
+        let (a, a2, b) = (seeded(7), seeded(7), seeded(8));
+        assert_eq!(crate::fused::testing::max_abs_diff(&a, &a2), 0.0);
+        assert!(crate::fused::testing::max_abs_diff(&a, &b) > 1e-3);
+        assert!(crate::fused::testing::max_abs_diff(&a, &plain) > 1e-3);
+        // The branch input is x·mask/(1 − p): entries 0 or 2x, about half of them kept.
+        let branch = layer.lora.as_ref().unwrap();
+        let dropped = with_dropout(7, || branch.drop(&x, 7).unwrap());
+        // (x's zero entries give 0/0.)
+        let ratio: Vec<f32> = (dropped / &x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let ratio: Vec<f32> = ratio.into_iter().filter(|r| !r.is_nan()).collect();
+        assert!(
+            ratio.iter().all(|r| *r == 0.0 || (*r - 2.0).abs() < 1e-6),
+            "{ratio:?}"
+        );
+        let kept = ratio.iter().filter(|r| **r > 0.0).count() as f64 / ratio.len() as f64;
+        assert!((kept - 0.5).abs() < 0.15, "{kept}");
+        // The seed is restored after the call (none outside).
+        assert_eq!(DROPOUT_SEED.with(Cell::get), None);
     }
 
     #[test]

@@ -208,6 +208,7 @@ impl DftStep {
                     rank,
                     alpha: 2.0 * rank as f64,
                     rslora: false,
+                    dropout: 0.0,
                     trainable: true,
                     require_weights: false,
                 })),

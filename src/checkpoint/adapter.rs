@@ -170,6 +170,7 @@ pub fn read_adapter(dir: &Path) -> Result<Adapter> {
             rank: config.r,
             alpha: config.lora_alpha,
             rslora: config.use_rslora,
+            dropout: config.lora_dropout,
             trainable: false,
             require_weights: true,
         },
@@ -264,7 +265,6 @@ pub struct AdapterOutput<'a> {
     /// The base model the adapters apply to (a directory, written absolute, or a hub id).
     pub base: &'a str,
     pub plan: &'a LoraPlan,
-    pub dropout: f64,
     /// Top-level modules trained fully alongside (PEFT's `modules_to_save`), e.g.
     /// `multi_modal_projector`.
     pub modules_to_save: Vec<String>,
@@ -306,7 +306,7 @@ pub fn write_adapter(
         base_model_name_or_path: Some(base),
         r: out.plan.rank,
         lora_alpha: out.plan.alpha,
-        lora_dropout: out.dropout,
+        lora_dropout: out.plan.dropout,
         use_rslora: out.plan.rslora,
         use_dora: false,
         // Exact module paths: PEFT matches a list entry equal to (or a suffix of) a module name.

@@ -56,6 +56,7 @@ pub const KEYS: &[KeyDoc] = &[
     k("train.lora.rank", "integer", "train.lora (a table: low-rank adapters instead of full weights; the stage writes a PEFT adapter): rank r (8)"),
     k("train.lora.alpha", "float", "the adapters' scale is alpha / r (8)"),
     k("train.lora.rslora", "bool", "scale by alpha / √r instead (rsLoRA)"),
+    k("train.lora.dropout", "float", "dropout on each adapter's input while training (PEFT's lora_dropout; default 0)"),
     k("train.lora.targets", "list", "linear layers adapted by name (q_proj, v_proj, fc1, linear_1, …) or all-linear (default q_proj, v_proj)"),
     k("train.lora.modules", "list", "modules whose layers get adapters, their weights frozen: any of vision, projector, llm (default llm); the rest of train.trainable trains fully"),
     k("train.objective", "list of tables", "the stage's loss, [[stages.<stage>.objective]]: term, weight, name, divergence, temperature, t2_scaling (see the README)"),

@@ -285,6 +285,9 @@ pub struct LoraSettings {
     pub modules: Vec<Module>,
     #[serde(default)]
     pub rslora: bool,
+    /// Dropout on each adapter's input while training (PEFT's `lora_dropout`).
+    #[serde(default)]
+    pub dropout: f64,
 }
 
 impl Default for LoraSettings {
@@ -527,6 +530,11 @@ impl StageSettings {
             anyhow::ensure!(
                 !lora.modules.is_empty(),
                 "train.lora.modules is empty: name the modules to adapt"
+            );
+            anyhow::ensure!(
+                (0.0..1.0).contains(&lora.dropout),
+                "train.lora.dropout must be in [0, 1), got {}",
+                lora.dropout
             );
         }
         if let Some(modules) = &t.trainable {

@@ -58,6 +58,7 @@ pub fn lora_settings() -> LoraSettings {
         targets: vec![mmkd_nn::lora::ALL_LINEAR.into()],
         modules: vec![Module::Llm],
         rslora: false,
+        dropout: 0.0,
     }
 }
 

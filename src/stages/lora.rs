@@ -39,6 +39,7 @@ pub fn plan(settings: &StageSettings) -> Option<Arc<LoraPlan>> {
         rank: lora.rank,
         alpha: lora.alpha,
         rslora: lora.rslora,
+        dropout: lora.dropout,
         trainable: true,
         require_weights: false,
     }))
@@ -155,7 +156,6 @@ pub fn write_adapter_files(
         &AdapterOutput {
             base,
             plan,
-            dropout: 0.0,
             modules_to_save,
         },
     )

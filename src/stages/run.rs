@@ -3,6 +3,7 @@
 //! summary last.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -259,6 +260,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         ahead: Vec::new(),
     };
     // The student's forward and objective on one micro-batch.
+    let current_step = AtomicUsize::new(start_step);
     let loss_of = |mb: &StageMicroBatch| -> Result<MicroLoss> {
         let cached = match &teacher {
             Some(TeacherSignal::Cached(c)) => Some(c.rows(&mb.inputs, &data.samples)?),
@@ -268,19 +270,30 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             (Some(features), _) => Some(ImageInput::Tower(features)),
             (None, pixels) => pixels.as_ref().map(ImageInput::Pixels),
         };
-        objective_loss(
-            model,
-            StudentBatch {
-                tokens: &mb.inputs.tokens,
-                labels: &mb.inputs.labels,
-                visual_mask: &mb.inputs.visual_mask,
-                images,
-            },
-            teacher_rows(teacher.as_ref(), mb.teacher_out.as_ref(), cached.as_ref())?,
-            &objective,
-        )
+        let rows = teacher_rows(teacher.as_ref(), mb.teacher_out.as_ref(), cached.as_ref())?;
+        let forward = || {
+            objective_loss(
+                model,
+                StudentBatch {
+                    tokens: &mb.inputs.tokens,
+                    labels: &mb.inputs.labels,
+                    visual_mask: &mb.inputs.visual_mask,
+                    images,
+                },
+                rows,
+                &objective,
+            )
+        };
+        // LoRA dropout: masks drawn from the step and the micro-batch's samples.
+        let seed = dropout_seed(
+            settings.train.seed,
+            current_step.load(Ordering::Relaxed),
+            &mb.inputs.collated.sample_indices,
+        );
+        mmkd_nn::lora::with_dropout(seed, forward)
     };
     for step in start_step..total_steps {
+        current_step.store(step, Ordering::Relaxed);
         let step_started = Instant::now();
         batches.step = (0..accum_steps).map(|_| sampler.next_batch()).collect();
         batches.next_step = if step + 1 < total_steps {
@@ -409,6 +422,22 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         serde_json::to_string_pretty(&summary)?,
     )?;
     Ok(summary)
+}
+
+/// The seed of a micro-batch's dropout masks: its step and samples, so it is the same however
+/// micro-batches are scheduled and after a resume (FNV-1a over the three).
+fn dropout_seed(seed: u64, step: usize, samples: &[usize]) -> u64 {
+    let mut hash: u64 = 0xcbf29ce484222325;
+    let words = [seed, step as u64]
+        .into_iter()
+        .chain(samples.iter().map(|&i| i as u64));
+    for word in words {
+        for byte in word.to_le_bytes() {
+            hash ^= byte as u64;
+            hash = hash.wrapping_mul(0x100000001b3);
+        }
+    }
+    hash
 }
 
 /// One line for the progress output.
