@@ -93,10 +93,15 @@ impl Linear {
             .as_ref()
             .map(|b| b.to_dtype(x.dtype()))
             .transpose()?;
-        let y = crate::fused::linear(x, &w, b.as_ref())?;
         match &self.lora {
-            Some(branch) => y + branch.forward(x)?,
-            None => Ok(y),
+            // One op keeps the graph as small as a plain layer's (see `fused::lora_linear`).
+            Some(branch) if !branch.drops_now() => {
+                let a = branch.a.to_dtype(x.dtype())?;
+                let bm = branch.b.to_dtype(x.dtype())?;
+                crate::fused::lora_linear(x, &w, b.as_ref(), &a, &bm, branch.scale)
+            }
+            Some(branch) => crate::fused::linear(x, &w, b.as_ref())? + branch.forward(x)?,
+            None => crate::fused::linear(x, &w, b.as_ref()),
         }
     }
 }

@@ -124,6 +124,11 @@ impl LoraBranch {
         crate::fused::linear(&down, &cast(&self.b)?, None)
     }
 
+    /// Whether this forward drops inputs (dropout set, inside [`with_dropout`]).
+    pub fn drops_now(&self) -> bool {
+        self.dropout > 0.0 && DROPOUT_SEED.with(Cell::get).is_some()
+    }
+
     /// Inverted dropout: each input kept with probability 1 − p and scaled by 1/(1 − p).
     fn drop(&self, x: &Tensor, seed: u64) -> CResult<Tensor> {
         let p = self.dropout as f32;

@@ -46,7 +46,13 @@ pub fn linear_slow(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor>
 struct Affine;
 
 impl Affine {
-    fn fwd<T: Real>(x: &[T], w: &[T], b: Option<&[T]>, in_dim: usize, out_dim: usize) -> Vec<T> {
+    pub(crate) fn fwd<T: Real>(
+        x: &[T],
+        w: &[T],
+        b: Option<&[T]>,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Vec<T> {
         let rows = x.len() / in_dim.max(1);
         // y (rows × out) = x (rows × in) · Wᵀ (in × out, read from W [out, in]) + b.
         matmul(
@@ -343,11 +349,235 @@ impl CustomOp3 for Affine {
     }
 }
 
+/// A LoRA-adapted layer as one op: `x Wᵀ + b + s·(x Aᵀ) Bᵀ` for A `[r, in]`, B `[out, r]`.
+///
+/// Written as separate ops (a linear, the branch, a sum), candle's graph keeps both summands —
+/// two `[tokens, out]` tensors per adapted layer — until the backward pass. As one node it keeps
+/// only its inputs (x, W and the small adapters), and its backward skips ∂W of a frozen base:
+/// ∂x = ∂y W + s·(∂y B) A, ∂A = s·(∂y B)ᵀ x, ∂B = s·∂yᵀ (x Aᵀ), ∂b = Σ_rows ∂y.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    a: &Tensor,
+    bm: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (out_dim, in_dim) = w.dims2()?;
+    let rank = a.dim(0)?;
+    let same = |t: &Tensor| t.dtype() == x.dtype();
+    let fits = has_kernel(x)
+        && x.rank() >= 1
+        && x.dim(D::Minus1)? == in_dim
+        && same(w)
+        && same(a)
+        && same(bm)
+        && a.dims() == [rank, in_dim]
+        && bm.dims() == [out_dim, rank]
+        && b.is_none_or(|b| same(b) && b.dims() == [out_dim]);
+    if !fits {
+        return lora_linear_slow(x, w, b, a, bm, scale);
+    }
+    // The adapters (and bias) travel as one flat operand: a custom op takes three inputs.
+    let mut parts = vec![a.flatten_all()?, bm.flatten_all()?];
+    if let Some(b) = b {
+        parts.push(b.clone());
+    }
+    let pack = Tensor::cat(&parts, 0)?;
+    let op = LoraAffine {
+        rank,
+        scale,
+        bias: b.is_some(),
+    };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &pack, op)
+}
+
+/// The reference formulation from primitive ops.
+pub fn lora_linear_slow(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    a: &Tensor,
+    bm: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let down = linear_slow(x, a, None)?.affine(scale, 0.0)?;
+    linear_slow(x, w, b)? + linear_slow(&down, bm, None)?
+}
+
+struct LoraAffine {
+    rank: usize,
+    scale: f64,
+    bias: bool,
+}
+
+impl LoraAffine {
+    fn fwd<T: Real>(&self, x: &[T], w: &[T], pack: &[T], in_dim: usize, out_dim: usize) -> Vec<T> {
+        let r = self.rank;
+        let rows = x.len() / in_dim.max(1);
+        let (a, rest) = pack.split_at(r * in_dim);
+        let (bm, rest) = rest.split_at(out_dim * r);
+        let bias = self.bias.then_some(rest);
+        let mut y = Affine::fwd(x, w, bias, in_dim, out_dim);
+        // down (rows × r) = x · Aᵀ, scaled; up (rows × out) = down · Bᵀ.
+        let mut down = matmul(
+            (rows, r, in_dim),
+            Operand {
+                data: x,
+                rs: in_dim,
+                cs: 1,
+            },
+            Operand {
+                data: a,
+                rs: 1,
+                cs: in_dim,
+            },
+            None,
+        );
+        let s = T::from(self.scale).expect("a finite scale");
+        for v in &mut down {
+            *v = *v * s;
+        }
+        let up = matmul(
+            (rows, out_dim, r),
+            Operand {
+                data: &down,
+                rs: r,
+                cs: 1,
+            },
+            Operand {
+                data: bm,
+                rs: 1,
+                cs: r,
+            },
+            None,
+        );
+        for (yv, u) in y.iter_mut().zip(up) {
+            *yv = *yv + u;
+        }
+        y
+    }
+}
+
+impl CustomOp3 for LoraAffine {
+    fn name(&self) -> &'static str {
+        "mmkd-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (out_dim, in_dim) = (wl.dims()[0], wl.dims()[1]);
+        let out = match xs {
+            CpuStorage::F32(_) => storage(self.fwd::<f32>(
+                data(xs, xl, name)?,
+                data(ws, wl, name)?,
+                data(ps, pl, name)?,
+                in_dim,
+                out_dim,
+            )),
+            CpuStorage::F64(_) => storage(self.fwd::<f64>(
+                data(xs, xl, name)?,
+                data(ws, wl, name)?,
+                data(ps, pl, name)?,
+                in_dim,
+                out_dim,
+            )),
+            _ => candle_core::bail!("{name}: f32/f64 only"),
+        };
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("rank ≥ 1") = out_dim;
+        Ok((out, Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        pack: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out_dim, in_dim) = w.dims2()?;
+        let r = self.rank;
+        let rows = x.elem_count() / in_dim.max(1);
+        let dy2 = dy.detach().contiguous()?.reshape((rows, out_dim))?;
+        let x2 = x.detach().contiguous()?.reshape((rows, in_dim))?;
+        let pack = pack.detach();
+        let a = pack.narrow(0, 0, r * in_dim)?.reshape((r, in_dim))?;
+        let bm = pack
+            .narrow(0, r * in_dim, out_dim * r)?
+            .reshape((out_dim, r))?;
+        // ∂y B (rows × r), shared by ∂x and ∂A.
+        let dy_b = dy2.matmul(&bm)?;
+        let dx = if x.track_op() {
+            let base = dy2.apply_op2_no_bwd(&w.detach().contiguous()?, &InputGrad)?;
+            let branch = dy_b.matmul(&a)?.affine(self.scale, 0.0)?;
+            Some((base + branch)?.reshape(x.shape())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x2.apply_op2_no_bwd(&dy2, &WeightGrad)?)
+        } else {
+            None
+        };
+        let down = x2.matmul(&a.t()?)?;
+        let da = dy_b.t()?.matmul(&x2)?.affine(self.scale, 0.0)?;
+        let db = dy2.t()?.matmul(&down)?.affine(self.scale, 0.0)?;
+        let mut parts = vec![da.flatten_all()?, db.flatten_all()?];
+        if self.bias {
+            parts.push(dy2.apply_op1_no_bwd(&ColumnSum)?);
+        }
+        Ok((dx, dw, Some(Tensor::cat(&parts, 0)?)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fused::testing::{check_against_slow, random};
     use candle_core::DType;
+
+    #[test]
+    fn the_lora_layer_matches_the_primitive_formulation() {
+        // Values and the gradients of x, W, b, A and B.
+        let x = random(&[3, 7, 20], 11, DType::F64);
+        let w = random(&[13, 20], 12, DType::F64);
+        let b = random(&[13], 13, DType::F64);
+        let a = random(&[4, 20], 14, DType::F64);
+        let bm = random(&[13, 4], 15, DType::F64);
+        check_against_slow(
+            &[x.clone(), w.clone(), b, a.clone(), bm.clone()],
+            |t| lora_linear(&t[0], &t[1], Some(&t[2]), &t[3], &t[4], 2.5),
+            |t| lora_linear_slow(&t[0], &t[1], Some(&t[2]), &t[3], &t[4], 2.5),
+            1e-12,
+        );
+        check_against_slow(
+            &[x, w, a, bm],
+            |t| lora_linear(&t[0], &t[1], None, &t[2], &t[3], 0.5),
+            |t| lora_linear_slow(&t[0], &t[1], None, &t[2], &t[3], 0.5),
+            1e-12,
+        );
+        // f32, sizes past one gemm block.
+        let x = random(&[300, 70], 16, DType::F32);
+        let w = random(&[90, 70], 17, DType::F32);
+        let a = random(&[8, 70], 18, DType::F32);
+        let bm = random(&[90, 8], 19, DType::F32);
+        check_against_slow(
+            &[x, w, a, bm],
+            |t| lora_linear(&t[0], &t[1], None, &t[2], &t[3], 2.0),
+            |t| lora_linear_slow(&t[0], &t[1], None, &t[2], &t[3], 2.0),
+            2e-3,
+        );
+    }
 
     #[test]
     fn matches_the_primitive_formulation() {

@@ -31,7 +31,7 @@ pub(crate) use simd::{multiversion, Real};
 pub use attention::attention;
 pub use buckets::topk_bucket_log_probs;
 pub use gelu::{gelu, GeluKind};
-pub use linear::linear;
+pub use linear::{linear, lora_linear};
 pub use norm::rms_norm;
 pub use rope::rope;
 pub use silu::silu_mul;
