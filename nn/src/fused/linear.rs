@@ -436,7 +436,7 @@ impl LoraAffine {
         );
         let s = T::from(self.scale).expect("a finite scale");
         for v in &mut down {
-            *v = *v * s;
+            *v *= s;
         }
         let up = matmul(
             (rows, out_dim, r),
@@ -453,7 +453,7 @@ impl LoraAffine {
             None,
         );
         for (yv, u) in y.iter_mut().zip(up) {
-            *yv = *yv + u;
+            *yv += u;
         }
         y
     }
