@@ -24,32 +24,7 @@ fn world() -> &'static World {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let w = World { _dir: dir, root };
-        run(&[
-            "data",
-            "synth",
-            "--out",
-            &w.p("data"),
-            "--train",
-            "48",
-            "--val",
-            "8",
-            "--test",
-            "8",
-            "--image-size",
-            "32",
-            "--seed",
-            "3",
-        ]);
-        run(&[
-            "data",
-            "tokenizer",
-            "--data",
-            &w.p("data/train"),
-            "--vocab-size",
-            "400",
-            "--out",
-            &w.p("data/tokenizer.json"),
-        ]);
+        common::synth_data(&w.root.join("data"), (48, 8, 8), 400);
         let tokenizer = w.p("data/tokenizer.json");
         w.stage(
             "pretrain",

@@ -22,36 +22,18 @@ impl World {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().to_path_buf();
         let data = root.join("data");
+        common::synth_data(&data, (16, 4, 2), 300);
         let (ok, _, err) = mmkd(&[
             "data",
-            "synth",
+            "tokenizer",
+            "--data",
+            s(&data.join("train")),
+            "--vocab-size",
+            "290",
             "--out",
-            s(&data),
-            "--train",
-            "16",
-            "--val",
-            "4",
-            "--test",
-            "2",
-            "--image-size",
-            "32",
-            "--seed",
-            "3",
+            s(&data.join("tokenizer-290.json")),
         ]);
         assert!(ok, "{err}");
-        for (vocab, name) in [("300", "tokenizer.json"), ("290", "tokenizer-290.json")] {
-            let (ok, _, err) = mmkd(&[
-                "data",
-                "tokenizer",
-                "--data",
-                s(&data.join("train")),
-                "--vocab-size",
-                vocab,
-                "--out",
-                s(&data.join(name)),
-            ]);
-            assert!(ok, "{err}");
-        }
         World {
             _dir: dir,
             root,

@@ -14,35 +14,7 @@ use common::{mmkd, mmkd_with_env};
 /// Synthetic data and a tokenizer in `dir`.
 fn data(dir: &Path) -> PathBuf {
     let data = dir.join("data");
-    let s = |p: &Path| p.to_str().unwrap().to_string();
-    let (ok, _, err) = mmkd(&[
-        "data",
-        "synth",
-        "--out",
-        &s(&data),
-        "--train",
-        "16",
-        "--val",
-        "2",
-        "--test",
-        "2",
-        "--image-size",
-        "32",
-        "--seed",
-        "3",
-    ]);
-    assert!(ok, "{err}");
-    let (ok, _, err) = mmkd(&[
-        "data",
-        "tokenizer",
-        "--data",
-        &s(&data.join("train")),
-        "--vocab-size",
-        "300",
-        "--out",
-        &s(&data.join("tokenizer.json")),
-    ]);
-    assert!(ok, "{err}");
+    common::synth_data(&data, (16, 2, 2), 300);
     data
 }
 

@@ -92,3 +92,39 @@ pub fn kill_after_first_checkpoint(args: &[String], out: &std::path::Path) -> bo
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// Synthetic shapes data in `data` (32 px, seed 3) with `train`, `val` and `test` scenes, and a
+/// byte-level BPE tokenizer of `vocab` entries trained on it at `data/tokenizer.json`.
+#[allow(dead_code)]
+pub fn synth_data(data: &std::path::Path, (train, val, test): (usize, usize, usize), vocab: usize) {
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let counts = [train.to_string(), val.to_string(), test.to_string()];
+    let (ok, _, err) = mmkd(&[
+        "data",
+        "synth",
+        "--out",
+        &s(data),
+        "--train",
+        &counts[0],
+        "--val",
+        &counts[1],
+        "--test",
+        &counts[2],
+        "--image-size",
+        "32",
+        "--seed",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = mmkd(&[
+        "data",
+        "tokenizer",
+        "--data",
+        &s(&data.join("train")),
+        "--vocab-size",
+        &vocab.to_string(),
+        "--out",
+        &s(&data.join("tokenizer.json")),
+    ]);
+    assert!(ok, "{err}");
+}
