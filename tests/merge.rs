@@ -84,6 +84,21 @@ fn merge(args: &[&str]) -> (bool, String, String) {
     mmkd(&all)
 }
 
+/// `mmkd merge --models A B --weights W.. --out OUT EXTRA..`.
+fn merge_pair(
+    a: &str,
+    b: &str,
+    weights: &[&str],
+    out: &str,
+    extra: &[&str],
+) -> (bool, String, String) {
+    let mut args = vec!["--models", a, b, "--weights"];
+    args.extend(weights);
+    args.extend(["--out", out]);
+    args.extend(extra);
+    merge(&args)
+}
+
 #[test]
 fn merging_averages_with_the_given_weights_and_is_exact_at_the_ends() {
     let w = World::new();
@@ -92,16 +107,7 @@ fn merging_averages_with_the_given_weights_and_is_exact_at_the_ends() {
     let out = |n: &str| w.root.join(n);
 
     // A model merged with itself: bit for bit.
-    let (ok, _, err) = merge(&[
-        "--models",
-        s(&a),
-        s(&a),
-        "--weights",
-        "0.3",
-        "0.7",
-        "--out",
-        s(&out("aa")),
-    ]);
+    let (ok, _, err) = merge_pair(s(&a), s(&a), &["0.3", "0.7"], s(&out("aa")), &[]);
     assert!(ok, "{err}");
     assert!(
         std::fs::read(out("aa").join("model.safetensors")).unwrap()
@@ -109,16 +115,7 @@ fn merging_averages_with_the_given_weights_and_is_exact_at_the_ends() {
         "a model merged with itself changed"
     );
     // Weights (1, 0): the first model.
-    let (ok, _, err) = merge(&[
-        "--models",
-        s(&a),
-        s(&b),
-        "--weights",
-        "1",
-        "0",
-        "--out",
-        s(&out("a0")),
-    ]);
+    let (ok, _, err) = merge_pair(s(&a), s(&b), &["1", "0"], s(&out("a0")), &[]);
     assert!(ok, "{err}");
     let (wa, wb) = (weights(&a), weights(&b));
     for (name, t) in weights(&out("a0")) {
@@ -130,17 +127,7 @@ fn merging_averages_with_the_given_weights_and_is_exact_at_the_ends() {
     }
     // Weights 1 and 3 (normalised to 0.25, 0.75): the average, every tensor; the first
     // model's config, tokenizer and processor; the record.
-    let (ok, stdout, err) = merge(&[
-        "--models",
-        s(&a),
-        s(&b),
-        "--weights",
-        "1",
-        "3",
-        "--out",
-        s(&out("ab")),
-        "--json",
-    ]);
+    let (ok, stdout, err) = merge_pair(s(&a), s(&b), &["1", "3"], s(&out("ab")), &["--json"]);
     assert!(ok, "{err}");
     let record: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(record["weights"], serde_json::json!([0.25, 0.75]));
@@ -237,28 +224,10 @@ fn models_that_cannot_be_averaged_are_refused_naming_what_differs() {
         &["--tokenizer", s(&w.data.join("tokenizer-290.json"))],
     );
     let out = s(&w.root.join("m")).to_string();
-    let (ok, _, err) = merge(&[
-        "--models",
-        s(&a),
-        s(&wide),
-        "--weights",
-        "1",
-        "1",
-        "--out",
-        &out,
-    ]);
+    let (ok, _, err) = merge_pair(s(&a), s(&wide), &["1", "1"], &out, &[]);
     assert!(!ok);
     assert!(err.contains("tensor `") && err.contains("wide"), "{err}");
-    let (ok, _, err) = merge(&[
-        "--models",
-        s(&a),
-        s(&other_vocab),
-        "--weights",
-        "1",
-        "1",
-        "--out",
-        &out,
-    ]);
+    let (ok, _, err) = merge_pair(s(&a), s(&other_vocab), &["1", "1"], &out, &[]);
     assert!(!ok);
     assert!(
         err.contains("has another vocabulary") && err.contains("300 vs 290 entries"),
@@ -266,16 +235,7 @@ fn models_that_cannot_be_averaged_are_refused_naming_what_differs() {
     );
     let (ok, _, err) = merge(&["--models", s(&a), s(&a), "--weights", "1", "--out", &out]);
     assert!(!ok && err.contains("2 models but 1 weights"), "{err}");
-    let (ok, _, err) = merge(&[
-        "--models",
-        s(&a),
-        s(&a),
-        "--weights",
-        "1",
-        "-1",
-        "--out",
-        &out,
-    ]);
+    let (ok, _, err) = merge_pair(s(&a), s(&a), &["1", "-1"], &out, &[]);
     assert!(!ok && err.contains("finite and ≥ 0"), "{err}");
     // A corrupt checkpoint names its file.
     let broken = w.root.join("broken");
@@ -285,56 +245,19 @@ fn models_that_cannot_be_averaged_are_refused_naming_what_differs() {
     }
     let bytes = std::fs::read(a.join("model.safetensors")).unwrap();
     std::fs::write(broken.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    let (ok, _, err) = merge(&[
-        "--models",
-        s(&a),
-        s(&broken),
-        "--weights",
-        "1",
-        "1",
-        "--out",
-        &out,
-    ]);
+    let (ok, _, err) = merge_pair(s(&a), s(&broken), &["1", "1"], &out, &[]);
     assert!(
         !ok && err.contains("broken") && err.contains("model.safetensors"),
         "{err}"
     );
     // An existing output is kept without --force.
-    let (ok, _, err) = merge(&[
-        "--models",
-        s(&a),
-        s(&a),
-        "--weights",
-        "1",
-        "1",
-        "--out",
-        &out,
-    ]);
+    let (ok, _, err) = merge_pair(s(&a), s(&a), &["1", "1"], &out, &[]);
     assert!(ok, "{err}");
-    let (ok, _, err) = merge(&[
-        "--models",
-        s(&a),
-        s(&a),
-        "--weights",
-        "1",
-        "1",
-        "--out",
-        &out,
-    ]);
+    let (ok, _, err) = merge_pair(s(&a), s(&a), &["1", "1"], &out, &[]);
     assert!(
         !ok && err.contains("already exists") && err.contains("--force"),
         "{err}"
     );
-    let (ok, _, err) = merge(&[
-        "--models",
-        s(&a),
-        s(&a),
-        "--weights",
-        "1",
-        "1",
-        "--out",
-        &out,
-        "--force",
-    ]);
+    let (ok, _, err) = merge_pair(s(&a), s(&a), &["1", "1"], &out, &["--force"]);
     assert!(ok, "{err}");
 }

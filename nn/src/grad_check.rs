@@ -1,9 +1,24 @@
-//! Gradient checks shared by every model's tests: each trainable parameter must receive a
-//! non-zero gradient, and analytic gradients must match finite differences.
+//! Checks shared by every model's tests: each trainable parameter must receive a non-zero
+//! gradient, analytic gradients must match finite differences, outputs must match references.
 
 use candle_core::{backprop::GradStore, DType, Result, Tensor};
 
 use crate::params::ParamStore;
+
+/// The largest absolute difference of two tensors of one shape (compared in f32).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
 
 /// Names of trainable parameters that got no gradient, or an all-zero one, from `loss`.
 pub fn params_without_gradient(store: &ParamStore, loss: &Tensor) -> Result<Vec<String>> {

@@ -33,16 +33,10 @@ impl LoadedModel {
     /// A LoRA adapter directory loads on its base (see [`super::load_llava_from`]).
     pub fn load(spec: &str, options: &BuildOptions) -> Result<Self> {
         let (model, dirs) = load_llava_from(spec, options)?;
-        let tokenizer_dir = dirs.file_dir("tokenizer.json").to_path_buf();
+        let tokenizer_dir = dirs.file_dir(&["tokenizer.json"]).to_path_buf();
         let tokenizer = load_tokenizer(&tokenizer_dir)?;
-        let processor_dir = if dirs.dir.join("preprocessor_config.json").exists()
-            || dirs.dir.join("processor_config.json").exists()
-        {
-            &dirs.dir
-        } else {
-            dirs.file_dir("preprocessor_config.json")
-        };
-        let processor = load_processor(processor_dir)?;
+        let processor =
+            load_processor(dirs.file_dir(&["preprocessor_config.json", "processor_config.json"]))?;
         let training = super::training::TrainingRecord::read(&dirs.dir)?;
         let origin = match &dirs.base {
             Some(base) => format!("{} (adapter on {})", dirs.dir.display(), base.display()),

@@ -74,11 +74,11 @@ pub struct ModelDirs {
 }
 
 impl ModelDirs {
-    /// `name` from the model's directory, else from its base's (an adapter written by PEFT
-    /// holds no tokenizer or processor of its own).
-    pub fn file_dir(&self, name: &str) -> &Path {
+    /// The directory holding any of `names`: the model's own, else its base's (an adapter
+    /// written by PEFT holds no tokenizer or processor of its own).
+    pub fn file_dir(&self, names: &[&str]) -> &Path {
         match &self.base {
-            Some(base) if !self.dir.join(name).exists() => base,
+            Some(base) if !names.iter().any(|n| self.dir.join(n).exists()) => base,
             _ => &self.dir,
         }
     }

@@ -394,16 +394,7 @@ mod tests {
             .unwrap()
             .narrow(1, 1, 4)
             .unwrap();
-        let diff = (full.narrow(1, 1, 4).unwrap() - stitched)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = mmkd_nn::grad_check::max_abs_diff(&full.narrow(1, 1, 4).unwrap(), &stitched);
         assert!(diff < 1e-5, "{diff}");
     }
 }

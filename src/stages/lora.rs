@@ -117,13 +117,12 @@ pub fn write_adapter_files(
     plan: &LoraPlan,
 ) -> Result<()> {
     let trained = model.trainable();
+    let names = model.store.names();
     let lora_modules: Vec<Module> = [Module::Vision, Module::Projector, Module::Llm]
         .into_iter()
         .filter(|m| {
             let prefix = module_prefix(*m).0;
-            model
-                .store
-                .names()
+            names
                 .iter()
                 .any(|n| n.starts_with(prefix) && n.contains(".lora_"))
         })

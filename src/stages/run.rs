@@ -425,19 +425,16 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
 }
 
 /// The seed of a micro-batch's dropout masks: its step and samples, so it is the same however
-/// micro-batches are scheduled and after a resume (FNV-1a over the three).
+/// micro-batches are scheduled and after a resume.
 fn dropout_seed(seed: u64, step: usize, samples: &[usize]) -> u64 {
-    let mut hash: u64 = 0xcbf29ce484222325;
-    let words = [seed, step as u64]
+    let mut digest = crate::teacher_cache::digest::ContentDigest::default();
+    for word in [seed, step as u64]
         .into_iter()
-        .chain(samples.iter().map(|&i| i as u64));
-    for word in words {
-        for byte in word.to_le_bytes() {
-            hash ^= byte as u64;
-            hash = hash.wrapping_mul(0x100000001b3);
-        }
+        .chain(samples.iter().map(|&i| i as u64))
+    {
+        digest.update(&word.to_le_bytes());
     }
-    hash
+    digest.value()
 }
 
 /// One line for the progress output.

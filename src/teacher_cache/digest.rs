@@ -30,6 +30,10 @@ impl ContentDigest {
     pub fn hex(&self) -> String {
         format!("{:016x}", self.0)
     }
+
+    pub fn value(&self) -> u64 {
+        self.0
+    }
 }
 
 /// The digest of a string.

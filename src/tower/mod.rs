@@ -63,19 +63,7 @@ pub(crate) mod tests {
             .model
     }
 
-    /// The largest absolute difference of two tensors of one shape.
-    pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    pub use mmkd_nn::grad_check::max_abs_diff;
 
     /// 64 train / 16 val shapes scenes and a tokenizer in `dir`.
     pub fn tiny_data(dir: &Path) {

@@ -25,18 +25,5 @@ pub fn read_json(file: &str) -> serde_json::Value {
 }
 
 /// Largest absolute elementwise difference (shapes must match).
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape mismatch");
-    let a = a.to_dtype(candle_core::DType::F32).unwrap();
-    let b = b.to_dtype(candle_core::DType::F32).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
+#[allow(unused_imports)]
+pub use mmkd_nn::grad_check::max_abs_diff;
