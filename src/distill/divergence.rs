@@ -10,8 +10,9 @@
 //! In a TOML preset a divergence is either a bare name, which takes the default parameter
 //! (`divergence = "forward_kl"`, `divergence = "jsd"` → β = 0.5, `"skew_forward_kl"` → α = 0.1),
 //! or a table (`divergence = { kind = "jsd", beta = 0.9 }`,
-//! `divergence = { kind = "skew_reverse_kl", alpha = 0.2 }`). On the command line the same is
-//! written `jsd:0.9` (see [`Divergence::from_str`](std::str::FromStr)).
+//! `divergence = { kind = "skew_reverse_kl", alpha = 0.2 }`, `divergence = { kind = "dbild",
+//! max_k = 32 }`). On the command line the same is written `jsd:0.9`, `dbild:32` (see
+//! [`Divergence::from_str`](std::str::FromStr)).
 
 use std::fmt;
 use std::str::FromStr;
@@ -20,6 +21,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Tensor, D};
 use serde::{Deserialize, Serialize};
 
+use super::dbild::{dbild_rows, DEFAULT_DBILD_MAX_K};
 use super::logprob::{compute_dtype, kl_rows, log_mixture, log_softmax};
 
 /// Default β of the generalized JSD when only its name is given.
@@ -49,6 +51,11 @@ pub enum Divergence {
     SkewForwardKl { alpha: f64 },
     /// Skew reverse KL (DistiLLM): KL(q ‖ α·q + (1−α)·p), α ∈ [0, 1); α = 0 is reverse KL.
     SkewReverseKl { alpha: f64 },
+    /// Switch-KD's dynamic bi-directional logits difference: reverse KL between the softmaxed
+    /// pairwise logit differences of the teacher's and of the student's knee-chosen top-k
+    /// (k ≤ `max_k`), see [`super::dbild`]. It reads the teacher at the student's top ids, so
+    /// it needs the teacher's full logits (an online teacher).
+    Dbild { max_k: usize },
 }
 
 impl Divergence {
@@ -63,6 +70,9 @@ impl Divergence {
                 "{}: `alpha` must be in [0, 1) (alpha = 1 makes the divergence identically 0), got {alpha}",
                 self.name()
             ),
+            Divergence::Dbild { max_k } => {
+                ensure!(max_k >= 3, "dbild: `max_k` must be at least 3, got {max_k}")
+            }
             Divergence::ForwardKl | Divergence::ReverseKl | Divergence::TotalVariation => {}
         }
         Ok(())
@@ -77,7 +87,13 @@ impl Divergence {
             Divergence::TotalVariation => "total_variation",
             Divergence::SkewForwardKl { .. } => "skew_forward_kl",
             Divergence::SkewReverseKl { .. } => "skew_reverse_kl",
+            Divergence::Dbild { .. } => "dbild",
         }
+    }
+
+    /// Whether the divergence reads the teacher beyond its top-k (a cache cannot serve it).
+    pub fn needs_full_teacher(&self) -> bool {
+        matches!(self, Divergence::Dbild { .. })
     }
 
     /// The divergence of every row: `student_logits` and `teacher_logits` are `[N, V]`, the
@@ -129,6 +145,9 @@ impl Divergence {
             // One fused pass per row, with the exact gradient q − p (see mmkd_nn::fused).
             return mmkd_nn::fused::forward_kl_rows(&s, &t);
         }
+        if let Divergence::Dbild { max_k } = divergence {
+            return dbild_rows(&s, &t, max_k).map_err(candle_core::Error::wrap);
+        }
         let log_q = log_softmax(&s)?;
         let log_p = log_softmax(&t)?;
         match divergence {
@@ -156,6 +175,7 @@ impl Divergence {
                 let log_m = log_mixture(&log_q, alpha, &log_p, 1.0 - alpha)?;
                 kl_rows(&log_q.exp()?, &log_q, &log_m)
             }
+            Divergence::Dbild { .. } => unreachable!("computed above"),
         }
     }
 
@@ -178,19 +198,29 @@ impl Divergence {
             Divergence::SkewForwardKl { alpha } | Divergence::SkewReverseKl { alpha } => {
                 Some(("alpha", alpha))
             }
+            Divergence::Dbild { max_k } => Some(("max_k", max_k as f64)),
             _ => None,
         }
     }
 
     /// Builds a divergence from its name (aliases accepted) and optional parameter.
-    fn from_parts(kind: &str, beta: Option<f64>, alpha: Option<f64>) -> Result<Self> {
+    fn from_parts(
+        kind: &str,
+        beta: Option<f64>,
+        alpha: Option<f64>,
+        max_k: Option<usize>,
+    ) -> Result<Self> {
         let no_param = |d: Divergence| -> Result<Divergence> {
             ensure!(
-                beta.is_none() && alpha.is_none(),
-                "divergence `{kind}` takes no `beta` or `alpha`"
+                beta.is_none() && alpha.is_none() && max_k.is_none(),
+                "divergence `{kind}` takes no `beta`, `alpha` or `max_k`"
             );
             Ok(d)
         };
+        ensure!(
+            max_k.is_none() || kind == "dbild",
+            "divergence `{kind}` takes no `max_k` (only dbild does)"
+        );
         let divergence = match kind {
             "forward_kl" | "kl" => no_param(Divergence::ForwardKl)?,
             "reverse_kl" => no_param(Divergence::ReverseKl)?,
@@ -216,9 +246,18 @@ impl Divergence {
                     Divergence::SkewForwardKl { alpha }
                 }
             }
+            "dbild" => {
+                ensure!(
+                    beta.is_none() && alpha.is_none(),
+                    "divergence `dbild` takes `max_k`, not `beta` or `alpha`"
+                );
+                Divergence::Dbild {
+                    max_k: max_k.unwrap_or(DEFAULT_DBILD_MAX_K),
+                }
+            }
             other => bail!(
                 "unknown divergence `{other}`; expected one of forward_kl, reverse_kl, jsd, \
-                 total_variation, skew_forward_kl, skew_reverse_kl"
+                 total_variation, skew_forward_kl, skew_reverse_kl, dbild"
             ),
         };
         divergence.validate()?;
@@ -241,13 +280,25 @@ impl FromStr for Divergence {
             }
             None => (s.trim(), None),
         };
-        let (beta, alpha) = match kind {
-            "jsd" | "generalized_jsd" => (param, None),
-            "skew_forward_kl" | "skew_kl" | "skew_reverse_kl" => (None, param),
+        let (beta, alpha, max_k) = match kind {
+            "jsd" | "generalized_jsd" => (param, None, None),
+            "skew_forward_kl" | "skew_kl" | "skew_reverse_kl" => (None, param, None),
+            "dbild" => {
+                let max_k = param
+                    .map(|k| {
+                        ensure!(
+                            k.fract() == 0.0 && k >= 0.0,
+                            "divergence `{s}`: `max_k` must be a whole number"
+                        );
+                        Ok(k as usize)
+                    })
+                    .transpose()?;
+                (None, None, max_k)
+            }
             _ if param.is_some() => bail!("divergence `{kind}` takes no parameter (got `{s}`)"),
-            _ => (None, None),
+            _ => (None, None, None),
         };
-        Self::from_parts(kind, beta, alpha)
+        Self::from_parts(kind, beta, alpha, max_k)
     }
 }
 
@@ -276,6 +327,8 @@ struct DivergenceTable {
     beta: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     alpha: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_k: Option<usize>,
 }
 
 impl TryFrom<DivergenceSpec> for Divergence {
@@ -283,8 +336,8 @@ impl TryFrom<DivergenceSpec> for Divergence {
 
     fn try_from(spec: DivergenceSpec) -> std::result::Result<Self, String> {
         let parsed = match &spec {
-            DivergenceSpec::Name(name) => Divergence::from_parts(name, None, None),
-            DivergenceSpec::Table(t) => Divergence::from_parts(&t.kind, t.beta, t.alpha),
+            DivergenceSpec::Name(name) => Divergence::from_parts(name, None, None, None),
+            DivergenceSpec::Table(t) => Divergence::from_parts(&t.kind, t.beta, t.alpha, t.max_k),
         };
         parsed.map_err(|e| format!("{e:#}"))
     }
@@ -298,6 +351,7 @@ impl From<Divergence> for DivergenceSpec {
                 kind: d.name().to_string(),
                 beta: (key == "beta").then_some(value),
                 alpha: (key == "alpha").then_some(value),
+                max_k: (key == "max_k").then_some(value as usize),
             }),
         }
     }
@@ -346,8 +400,17 @@ mod tests {
             parse(r#"divergence = { kind = "skew_forward_kl", alpha = 0.2 }"#).unwrap(),
             Divergence::SkewForwardKl { alpha: 0.2 }
         );
+        assert_eq!(
+            parse(r#"divergence = "dbild""#).unwrap(),
+            Divergence::Dbild { max_k: 16 }
+        );
+        assert_eq!(
+            parse(r#"divergence = { kind = "dbild", max_k = 32 }"#).unwrap(),
+            Divergence::Dbild { max_k: 32 }
+        );
         // Round trip through TOML.
         for d in [
+            Divergence::Dbild { max_k: 8 },
             Divergence::ReverseKl,
             Divergence::GeneralizedJsd { beta: 0.25 },
             Divergence::SkewForwardKl { alpha: 0.3 },
@@ -364,7 +427,11 @@ mod tests {
         let err = parse(r#"divergence = { kind = "jsd", beta = 1.5 }"#).unwrap_err();
         assert!(err.contains("`beta` must be in [0, 1], got 1.5"), "{err}");
         let err = parse(r#"divergence = { kind = "forward_kl", beta = 0.5 }"#).unwrap_err();
-        assert!(err.contains("takes no `beta` or `alpha`"), "{err}");
+        assert!(err.contains("takes no `beta`, `alpha` or `max_k`"), "{err}");
+        let err = parse(r#"divergence = { kind = "jsd", max_k = 4 }"#).unwrap_err();
+        assert!(err.contains("takes no `max_k` (only dbild does)"), "{err}");
+        let err = parse(r#"divergence = { kind = "dbild", max_k = 2 }"#).unwrap_err();
+        assert!(err.contains("`max_k` must be at least 3, got 2"), "{err}");
         let err = parse(r#"divergence = { kind = "skew_forward_kl", alpha = 1.0 }"#).unwrap_err();
         assert!(err.contains("`alpha` must be in [0, 1)"), "{err}");
     }
@@ -377,6 +444,7 @@ mod tests {
             "total_variation",
             "jsd:0.9",
             "skew_reverse_kl:0.1",
+            "dbild:32",
         ] {
             let d: Divergence = s.parse().unwrap();
             assert_eq!(d.to_string(), s);
@@ -425,6 +493,7 @@ mod tests {
             Divergence::SkewForwardKl { alpha: 0.0 },
             Divergence::SkewForwardKl { alpha: 0.1 },
             Divergence::SkewReverseKl { alpha: 0.1 },
+            Divergence::Dbild { max_k: 5 },
         ]
     }
 

@@ -5,6 +5,7 @@
 
 mod ce;
 pub mod config;
+pub mod dbild;
 pub mod divergence;
 pub mod inputs;
 mod logprob;

@@ -192,6 +192,12 @@ pub fn topk_per_token(
     if k > vocab {
         bail!("the teacher's top-{k} exceeds the student's vocabulary ({vocab})");
     }
+    ensure!(
+        !cfg.divergence.needs_full_teacher(),
+        "{} reads the teacher's logits at the student's top tokens, which a teacher cache does \
+         not keep: run it with --teacher",
+        cfg.divergence.name()
+    );
     let student_rows = student_rows.to_dtype(compute_dtype(student_rows))?;
     let ids = teacher.ids.to_dtype(DType::U32)?.contiguous()?;
     let top_p = teacher.log_probs.to_dtype(student_rows.dtype())?;

@@ -50,7 +50,8 @@ impl Term for Mdist {
     fn needs(&self) -> Needs {
         Needs {
             teacher: true,
-            teacher_logits: false,
+            // DBiLD reads the teacher at the student's top ids, beyond a cache's top-k.
+            teacher_logits: self.cfg.divergence.needs_full_teacher(),
             teacher_relations: false,
             teacher_temperature: Some(self.cfg.temperature),
         }
