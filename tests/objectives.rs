@@ -389,9 +389,26 @@ fn a_cached_teacher_serves_only_the_temperature_it_was_written_at() {
         "objective=[{ term = \"ce\" }, { term = \"logits.mse\", weight = 0.1 }]",
     );
     assert!(
-        !ok && err.contains("`logits.mse` reads the teacher's full logits"),
+        !ok && err.contains("`logits.mse` reads the teacher's full output"),
         "{err}"
     );
+    // Hidden states and DBiLD's student-led half are beyond a cache too.
+    for (out, term, name) in [
+        ("cache/hidden", "{ term = \"hidden\" }", "hidden"),
+        (
+            "cache/dbild",
+            "{ term = \"mdist.response\", divergence = \"dbild\" }",
+            "mdist.response",
+        ),
+    ] {
+        let (ok, _, err) = cached(out, &format!("objective=[{{ term = \"ce\" }}, {term}]"));
+        assert!(
+            !ok && err.contains(&format!(
+                "`{name}` reads the teacher's full output (its logits or hidden states)"
+            )),
+            "{err}"
+        );
+    }
     let (ok, _, err) = cached(
         "cache/t1",
         "objective=[{ term = \"ce\" }, { term = \"mdist.visual\", divergence = \"reverse_kl\" }]",
@@ -927,4 +944,113 @@ fn a_second_run_on_the_same_out_is_refused_and_the_first_runs_work_is_untouched(
     let (ok, _, err) = mmkd(&args);
     assert!(ok, "{err}");
     assert!(!lock.exists(), "the lock outlived its run");
+}
+
+#[test]
+fn hidden_state_distillation_trains_its_projections_resumes_bit_exactly_and_ships_none() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let objective =
+        "objective=[{ term = \"ce\" }, { term = \"hidden\", layers = [[0, 0], [1, 2]], \
+                     positions = \"both\", dynamic = true, weight = 0.5 }, \
+                     { term = \"mdist.response\", divergence = { kind = \"dbild\", max_k = 8 } }]";
+    let args = |out: &str| -> Vec<String> {
+        let data = w.root.join("data/train/instruct.json");
+        [
+            "dft",
+            "--config",
+            "shapes-tiny",
+            "--quiet",
+            "--data",
+            data.to_str().unwrap(),
+            "--images",
+            &s("data"),
+            "--init",
+            &s("student"),
+            "--teacher",
+            &s("teacher"),
+            "--out",
+            &s(out),
+            "--max-steps",
+            "12",
+            "--set",
+            "train.save_every=2",
+            "--set",
+            "train.keep_last=6",
+            "--set",
+            objective,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let full = args("hidden/full");
+    let (ok, _, err) = mmkd(&full.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let dir = w.root.join("hidden/full");
+    let logged = metrics(&dir);
+    assert!(logged
+        .iter()
+        .all(|m| m.terms.get("l_hidden").is_some_and(f32::is_finite)
+            && m.terms.get("l_res").is_some_and(f32::is_finite)));
+    // The projections are training state: in every checkpoint, never in the student.
+    let state = candle_core::safetensors::load(
+        dir.join("checkpoints/step-00000002/objective.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut names: Vec<&String> = state.keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "objective.l_hidden.proj_0_0.weight",
+            "objective.l_hidden.proj_1_2.weight"
+        ]
+    );
+    assert_eq!(state[names[0]].dims(), [64, 32]);
+    let shipped =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert!(shipped.keys().all(|k| !k.starts_with("objective")));
+    // The projections moved from their first checkpoint to the next.
+    let later = candle_core::safetensors::load(
+        dir.join("checkpoints/step-00000004/objective.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_ne!(values(&state[names[1]]), values(&later[names[1]]));
+
+    // Killed after its first checkpoint and resumed: the same student, bit for bit.
+    let killed = args("hidden/killed");
+    let killed_dir = w.root.join("hidden/killed");
+    assert!(
+        common::kill_after_first_checkpoint(&killed, &killed_dir),
+        "the run finished before it could be killed; the test needs a longer run"
+    );
+    let mut resume = killed.clone();
+    resume.push("--resume".into());
+    let (ok, _, err) = mmkd(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(
+        std::fs::read(dir.join("model.safetensors")).unwrap()
+            == std::fs::read(killed_dir.join("model.safetensors")).unwrap(),
+        "the resumed student differs"
+    );
+    let resumed = metrics(&killed_dir);
+    assert_eq!(
+        logged.iter().map(|m| m.loss).collect::<Vec<_>>(),
+        resumed.iter().map(|m| m.loss).collect::<Vec<_>>()
+    );
+
+    // A layer the student does not have is named before training.
+    let mut bad = args("hidden/bad");
+    *bad.last_mut().unwrap() =
+        "objective=[{ term = \"ce\" }, { term = \"hidden\", layers = [[3, 1]] }]".into();
+    let (ok, _, err) = mmkd(&bad.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok);
+    assert!(
+        err.contains("`layers` entry 0 ([3, 1]) names student layer 3; the student has 1 layers"),
+        "{err}"
+    );
 }

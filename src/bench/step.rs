@@ -134,6 +134,7 @@ impl Shards<'_> {
                                     let count = mask.iter().flatten().map(|&m| m as usize).sum();
                                     crate::models::splice::VisualPositions { mask, count }
                                 },
+                                layers: Default::default(),
                             })
                         })
                         .transpose()?,

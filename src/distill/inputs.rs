@@ -5,6 +5,7 @@
 //! LLaVA-KD combination ([`super::distill_loss`]) run the same code.
 
 use std::cell::OnceCell;
+use std::collections::BTreeMap;
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
@@ -134,6 +135,15 @@ pub struct LossInputs<'a> {
     visual: Vec<u32>,
     response_logits: OnceCell<Option<Tensor>>,
     visual_logits: OnceCell<Option<Tensor>>,
+    layers: Option<LayerPair<'a>>,
+}
+
+/// Decoder hidden states `[batch, seq, width]` by layer (0 = embeddings) of the student (part
+/// of the graph) and of an online teacher (detached).
+#[derive(Clone, Copy, Debug)]
+pub struct LayerPair<'a> {
+    pub student: &'a BTreeMap<usize, Tensor>,
+    pub teacher: &'a BTreeMap<usize, Tensor>,
 }
 
 impl<'a> LossInputs<'a> {
@@ -190,7 +200,32 @@ impl<'a> LossInputs<'a> {
             visual,
             response_logits: OnceCell::new(),
             visual_logits: OnceCell::new(),
+            layers: None,
         })
+    }
+
+    /// The same inputs with both models' hidden states at the layers the objective reads.
+    pub fn with_layers(mut self, layers: LayerPair<'a>) -> Self {
+        self.layers = Some(layers);
+        self
+    }
+
+    /// The hidden states of both models (an error naming `term` when the step has none: a
+    /// teacher cache keeps no hidden state).
+    pub fn layer_states(&self, term: &str) -> Result<LayerPair<'a>> {
+        let TeacherSide::Logits { .. } = self.teacher_side(term)? else {
+            bail!("{term} reads the teacher's hidden states, which a teacher cache does not keep: run it with --teacher");
+        };
+        self.layers
+            .with_context(|| format!("{term}: the forward kept no hidden state"))
+    }
+
+    /// The flat `batch·seq` row indices of `rows`, in the order the row tensors use.
+    pub fn row_indices(&self, rows: Rows) -> &[u32] {
+        match rows {
+            Rows::Response => &self.response.rows,
+            Rows::Visual => &self.visual,
+        }
     }
 
     pub fn labels(&self) -> &Tensor {

@@ -18,7 +18,9 @@ pub mod topk;
 pub use ce::cross_entropy;
 pub use config::DistillLossConfig;
 pub use divergence::Divergence;
-pub use inputs::{CachedTeacher, LossInputs, RelationHidden, Rows, StudentLogits, TeacherSide};
+pub use inputs::{
+    CachedTeacher, LayerPair, LossInputs, RelationHidden, Rows, StudentLogits, TeacherSide,
+};
 pub use logprob::log_softmax;
 pub use loss::{
     distill_loss, distill_loss_cached, truncate_vocab, weighted_sum, CachedDistillBatch,

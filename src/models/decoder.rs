@@ -1,6 +1,8 @@
 //! Qwen2- and Llama-family decoders: a forward from input embeddings that returns hidden states
 //! for every position of a padded batch, plus a KV-cached path used only for generation.
 
+use std::collections::BTreeMap;
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 use mmkd_nn::attention::{attention, MASK_VALUE};
@@ -293,8 +295,35 @@ impl CausalLm {
         embeds: &Tensor,
         key_mask: &[Vec<u8>],
         positions: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        self.forward_layers(
+            embeds,
+            key_mask,
+            positions,
+            cache,
+            &mut LayerStates::default(),
+        )
+    }
+
+    /// [`CausalLm::forward_hidden`] that also keeps the hidden states `keep.layers` names: 0 is
+    /// the input embeddings, i ≥ 1 the output of decoder layer i (before the final norm), as
+    /// transformers' `output_hidden_states`.
+    pub fn forward_layers(
+        &self,
+        embeds: &Tensor,
+        key_mask: &[Vec<u8>],
+        positions: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        keep: &mut LayerStates,
+    ) -> Result<Tensor> {
+        if let Some(&i) = keep.wanted.iter().find(|&&i| i > self.layers.len()) {
+            anyhow::bail!(
+                "hidden state of layer {i} asked for; the model has {} layers (0 = embeddings)",
+                self.layers.len()
+            );
+        }
+        keep.keep(0, embeds);
         let (_, s, _) = embeds.dims3()?;
         let mask = causal_padding_mask(key_mask, s, embeds.device())?;
         let rope = Rope::new(
@@ -307,6 +336,7 @@ impl CausalLm {
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(&x, &rope, &mask, slot)?;
+            keep.keep(i + 1, &x);
         }
         Ok(self.norm.forward(&x)?)
     }
@@ -314,6 +344,37 @@ impl CausalLm {
     /// Logits `[b, s, vocab]` from hidden states.
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         Ok(self.lm_head.forward(hidden)?)
+    }
+}
+
+/// Hidden states kept from a forward, by layer (0 = embeddings, i = after decoder layer i).
+#[derive(Clone, Debug, Default)]
+pub struct LayerStates {
+    wanted: Vec<usize>,
+    pub states: BTreeMap<usize, Tensor>,
+}
+
+impl LayerStates {
+    /// Keeps the states of `layers` when the forward runs.
+    pub fn wanted(layers: &[usize]) -> Self {
+        Self {
+            wanted: layers.to_vec(),
+            states: BTreeMap::new(),
+        }
+    }
+
+    fn keep(&mut self, layer: usize, x: &Tensor) {
+        if self.wanted.contains(&layer) {
+            self.states.insert(layer, x.clone());
+        }
+    }
+
+    /// The same states cut from the graph (a frozen teacher's).
+    pub fn detach(&self) -> Self {
+        Self {
+            wanted: self.wanted.clone(),
+            states: self.states.iter().map(|(&i, t)| (i, t.detach())).collect(),
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use mmkd_nn::{LoraPlan, ParamBuilder, ParamStore, WeightSource};
 use mmkd_vision::select::FeatureSelect;
 use mmkd_vision::tower::VisionTower;
 
-use super::decoder::{arange_positions, CausalLm, KvCache};
+use super::decoder::{arange_positions, CausalLm, KvCache, LayerStates};
 use super::llava_config::LlavaConfig;
 use super::projector::Projector;
 use super::splice::{splice_image_features, VisualPositions};
@@ -142,6 +142,9 @@ pub struct LlavaOutput {
     pub logits: Tensor,
     /// Image-token positions of each sample (for L_vis and RDist).
     pub visual: VisualPositions,
+    /// The decoder's hidden states a loss asked for ([`LlavaModel::forward_images_layers`]);
+    /// empty otherwise.
+    pub layers: LayerStates,
 }
 
 pub struct LlavaModel {
@@ -340,12 +343,29 @@ impl LlavaModel {
         batch: &TokenBatch,
         images: Option<ImageInput<'_>>,
     ) -> Result<LlavaOutput> {
-        let LlavaHidden { hidden, visual } = self.forward_images_hidden(batch, images)?;
+        self.forward_images_layers(batch, images, &[])
+    }
+
+    /// [`LlavaModel::forward_images`] that also keeps the decoder's hidden states at `layers`
+    /// (0 = the input embeddings, i = after decoder layer i).
+    pub fn forward_images_layers(
+        &self,
+        batch: &TokenBatch,
+        images: Option<ImageInput<'_>>,
+        layers: &[usize],
+    ) -> Result<LlavaOutput> {
+        let (embeds, visual) = self.embed_images(batch, images)?;
+        let positions = arange_positions(batch.batch_size(), batch.seq_len(), 0, &self.device)?;
+        let mut kept = LayerStates::wanted(layers);
+        let hidden = self
+            .lm
+            .forward_layers(&embeds, &batch.mask, &positions, None, &mut kept)?;
         let logits = self.lm.logits(&hidden)?;
         Ok(LlavaOutput {
             hidden,
             logits,
             visual,
+            layers: kept,
         })
     }
 

@@ -12,12 +12,13 @@ pub mod terms;
 
 use std::fmt;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::distill::{weighted_sum, DistillLossConfig, LossInputs};
-pub use spec::TermSpec;
+use mmkd_nn::ParamBuilder;
+pub use spec::{HiddenDistance, TermConfig, TermPositions, TermSpec};
 pub use terms::{TermKind, TERMS};
 
 /// One loss term of an objective.
@@ -27,7 +28,41 @@ pub trait Term: Send + Sync + fmt::Debug {
     /// The term's unweighted value on one micro-batch (part of the graph); `None` when the
     /// batch has nothing it reads (no supervised token, no image).
     fn loss(&self, inputs: &LossInputs<'_>) -> Result<Option<Tensor>>;
+    /// Settles what depends on the models (layer maps, widths) and creates the term's own
+    /// trainable parameters under `binding.params` (e.g. a projection between two widths).
+    /// These train with the student, are saved in its checkpoints' training state and are not
+    /// part of the exported student.
+    fn bind(&mut self, _binding: &Binding) -> Result<()> {
+        Ok(())
+    }
+    /// The decoder layers whose hidden states the term reads: (student's, teacher's).
+    fn layers(&self) -> (Vec<usize>, Vec<usize>) {
+        (Vec::new(), Vec::new())
+    }
 }
+
+/// What a term's [`Term::bind`] sees: the two language models' shapes and where its
+/// parameters go.
+#[derive(Clone)]
+pub struct Binding {
+    pub student: LmShape,
+    /// `None` without an online teacher.
+    pub teacher: Option<LmShape>,
+    /// Rooted at `objective`; each term gets its own prefix (its logged name).
+    pub params: ParamBuilder,
+}
+
+/// A decoder's depth and width, as the terms that read hidden states need them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LmShape {
+    /// Decoder layers (hidden states 0 = embeddings ..= layers).
+    pub layers: usize,
+    /// Hidden width.
+    pub width: usize,
+}
+
+/// The prefix of the objective's own parameters in a checkpoint's training state.
+pub const PARAMS_PREFIX: &str = "objective";
 
 /// What a term reads besides the student.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -99,7 +134,8 @@ impl Objective {
                 spec.term,
                 spec.weight
             );
-            let term = (kind.build)(&spec.resolve(kind, defaults)?)?;
+            let term = (kind.build)(&spec.resolve(kind, defaults)?)
+                .with_context(|| format!("objective term `{}`", spec.term))?;
             let name = spec.name.clone().unwrap_or_else(|| kind.log_name.into());
             ensure!(
                 !matches!(
@@ -120,6 +156,37 @@ impl Objective {
             });
         }
         Ok(Self { entries })
+    }
+
+    /// Binds every term to the models (see [`Term::bind`]); `binding.params` should be rooted
+    /// at [`PARAMS_PREFIX`]. Binding two objectives to one store shares their parameters.
+    pub fn bind(&mut self, binding: &Binding) -> Result<()> {
+        for e in &mut self.entries {
+            let own = Binding {
+                params: binding.params.pp(&e.name),
+                ..binding.clone()
+            };
+            e.term
+                .bind(&own)
+                .with_context(|| format!("objective term `{}`", e.kind))?;
+        }
+        Ok(())
+    }
+
+    /// The decoder layers the active terms read hidden states of: (student's, teacher's),
+    /// sorted, without repeats.
+    pub fn layers(&self) -> (Vec<usize>, Vec<usize>) {
+        let (mut student, mut teacher) = (Vec::new(), Vec::new());
+        for e in self.active() {
+            let (s, t) = e.term.layers();
+            student.extend(s);
+            teacher.extend(t);
+        }
+        for layers in [&mut student, &mut teacher] {
+            layers.sort_unstable();
+            layers.dedup();
+        }
+        (student, teacher)
     }
 
     /// The terms of `specs` that read no teacher (what can be measured where no teacher's

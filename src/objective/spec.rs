@@ -29,6 +29,52 @@ pub struct TermSpec {
     /// Multiply a distribution term by T² (default: `[distill] t2_scaling`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub t2_scaling: Option<bool>,
+    /// `hidden`: the student → teacher layer pairs, `[[student, teacher], ...]` (0 = the input
+    /// embeddings, i = after decoder layer i); default: student layer i to teacher layer
+    /// round(i·L_t/L_s) for every student layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<Vec<[usize; 2]>>,
+    /// `hidden`: how a pair of hidden states is compared (default `mse`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distance: Option<HiddenDistance>,
+    /// `hidden`: the positions compared (default `response`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<TermPositions>,
+    /// `hidden`: weight the layer pairs by their current losses instead of equally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dynamic: Option<bool>,
+}
+
+/// How a term compares two hidden states.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HiddenDistance {
+    /// Mean squared difference over the rows and the width.
+    #[default]
+    Mse,
+    /// 1 − cosine similarity per row, averaged.
+    Cosine,
+}
+
+/// The positions a term reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TermPositions {
+    /// The positions that predict a response token.
+    #[default]
+    Response,
+    /// The image-token positions.
+    Visual,
+    /// Both.
+    Both,
+}
+
+/// A term's resolved settings: its divergence settings over the `[distill]` defaults, and its
+/// own entry for the options only it reads.
+#[derive(Clone, Debug)]
+pub struct TermConfig {
+    pub loss: DistillLossConfig,
+    pub spec: TermSpec,
 }
 
 fn one() -> f64 {
@@ -44,6 +90,10 @@ impl TermSpec {
             divergence: None,
             temperature: None,
             t2_scaling: None,
+            layers: None,
+            distance: None,
+            positions: None,
+            dynamic: None,
         }
     }
 
@@ -61,34 +111,45 @@ impl TermSpec {
         terms
     }
 
-    /// The divergence settings of this term: its own options over `defaults`; options the
-    /// term does not take are errors naming the ones it does.
+    /// The settings of this term: its divergence options over `defaults`, and its own; options
+    /// the term does not take are errors naming the ones it does.
     pub(super) fn resolve(
         &self,
         kind: &TermKind,
         defaults: &DistillLossConfig,
-    ) -> Result<DistillLossConfig> {
-        if !kind.divergence_options {
-            for (option, set) in [
-                ("divergence", self.divergence.is_some()),
-                ("temperature", self.temperature.is_some()),
-                ("t2_scaling", self.t2_scaling.is_some()),
-            ] {
-                if set {
-                    bail!(
-                        "objective term `{}` takes no `{option}` (its options: term, weight, name)",
-                        self.term
-                    );
-                }
+    ) -> Result<TermConfig> {
+        let mut takes = vec!["term", "weight", "name"];
+        if kind.divergence_options {
+            takes.extend(["divergence", "temperature", "t2_scaling"]);
+        }
+        takes.extend(kind.options);
+        for (option, set) in [
+            ("divergence", self.divergence.is_some()),
+            ("temperature", self.temperature.is_some()),
+            ("t2_scaling", self.t2_scaling.is_some()),
+            ("layers", self.layers.is_some()),
+            ("distance", self.distance.is_some()),
+            ("positions", self.positions.is_some()),
+            ("dynamic", self.dynamic.is_some()),
+        ] {
+            if set && !takes.contains(&option) {
+                bail!(
+                    "objective term `{}` takes no `{option}` (its options: {})",
+                    self.term,
+                    takes.join(", ")
+                );
             }
         }
-        let cfg = DistillLossConfig {
+        let loss = DistillLossConfig {
             divergence: self.divergence.unwrap_or(defaults.divergence),
             temperature: self.temperature.unwrap_or(defaults.temperature),
             t2_scaling: self.t2_scaling.unwrap_or(defaults.t2_scaling),
             ..defaults.clone()
         };
-        cfg.validate()?;
-        Ok(cfg)
+        loss.validate()?;
+        Ok(TermConfig {
+            loss,
+            spec: self.clone(),
+        })
     }
 }

@@ -10,14 +10,15 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Var;
 use mmkd_datasets::{BatchSampler, SampleShape, SamplerConfig};
+use mmkd_nn::ParamStore;
 use serde::Serialize;
 
 use super::batches::{StageBatches, StageMicroBatch};
 use super::memory::{available_memory, BatchShape, MemoryEstimate};
 use super::progress::step_bar;
 use super::setup::{
-    load_student, open_cache_manifest, optimizer_groups, plan_teacher, settings_digest,
-    trainable_modules, TeacherPlan,
+    lm_shape, load_student, objective_params, open_cache_manifest, optimizer_groups, plan_teacher,
+    settings_digest, trainable_modules, TeacherPlan,
 };
 use super::validate::{Validation, ValidationRecord};
 use super::{StageRun, SUMMARY_FILE};
@@ -27,7 +28,7 @@ use crate::checkpoint::training::TrainingRecord;
 use crate::checkpoint::{write_files_into, write_llava_files, SaveAssets};
 use crate::config::Stage;
 use crate::models::llava::ImageInput;
-use crate::objective::{Objective, TermValues};
+use crate::objective::{Binding, Objective, TermValues};
 use crate::runtime::parse_dtype;
 use crate::teacher::{teacher_rows, CachedSignal, TeacherSignal};
 use crate::train::forward::{objective_loss, StudentBatch};
@@ -35,7 +36,8 @@ use crate::train::guard::{Spike, SpikeLimits};
 use crate::train::interrupt::InterruptGuard;
 use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, StepMetrics};
 use crate::train::state::{
-    describe_last_checkpoint, explain_storage_fault, save_checkpoint, TrainerState, OPTIMIZER_FILE,
+    describe_last_checkpoint, explain_storage_fault, save_checkpoint_with, TrainerState,
+    OBJECTIVE_FILE, OPTIMIZER_FILE,
 };
 use crate::train::step::{MicroLoss, NotFinite, TrainStep};
 use crate::train::{AdamW, AdamWConfig, LrSchedule};
@@ -79,7 +81,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
     let started = Instant::now();
     // One run per directory: held until the stage returns.
     let _lock = OutputLock::acquire(&run.out)?;
-    let objective = Objective::new(&settings.objective, &settings.distill)
+    let mut objective = Objective::new(&settings.objective, &settings.distill)
         .with_context(|| format!("the objective of `{}`", stage.name()))?;
     let cache_manifest = open_cache_manifest(run, &objective)?;
     let settings_digest = settings_digest(run, cache_manifest.as_ref());
@@ -130,7 +132,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         stage.name(),
     )?;
     let report = &data.report;
-    let teacher = match plan {
+    let mut teacher = match plan {
         TeacherPlan::None => None,
         TeacherPlan::Online(t) => Some(TeacherSignal::Online(t)),
         TeacherPlan::Cached(dir, manifest) => Some(TeacherSignal::Cached(CachedSignal::open(
@@ -144,6 +146,28 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             &template,
         )?)),
     };
+
+    // The objective's own parameters (hidden-state projections, ...), and the teacher layers
+    // it reads.
+    let objective_store = ParamStore::new();
+    let objective_params = objective_params(
+        &objective_store,
+        resume_from.as_ref().map(|(ckpt, _)| ckpt.as_path()),
+        settings.train.seed,
+        &device,
+    )?;
+    let binding = Binding {
+        student: lm_shape(&model.config.text_config),
+        teacher: teacher
+            .as_ref()
+            .and_then(TeacherSignal::online_text_config)
+            .map(lm_shape),
+        params: objective_params,
+    };
+    objective.bind(&binding)?;
+    if let Some(TeacherSignal::Online(t)) = &mut teacher {
+        t.layers = objective.layers().1;
+    }
 
     // Refuse a run that cannot fit before it starts.
     let estimate = MemoryEstimate::of(
@@ -178,7 +202,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         &student,
         &template,
         &run.images,
-        teacher.as_ref().is_some_and(TeacherSignal::is_online),
+        binding.teacher.is_some().then_some(&binding),
         &run.out,
     )?;
     let mut last_validation = None;
@@ -199,7 +223,8 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
     };
 
     // Optimisation.
-    let vars = model.store.trainable_vars();
+    let mut vars = model.store.trainable_vars();
+    vars.extend(objective_store.trainable_vars());
     let mut optimizer = AdamW::new(
         vars.clone(),
         AdamWConfig {
@@ -351,10 +376,16 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
                 samples_seen,
                 settings_digest: settings_digest.clone(),
             };
-            let dir = save_checkpoint(
+            let dir = save_checkpoint_with(
                 &run.out,
-                model,
-                assets,
+                |dir| {
+                    write_llava_files(model, dir, assets)?;
+                    let params = objective_store.tensors();
+                    if !params.is_empty() {
+                        mmkd_nn::weights::save_safetensors(&params, &dir.join(OBJECTIVE_FILE))?;
+                    }
+                    Ok(())
+                },
                 learner.optimizer(),
                 &state,
                 settings.train.keep_last,

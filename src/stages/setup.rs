@@ -3,19 +3,22 @@
 //! their optimizer groups.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Var};
+use mmkd_nn::{ParamBuilder, ParamStore, WeightSource};
 
 use super::init::{from_checkpoint_with, from_spec};
 use super::StageRun;
 use crate::checkpoint::LoadedModel;
 use crate::config::{Module, StageSettings};
 use crate::models::llava::{Trainable, PROJECTOR_PREFIX, VISION_PREFIX};
-use crate::objective::{Objective, TermSpec};
+use crate::models::text_config::TextConfig;
+use crate::objective::{LmShape, Objective, TermSpec, PARAMS_PREFIX};
 use crate::teacher::OnlineTeacher;
 use crate::teacher_cache::Manifest;
-use crate::train::state::digest;
+use crate::train::state::{digest, OBJECTIVE_FILE};
 use crate::train::ParamGroupConfig;
 
 /// How a stage gets its teacher, decided before the data is read.
@@ -24,6 +27,30 @@ pub(super) enum TeacherPlan {
     None,
     Online(OnlineTeacher),
     Cached(PathBuf, Manifest),
+}
+
+/// Where the objective's own parameters (see `objective::Term::bind`) come from: the
+/// checkpoint a run resumes from, or a fresh start from the run's seed.
+pub(super) fn objective_params(
+    store: &ParamStore,
+    resume_from: Option<&Path>,
+    seed: u64,
+    device: &Device,
+) -> Result<ParamBuilder> {
+    let source = match resume_from.map(|dir| dir.join(OBJECTIVE_FILE)) {
+        Some(file) if file.exists() => WeightSource::from_file(&file, device)
+            .with_context(|| format!("reading the objective's parameters {}", file.display()))?,
+        _ => WeightSource::empty(),
+    };
+    Ok(ParamBuilder::new(store, Arc::new(source), seed, device).pp(PARAMS_PREFIX))
+}
+
+/// The depth and width the objective's terms see of a language model.
+pub(super) fn lm_shape(config: &TextConfig) -> LmShape {
+    LmShape {
+        layers: config.num_hidden_layers,
+        width: config.hidden_size,
+    }
 }
 
 /// The modules whose own weights train (those with LoRA adapters train through them instead).

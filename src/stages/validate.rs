@@ -18,7 +18,7 @@ use crate::eval::files::{read_records, AnswerLine, QuestionLine};
 use crate::eval::run::{score_vqa, vqa_prompts};
 use crate::eval::Answerer;
 use crate::models::llava::ImageInput;
-use crate::objective::{Objective, TermValues};
+use crate::objective::{Binding, Objective, TermValues};
 use crate::teacher::{teacher_rows, TeacherSignal};
 use crate::train::forward::{objective_loss, StudentBatch};
 
@@ -65,7 +65,7 @@ impl Validation {
         student: &LoadedModel,
         template: &Template,
         images: &Path,
-        teacher_online: bool,
+        online_teacher: Option<&Binding>,
         out: &Path,
     ) -> Result<Option<Self>> {
         let every = settings.train.validate_every;
@@ -101,7 +101,7 @@ impl Validation {
             }
             _ => None,
         };
-        let specs: Vec<_> = if teacher_online {
+        let specs: Vec<_> = if online_teacher.is_some() {
             settings.objective.clone()
         } else {
             Objective::teacher_free_terms(&settings.objective, &settings.distill)?
@@ -113,7 +113,12 @@ impl Validation {
                 &settings.distill,
             )?
         } else {
-            Objective::new(&specs, &settings.distill)?
+            let mut objective = Objective::new(&specs, &settings.distill)?;
+            if let Some(binding) = online_teacher {
+                // The same store: the training run's parameters.
+                objective.bind(binding)?;
+            }
+            objective
         };
         Ok(Some(Self {
             every,

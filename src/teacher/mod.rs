@@ -16,7 +16,8 @@ use crate::batch::ModelInputs;
 use crate::checkpoint::LoadedModel;
 use crate::config::StageSettings;
 use crate::distill::positions::{response_rows, visual_rows};
-use crate::models::llava::{BuildOptions, LlavaModel, LlavaOutput, Trainable};
+use crate::models::llava::{BuildOptions, ImageInput, LlavaModel, LlavaOutput, Trainable};
+use crate::models::text_config::TextConfig;
 use crate::objective::Objective;
 use crate::teacher_cache::digest::{digest_file, digest_str};
 use crate::teacher_cache::{
@@ -31,6 +32,8 @@ pub struct OnlineTeacher {
     pub model: LoadedModel,
     /// The vocabulary teacher and student are both cut to (`train.truncate_vocab`).
     pub truncate: Option<usize>,
+    /// The decoder layers whose hidden states the objective reads (see `Objective::layers`).
+    pub layers: Vec<usize>,
 }
 
 impl OnlineTeacher {
@@ -43,6 +46,7 @@ impl OnlineTeacher {
         Ok(Self {
             model,
             truncate: settings.train.truncate_vocab,
+            layers: Vec::new(),
         })
     }
 
@@ -57,7 +61,11 @@ impl OnlineTeacher {
     pub fn forward(&self, batch: &ModelInputs) -> Result<LlavaOutput> {
         self.model
             .model
-            .forward(&batch.tokens, batch.pixels.as_ref())
+            .forward_images_layers(
+                &batch.tokens,
+                batch.pixels.as_ref().map(ImageInput::Pixels),
+                &self.layers,
+            )
             .with_context(|| {
                 format!(
                     "teacher forward on samples {}",
@@ -94,6 +102,14 @@ impl TeacherSignal {
     /// Whether the signal runs a model (whose forward is worth doing ahead).
     pub fn is_online(&self) -> bool {
         matches!(self, TeacherSignal::Online(_))
+    }
+
+    /// The online teacher's language model configuration.
+    pub fn online_text_config(&self) -> Option<&TextConfig> {
+        match self {
+            TeacherSignal::Online(t) => Some(&t.model.model.config.text_config),
+            TeacherSignal::Cached(_) => None,
+        }
     }
 }
 
@@ -261,8 +277,8 @@ fn check_cache_compatible(
     }
     if let Some(term) = objective.teacher_logits_term() {
         bail!(
-            "objective term `{term}` reads the teacher's full logits, and a teacher cache keeps only \
-             its top-{} per position: run it with --teacher",
+            "objective term `{term}` reads the teacher's full output (its logits or hidden states), \
+             and a teacher cache keeps only its top-{} per position: run it with --teacher",
             manifest.top_k
         );
     }

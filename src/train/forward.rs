@@ -9,7 +9,8 @@ use candle_core::Tensor;
 
 use super::step::MicroLoss;
 use crate::distill::{
-    truncate_vocab, CachedTeacher, LossInputs, RelationHidden, StudentLogits, TeacherSide,
+    truncate_vocab, CachedTeacher, LayerPair, LossInputs, RelationHidden, StudentLogits,
+    TeacherSide,
 };
 use crate::models::llava::{ImageInput, LlavaModel, LlavaOutput, TokenBatch};
 use crate::objective::Objective;
@@ -60,7 +61,7 @@ pub fn objective_loss(
     let clock = Instant::now();
     let elapsed = || clock.elapsed().as_secs_f64();
     let loss = |logits: StudentLogits<'_>, side: Option<TeacherSide<'_>>, forward: f64| {
-        micro_loss(objective, batch, logits, side, forward)
+        micro_loss(objective, batch, logits, side, None, forward)
     };
     match teacher {
         TeacherRows::None => {
@@ -100,7 +101,8 @@ pub fn objective_loss(
             teacher,
             truncate,
         } => {
-            let out = student.forward_images(batch.tokens, batch.images)?;
+            let (student_layers, _) = objective.layers();
+            let out = student.forward_images_layers(batch.tokens, batch.images, &student_layers)?;
             let forward = elapsed();
             let t_logits = output.logits.detach();
             let (s_logits, t_logits) = match truncate {
@@ -121,7 +123,18 @@ pub fn objective_loss(
                 logits: &t_logits,
                 relation_hidden,
             };
-            loss(StudentLogits::Full(&s_logits), Some(side), forward)
+            let layers = LayerPair {
+                student: &out.layers.states,
+                teacher: &output.layers.states,
+            };
+            micro_loss(
+                objective,
+                batch,
+                StudentLogits::Full(&s_logits),
+                Some(side),
+                Some(layers),
+                forward,
+            )
         }
     }
 }
@@ -133,9 +146,13 @@ fn micro_loss(
     batch: StudentBatch<'_>,
     logits: StudentLogits<'_>,
     side: Option<TeacherSide<'_>>,
+    layers: Option<LayerPair<'_>>,
     forward: f64,
 ) -> Result<MicroLoss> {
-    let inputs = LossInputs::new(logits, batch.labels, batch.visual_mask, side, None)?;
+    let mut inputs = LossInputs::new(logits, batch.labels, batch.visual_mask, side, None)?;
+    if let Some(layers) = layers {
+        inputs = inputs.with_layers(layers);
+    }
     let value = objective.evaluate(&inputs)?;
     let mut loss = MicroLoss::new(value.total, value.total_value, value.terms);
     loss.student_forward_seconds = forward;

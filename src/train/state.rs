@@ -14,6 +14,9 @@ use crate::train::AdamW;
 
 pub const STATE_FILE: &str = "trainer_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// The objective's own trained parameters (e.g. hidden-state projections): training state,
+/// not part of the model.
+pub const OBJECTIVE_FILE: &str = "objective.safetensors";
 
 /// Everything besides weights and moments that a resumed run needs.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -12,6 +12,7 @@ pub const KIND: TermKind = TermKind {
     log_name: "ce",
     about: "next-token cross-entropy on the data",
     divergence_options: false,
+    options: &[],
     build: |_| Ok(Box::new(CrossEntropy)),
 };
 

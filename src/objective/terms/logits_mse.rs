@@ -18,6 +18,7 @@ pub const KIND: TermKind = TermKind {
     log_name: "l_logits_mse",
     about: "squared difference of teacher and student logits at the response tokens",
     divergence_options: false,
+    options: &[],
     build: |_| Ok(Box::new(LogitsMse)),
 };
 
@@ -73,7 +74,10 @@ mod tests {
             None,
         )
         .unwrap();
-        let term = (KIND.build)(&Default::default()).unwrap();
+        let cfg = TermSpec::new(KIND.name, 1.0)
+            .resolve(&KIND, &Default::default())
+            .unwrap();
+        let term = (KIND.build)(&cfg).unwrap();
         let loss = term.loss(&inputs).unwrap().unwrap();
         // ((1 − 0)² + (2 − 4)²) / 2 = 2.5
         assert_eq!(loss.to_scalar::<f32>().unwrap(), 2.5);

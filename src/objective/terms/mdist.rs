@@ -13,10 +13,11 @@ pub const RESPONSE: TermKind = TermKind {
     log_name: "l_res",
     about: "teacher‖student divergence at the response tokens",
     divergence_options: true,
+    options: &[],
     build: |cfg| {
         Ok(Box::new(Mdist {
             at: Positions::Response,
-            cfg: cfg.clone(),
+            cfg: cfg.loss.clone(),
         }))
     },
 };
@@ -26,10 +27,11 @@ pub const VISUAL: TermKind = TermKind {
     log_name: "l_vis",
     about: "teacher‖student divergence at the image tokens",
     divergence_options: true,
+    options: &[],
     build: |cfg| {
         Ok(Box::new(Mdist {
             at: Positions::Visual,
-            cfg: cfg.clone(),
+            cfg: cfg.loss.clone(),
         }))
     },
 };

@@ -1,6 +1,7 @@
 //! The registered terms. A new term is one file here and one line in [`TERMS`].
 
 mod ce;
+mod hidden;
 mod logits_mse;
 mod mdist;
 mod rdist;
@@ -8,7 +9,7 @@ mod rdist;
 use anyhow::{bail, Result};
 
 use super::Term;
-use crate::distill::DistillLossConfig;
+use super::TermConfig;
 
 /// A term as the registry knows it.
 pub struct TermKind {
@@ -20,8 +21,10 @@ pub struct TermKind {
     pub about: &'static str,
     /// Whether it takes `divergence`, `temperature` and `t2_scaling`.
     pub divergence_options: bool,
+    /// The other options of its own it takes (`layers`, `distance`, ...).
+    pub options: &'static [&'static str],
     /// Builds the term from its resolved settings.
-    pub build: fn(&DistillLossConfig) -> Result<Box<dyn Term>>,
+    pub build: fn(&TermConfig) -> Result<Box<dyn Term>>,
 }
 
 /// Every term an objective can name.
@@ -31,6 +34,7 @@ pub const TERMS: &[TermKind] = &[
     mdist::VISUAL,
     rdist::KIND,
     logits_mse::KIND,
+    hidden::KIND,
 ];
 
 /// The registered term called `name`.

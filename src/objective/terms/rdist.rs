@@ -13,6 +13,7 @@ pub const KIND: TermKind = TermKind {
     log_name: "l_rel",
     about: "teacher/student visual-token relation matrices",
     divergence_options: false,
+    options: &[],
     build: |_| Ok(Box::new(Rdist)),
 };
 
