@@ -1054,3 +1054,63 @@ fn hidden_state_distillation_trains_its_projections_resumes_bit_exactly_and_ship
         "{err}"
     );
 }
+
+#[test]
+fn switch_kd_from_the_cli_logs_its_terms_and_keeps_the_bridge_in_the_training_state() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    // The `switch-kd` preset's DFT objective on the tiny world.
+    let objective = "objective=[{ term = \"ce\" }, { term = \"mdist.response\", divergence = \
+                     { kind = \"dbild\", max_k = 16 } }, { term = \"switch\", divergence = \
+                     { kind = \"dbild\", max_k = 16 } }]";
+    stage_ok(
+        &w.root,
+        "dft",
+        &[
+            "--init",
+            &s("student"),
+            "--teacher",
+            &s("teacher"),
+            "--out",
+            &s("switch/dft"),
+            "--max-steps",
+            "4",
+            "--set",
+            "train.save_every=2",
+            "--set",
+            objective,
+        ],
+    );
+    let dir = w.root.join("switch/dft");
+    let logged = metrics(&dir);
+    assert_eq!(logged.len(), 4);
+    for m in &logged {
+        for term in ["ce", "l_res"] {
+            assert!(
+                m.terms.get(term).is_some_and(|v| v.is_finite() && v >= 0.0),
+                "step {}: {term} = {:?}",
+                m.step,
+                m.terms.get(term)
+            );
+        }
+    }
+    // Batches of text-only samples have no visual token to switch.
+    let switched: Vec<f32> = logged
+        .iter()
+        .filter_map(|m| m.terms.get("l_switch"))
+        .collect();
+    assert!(switched.len() >= 2, "{logged:?}");
+    assert!(switched.iter().all(|v| v.is_finite() && *v >= 0.0));
+    let state = candle_core::safetensors::load(
+        dir.join("checkpoints/step-00000002/objective.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    // Student width 32 → teacher width 64.
+    assert_eq!(
+        state["objective.l_switch.bridge.weight"].dims(),
+        [64, 32],
+        "{:?}",
+        state.keys()
+    );
+}

@@ -174,6 +174,94 @@ mod tests {
         .unwrap()
     }
 
+    /// The terms that read more of the teacher than its logits, on real (tiny) models: the
+    /// visual switch trains the student's visual path through the frozen teacher's decoder and
+    /// nothing else; with CE and the hidden-state term every trainable parameter learns.
+    #[test]
+    fn switch_and_hidden_terms_reach_the_students_modules_through_a_real_teacher() {
+        use crate::models::llava::{ImageInput, Trainable, LM_PREFIX, PROJECTOR_PREFIX};
+        use crate::objective::{Binding, LmShape, Objective, TermSpec};
+        use crate::train::forward::{objective_loss, StudentBatch, TeacherRows};
+        use candle_core::Device;
+        use mmkd_nn::grad_check::params_without_gradient_in;
+        use mmkd_nn::{ParamBuilder, ParamStore};
+
+        let spec = tiny_spec();
+        let dev = Device::Cpu;
+        let teacher = step::build(&spec, &spec.teacher, Trainable::NONE, 1, None).unwrap();
+        let student =
+            step::build(&spec, &spec.student, Trainable::PROJECTOR_AND_LLM, 2, None).unwrap();
+        let batch = data::BenchBatch::random(&spec, 0, &dev).unwrap();
+        let run = |terms: &str| {
+            #[derive(serde::Deserialize)]
+            struct Doc {
+                objective: Vec<TermSpec>,
+            }
+            let specs = toml::from_str::<Doc>(terms).unwrap().objective;
+            let mut objective = Objective::new(&specs, &Default::default()).unwrap();
+            let store = ParamStore::new();
+            objective
+                .bind(&Binding {
+                    student: LmShape {
+                        layers: 2,
+                        width: 16,
+                    },
+                    teacher: Some(LmShape {
+                        layers: 2,
+                        width: 24,
+                    }),
+                    params: ParamBuilder::fresh(&store, 0, &dev).pp("objective"),
+                })
+                .unwrap();
+            let output = teacher
+                .forward_images_layers(
+                    &batch.tokens,
+                    Some(ImageInput::Pixels(&batch.pixels)),
+                    &objective.layers().1,
+                )
+                .unwrap();
+            let loss = objective_loss(
+                &student,
+                StudentBatch {
+                    tokens: &batch.tokens,
+                    labels: &batch.labels,
+                    visual_mask: &batch.visual_mask,
+                    images: Some(ImageInput::Pixels(&batch.pixels)),
+                },
+                TeacherRows::Online {
+                    output: &output,
+                    teacher: &teacher,
+                    truncate: None,
+                },
+                &objective,
+            )
+            .unwrap();
+            assert!(loss.value.is_finite() && loss.value > 0.0, "{}", loss.value);
+            let grads = loss.total.backward().unwrap();
+            (
+                params_without_gradient_in(&student.store, &grads).unwrap(),
+                params_without_gradient_in(&store, &grads).unwrap(),
+                store.len(),
+            )
+        };
+        let (student_missing, own_missing, own) =
+            run("[[objective]]\nterm = \"switch\"\ndivergence = \"dbild\"");
+        assert_eq!((own, own_missing.len()), (1, 0), "{own_missing:?}");
+        assert!(student_missing
+            .iter()
+            .all(|n| n.starts_with(LM_PREFIX) || n.starts_with("lm_head")));
+        assert!(student_missing.iter().any(|n| n.starts_with(LM_PREFIX)));
+        assert!(!student_missing
+            .iter()
+            .any(|n| n.starts_with(PROJECTOR_PREFIX)));
+        let (student_missing, own_missing, own) = run("[[objective]]\nterm = \"ce\"\n\
+             [[objective]]\nterm = \"switch\"\n[[objective]]\nterm = \"hidden\"\n\
+             positions = \"both\"");
+        assert_eq!(student_missing, Vec::<String>::new());
+        // The bridge and one projection per student layer.
+        assert_eq!((own, own_missing.len()), (3, 0), "{own_missing:?}");
+    }
+
     #[test]
     fn one_step_on_a_tiny_spec_reports_finite_positive_numbers() {
         let spec = tiny_spec();

@@ -135,6 +135,7 @@ impl Shards<'_> {
                                     crate::models::splice::VisualPositions { mask, count }
                                 },
                                 layers: Default::default(),
+                                image_features: None,
                             })
                         })
                         .transpose()?,
@@ -464,7 +465,7 @@ impl DftStep {
     }
 }
 
-fn build(
+pub(crate) fn build(
     spec: &BenchSpec,
     lm: &LmSpec,
     trainable: Trainable,

@@ -24,6 +24,11 @@ const BUILTIN: &[(&str, &str)] = &[
         "llava-kd-qwen2.5-0.5b",
         include_str!("../../configs/llava-kd-qwen2.5-0.5b.toml"),
     ),
+    ("switch-kd", include_str!("../../configs/switch-kd.toml")),
+    (
+        "switch-kd-qwen1.5-0.5b",
+        include_str!("../../configs/switch-kd-qwen1.5-0.5b.toml"),
+    ),
 ];
 
 pub fn builtin_preset_names() -> Vec<&'static str> {
@@ -206,9 +211,22 @@ mod tests {
     }
 
     #[test]
-    fn every_builtin_preset_parses() {
+    fn every_builtin_preset_parses_and_resolves_every_stage() {
+        use crate::config::{Role, Stage, StageSettings};
         for name in builtin_preset_names() {
-            load_document(name).unwrap();
+            let doc = load_document(name).unwrap();
+            for stage in [Stage::Pretrain, Stage::Sft, Stage::Dpt, Stage::Dft] {
+                StageSettings::resolve(&doc, stage, Role::Student)
+                    .unwrap_or_else(|e| panic!("{name} {}: {e:#}", stage.name()));
+            }
         }
+        let doc = load_document("switch-kd").unwrap();
+        let dft = StageSettings::resolve(&doc, Stage::Dft, Role::Student).unwrap();
+        let terms: Vec<&str> = dft.objective.iter().map(|t| t.term.as_str()).collect();
+        assert_eq!(terms, ["ce", "mdist.response", "switch"]);
+        assert_eq!(
+            dft.objective[2].divergence,
+            Some(crate::distill::Divergence::Dbild { max_k: 16 })
+        );
     }
 }

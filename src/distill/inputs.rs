@@ -136,6 +136,27 @@ pub struct LossInputs<'a> {
     response_logits: OnceCell<Option<Tensor>>,
     visual_logits: OnceCell<Option<Tensor>>,
     layers: Option<LayerPair<'a>>,
+    switch: Option<SwitchPath<'a>>,
+}
+
+/// Switch-KD's visual switch: the student's visual tokens and the online teacher's language
+/// pathway to read them with.
+#[derive(Clone, Copy)]
+pub struct SwitchPath<'a> {
+    /// The student's visual tokens `[images, tokens, student width]` (part of the graph).
+    pub student_visual: &'a Tensor,
+    /// The teacher's logits `[batch, seq, vocab]` on the batch with the given visual tokens
+    /// `[images, tokens, teacher width]` in place of its own (cut to the vocabulary both
+    /// compare; the teacher's weights are constants, so gradients reach only the tokens).
+    pub teacher_reads: &'a (dyn Fn(&Tensor) -> Result<Tensor> + Sync),
+}
+
+impl std::fmt::Debug for SwitchPath<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SwitchPath")
+            .field("student_visual", &self.student_visual.dims())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Decoder hidden states `[batch, seq, width]` by layer (0 = embeddings) of the student (part
@@ -201,7 +222,34 @@ impl<'a> LossInputs<'a> {
             response_logits: OnceCell::new(),
             visual_logits: OnceCell::new(),
             layers: None,
+            switch: None,
         })
+    }
+
+    /// The same inputs with the visual switch (the student has images and the teacher is
+    /// online).
+    pub fn with_switch(mut self, switch: SwitchPath<'a>) -> Self {
+        self.switch = Some(switch);
+        self
+    }
+
+    /// The visual switch; `None` when the batch has no image. An error naming `term` when the
+    /// step has no online teacher.
+    pub fn switch_path(&self, term: &str) -> Result<Option<SwitchPath<'a>>> {
+        let TeacherSide::Logits { .. } = self.teacher_side(term)? else {
+            bail!("{term} runs the teacher on the student's visual tokens, which a teacher cache cannot: run it with --teacher");
+        };
+        Ok(self.switch)
+    }
+
+    /// An online teacher's own logits `[batch, seq, vocab]` (detached).
+    pub fn teacher_logits(&self, term: &str) -> Result<Tensor> {
+        match self.teacher_side(term)? {
+            TeacherSide::Logits { logits, .. } => Ok(logits.detach()),
+            TeacherSide::Cached(_) => bail!(
+                "{term} reads the teacher's full logits, which a teacher cache does not keep: run it with --teacher"
+            ),
+        }
     }
 
     /// The same inputs with both models' hidden states at the layers the objective reads.

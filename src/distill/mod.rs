@@ -19,7 +19,8 @@ pub use ce::cross_entropy;
 pub use config::DistillLossConfig;
 pub use divergence::Divergence;
 pub use inputs::{
-    CachedTeacher, LayerPair, LossInputs, RelationHidden, Rows, StudentLogits, TeacherSide,
+    CachedTeacher, LayerPair, LossInputs, RelationHidden, Rows, StudentLogits, SwitchPath,
+    TeacherSide,
 };
 pub use logprob::log_softmax;
 pub use loss::{

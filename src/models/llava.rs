@@ -123,6 +123,9 @@ impl TokenBatch {
 pub enum ImageInput<'a> {
     Pixels(&'a Tensor),
     Tower(&'a Tensor),
+    /// Visual tokens `[n, tokens, hidden]` already in this model's embedding space (the
+    /// projector does not run): e.g. another model's visual tokens mapped to this width.
+    Projected(&'a Tensor),
 }
 
 /// A forward pass without the LM head: for losses that compute logits only at the rows they
@@ -145,6 +148,9 @@ pub struct LlavaOutput {
     /// The decoder's hidden states a loss asked for ([`LlavaModel::forward_images_layers`]);
     /// empty otherwise.
     pub layers: LayerStates,
+    /// The visual tokens spliced in, `[n, tokens, hidden]` (the projector's output; part of
+    /// the graph when it trains); `None` without images.
+    pub image_features: Option<Tensor>,
 }
 
 pub struct LlavaModel {
@@ -303,6 +309,16 @@ impl LlavaModel {
         batch: &TokenBatch,
         images: Option<ImageInput<'_>>,
     ) -> Result<(Tensor, VisualPositions)> {
+        let (embeds, visual, _) = self.embed_parts(batch, images)?;
+        Ok((embeds, visual))
+    }
+
+    /// [`LlavaModel::embed_images`] and the visual tokens it spliced in.
+    fn embed_parts(
+        &self,
+        batch: &TokenBatch,
+        images: Option<ImageInput<'_>>,
+    ) -> Result<(Tensor, VisualPositions, Option<Tensor>)> {
         let visual = VisualPositions::find(&batch.ids, self.config.image_token_id);
         // Image positions are overwritten; look up id 0 there so ids beyond the vocabulary work.
         let lookup: Vec<u32> = batch
@@ -323,9 +339,11 @@ impl LlavaModel {
             None => None,
             Some(ImageInput::Pixels(p)) => Some(self.image_features(p)?),
             Some(ImageInput::Tower(f)) => Some(self.project(f)?),
+            // Another model's tokens join this one's embeddings in their dtype.
+            Some(ImageInput::Projected(f)) => Some(f.to_dtype(text.dtype())?),
         };
         let embeds = splice_image_features(&text, &visual, features.as_ref())?;
-        Ok((embeds, visual))
+        Ok((embeds, visual, features))
     }
 
     /// Full forward of a right-padded batch: hidden states and logits at every position.
@@ -354,7 +372,7 @@ impl LlavaModel {
         images: Option<ImageInput<'_>>,
         layers: &[usize],
     ) -> Result<LlavaOutput> {
-        let (embeds, visual) = self.embed_images(batch, images)?;
+        let (embeds, visual, image_features) = self.embed_parts(batch, images)?;
         let positions = arange_positions(batch.batch_size(), batch.seq_len(), 0, &self.device)?;
         let mut kept = LayerStates::wanted(layers);
         let hidden = self
@@ -366,6 +384,7 @@ impl LlavaModel {
             logits,
             visual,
             layers: kept,
+            image_features,
         })
     }
 

@@ -75,6 +75,8 @@ pub struct Needs {
     pub teacher_logits: bool,
     /// The temperature the teacher's probabilities are read at (a cache stores them at one).
     pub teacher_temperature: Option<f64>,
+    /// The online teacher run on the student's visual tokens (Switch-KD's visual switch).
+    pub switch: bool,
 }
 
 /// A term with its weight and the name it is logged under.
@@ -225,6 +227,11 @@ impl Objective {
         self.active()
             .find(|e| e.term.needs().teacher_logits)
             .map(|e| e.kind)
+    }
+
+    /// Whether a term runs the teacher on the student's visual tokens.
+    pub fn needs_switch(&self) -> bool {
+        self.active().any(|e| e.term.needs().switch)
     }
 
     /// Whether a term reads the teacher's relation matrices.

@@ -10,7 +10,7 @@ use candle_core::Tensor;
 use super::step::MicroLoss;
 use crate::distill::{
     truncate_vocab, CachedTeacher, LayerPair, LossInputs, RelationHidden, StudentLogits,
-    TeacherSide,
+    SwitchPath, TeacherSide,
 };
 use crate::models::llava::{ImageInput, LlavaModel, LlavaOutput, TokenBatch};
 use crate::objective::Objective;
@@ -61,7 +61,7 @@ pub fn objective_loss(
     let clock = Instant::now();
     let elapsed = || clock.elapsed().as_secs_f64();
     let loss = |logits: StudentLogits<'_>, side: Option<TeacherSide<'_>>, forward: f64| {
-        micro_loss(objective, batch, logits, side, None, forward)
+        micro_loss(objective, batch, logits, side, Extras::default(), forward)
     };
     match teacher {
         TeacherRows::None => {
@@ -127,16 +127,44 @@ pub fn objective_loss(
                 student: &out.layers.states,
                 teacher: &output.layers.states,
             };
+            // Switch-KD: the teacher's decoder on the student's visual tokens.
+            let reads = |tokens: &Tensor| -> Result<Tensor> {
+                let logits = teacher
+                    .forward_images(batch.tokens, Some(ImageInput::Projected(tokens)))?
+                    .logits;
+                match truncate {
+                    Some(n) => truncate_vocab(&logits, n),
+                    None => Ok(logits),
+                }
+            };
+            let switch = out
+                .image_features
+                .as_ref()
+                .filter(|_| objective.needs_switch())
+                .map(|student_visual| SwitchPath {
+                    student_visual,
+                    teacher_reads: &reads,
+                });
             micro_loss(
                 objective,
                 batch,
                 StudentLogits::Full(&s_logits),
                 Some(side),
-                Some(layers),
+                Extras {
+                    layers: Some(layers),
+                    switch,
+                },
                 forward,
             )
         }
     }
+}
+
+/// What an online teacher's step adds for the terms that read more than logits.
+#[derive(Default)]
+struct Extras<'a> {
+    layers: Option<LayerPair<'a>>,
+    switch: Option<SwitchPath<'a>>,
 }
 
 /// The objective on one micro-batch's student logits and teacher side; `forward`: the seconds
@@ -146,12 +174,15 @@ fn micro_loss(
     batch: StudentBatch<'_>,
     logits: StudentLogits<'_>,
     side: Option<TeacherSide<'_>>,
-    layers: Option<LayerPair<'_>>,
+    extras: Extras<'_>,
     forward: f64,
 ) -> Result<MicroLoss> {
     let mut inputs = LossInputs::new(logits, batch.labels, batch.visual_mask, side, None)?;
-    if let Some(layers) = layers {
+    if let Some(layers) = extras.layers {
         inputs = inputs.with_layers(layers);
+    }
+    if let Some(switch) = extras.switch {
+        inputs = inputs.with_switch(switch);
     }
     let value = objective.evaluate(&inputs)?;
     let mut loss = MicroLoss::new(value.total, value.total_value, value.terms);

@@ -5,6 +5,7 @@ mod hidden;
 mod logits_mse;
 mod mdist;
 mod rdist;
+mod switch;
 
 use anyhow::{bail, Result};
 
@@ -35,6 +36,7 @@ pub const TERMS: &[TermKind] = &[
     rdist::KIND,
     logits_mse::KIND,
     hidden::KIND,
+    switch::KIND,
 ];
 
 /// The registered term called `name`.

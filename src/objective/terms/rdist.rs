@@ -26,7 +26,7 @@ impl Term for Rdist {
             teacher: true,
             teacher_logits: false,
             teacher_relations: true,
-            teacher_temperature: None,
+            ..Needs::default()
         }
     }
 
