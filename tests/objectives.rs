@@ -78,6 +78,42 @@ fn world() -> &'static World {
             "pretrain",
             &["--tokenizer", &tok, "--out", &s("student")],
         );
+        // A teacher with another tokenizer: the same data's tokenizer at another vocabulary
+        // size (other merges).
+        ok(&[
+            "data",
+            "tokenizer",
+            "--data",
+            &s("data/train"),
+            "--vocab-size",
+            "300",
+            "--out",
+            &s("data/tokenizer-b.json"),
+        ]);
+        stage_ok(
+            &root,
+            "pretrain",
+            &[
+                "--role",
+                "teacher",
+                "--tokenizer",
+                &s("data/tokenizer-b.json"),
+                "--out",
+                &s("teacher-b-pt"),
+            ],
+        );
+        stage_ok(
+            &root,
+            "sft",
+            &[
+                "--role",
+                "teacher",
+                "--init",
+                &s("teacher-b-pt"),
+                "--out",
+                &s("teacher-b"),
+            ],
+        );
         World { _dir: dir, root }
     })
 }
@@ -1113,4 +1149,139 @@ fn switch_kd_from_the_cli_logs_its_terms_and_keeps_the_bridge_in_the_training_st
         "{:?}",
         state.keys()
     );
+}
+
+#[test]
+fn a_teacher_with_another_tokenizer_is_distilled_by_uld_and_refused_by_one_vocabulary_terms() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let dft = |out: &str, objective: &str| {
+        stage(
+            &w.root,
+            "dft",
+            &[
+                "--init",
+                &s("student"),
+                "--teacher",
+                &s("teacher-b"),
+                "--out",
+                &s(out),
+                "--max-steps",
+                "4",
+                "--set",
+                objective,
+            ],
+        )
+    };
+    // LLaVA-KD's terms compare token by token: refused, naming the first.
+    let (ok, _, err) = dft(
+        "uld/llava-kd",
+        "objective=[{ term = \"ce\" }, { term = \"mdist.response\" }]",
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("the teacher's tokenizer is not the student's (")
+            && err.contains("objective term `mdist.response` compares the two token by token"),
+        "{err}"
+    );
+    for (out, uld) in [
+        ("uld/sorted", "{ term = \"uld\" }"),
+        (
+            "uld/exact",
+            "{ term = \"uld\", vocab_match = \"exact\", divergence = \"reverse_kl\" }",
+        ),
+        (
+            "uld/position",
+            "{ term = \"uld\", alignment = \"position\", temperature = 2.0 }",
+        ),
+    ] {
+        let (ok, _, err) = dft(out, &format!("objective=[{{ term = \"ce\" }}, {uld}]"));
+        assert!(ok, "{out}: {err}");
+        let logged = metrics(&w.root.join(out));
+        assert_eq!(logged.len(), 4);
+        assert!(
+            logged.iter().all(|m| m
+                .terms
+                .get("l_uld")
+                .is_some_and(|v| v.is_finite() && v > 0.0)),
+            "{out}: {logged:?}"
+        );
+    }
+    // With the student's own teacher (one tokenizer) ULD runs on the response rows.
+    let (ok, _, err) = stage(
+        &w.root,
+        "dft",
+        &[
+            "--init",
+            &s("student"),
+            "--teacher",
+            &s("teacher"),
+            "--out",
+            &s("uld/same"),
+            "--max-steps",
+            "2",
+            "--set",
+            "objective=[{ term = \"ce\" }, { term = \"uld\" }]",
+        ],
+    );
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn two_tokenizations_of_a_response_line_up_where_their_tokens_start_together() {
+    use mmkd::distill::align::{align, Alignment};
+    use mmkd_datasets::{
+        load_tokenizer, tokenize_sample, LlavaDataset, Template, TokenizeConfig, Truncation,
+    };
+    let w = world();
+    let dataset = LlavaDataset::read(
+        &w.root.join("data/train/instruct.json"),
+        &w.root.join("data"),
+    )
+    .unwrap();
+    let template = Template::by_name_or_path("compact").unwrap();
+    let student = load_tokenizer(&w.root.join("data/tokenizer.json")).unwrap();
+    let mut teacher = load_tokenizer(&w.root.join("data/tokenizer-b.json")).unwrap();
+    // Other merges (another vocabulary size) and other special tokens: one more, which shifts
+    // nothing in the text but gives the teacher ids the student does not have.
+    teacher.add_special_tokens(&[tokenizers::AddedToken::from("<|teacher_only|>", true)]);
+    assert_ne!(student.get_vocab(true), teacher.get_vocab(true));
+    let cfg = |tok: &tokenizers::Tokenizer| TokenizeConfig {
+        image_token_id: tok.token_to_id("<image>").unwrap(),
+        tokens_per_image: 4,
+        max_length: 4096,
+        truncation: Truncation::Truncate,
+    };
+    let mut differing = 0;
+    for sample in dataset.samples.iter().take(12) {
+        let a = tokenize_sample(sample, &student, &template, &cfg(&student)).unwrap();
+        let b = tokenize_sample(sample, &teacher, &template, &cfg(&teacher)).unwrap();
+        let answer = |t: &mmkd_datasets::TokenizedSample| -> Vec<u32> {
+            t.labels
+                .iter()
+                .filter(|&&l| l >= 0)
+                .map(|&l| l as u32)
+                .collect()
+        };
+        let (ta, tb) = (answer(&a), answer(&b));
+        if ta.len() != tb.len() {
+            differing += 1;
+        }
+        let pairs = align(&a.answer_offsets, &b.answer_offsets, Alignment::Text);
+        assert!(!pairs.is_empty(), "{}", a.id);
+        assert_eq!(pairs[0], (0, 0), "both answers start together");
+        // Every pair predicts the same text: what each has decoded before it is the same.
+        for (i, j) in pairs {
+            let before_a = student.decode(&ta[..i], false).unwrap();
+            let before_b = teacher.decode(&tb[..j], false).unwrap();
+            assert_eq!(
+                before_a.replace(' ', ""),
+                before_b.replace(' ', ""),
+                "{}: pair ({i}, {j})",
+                a.id
+            );
+            assert_eq!(a.answer_offsets[i], b.answer_offsets[j]);
+        }
+    }
+    assert!(differing > 0, "the two tokenizers split the answers alike");
 }

@@ -162,6 +162,7 @@ mod tests {
                 .collect(),
             image_spans: image.into_iter().collect(),
             truncated: false,
+            answer_offsets: Vec::new(),
         }
     }
 

@@ -61,6 +61,11 @@ pub struct TokenizedSample {
     pub image_spans: Vec<Range<usize>>,
     /// Whether the sample was cut at `max_length`.
     pub truncated: bool,
+    /// Where each supervised token starts in the text of its answer, in the order of the
+    /// supervised positions: (answer round, byte offset from the start of that round's answer
+    /// text, the separator the template puts before it included). Two tokenizations of the
+    /// same sample predict the same text where these agree (cross-tokenizer distillation).
+    pub answer_offsets: Vec<(u32, u32)>,
 }
 
 impl TokenizedSample {
@@ -313,6 +318,7 @@ pub fn tokenize_sample(
         images: sample.images.clone(),
         image_spans: Vec::new(),
         truncated: false,
+        answer_offsets: Vec::new(),
     };
     let mut supervised: Vec<Option<AnswerTokens>> = vec![None; sample.num_rounds()];
     for (c, chunk) in chunks.iter().enumerate() {
@@ -350,7 +356,9 @@ pub fn tokenize_sample(
             } else {
                 IGNORE_INDEX
             });
-            if let Some((round, _)) = owner {
+            if let Some((round, range)) = owner {
+                out.answer_offsets
+                    .push((*round as u32, s.saturating_sub(range.start) as u32));
                 let entry = &mut supervised[*round];
                 match entry {
                     None => {
@@ -494,6 +502,9 @@ fn truncate(out: &mut TokenizedSample, cfg: &TokenizeConfig) -> Result<(), Strin
     }
     out.input_ids.truncate(cfg.max_length);
     out.labels.truncate(cfg.max_length);
+    // The cut keeps a prefix, so the answer tokens left are the first ones.
+    let kept = out.supervised_count();
+    out.answer_offsets.truncate(kept);
     if out.supervised_count() == 0 {
         return Err(format!(
             "{len} tokens exceed max_length {} and no answer token is left before the cut",

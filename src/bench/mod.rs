@@ -211,6 +211,7 @@ mod tests {
                         width: 24,
                     }),
                     params: ParamBuilder::fresh(&store, 0, &dev).pp("objective"),
+                    shared_vocab: None,
                 })
                 .unwrap();
             let output = teacher
@@ -232,6 +233,7 @@ mod tests {
                     output: &output,
                     teacher: &teacher,
                     truncate: None,
+                    aligned: None,
                 },
                 &objective,
             )

@@ -324,6 +324,7 @@ impl DftStep {
                     output,
                     teacher: teacher_model,
                     truncate: None,
+                    aligned: None,
                 },
                 (None, None) => anyhow::bail!("the teacher's output of this shard is missing"),
             };

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 
+use super::align::AlignedRows;
 use super::ce::{ce_of_rows, ce_rows, check_targets};
 use super::config::DistillLossConfig;
 use super::mdist::{check_labels, check_pair, rows_loss};
@@ -109,6 +110,13 @@ pub enum TeacherSide<'a> {
     },
     /// A teacher cache's rows for this batch.
     Cached(CachedTeacher<'a>),
+    /// An online teacher with another tokenizer: its logits `[batch, teacher seq, teacher
+    /// vocab]` over its own tokenization of the batch (detached here), and the rows of the two
+    /// tokenizations that predict the same response text.
+    OtherTokens {
+        logits: &'a Tensor,
+        aligned: &'a AlignedRows,
+    },
 }
 
 /// The positions a term reads.
@@ -189,7 +197,27 @@ impl<'a> LossInputs<'a> {
                 check_labels(s, labels, "labels")?;
                 check_labels(s, visual_mask, "visual mask")?;
             }
-            (_, Some(TeacherSide::Logits { .. })) => bail!(
+            (StudentLogits::Full(s), Some(TeacherSide::OtherTokens { logits, aligned })) => {
+                check_labels(s, labels, "labels")?;
+                check_labels(s, visual_mask, "visual mask")?;
+                let (b, ts, _) = logits.dims3().with_context(|| {
+                    format!(
+                        "the teacher's logits must be [batch, seq, vocab], got {:?}",
+                        logits.dims()
+                    )
+                })?;
+                let (sb, ss, _) = s.dims3()?;
+                ensure!(
+                    b == sb,
+                    "the teacher's logits cover {b} samples, the student's {sb}"
+                );
+                ensure!(
+                    aligned.student.iter().all(|&r| (r as usize) < sb * ss)
+                        && aligned.teacher.iter().all(|&r| (r as usize) < b * ts),
+                    "aligned rows fall outside the logits"
+                );
+            }
+            (_, Some(TeacherSide::Logits { .. } | TeacherSide::OtherTokens { .. })) => bail!(
                 "an online teacher's logits are compared with the student's full logits, not \
                  with logits at selected rows"
             ),
@@ -236,7 +264,7 @@ impl<'a> LossInputs<'a> {
     /// The visual switch; `None` when the batch has no image. An error naming `term` when the
     /// step has no online teacher.
     pub fn switch_path(&self, term: &str) -> Result<Option<SwitchPath<'a>>> {
-        let TeacherSide::Logits { .. } = self.teacher_side(term)? else {
+        let TeacherSide::Logits { .. } = self.same_tokens(term)? else {
             bail!("{term} runs the teacher on the student's visual tokens, which a teacher cache cannot: run it with --teacher");
         };
         Ok(self.switch)
@@ -244,8 +272,9 @@ impl<'a> LossInputs<'a> {
 
     /// An online teacher's own logits `[batch, seq, vocab]` (detached).
     pub fn teacher_logits(&self, term: &str) -> Result<Tensor> {
-        match self.teacher_side(term)? {
+        match self.same_tokens(term)? {
             TeacherSide::Logits { logits, .. } => Ok(logits.detach()),
+            TeacherSide::OtherTokens { .. } => unreachable!("same_tokens refuses another tokenizer"),
             TeacherSide::Cached(_) => bail!(
                 "{term} reads the teacher's full logits, which a teacher cache does not keep: run it with --teacher"
             ),
@@ -261,7 +290,7 @@ impl<'a> LossInputs<'a> {
     /// The hidden states of both models (an error naming `term` when the step has none: a
     /// teacher cache keeps no hidden state).
     pub fn layer_states(&self, term: &str) -> Result<LayerPair<'a>> {
-        let TeacherSide::Logits { .. } = self.teacher_side(term)? else {
+        let TeacherSide::Logits { .. } = self.same_tokens(term)? else {
             bail!("{term} reads the teacher's hidden states, which a teacher cache does not keep: run it with --teacher");
         };
         self.layers
@@ -301,10 +330,13 @@ impl<'a> LossInputs<'a> {
 
     /// MDist's L_res: the mean divergence over the response rows.
     pub fn response_divergence(&self, cfg: &DistillLossConfig) -> Result<Option<Tensor>> {
-        match self.teacher_side("L_res")? {
+        match self.same_tokens("L_res")? {
             TeacherSide::Logits { logits, .. } => {
                 rows_loss(self.full_logits()?, logits, &self.response.rows, cfg)
                     .context("response distillation loss (L_res)")
+            }
+            TeacherSide::OtherTokens { .. } => {
+                unreachable!("same_tokens refuses another tokenizer")
             }
             TeacherSide::Cached(cached) => {
                 let what = "response distillation loss (L_res) from the teacher cache";
@@ -321,10 +353,13 @@ impl<'a> LossInputs<'a> {
 
     /// MDist's L_vis: the mean divergence over the visual rows.
     pub fn visual_divergence(&self, cfg: &DistillLossConfig) -> Result<Option<Tensor>> {
-        match self.teacher_side("L_vis")? {
+        match self.same_tokens("L_vis")? {
             TeacherSide::Logits { logits, .. } => {
                 rows_loss(self.full_logits()?, logits, &self.visual, cfg)
                     .context("visual distillation loss (L_vis)")
+            }
+            TeacherSide::OtherTokens { .. } => {
+                unreachable!("same_tokens refuses another tokenizer")
             }
             TeacherSide::Cached(cached) => {
                 let what = "visual distillation loss (L_vis) from the teacher cache";
@@ -343,7 +378,7 @@ impl<'a> LossInputs<'a> {
     /// RDist's L_rel: 1 − cosine between the student's and the teacher's visual-token
     /// relation matrices, averaged over the samples with images.
     pub fn relation(&self) -> Result<Option<Tensor>> {
-        match self.teacher_side("L_rel")? {
+        match self.same_tokens("L_rel")? {
             TeacherSide::Logits {
                 relation_hidden: Some(h),
                 ..
@@ -358,6 +393,9 @@ impl<'a> LossInputs<'a> {
                 logits,
                 relation_hidden: None,
             } => relation_loss(self.full_logits()?, logits, self.visual_mask),
+            TeacherSide::OtherTokens { .. } => {
+                unreachable!("same_tokens refuses another tokenizer")
+            }
             TeacherSide::Cached(cached) => {
                 // Unless the caller chose, the student side takes the cheaper of Z Zᵀ =
                 // H (WᵀW) Hᵀ and the visual-row logits (the teacher's side is cached).
@@ -402,7 +440,7 @@ impl<'a> LossInputs<'a> {
     /// An online teacher's logits `[rows, vocab]` at `rows` (detached), `None` when the batch
     /// has no such position. A cache keeps only the teacher's top-k: an error naming `term`.
     pub fn teacher_logit_rows(&self, rows: Rows, term: &str) -> Result<Option<Tensor>> {
-        let TeacherSide::Logits { logits, .. } = self.teacher_side(term)? else {
+        let TeacherSide::Logits { logits, .. } = self.same_tokens(term)? else {
             bail!("{term} reads the teacher's full logits, which a teacher cache does not keep: run it with --teacher");
         };
         let rows = match rows {
@@ -418,6 +456,49 @@ impl<'a> LossInputs<'a> {
     fn teacher_side(&self, term: &str) -> Result<TeacherSide<'a>> {
         self.teacher
             .with_context(|| format!("{term} compares with a teacher, and this batch has none"))
+    }
+
+    /// The teacher's side when it reads the student's own tokens (one vocabulary).
+    fn same_tokens(&self, term: &str) -> Result<TeacherSide<'a>> {
+        let side = self.teacher_side(term)?;
+        if let TeacherSide::OtherTokens { .. } = side {
+            bail!(
+                "{term} compares teacher and student token by token and needs one vocabulary; the \
+                 teacher's tokenizer is not the student's (use the `uld` term)"
+            );
+        }
+        Ok(side)
+    }
+
+    /// The student's and the teacher's logit rows that predict the same response text,
+    /// `([pairs, student vocab], [pairs, teacher vocab])` (the teacher's detached): with one
+    /// tokenizer the response rows of both; with two, the aligned rows. `None` when nothing
+    /// pairs up.
+    pub fn aligned_rows(&self, term: &str) -> Result<Option<(Tensor, Tensor)>> {
+        match self.teacher_side(term)? {
+            TeacherSide::Logits { logits, .. } => {
+                let Some(student) = self.response_logits()? else {
+                    return Ok(None);
+                };
+                Ok(Some((
+                    student,
+                    gather_rows(&logits.detach(), &self.response.rows)?,
+                )))
+            }
+            TeacherSide::OtherTokens { logits, aligned } => {
+                if aligned.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    self.student.rows(&aligned.student)?,
+                    gather_rows(&logits.detach(), &aligned.teacher)?,
+                )))
+            }
+            TeacherSide::Cached(_) => bail!(
+                "{term} reads the teacher's full logits, which a teacher cache does not keep: run \
+                 it with --teacher"
+            ),
+        }
     }
 
     fn full_logits(&self) -> Result<&'a Tensor> {

@@ -3,6 +3,7 @@
 //! masked cross-entropy every stage trains on; the same objective against a teacher kept as
 //! top-k log-probabilities in an offline cache (`topk`).
 
+pub mod align;
 mod ce;
 pub mod config;
 pub mod dbild;
@@ -14,6 +15,7 @@ pub mod mdist;
 pub mod positions;
 pub mod rdist;
 pub mod topk;
+pub mod uld;
 
 pub use ce::cross_entropy;
 pub use config::DistillLossConfig;

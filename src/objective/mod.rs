@@ -16,9 +16,13 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use serde::Serialize;
 
+use std::sync::Arc;
+
+use crate::distill::align::Alignment;
+use crate::distill::uld::SharedVocab;
 use crate::distill::{weighted_sum, DistillLossConfig, LossInputs};
 use mmkd_nn::ParamBuilder;
-pub use spec::{HiddenDistance, TermConfig, TermPositions, TermSpec};
+pub use spec::{HiddenDistance, TermConfig, TermPositions, TermSpec, VocabMatch};
 pub use terms::{TermKind, TERMS};
 
 /// One loss term of an objective.
@@ -39,6 +43,11 @@ pub trait Term: Send + Sync + fmt::Debug {
     fn layers(&self) -> (Vec<usize>, Vec<usize>) {
         (Vec::new(), Vec::new())
     }
+    /// How the term pairs a teacher's tokenization of the responses with the student's, when
+    /// it takes a teacher with another tokenizer.
+    fn alignment(&self) -> Option<Alignment> {
+        None
+    }
 }
 
 /// What a term's [`Term::bind`] sees: the two language models' shapes and where its
@@ -50,6 +59,9 @@ pub struct Binding {
     pub teacher: Option<LmShape>,
     /// Rooted at `objective`; each term gets its own prefix (its logged name).
     pub params: ParamBuilder,
+    /// The entries the two vocabularies share, when the teacher's tokenizer is not the
+    /// student's (`None`: one tokenizer).
+    pub shared_vocab: Option<Arc<SharedVocab>>,
 }
 
 /// A decoder's depth and width, as the terms that read hidden states need them.
@@ -77,6 +89,9 @@ pub struct Needs {
     pub teacher_temperature: Option<f64>,
     /// The online teacher run on the student's visual tokens (Switch-KD's visual switch).
     pub switch: bool,
+    /// Works with a teacher whose tokenizer is not the student's (it reads the teacher on its
+    /// own tokenization, paired by [`Term::alignment`]).
+    pub any_tokenizer: bool,
 }
 
 /// A term with its weight and the name it is logged under.
@@ -227,6 +242,24 @@ impl Objective {
         self.active()
             .find(|e| e.term.needs().teacher_logits)
             .map(|e| e.kind)
+    }
+
+    /// The first term that reads a teacher and needs it to share the student's tokenizer.
+    pub fn one_vocabulary_term(&self) -> Option<&'static str> {
+        self.active()
+            .find(|e| {
+                let needs = e.term.needs();
+                needs.teacher && !needs.any_tokenizer
+            })
+            .map(|e| e.kind)
+    }
+
+    /// How the responses of a teacher with another tokenizer are paired with the student's
+    /// (the first cross-tokenizer term's choice; text alignment by default).
+    pub fn alignment(&self) -> Alignment {
+        self.active()
+            .find_map(|e| e.term.alignment())
+            .unwrap_or_default()
     }
 
     /// Whether a term runs the teacher on the student's visual tokens.

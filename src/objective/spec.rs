@@ -5,6 +5,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use super::terms::TermKind;
+use crate::distill::align::Alignment;
 use crate::distill::{DistillLossConfig, Divergence};
 
 /// One `[[stages.<stage>.objective]]` entry.
@@ -43,6 +44,23 @@ pub struct TermSpec {
     /// `hidden`: weight the layer pairs by their current losses instead of equally.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dynamic: Option<bool>,
+    /// `uld`: how the two distributions are matched (default `sorted`, ULD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_match: Option<VocabMatch>,
+    /// `uld`: how two tokenizations of a response are paired (default `text`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alignment: Option<Alignment>,
+}
+
+/// How a cross-tokenizer term matches the teacher's distribution with the student's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VocabMatch {
+    /// ULD: both distributions sorted, compared rank by rank (no vocabulary mapping).
+    #[default]
+    Sorted,
+    /// The term's divergence over the token strings both vocabularies hold.
+    Exact,
 }
 
 /// How a term compares two hidden states.
@@ -94,6 +112,8 @@ impl TermSpec {
             distance: None,
             positions: None,
             dynamic: None,
+            vocab_match: None,
+            alignment: None,
         }
     }
 
@@ -131,6 +151,8 @@ impl TermSpec {
             ("distance", self.distance.is_some()),
             ("positions", self.positions.is_some()),
             ("dynamic", self.dynamic.is_some()),
+            ("vocab_match", self.vocab_match.is_some()),
+            ("alignment", self.alignment.is_some()),
         ] {
             if set && !takes.contains(&option) {
                 bail!(

@@ -8,8 +8,7 @@ use mmkd_datasets::TokenizedSample;
 
 use crate::batch::ModelInputs;
 use crate::checkpoint::LoadedModel;
-use crate::models::llava::LlavaOutput;
-use crate::teacher::TeacherSignal;
+use crate::teacher::{TeacherOutput, TeacherSignal};
 use crate::train::step::{MicroBatch, MicroBatchSource};
 
 /// A micro-batch with the work on it that no trained weight changes: the online teacher's
@@ -17,7 +16,7 @@ use crate::train::step::{MicroBatch, MicroBatchSource};
 /// when the tower trains or the batch has no image).
 pub(super) struct StageMicroBatch {
     pub(super) inputs: ModelInputs,
-    pub(super) teacher_out: Option<LlavaOutput>,
+    pub(super) teacher_out: Option<TeacherOutput>,
     pub(super) student_tower: Option<Tensor>,
 }
 
@@ -52,7 +51,7 @@ impl StageBatches<'_> {
     fn prepare(&self, indices: Vec<usize>) -> Result<StageMicroBatch> {
         let inputs = ModelInputs::collate(self.samples, indices, self.student)?;
         let teacher_out = match self.teacher {
-            Some(t) => t.forward_ahead(&inputs)?,
+            Some(t) => t.forward_ahead(&inputs, self.samples)?,
             None => None,
         };
         let student_tower = match &inputs.pixels {

@@ -134,7 +134,17 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
     let report = &data.report;
     let mut teacher = match plan {
         TeacherPlan::None => None,
-        TeacherPlan::Online(t) => Some(TeacherSignal::Online(t)),
+        TeacherPlan::Online(mut t) => {
+            // A teacher with another tokenizer reads its own tokenization of the same records.
+            t.tokenize_data(
+                &run.data,
+                &run.images,
+                &template,
+                &data.samples,
+                settings.data.max_length,
+            )?;
+            Some(TeacherSignal::Online(t))
+        }
         TeacherPlan::Cached(dir, manifest) => Some(TeacherSignal::Cached(CachedSignal::open(
             &dir,
             &manifest,
@@ -163,6 +173,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             .and_then(TeacherSignal::online_text_config)
             .map(lm_shape),
         params: objective_params,
+        shared_vocab: teacher.as_ref().and_then(TeacherSignal::shared_vocab),
     };
     objective.bind(&binding)?;
     if let Some(TeacherSignal::Online(t)) = &mut teacher {
@@ -202,7 +213,11 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         &student,
         &template,
         &run.images,
-        binding.teacher.is_some().then_some(&binding),
+        (binding.teacher.is_some()
+            && !teacher
+                .as_ref()
+                .is_some_and(TeacherSignal::reads_own_tokens))
+        .then_some(&binding),
         &run.out,
     )?;
     let mut last_validation = None;

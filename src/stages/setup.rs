@@ -216,9 +216,9 @@ pub(super) fn plan_teacher(
         (Some(_), Some(_), Some(_)) => {
             bail!("--teacher and --teacher-cache are mutually exclusive: give one")
         }
-        (Some(_), Some(spec), None) => {
-            TeacherPlan::Online(OnlineTeacher::load(spec, &run.settings)?.for_student(student)?)
-        }
+        (Some(_), Some(spec), None) => TeacherPlan::Online(
+            OnlineTeacher::load(spec, &run.settings)?.for_student(student, objective)?,
+        ),
         (Some(_), None, Some(manifest)) => {
             let dir = run.teacher_cache.clone().context("no --teacher-cache")?;
             TeacherPlan::Cached(dir, manifest)

@@ -58,8 +58,9 @@ pub struct Validation {
 }
 
 impl Validation {
-    /// The stage's validation, or `None` when `train.validate_every` is 0. `teacher_online`
-    /// says whether the held-out objective can read the teacher.
+    /// The stage's validation, or `None` when `train.validate_every` is 0. `online_teacher`
+    /// (the objective's binding) is given when the held-out objective can read the teacher;
+    /// otherwise only the terms that read no teacher are measured.
     pub fn prepare(
         settings: &StageSettings,
         student: &LoadedModel,
@@ -162,7 +163,8 @@ impl Validation {
         teacher: Option<&TeacherSignal>,
     ) -> Result<ValidationRecord> {
         let started = Instant::now();
-        let online = teacher.filter(|t| t.is_online());
+        // A teacher with another tokenizer has tokenized the training data only.
+        let online = teacher.filter(|t| t.is_online() && !t.reads_own_tokens());
         let (loss, terms, samples) = match &self.data {
             Some(data) => self.held_out_loss(data, student, online)?,
             None => (None, TermValues::default(), 0),
@@ -221,7 +223,7 @@ impl Validation {
         for chunk in indices.chunks(self.batch_size.max(1)) {
             let inputs = ModelInputs::collate(&data.samples, chunk.to_vec(), student)?;
             let teacher_out = match teacher {
-                Some(t) => t.forward_ahead(&inputs)?,
+                Some(t) => t.forward_ahead(&inputs, &data.samples)?,
                 None => None,
             };
             let loss = objective_loss(

@@ -4,8 +4,11 @@
 //! cache store ([`cache_writer`]).
 
 pub mod cache_writer;
+pub mod own_tokens;
 
 use std::path::Path;
+
+use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
 use mmkd_datasets::{Template, TokenizedSample};
@@ -15,7 +18,9 @@ use tokenizers::Tokenizer;
 use crate::batch::ModelInputs;
 use crate::checkpoint::LoadedModel;
 use crate::config::StageSettings;
+use crate::distill::align::AlignedRows;
 use crate::distill::positions::{response_rows, visual_rows};
+use crate::distill::uld::SharedVocab;
 use crate::models::llava::{BuildOptions, ImageInput, LlavaModel, LlavaOutput, Trainable};
 use crate::models::text_config::TextConfig;
 use crate::objective::Objective;
@@ -26,6 +31,7 @@ use crate::teacher_cache::{
 };
 use crate::train::forward::TeacherRows;
 pub use cache_writer::{build_cache, describe, BuildRequest, BuildSummary};
+pub use own_tokens::OwnTokens;
 
 /// A frozen teacher model run on each micro-batch.
 pub struct OnlineTeacher {
@@ -34,6 +40,15 @@ pub struct OnlineTeacher {
     pub truncate: Option<usize>,
     /// The decoder layers whose hidden states the objective reads (see `Objective::layers`).
     pub layers: Vec<usize>,
+    /// Set when the teacher's tokenizer is not the student's: it reads its own tokenization.
+    pub own_tokens: Option<OwnTokens>,
+}
+
+/// An online teacher's output on a micro-batch: over the student's tokens, or (another
+/// tokenizer) over its own, with the rows of both that predict the same text.
+pub struct TeacherOutput {
+    pub output: LlavaOutput,
+    pub aligned: Option<AlignedRows>,
 }
 
 impl OnlineTeacher {
@@ -47,14 +62,79 @@ impl OnlineTeacher {
             model,
             truncate: settings.train.truncate_vocab,
             layers: Vec::new(),
+            own_tokens: None,
         })
     }
 
     /// Checks that it can distil into `student` (see [`check_compatible`]) and settles the
     /// vocabulary both are cut to.
-    pub fn for_student(mut self, student: &LoadedModel) -> Result<Self> {
+    /// A teacher whose tokenizer is not the student's is taken when every term of `objective`
+    /// that reads it works across tokenizers (it then reads its own tokenization of the data,
+    /// see [`OnlineTeacher::tokenize_data`]); otherwise it is refused naming the term.
+    pub fn for_student(mut self, student: &LoadedModel, objective: &Objective) -> Result<Self> {
+        if student.tokenizer.get_vocab(true) != self.model.tokenizer.get_vocab(true) {
+            let (sv, tv) = (
+                student.tokenizer.get_vocab_size(true),
+                self.model.tokenizer.get_vocab_size(true),
+            );
+            if let Some(term) = objective.one_vocabulary_term() {
+                bail!(
+                    "the teacher's tokenizer is not the student's ({tv} vs {sv} entries, or the \
+                     same size with other tokens), and objective term `{term}` compares the two \
+                     token by token: distil such a teacher with the `uld` term only"
+                );
+            }
+            self.own_tokens = Some(OwnTokens::new(student, &self.model, objective.alignment()));
+            self.truncate = None;
+            return Ok(self);
+        }
         self.truncate = check_compatible(student, &self.model, self.truncate)?;
         Ok(self)
+    }
+
+    /// With another tokenizer: the stage's samples as the teacher tokenizes them (see
+    /// [`OwnTokens::tokenize`]); nothing to do otherwise.
+    pub fn tokenize_data(
+        &mut self,
+        data: &Path,
+        images: &Path,
+        template: &Template,
+        samples: &[TokenizedSample],
+        max_length: usize,
+    ) -> Result<()> {
+        if let Some(own) = &mut self.own_tokens {
+            own.tokenize(&self.model, data, images, template, samples, max_length)?;
+        }
+        Ok(())
+    }
+
+    /// The forward for a training micro-batch of `samples`: on the student's tokens, or on
+    /// the teacher's own with the aligned rows.
+    pub fn forward_for(
+        &self,
+        batch: &ModelInputs,
+        samples: &[TokenizedSample],
+    ) -> Result<TeacherOutput> {
+        match &self.own_tokens {
+            None => Ok(TeacherOutput {
+                output: self.forward(batch)?,
+                aligned: None,
+            }),
+            Some(own) => {
+                let (inputs, aligned) = own
+                    .inputs(batch, &batch.samples(samples), &self.model)
+                    .with_context(|| {
+                        format!(
+                            "the teacher's own tokens for samples {}",
+                            batch.collated.sample_ids.join(", ")
+                        )
+                    })?;
+                Ok(TeacherOutput {
+                    output: self.forward(&inputs)?,
+                    aligned: Some(aligned),
+                })
+            }
+        }
     }
 
     /// The frozen forward on one micro-batch (constants: no graph).
@@ -92,11 +172,37 @@ pub enum TeacherSignal {
 impl TeacherSignal {
     /// The online teacher's output on a micro-batch, computed ahead of the student's pass;
     /// `None` for a cache (read when the batch is trained on).
-    pub fn forward_ahead(&self, batch: &ModelInputs) -> Result<Option<LlavaOutput>> {
+    pub fn forward_ahead(
+        &self,
+        batch: &ModelInputs,
+        samples: &[TokenizedSample],
+    ) -> Result<Option<TeacherOutput>> {
         match self {
-            TeacherSignal::Online(t) => t.forward(batch).map(Some),
+            TeacherSignal::Online(t) => t.forward_for(batch, samples).map(Some),
             TeacherSignal::Cached(_) => Ok(None),
         }
+    }
+
+    /// The entries the two vocabularies share, for a teacher with another tokenizer.
+    pub fn shared_vocab(&self) -> Option<Arc<SharedVocab>> {
+        match self {
+            TeacherSignal::Online(OnlineTeacher {
+                own_tokens: Some(own),
+                ..
+            }) => Some(own.shared.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether the teacher reads its own tokenization (another tokenizer).
+    pub fn reads_own_tokens(&self) -> bool {
+        matches!(
+            self,
+            TeacherSignal::Online(OnlineTeacher {
+                own_tokens: Some(_),
+                ..
+            })
+        )
     }
 
     /// Whether the signal runs a model (whose forward is worth doing ahead).
@@ -117,17 +223,21 @@ impl TeacherSignal {
 /// output computed ahead, or the cache's rows read now and checked against the batch.
 pub fn teacher_rows<'a>(
     signal: Option<&'a TeacherSignal>,
-    online_output: Option<&'a LlavaOutput>,
+    online_output: Option<&'a TeacherOutput>,
     cached_rows: Option<&'a CachedBatch>,
 ) -> Result<TeacherRows<'a>> {
     Ok(match signal {
         None => TeacherRows::None,
-        Some(TeacherSignal::Online(t)) => TeacherRows::Online {
-            output: online_output
-                .context("the online teacher's output was not computed for this micro-batch")?,
-            teacher: &t.model.model,
-            truncate: t.truncate,
-        },
+        Some(TeacherSignal::Online(t)) => {
+            let out = online_output
+                .context("the online teacher's output was not computed for this micro-batch")?;
+            TeacherRows::Online {
+                output: &out.output,
+                teacher: &t.model.model,
+                truncate: t.truncate,
+                aligned: out.aligned.as_ref(),
+            }
+        }
         Some(TeacherSignal::Cached(c)) => TeacherRows::Cached {
             rows: cached_rows.context("the teacher cache was not read for this micro-batch")?,
             truncate: c.truncate,

@@ -8,6 +8,7 @@ use anyhow::{ensure, Result};
 use candle_core::Tensor;
 
 use super::step::MicroLoss;
+use crate::distill::align::AlignedRows;
 use crate::distill::{
     truncate_vocab, CachedTeacher, LayerPair, LossInputs, RelationHidden, StudentLogits,
     SwitchPath, TeacherSide,
@@ -37,6 +38,9 @@ pub enum TeacherRows<'a> {
         output: &'a LlavaOutput,
         teacher: &'a LlavaModel,
         truncate: Option<usize>,
+        /// With a teacher of another tokenizer, `output` covers its own tokenization and these
+        /// rows pair it with the student's.
+        aligned: Option<&'a AlignedRows>,
     },
     /// A teacher cache's rows for the batch (already checked against its positions), and the
     /// cache's vocabulary when it is smaller than the student's.
@@ -98,8 +102,23 @@ pub fn objective_loss(
         }
         TeacherRows::Online {
             output,
+            aligned: Some(aligned),
+            ..
+        } => {
+            let out = student.forward_images(batch.tokens, batch.images)?;
+            let forward = elapsed();
+            let t_logits = output.logits.detach();
+            let side = TeacherSide::OtherTokens {
+                logits: &t_logits,
+                aligned,
+            };
+            loss(StudentLogits::Full(&out.logits), Some(side), forward)
+        }
+        TeacherRows::Online {
+            output,
             teacher,
             truncate,
+            aligned: None,
         } => {
             let (student_layers, _) = objective.layers();
             let out = student.forward_images_layers(batch.tokens, batch.images, &student_layers)?;

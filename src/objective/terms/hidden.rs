@@ -239,6 +239,7 @@ mod tests {
             student: text(2, 2),
             teacher: Some(text(3, 4)),
             params: ParamBuilder::fresh(&store, 7, &Device::Cpu).pp("objective"),
+            shared_vocab: None,
         })?;
         Ok((objective, store))
     }
@@ -398,6 +399,7 @@ mod tests {
                 student: text(2, 2),
                 teacher: None,
                 params: ParamBuilder::fresh(&store, 0, &Device::Cpu),
+                shared_vocab: None,
             })
             .unwrap_err();
         assert!(
@@ -417,6 +419,7 @@ mod tests {
                 student: text(3, 2),
                 teacher: Some(text(3, 4)),
                 params: ParamBuilder::fresh(&store, 0, &dev),
+                shared_vocab: None,
             })
             .unwrap();
         // Same widths: no projection; the uniform map pairs 1 → 2 and 2 → 4.

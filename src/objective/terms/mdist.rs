@@ -56,7 +56,7 @@ impl Term for Mdist {
             teacher_logits: self.cfg.divergence.needs_full_teacher(),
             teacher_relations: false,
             teacher_temperature: Some(self.cfg.temperature),
-            switch: false,
+            ..Needs::default()
         }
     }
 

@@ -6,6 +6,7 @@ mod logits_mse;
 mod mdist;
 mod rdist;
 mod switch;
+mod uld;
 
 use anyhow::{bail, Result};
 
@@ -37,6 +38,7 @@ pub const TERMS: &[TermKind] = &[
     logits_mse::KIND,
     hidden::KIND,
     switch::KIND,
+    uld::KIND,
 ];
 
 /// The registered term called `name`.

@@ -171,6 +171,7 @@ mod tests {
                     width: 3,
                 }),
                 params: ParamBuilder::fresh(&store, 3, &dev).pp("objective"),
+                shared_vocab: None,
             })
             .unwrap();
         let bridge = store.get("objective.l_switch.bridge.weight").unwrap();
@@ -259,6 +260,7 @@ mod tests {
                     width: 3,
                 }),
                 params: ParamBuilder::fresh(&ParamStore::new(), 0, &dev),
+                shared_vocab: None,
             })
             .unwrap();
         let own_tokens = Tensor::new(&[[[0.2f64, 0.1, -0.4], [0.0, 0.6, 0.3]]], &dev).unwrap();
