@@ -145,7 +145,7 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         "--out",
         out_s,
         "--methods",
-        "lora,merge",
+        "lora,merge,switch,hidden,uld",
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("done earlier, skipped"), "{err}");
@@ -155,9 +155,34 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         .exists());
     assert!(out.join("seed-0/merged/merge.json").exists());
     assert!(out.join("seed-0/merged-sft/merge.json").exists());
+    // The ULD row's teacher learnt on another tokenizer; the others' DFTs kept their terms.
+    assert!(out.join("data/tokenizer-other.json").exists());
+    let other =
+        std::fs::read_to_string(out.join("seed-0/teacher-other/sft/tokenizer.json")).unwrap();
+    let own = std::fs::read_to_string(out.join("seed-0/teacher/sft/tokenizer.json")).unwrap();
+    assert_ne!(other, own);
+    for (row, term) in [
+        ("switch-kd", "l_switch"),
+        ("distilled-hidden", "l_hidden"),
+        ("uld", "l_uld"),
+    ] {
+        let metrics =
+            std::fs::read_to_string(out.join("seed-0").join(row).join("metrics.jsonl")).unwrap();
+        assert!(
+            metrics.contains(&format!("\"{term}\":")),
+            "{row}: {metrics}"
+        );
+    }
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    for row in ["distilled-lora", "merged", "merged-sft"] {
+    for row in [
+        "distilled-lora",
+        "merged",
+        "merged-sft",
+        "switch-kd",
+        "distilled-hidden",
+        "uld",
+    ] {
         let acc = report["results"][row]["vqa_accuracy"].as_f64().unwrap();
         assert!((0.0..=100.0).contains(&acc), "{row}: {acc}");
         assert_eq!(
@@ -168,7 +193,10 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
     assert_eq!(report["methods"][0]["row"], "distilled-lora");
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
-        md.contains("| distilled-lora |") && md.contains("**merged:** merged − distilled"),
+        md.contains("| distilled-lora |")
+            && md.contains("**merged:** merged − distilled")
+            && md.contains("| uld |")
+            && md.contains("DFT s/step"),
         "{md}"
     );
     let after = std::fs::metadata(out.join("seed-0/teacher/sft/model.safetensors"))

@@ -20,7 +20,30 @@ pub enum DemoMethod {
     /// its own SFT checkpoint, the model its DFT fine-tuned (`merged-sft`); weights from each
     /// one's loss on 16 held-out instructions (τ = 5).
     Merge,
+    /// Switch-KD's DFT (the `switch-kd` preset's objective: CE + DBiLD at the response
+    /// tokens + the visual switch) from the distilled student's SFT checkpoint.
+    Switch,
+    /// LLaVA-KD's DFT plus layer-wise hidden-state distillation (every student layer to the
+    /// teacher layer at the same depth, 1 − cosine through learned projections, response and
+    /// image positions).
+    Hidden,
+    /// DFT from a teacher trained on another tokenizer (the data's, at ¾ of its vocabulary
+    /// size): CE + ULD on the aligned response tokens.
+    Uld,
 }
+
+/// The `switch-kd` preset's DFT objective.
+pub const SWITCH_OBJECTIVE: &str = "[{ term = \"ce\" }, { term = \"mdist.response\", divergence = \
+     { kind = \"dbild\", max_k = 16 } }, { term = \"switch\", divergence = { kind = \"dbild\", \
+     max_k = 16 } }]";
+/// LLaVA-KD's DFT objective (the shapes presets' `[distill]` weights) with the hidden term.
+pub const HIDDEN_OBJECTIVE: &str = "[{ term = \"ce\" }, { term = \"mdist.response\" }, \
+     { term = \"mdist.visual\" }, { term = \"rdist\", weight = 0.5 }, { term = \"hidden\", \
+     distance = \"cosine\", positions = \"both\" }]";
+/// CE and ULD against a teacher with another tokenizer.
+pub const ULD_OBJECTIVE: &str = "[{ term = \"ce\" }, { term = \"uld\" }]";
+/// The other tokenizer, under the data directory.
+pub const OTHER_TOKENIZER: &str = "tokenizer-other.json";
 
 impl DemoMethod {
     /// Its rows in the report (and their directories under each seed).
@@ -28,6 +51,9 @@ impl DemoMethod {
         match self {
             DemoMethod::Lora => &["distilled-lora"],
             DemoMethod::Merge => &["merged", "merged-sft"],
+            DemoMethod::Switch => &["switch-kd"],
+            DemoMethod::Hidden => &["distilled-hidden"],
+            DemoMethod::Uld => &["uld"],
         }
     }
 
@@ -45,6 +71,24 @@ impl DemoMethod {
                  baseline student, or with its own SFT checkpoint (the model its DFT fine-tuned), \
                  each weighted by softmax(−loss/5) of its loss on 16 held-out instructions; no \
                  training."
+            }
+            DemoMethod::Switch => {
+                "`switch-kd`: the distilled student's SFT checkpoint fine-tuned with Switch-KD \
+                 instead of LLaVA-KD's DFT — CE + DBiLD at the response tokens + the visual \
+                 switch (the teacher reading the student's visual tokens through a learned \
+                 bridge, compared by DBiLD with it reading its own); same steps."
+            }
+            DemoMethod::Hidden => {
+                "`distilled-hidden`: LLaVA-KD's DFT plus the layer-wise hidden-state term (each \
+                 student layer to the teacher layer at the same depth, 1 − cosine through \
+                 learned projections, at response and image positions, weight 1); same steps."
+            }
+            DemoMethod::Uld => {
+                "`uld`: the distilled student's SFT checkpoint fine-tuned against a second \
+                 teacher, trained like the first but on another tokenizer (the data's at ¾ of \
+                 its vocabulary size: other merges and ids) — CE + ULD on the response tokens \
+                 aligned by where they start in the answer; the teacher's own training time is \
+                 counted in the row's."
             }
         }
     }
@@ -69,6 +113,8 @@ pub struct SeedRun<'a> {
     pub data: &'a Path,
     pub template: &'a str,
     pub dft_epochs: usize,
+    /// The teacher's PT and SFT epochs (for a second teacher).
+    pub teacher_epochs: (usize, usize),
     pub seed: u64,
     pub progress: bool,
 }
@@ -89,6 +135,8 @@ pub fn run_method(method: DemoMethod, run: &SeedRun<'_>) -> Result<Vec<(String, 
                 tower: None,
                 epochs: run.dft_epochs,
                 lora: Some(lora_settings()),
+                objective: None,
+                tokenizer: None,
             };
             let seconds = run_plan(run.doc, seed_dir, run.data, &plan, run.seed, run.progress)?;
             Ok(vec![(row.to_string(), seed_dir.join(row), seconds)])
@@ -98,7 +146,111 @@ pub fn run_method(method: DemoMethod, run: &SeedRun<'_>) -> Result<Vec<(String, 
             let with_sft = cocktail(run, "merged-sft", "distilled/sft")?;
             Ok(vec![with_baseline, with_sft])
         }
+        DemoMethod::Switch | DemoMethod::Hidden => {
+            let row = method.rows()[0];
+            let objective = if method == DemoMethod::Switch {
+                SWITCH_OBJECTIVE
+            } else {
+                HIDDEN_OBJECTIVE
+            };
+            let seconds = run_plan(
+                run.doc,
+                seed_dir,
+                run.data,
+                &dft_from_distilled_sft(run, row, "teacher/sft", objective),
+                run.seed,
+                run.progress,
+            )?;
+            Ok(vec![(row.to_string(), seed_dir.join(row), seconds)])
+        }
+        DemoMethod::Uld => {
+            let row = method.rows()[0];
+            other_tokenizer(run.data, run.progress)?;
+            let tower = seed_dir
+                .join(super::TOWER_DIR)
+                .exists()
+                .then_some(super::TOWER_DIR);
+            let teacher = [
+                StagePlan {
+                    stage: Stage::Pretrain,
+                    role: Role::Teacher,
+                    dir: "teacher-other/pt",
+                    init: None,
+                    teacher: None,
+                    tower,
+                    epochs: run.teacher_epochs.0,
+                    lora: None,
+                    objective: None,
+                    tokenizer: Some(OTHER_TOKENIZER),
+                },
+                StagePlan {
+                    stage: Stage::Sft,
+                    role: Role::Teacher,
+                    dir: "teacher-other/sft",
+                    init: Some("teacher-other/pt"),
+                    teacher: None,
+                    tower: None,
+                    epochs: run.teacher_epochs.1,
+                    lora: None,
+                    objective: None,
+                    tokenizer: Some(OTHER_TOKENIZER),
+                },
+            ];
+            let mut seconds = 0.0;
+            for plan in &teacher {
+                seconds += run_plan(run.doc, seed_dir, run.data, plan, run.seed, run.progress)?;
+            }
+            seconds += run_plan(
+                run.doc,
+                seed_dir,
+                run.data,
+                &dft_from_distilled_sft(run, row, "teacher-other/sft", ULD_OBJECTIVE),
+                run.seed,
+                run.progress,
+            )?;
+            Ok(vec![(row.to_string(), seed_dir.join(row), seconds)])
+        }
     }
+}
+
+/// A DFT of the distilled student's SFT checkpoint into `row`, against `teacher`, with
+/// `objective`, for as many epochs as LLaVA-KD's DFT.
+fn dft_from_distilled_sft<'a>(
+    run: &SeedRun<'_>,
+    row: &'a str,
+    teacher: &'a str,
+    objective: &'a str,
+) -> StagePlan<'a> {
+    StagePlan {
+        stage: Stage::Dft,
+        role: Role::Student,
+        dir: row,
+        init: Some("distilled/sft"),
+        teacher: Some(teacher),
+        tower: None,
+        epochs: run.dft_epochs,
+        lora: None,
+        objective: Some(objective),
+        tokenizer: None,
+    }
+}
+
+/// The data's tokenizer again at ¾ of its vocabulary size ([`OTHER_TOKENIZER`]), made once.
+fn other_tokenizer(data: &Path, progress: bool) -> Result<()> {
+    let path = data.join(OTHER_TOKENIZER);
+    if path.exists() {
+        return Ok(());
+    }
+    let own = mmkd_datasets::load_tokenizer(&data.join("tokenizer.json"))?;
+    let size = own.get_vocab_size(true) * 3 / 4;
+    say(
+        progress,
+        &format!("data: training another tokenizer ({size} entries)"),
+    );
+    let (texts, _) = mmkd_datasets::collect_training_text(&data.join("train"))?;
+    let tok = mmkd_datasets::train_bpe(&texts, size)?;
+    mmkd_datasets::save_tokenizer(&tok, &path)?;
+    Ok(())
 }
 
 /// LM-Cocktail of the distilled student and `other` into `row`, with weights from 16

@@ -49,7 +49,20 @@ pub struct ModelResult {
     pub pope_f1: f64,
     pub params: usize,
     pub train_seconds: f64,
+    /// Wall seconds per optimizer step of the model's DFT stage (`None`: it has none).
+    pub dft_seconds_per_step: Option<f64>,
     pub dir: PathBuf,
+}
+
+/// Wall seconds per step of the DFT stage whose output is `dir` (from its `summary.json`).
+fn dft_seconds_per_step(dir: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(dir.join(crate::stages::SUMMARY_FILE)).ok()?;
+    let summary: serde_json::Value = serde_json::from_str(&text).ok()?;
+    if summary["stage"] != "dft" {
+        return None;
+    }
+    let steps = summary["steps"].as_f64().filter(|s| *s > 0.0)?;
+    Some(summary["wall_seconds"].as_f64()? / steps)
 }
 
 fn say(progress: bool, msg: &str) {
@@ -166,6 +179,10 @@ struct StagePlan<'a> {
     epochs: usize,
     /// Train through LoRA adapters.
     lora: Option<crate::config::LoraSettings>,
+    /// The stage's objective instead of the preset's (a TOML array of terms).
+    objective: Option<&'a str>,
+    /// The data's tokenizer file under the data directory (default `tokenizer.json`).
+    tokenizer: Option<&'a str>,
 }
 
 fn run_plan(
@@ -186,6 +203,12 @@ fn run_plan(
         &mut doc.table,
         &format!("stages.{}.epochs={}", plan.stage.name(), plan.epochs),
     )?;
+    if let Some(objective) = plan.objective {
+        apply_override(
+            &mut doc.table,
+            &format!("stages.{}.objective={objective}", plan.stage.name()),
+        )?;
+    }
     let mut settings = StageSettings::resolve(&doc, plan.stage, plan.role)?;
     if let Some(lora) = &plan.lora {
         // The full fine-tune's learning rate: these tiny models already train at 3e-3, and
@@ -226,7 +249,7 @@ fn run_plan(
         // A stage stopped part-way (Ctrl-C, a kill after a checkpoint) goes on from there.
         resume: crate::train::state::latest_checkpoint(&out)?.is_some(),
         out,
-        tokenizer: Some(data.join("tokenizer.json")),
+        tokenizer: Some(data.join(plan.tokenizer.unwrap_or("tokenizer.json"))),
         progress,
     })
     .with_context(|| format!("demo stage {}", plan.dir))?;
@@ -321,6 +344,7 @@ fn model_result(
         pope_f1: get("pope_f1"),
         params,
         train_seconds,
+        dft_seconds_per_step: dft_seconds_per_step(dir),
         dir: dir.to_path_buf(),
     }
 }
@@ -359,6 +383,8 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 tower: teacher_tower,
                 epochs: demo.teacher_pt_epochs,
                 lora: None,
+                objective: None,
+                tokenizer: None,
             },
             StagePlan {
                 stage: Stage::Sft,
@@ -369,6 +395,8 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 tower: None,
                 epochs: demo.teacher_sft_epochs,
                 lora: None,
+                objective: None,
+                tokenizer: None,
             },
             StagePlan {
                 stage: Stage::Pretrain,
@@ -379,6 +407,8 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 tower: Some("teacher/pt"),
                 epochs: demo.student_pt_epochs,
                 lora: None,
+                objective: None,
+                tokenizer: None,
             },
             // Same step budget as the distilled student: its SFT gets the DFT epochs too.
             StagePlan {
@@ -390,6 +420,8 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 tower: None,
                 epochs: demo.student_sft_epochs + demo.student_dft_epochs,
                 lora: None,
+                objective: None,
+                tokenizer: None,
             },
             StagePlan {
                 stage: Stage::Dpt,
@@ -400,6 +432,8 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 tower: Some("teacher/pt"),
                 epochs: demo.student_pt_epochs,
                 lora: None,
+                objective: None,
+                tokenizer: None,
             },
             StagePlan {
                 stage: Stage::Sft,
@@ -410,6 +444,8 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 tower: None,
                 epochs: demo.student_sft_epochs,
                 lora: None,
+                objective: None,
+                tokenizer: None,
             },
             StagePlan {
                 stage: Stage::Dft,
@@ -420,6 +456,8 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 tower: None,
                 epochs: demo.student_dft_epochs,
                 lora: None,
+                objective: None,
+                tokenizer: None,
             },
         ];
         let mut seconds: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
@@ -446,6 +484,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                     data: &data,
                     template: &chat_template,
                     dft_epochs: demo.student_dft_epochs,
+                    teacher_epochs: (demo.teacher_pt_epochs, demo.teacher_sft_epochs),
                     seed,
                     progress: options.progress,
                 },

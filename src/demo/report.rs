@@ -201,6 +201,11 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
             obj.insert(format!("{name}_std"), json!(s));
             obj.insert(format!("{name}_per_seed"), json!(values));
         }
+        let per_step: Vec<f64> = per_seed
+            .iter()
+            .filter_map(|(_, _, r)| r.get(model)?.dft_seconds_per_step)
+            .collect();
+        obj.insert("dft_seconds_per_step_per_seed".into(), json!(per_step));
         let params = per_seed
             .first()
             .and_then(|(_, _, r)| r.get(model))
@@ -261,7 +266,7 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
     for method in methods {
         md.push_str(&format!("{}\n\n", method.describe()));
     }
-    md.push_str("| model | params | VQA acc (%) | CIDEr-D | BLEU-4 | ROUGE-L | POPE F1 |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    md.push_str("| model | params | VQA acc (%) | CIDEr-D | BLEU-4 | ROUGE-L | POPE F1 | DFT s/step |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for &model in &models {
         let params = per_seed
             .first()
@@ -269,13 +274,22 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
             .map(|r| r.params)
             .unwrap_or(0);
         let v = |f: &dyn Fn(&ModelResult) -> f64, d| cell(&collect(per_seed, model, f), d);
+        let per_step: Vec<f64> = per_seed
+            .iter()
+            .filter_map(|(_, _, r)| r.get(model)?.dft_seconds_per_step)
+            .collect();
         md.push_str(&format!(
-            "| {model} | {params} | {} | {} | {} | {} | {} |\n",
+            "| {model} | {params} | {} | {} | {} | {} | {} | {} |\n",
             v(&|r| r.vqa_accuracy, 2),
             v(&|r| r.caption_cider, 3),
             v(&|r| r.caption_bleu_4, 3),
             v(&|r| r.caption_rouge_l, 3),
-            v(&|r| r.pope_f1, 2)
+            v(&|r| r.pope_f1, 2),
+            if per_step.is_empty() {
+                "–".to_string()
+            } else {
+                cell(&per_step, 3)
+            }
         ));
     }
     md.push('\n');
