@@ -986,10 +986,12 @@ fn a_second_run_on_the_same_out_is_refused_and_the_first_runs_work_is_untouched(
 fn hidden_state_distillation_trains_its_projections_resumes_bit_exactly_and_ships_none() {
     let w = world();
     let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    // With the visual switch too: its bridge is training state as well.
     let objective =
         "objective=[{ term = \"ce\" }, { term = \"hidden\", layers = [[0, 0], [1, 2]], \
                      positions = \"both\", dynamic = true, weight = 0.5 }, \
-                     { term = \"mdist.response\", divergence = { kind = \"dbild\", max_k = 8 } }]";
+                     { term = \"mdist.response\", divergence = { kind = \"dbild\", max_k = 8 } }, \
+                     { term = \"switch\" }]";
     let args = |out: &str| -> Vec<String> {
         let data = w.root.join("data/train/instruct.json");
         [
@@ -1040,7 +1042,8 @@ fn hidden_state_distillation_trains_its_projections_resumes_bit_exactly_and_ship
         names,
         [
             "objective.l_hidden.proj_0_0.weight",
-            "objective.l_hidden.proj_1_2.weight"
+            "objective.l_hidden.proj_1_2.weight",
+            "objective.l_switch.bridge.weight"
         ]
     );
     assert_eq!(state[names[0]].dims(), [64, 32]);
@@ -1207,6 +1210,52 @@ fn a_teacher_with_another_tokenizer_is_distilled_by_uld_and_refused_by_one_vocab
             "{out}: {logged:?}"
         );
     }
+    // Killed after its first checkpoint and resumed: the same student as an uninterrupted run.
+    let args = |out: &str| -> Vec<String> {
+        let data = w.root.join("data/train/instruct.json");
+        [
+            "dft",
+            "--config",
+            "shapes-tiny",
+            "--quiet",
+            "--data",
+            data.to_str().unwrap(),
+            "--images",
+            &s("data"),
+            "--init",
+            &s("student"),
+            "--teacher",
+            &s("teacher-b"),
+            "--out",
+            &s(out),
+            "--max-steps",
+            "12",
+            "--set",
+            "train.save_every=2",
+            "--set",
+            "objective=[{ term = \"ce\" }, { term = \"uld\" }]",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let full = args("uld/full");
+    let (ok, _, err) = mmkd(&full.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    let killed = args("uld/killed");
+    assert!(common::kill_after_first_checkpoint(
+        &killed,
+        &w.root.join("uld/killed")
+    ));
+    let mut resume = killed.clone();
+    resume.push("--resume".into());
+    let (ok, _, err) = mmkd(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{err}");
+    assert!(
+        std::fs::read(w.root.join("uld/full/model.safetensors")).unwrap()
+            == std::fs::read(w.root.join("uld/killed/model.safetensors")).unwrap(),
+        "the resumed student differs"
+    );
+
     // With the student's own teacher (one tokenizer) ULD runs on the response rows.
     let (ok, _, err) = stage(
         &w.root,

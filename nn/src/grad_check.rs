@@ -68,6 +68,23 @@ pub fn finite_difference(
     Ok(grad)
 }
 
+/// The gradient of the scalar `f` at `x` twice: by backpropagation and by central finite
+/// differences with step `eps` (both flattened, f64).
+pub fn gradients(
+    f: impl Fn(&Tensor) -> Result<Tensor>,
+    x: &Tensor,
+    eps: f64,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let var = candle_core::Var::from_tensor(x)?;
+    let grads = f(var.as_tensor())?.backward()?;
+    let analytic = match grads.get(var.as_tensor()) {
+        Some(g) => g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        None => vec![0.0; x.elem_count()],
+    };
+    let numeric = finite_difference(|t| f(t)?.to_dtype(DType::F64)?.to_scalar::<f64>(), x, eps)?;
+    Ok((analytic, numeric))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

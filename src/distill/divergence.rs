@@ -361,7 +361,7 @@ impl From<Divergence> for DivergenceSpec {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
-    use mmkd_nn::grad_check::finite_difference;
+    use mmkd_nn::grad_check::gradients;
 
     #[derive(Debug, Deserialize, Serialize)]
     struct Preset {
@@ -539,17 +539,7 @@ mod tests {
                         .mul(&w)?
                         .sum_all()
                 };
-                let var = Var::from_tensor(&student).unwrap();
-                let grads = f(var.as_tensor()).unwrap().backward().unwrap();
-                let analytic = grads
-                    .get(var.as_tensor())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f64>()
-                    .unwrap();
-                let numeric =
-                    finite_difference(|s| f(s)?.to_scalar::<f64>(), &student, 1e-6).unwrap();
+                let (analytic, numeric) = gradients(f, &student, 1e-6).unwrap();
                 for (a, n) in analytic.iter().zip(&numeric) {
                     assert!(
                         (a - n).abs() < 1e-7,

@@ -1,7 +1,7 @@
 //! Distillation across vocabularies (a teacher with another tokenizer).
 //!
 //! - **ULD**, Universal Logit Distillation (Boizard et al. 2024, "Towards Cross-Tokenizer
-//!   Distillation: the Universal Logit Distillation Loss for LLMs", arXiv 2402.12030, eq. 5):
+//!   Distillation: the Universal Logit Distillation Loss for LLMs", arXiv 2402.12030):
 //!   with p = softmax(z_t/T) and q = softmax(z_s/T) each sorted in decreasing order and the
 //!   shorter padded with zeros to the longer vocabulary,
 //!   L_ULD = Σ_i |q_(i) − p_(i)|, the closed form of the Wasserstein-1 distance between the two

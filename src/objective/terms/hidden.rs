@@ -16,9 +16,9 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::{DType, Tensor, D};
 use mmkd_nn::Linear;
 
-use super::TermKind;
+use super::{rows_at, width_map, TermKind};
 use crate::distill::positions::gather_rows;
-use crate::distill::{LossInputs, Rows};
+use crate::distill::LossInputs;
 use crate::objective::{Binding, HiddenDistance, Needs, Term, TermPositions};
 
 pub const KIND: TermKind = TermKind {
@@ -100,18 +100,9 @@ impl Term for Hidden {
                         );
                     }
                 }
-                let projection = (ws != wt)
-                    .then(|| {
-                        Linear::new(
-                            // Named by the pair, so a map's projections do not depend on its order.
-                            &binding.params.pp(format!("proj_{s}_{t}")),
-                            ws,
-                            wt,
-                            false,
-                            (1.0 / ws as f64).sqrt() as f32,
-                        )
-                    })
-                    .transpose()?;
+                // Named by the pair, so a map's projections do not depend on its order.
+                let projection =
+                    width_map(&binding.params.pp(format!("proj_{s}_{t}")), ws, wt)?;
                 Ok(LayerPair {
                     student: s,
                     teacher: t,
@@ -132,16 +123,7 @@ impl Term for Hidden {
             "objective term `hidden` was not bound to the models"
         );
         let states = inputs.layer_states(KIND.name)?;
-        let mut rows: Vec<u32> = Vec::new();
-        if matches!(
-            self.positions,
-            TermPositions::Response | TermPositions::Both
-        ) {
-            rows.extend(inputs.row_indices(Rows::Response));
-        }
-        if matches!(self.positions, TermPositions::Visual | TermPositions::Both) {
-            rows.extend(inputs.row_indices(Rows::Visual));
-        }
+        let rows = rows_at(inputs, self.positions);
         if rows.is_empty() {
             return Ok(None);
         }
@@ -256,9 +238,36 @@ mod tests {
         Tensor::from_vec(v, (1, 3, width), &Device::Cpu).unwrap()
     }
 
+    /// The objective on a batch of one sample of 3 positions (vocabulary 4, zero logits) with
+    /// these labels, image mask and hidden states.
+    fn evaluate(
+        objective: &Objective,
+        student: &BTreeMap<usize, Tensor>,
+        teacher: &BTreeMap<usize, Tensor>,
+        labels: [i64; 3],
+        mask: [u8; 3],
+    ) -> crate::objective::ObjectiveValue {
+        let dev = Device::Cpu;
+        let logits = Tensor::zeros((1, 3, 4), candle_core::DType::F32, &dev).unwrap();
+        let labels = Tensor::new(&[labels], &dev).unwrap();
+        let mask = Tensor::new(&[mask], &dev).unwrap();
+        let inputs = LossInputs::new(
+            StudentLogits::Full(&logits),
+            &labels,
+            &mask,
+            Some(TeacherSide::Logits {
+                logits: &logits,
+                relation_hidden: None,
+            }),
+            None,
+        )
+        .unwrap()
+        .with_layers(States { student, teacher });
+        objective.evaluate(&inputs).unwrap()
+    }
+
     #[test]
     fn projected_mse_at_both_positions_with_gradients_to_student_and_projection() {
-        let dev = Device::Cpu;
         let (objective, store) =
             objective("term = \"hidden\"\nlayers = [[1, 2], [2, 4]]\npositions = \"both\"")
                 .unwrap();
@@ -274,26 +283,14 @@ mod tests {
         let teacher: BTreeMap<usize, Tensor> = [(2, state(3, 9.0)), (4, state(3, 13.0))]
             .into_iter()
             .collect();
-        let logits = Tensor::zeros((1, 3, 4), candle_core::DType::F32, &dev).unwrap();
         // Position 1 predicts the response token; position 0 is the image.
-        let labels = Tensor::new(&[[-100i64, -100, 2]], &dev).unwrap();
-        let mask = Tensor::new(&[[1u8, 0, 0]], &dev).unwrap();
-        let inputs = LossInputs::new(
-            StudentLogits::Full(&logits),
-            &labels,
-            &mask,
-            Some(TeacherSide::Logits {
-                logits: &logits,
-                relation_hidden: None,
-            }),
-            None,
-        )
-        .unwrap()
-        .with_layers(States {
-            student: &student_states,
-            teacher: &teacher,
-        });
-        let value = objective.evaluate(&inputs).unwrap();
+        let value = evaluate(
+            &objective,
+            &student_states,
+            &teacher,
+            [-100, -100, 2],
+            [1, 0, 0],
+        );
 
         // Written out: rows 1 (response) then 0 (visual); s·Pᵀ against t, mean over 2×3.
         let mut expected = 0.0f64;
@@ -333,7 +330,6 @@ mod tests {
 
     #[test]
     fn dynamic_weights_follow_each_pairs_share_of_the_loss() {
-        let dev = Device::Cpu;
         let run = |spec: &str| -> f32 {
             let (objective, _) = objective(spec).unwrap();
             let student: BTreeMap<usize, Tensor> = [(1, state(2, 0.0)), (2, state(2, 5.0))]
@@ -342,25 +338,7 @@ mod tests {
             let teacher: BTreeMap<usize, Tensor> = [(2, state(3, 9.0)), (4, state(3, 13.0))]
                 .into_iter()
                 .collect();
-            let logits = Tensor::zeros((1, 3, 4), candle_core::DType::F32, &dev).unwrap();
-            let labels = Tensor::new(&[[-100i64, 1, 2]], &dev).unwrap();
-            let mask = Tensor::new(&[[0u8, 0, 0]], &dev).unwrap();
-            let inputs = LossInputs::new(
-                StudentLogits::Full(&logits),
-                &labels,
-                &mask,
-                Some(TeacherSide::Logits {
-                    logits: &logits,
-                    relation_hidden: None,
-                }),
-                None,
-            )
-            .unwrap()
-            .with_layers(States {
-                student: &student,
-                teacher: &teacher,
-            });
-            objective.evaluate(&inputs).unwrap().total_value
+            evaluate(&objective, &student, &teacher, [-100, 1, 2], [0, 0, 0]).total_value
         };
         let base = "term = \"hidden\"\nlayers = [[1, 2], [2, 4]]";
         let first = run("term = \"hidden\"\nlayers = [[1, 2]]");
@@ -434,25 +412,7 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        let logits = Tensor::zeros((1, 3, 4), candle_core::DType::F32, &dev).unwrap();
-        let labels = Tensor::new(&[[-100i64, 1, 2]], &dev).unwrap();
-        let mask = Tensor::new(&[[0u8, 0, 0]], &dev).unwrap();
-        let inputs = LossInputs::new(
-            StudentLogits::Full(&logits),
-            &labels,
-            &mask,
-            Some(TeacherSide::Logits {
-                logits: &logits,
-                relation_hidden: None,
-            }),
-            None,
-        )
-        .unwrap()
-        .with_layers(States {
-            student: &student,
-            teacher: &teacher,
-        });
-        let v = objective.evaluate(&inputs).unwrap().total_value;
+        let v = evaluate(&objective, &student, &teacher, [-100, 1, 2], [0, 0, 0]).total_value;
         assert!(v.abs() < 1e-6, "{v}");
     }
 

@@ -11,7 +11,10 @@ mod uld;
 use anyhow::{bail, Result};
 
 use super::Term;
-use super::TermConfig;
+use mmkd_nn::{Linear, ParamBuilder};
+
+use super::{TermConfig, TermPositions};
+use crate::distill::{LossInputs, Rows};
 
 /// A term as the registry knows it.
 pub struct TermKind {
@@ -40,6 +43,28 @@ pub const TERMS: &[TermKind] = &[
     switch::KIND,
     uld::KIND,
 ];
+
+/// The flat rows of `positions` in this batch: the response rows, then the visual rows.
+fn rows_at(inputs: &LossInputs<'_>, positions: TermPositions) -> Vec<u32> {
+    let mut rows = Vec::new();
+    if matches!(positions, TermPositions::Response | TermPositions::Both) {
+        rows.extend(inputs.row_indices(Rows::Response));
+    }
+    if matches!(positions, TermPositions::Visual | TermPositions::Both) {
+        rows.extend(inputs.row_indices(Rows::Visual));
+    }
+    rows
+}
+
+/// A trainable linear map (no bias, N(0, 1/from)) from one model's width to another's under
+/// `params`; `None` when the widths agree.
+fn width_map(params: &ParamBuilder, from: usize, to: usize) -> Result<Option<Linear>> {
+    if from == to {
+        return Ok(None);
+    }
+    let std = (1.0 / from as f64).sqrt() as f32;
+    Ok(Some(Linear::new(params, from, to, false, std)?))
+}
 
 /// The registered term called `name`.
 pub fn kind(name: &str) -> Result<&'static TermKind> {

@@ -23,9 +23,9 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use mmkd_nn::Linear;
 
-use super::TermKind;
+use super::{rows_at, width_map, TermKind};
 use crate::distill::positions::gather_rows;
-use crate::distill::{DistillLossConfig, LossInputs, Rows};
+use crate::distill::{DistillLossConfig, LossInputs};
 use crate::objective::{Binding, Needs, Term, TermPositions};
 
 pub const KIND: TermKind = TermKind {
@@ -69,17 +69,7 @@ impl Term for Switch {
              (--teacher)",
         )?;
         let (ws, wt) = (binding.student.width, teacher.width);
-        self.bridge = (ws != wt)
-            .then(|| {
-                Linear::new(
-                    &binding.params.pp("bridge"),
-                    ws,
-                    wt,
-                    false,
-                    (1.0 / ws as f64).sqrt() as f32,
-                )
-            })
-            .transpose()?;
+        self.bridge = width_map(&binding.params.pp("bridge"), ws, wt)?;
         self.bound = true;
         Ok(())
     }
@@ -92,16 +82,7 @@ impl Term for Switch {
         let Some(path) = inputs.switch_path(KIND.name)? else {
             return Ok(None);
         };
-        let mut rows: Vec<u32> = Vec::new();
-        if matches!(
-            self.positions,
-            TermPositions::Response | TermPositions::Both
-        ) {
-            rows.extend(inputs.row_indices(Rows::Response));
-        }
-        if matches!(self.positions, TermPositions::Visual | TermPositions::Both) {
-            rows.extend(inputs.row_indices(Rows::Visual));
-        }
+        let rows = rows_at(inputs, self.positions);
         if rows.is_empty() {
             return Ok(None);
         }
@@ -123,7 +104,7 @@ mod tests {
     use crate::distill::{StudentLogits, SwitchPath, TeacherSide};
     use crate::objective::{LmShape, Objective, TermSpec};
     use candle_core::{DType, Device, Var, D};
-    use mmkd_nn::grad_check::finite_difference;
+    use mmkd_nn::grad_check::gradients;
     use mmkd_nn::{ParamBuilder, ParamStore};
 
     /// A stand-in teacher pathway: logits at every position are a fixed linear read-out of the
@@ -291,16 +272,7 @@ mod tests {
                 .total)
         };
         let start = Tensor::new(&[[[0.3f64, -0.2, 0.8], [1.0, 0.5, -0.1]]], &dev).unwrap();
-        let var = Var::from_tensor(&start).unwrap();
-        let grads = f(var.as_tensor()).unwrap().backward().unwrap();
-        let analytic = grads
-            .get(var.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let numeric = finite_difference(|v| f(v)?.to_scalar::<f64>(), &start, 1e-6).unwrap();
+        let (analytic, numeric) = gradients(f, &start, 1e-6).unwrap();
         for (a, n) in analytic.iter().zip(&numeric) {
             assert!((a - n).abs() < 1e-7, "analytic {a} vs numeric {n}");
         }
