@@ -154,6 +154,63 @@ fn metrics(dir: &Path) -> Vec<StepMetrics> {
     read_metrics(&dir.join("metrics.jsonl")).unwrap()
 }
 
+/// A 12-step `dft` of the pre-trained student against `teacher` into `out` with `objective`,
+/// checkpointing every 2 steps (the arguments, for a run that is killed and resumed).
+fn checkpointed_dft(w: &World, teacher: &str, out: &str, objective: &str) -> Vec<String> {
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    [
+        "dft",
+        "--config",
+        "shapes-tiny",
+        "--quiet",
+        "--data",
+        &s("data/train/instruct.json"),
+        "--images",
+        &s("data"),
+        "--init",
+        &s("student"),
+        "--teacher",
+        &s(teacher),
+        "--out",
+        &s(out),
+        "--max-steps",
+        "12",
+        "--set",
+        "train.save_every=2",
+        "--set",
+        "train.keep_last=6",
+        "--set",
+        objective,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Runs `args` in `out`'s place twice — once through, once SIGKILLed after its first
+/// checkpoint and resumed in `killed` — and asserts the two students are the same bit for bit.
+fn resumes_bit_exactly(args: impl Fn(&str) -> Vec<String>, out: &str, killed: &str) {
+    let w = world();
+    let run = |a: &[String]| {
+        let (ok, _, err) = mmkd(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(ok, "{err}");
+    };
+    run(&args(out));
+    let cut = args(killed);
+    assert!(
+        common::kill_after_first_checkpoint(&cut, &w.root.join(killed)),
+        "the run finished before it could be killed; the test needs a longer run"
+    );
+    run(&[cut, vec!["--resume".into()]].concat());
+    assert!(
+        std::fs::read(w.root.join(out).join("model.safetensors")).unwrap()
+            == std::fs::read(w.root.join(killed).join("model.safetensors")).unwrap(),
+        "the resumed student differs"
+    );
+    let losses =
+        |dir: &str| -> Vec<f32> { metrics(&w.root.join(dir)).iter().map(|m| m.loss).collect() };
+    assert_eq!(losses(out), losses(killed));
+}
+
 #[test]
 fn an_objective_of_ce_alone_is_sft_step_for_step() {
     let w = world();
@@ -985,45 +1042,14 @@ fn a_second_run_on_the_same_out_is_refused_and_the_first_runs_work_is_untouched(
 #[test]
 fn hidden_state_distillation_trains_its_projections_resumes_bit_exactly_and_ships_none() {
     let w = world();
-    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
     // With the visual switch too: its bridge is training state as well.
     let objective =
         "objective=[{ term = \"ce\" }, { term = \"hidden\", layers = [[0, 0], [1, 2]], \
                      positions = \"both\", dynamic = true, weight = 0.5 }, \
                      { term = \"mdist.response\", divergence = { kind = \"dbild\", max_k = 8 } }, \
                      { term = \"switch\" }]";
-    let args = |out: &str| -> Vec<String> {
-        let data = w.root.join("data/train/instruct.json");
-        [
-            "dft",
-            "--config",
-            "shapes-tiny",
-            "--quiet",
-            "--data",
-            data.to_str().unwrap(),
-            "--images",
-            &s("data"),
-            "--init",
-            &s("student"),
-            "--teacher",
-            &s("teacher"),
-            "--out",
-            &s(out),
-            "--max-steps",
-            "12",
-            "--set",
-            "train.save_every=2",
-            "--set",
-            "train.keep_last=6",
-            "--set",
-            objective,
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let full = args("hidden/full");
-    let (ok, _, err) = mmkd(&full.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(ok, "{err}");
+    let args = |out: &str| checkpointed_dft(w, "teacher", out, objective);
+    resumes_bit_exactly(args, "hidden/full", "hidden/killed");
     let dir = w.root.join("hidden/full");
     let logged = metrics(&dir);
     assert!(logged
@@ -1059,28 +1085,6 @@ fn hidden_state_distillation_trains_its_projections_resumes_bit_exactly_and_ship
     .unwrap();
     let values = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_ne!(values(&state[names[1]]), values(&later[names[1]]));
-
-    // Killed after its first checkpoint and resumed: the same student, bit for bit.
-    let killed = args("hidden/killed");
-    let killed_dir = w.root.join("hidden/killed");
-    assert!(
-        common::kill_after_first_checkpoint(&killed, &killed_dir),
-        "the run finished before it could be killed; the test needs a longer run"
-    );
-    let mut resume = killed.clone();
-    resume.push("--resume".into());
-    let (ok, _, err) = mmkd(&resume.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(ok, "{err}");
-    assert!(
-        std::fs::read(dir.join("model.safetensors")).unwrap()
-            == std::fs::read(killed_dir.join("model.safetensors")).unwrap(),
-        "the resumed student differs"
-    );
-    let resumed = metrics(&killed_dir);
-    assert_eq!(
-        logged.iter().map(|m| m.loss).collect::<Vec<_>>(),
-        resumed.iter().map(|m| m.loss).collect::<Vec<_>>()
-    );
 
     // A layer the student does not have is named before training.
     let mut bad = args("hidden/bad");
@@ -1211,49 +1215,11 @@ fn a_teacher_with_another_tokenizer_is_distilled_by_uld_and_refused_by_one_vocab
         );
     }
     // Killed after its first checkpoint and resumed: the same student as an uninterrupted run.
-    let args = |out: &str| -> Vec<String> {
-        let data = w.root.join("data/train/instruct.json");
-        [
-            "dft",
-            "--config",
-            "shapes-tiny",
-            "--quiet",
-            "--data",
-            data.to_str().unwrap(),
-            "--images",
-            &s("data"),
-            "--init",
-            &s("student"),
-            "--teacher",
-            &s("teacher-b"),
-            "--out",
-            &s(out),
-            "--max-steps",
-            "12",
-            "--set",
-            "train.save_every=2",
-            "--set",
-            "objective=[{ term = \"ce\" }, { term = \"uld\" }]",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    let full = args("uld/full");
-    let (ok, _, err) = mmkd(&full.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(ok, "{err}");
-    let killed = args("uld/killed");
-    assert!(common::kill_after_first_checkpoint(
-        &killed,
-        &w.root.join("uld/killed")
-    ));
-    let mut resume = killed.clone();
-    resume.push("--resume".into());
-    let (ok, _, err) = mmkd(&resume.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(ok, "{err}");
-    assert!(
-        std::fs::read(w.root.join("uld/full/model.safetensors")).unwrap()
-            == std::fs::read(w.root.join("uld/killed/model.safetensors")).unwrap(),
-        "the resumed student differs"
+    let objective = "objective=[{ term = \"ce\" }, { term = \"uld\" }]";
+    resumes_bit_exactly(
+        |out| checkpointed_dft(w, "teacher-b", out, objective),
+        "uld/full",
+        "uld/killed",
     );
 
     // With the student's own teacher (one tokenizer) ULD runs on the response rows.
