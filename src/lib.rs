@@ -34,6 +34,7 @@ pub mod objective;
 pub mod prompt;
 pub mod runtime;
 pub mod scoring;
+pub mod speculative;
 pub mod stages;
 pub mod teacher;
 pub mod teacher_cache;

@@ -1300,3 +1300,62 @@ fn two_tokenizations_of_a_response_line_up_where_their_tokens_start_together() {
     }
     assert!(differing > 0, "the two tokenizers split the answers alike");
 }
+
+#[test]
+fn a_student_drafts_for_its_teacher_without_changing_the_teachers_answer() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let records: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(w.root.join("data/train/instruct.json")).unwrap(),
+    )
+    .unwrap();
+    let image = records
+        .iter()
+        .find_map(|r| r["image"].as_str())
+        .expect("an instruction with an image");
+    let generate = |extra: &[&str]| {
+        let image = s(&format!("data/{image}"));
+        let teacher = s("teacher");
+        let mut args = vec![
+            "generate",
+            "--model",
+            &teacher,
+            "--template",
+            "compact",
+            "--image",
+            &image,
+            "--prompt",
+            "What shape is in the top left cell?",
+            "--max-new-tokens",
+            "12",
+            "--show-ids",
+        ];
+        args.extend_from_slice(extra);
+        let (ok, out, err) = mmkd(&args);
+        assert!(ok, "{err}");
+        (out, err)
+    };
+    let (alone, _) = generate(&[]);
+    let (drafted, err) = generate(&["--draft", &s("student"), "--gamma", "3"]);
+    assert_eq!(drafted, alone, "the draft changed the answer");
+    assert!(
+        err.contains("speculative: γ 3, ") && err.contains("proposals accepted"),
+        "{err}"
+    );
+    // A draft with another tokenizer cannot draft.
+    let (ok, _, err) = mmkd(&[
+        "generate",
+        "--model",
+        &s("teacher"),
+        "--template",
+        "compact",
+        "--prompt",
+        "Hello",
+        "--draft",
+        &s("teacher-b"),
+    ]);
+    assert!(
+        !ok && err.contains("its tokenizer or prompt layout is not the model's"),
+        "{err}"
+    );
+}

@@ -40,6 +40,20 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Keeps the first `len` positions (speculative decoding drops the rejected ones).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        anyhow::ensure!(
+            len <= self.len(),
+            "cannot keep {len} cached positions of {}",
+            self.len()
+        );
+        for layer in self.layers.iter_mut().flatten() {
+            layer.0 = layer.0.narrow(1, 0, len)?;
+            layer.1 = layer.1.narrow(1, 0, len)?;
+        }
+        Ok(())
+    }
+
     /// Keeps only the batch rows in `rows` (sequences still generating).
     pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
         for layer in self.layers.iter_mut().flatten() {
