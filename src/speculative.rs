@@ -205,27 +205,23 @@ pub fn speculative_generate(
 mod tests {
     use super::*;
     use crate::bench::data::BenchBatch;
-    use crate::bench::spec::BenchSpec;
     use crate::bench::step::build;
+    use crate::bench::tests::tiny_spec;
     use crate::generate::generate;
     use crate::models::llava::Trainable;
     use candle_core::Device;
 
-    fn spec() -> BenchSpec {
-        BenchSpec::from_json_str(
-            r#"{
-              "vocab": 50, "batch": 2, "prefix_tokens": 2, "prompt_tokens": 3, "response_tokens": 4,
-              "vision": {"image_size": 16, "patch": 8, "hidden": 16, "intermediate": 32, "layers": 2, "heads": 2},
-              "student": {"hidden": 16, "intermediate": 32, "layers": 2, "heads": 4, "kv_heads": 2},
-              "teacher": {"hidden": 24, "intermediate": 40, "layers": 2, "heads": 4, "kv_heads": 2}
-            }"#,
-        )
-        .unwrap()
+    /// The same images for both models.
+    fn both(pixels: &Tensor) -> PromptImages<'_> {
+        PromptImages {
+            target: Some(pixels),
+            draft: Some(pixels),
+        }
     }
 
     #[test]
     fn greedy_speculation_gives_exactly_the_targets_greedy_output() {
-        let spec = spec();
+        let spec = tiny_spec();
         let target = build(&spec, &spec.teacher, Trainable::NONE, 11, None).unwrap();
         let draft = build(&spec, &spec.student, Trainable::NONE, 12, None).unwrap();
         let batch = BenchBatch::random(&spec, 5, &Device::Cpu).unwrap();
@@ -254,10 +250,7 @@ mod tests {
                         &target,
                         &draft,
                         &prompt,
-                        PromptImages {
-                            target: Some(&pixels),
-                            draft: Some(&pixels),
-                        },
+                        both(&pixels),
                         &cfg,
                         gamma,
                         &decode,
@@ -273,7 +266,7 @@ mod tests {
 
     #[test]
     fn a_draft_that_is_the_target_is_always_accepted() {
-        let spec = spec();
+        let spec = tiny_spec();
         let target = build(&spec, &spec.teacher, Trainable::NONE, 11, None).unwrap();
         let batch = BenchBatch::random(&spec, 5, &Device::Cpu).unwrap();
         let prompt = batch.tokens.ids[0][..spec.seq_len() - spec.response_tokens].to_vec();
@@ -282,19 +275,11 @@ mod tests {
             max_new_tokens: 21,
             ..Default::default()
         };
-        let (out, stats) = speculative_generate(
-            &target,
-            &target,
-            &prompt,
-            PromptImages {
-                target: Some(&pixels),
-                draft: Some(&pixels),
-            },
-            &cfg,
-            4,
-            &|_| String::new(),
-        )
-        .unwrap();
+        let (out, stats) =
+            speculative_generate(&target, &target, &prompt, both(&pixels), &cfg, 4, &|_| {
+                String::new()
+            })
+            .unwrap();
         assert_eq!(out.len(), 21);
         assert_eq!(stats.acceptance_rate(), 1.0);
         // 1 + 5 tokens a round: the prompt's forward and 4 rounds for 21 tokens.
@@ -303,10 +288,7 @@ mod tests {
             &target,
             &target,
             &prompt,
-            PromptImages {
-                target: Some(&pixels),
-                draft: Some(&pixels),
-            },
+            both(&pixels),
             &GenerationConfig {
                 temperature: 0.7,
                 ..cfg

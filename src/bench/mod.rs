@@ -158,7 +158,7 @@ pub fn run_cached(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Every size small, but every feature of the real spec present (GQA, several layers).
