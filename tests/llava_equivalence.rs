@@ -10,7 +10,7 @@ use mmkd::checkpoint::load_llava;
 use mmkd::generate::{generate, GenerationConfig};
 use mmkd::models::llava::{BuildOptions, LlavaModel, TokenBatch, Trainable};
 
-const TOL: f32 = 1e-4;
+const TOL: f64 = 1e-4;
 
 fn load(name: &str) -> LlavaModel {
     let dir = fixture(name);

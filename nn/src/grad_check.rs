@@ -5,10 +5,11 @@ use candle_core::{backprop::GradStore, DType, Result, Tensor};
 
 use crate::params::ParamStore;
 
-/// The largest absolute difference of two tensors of one shape (compared in f32).
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+/// The largest absolute difference of two tensors of one shape (compared in f64, so f64
+/// references keep their precision).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
         .unwrap()
         .abs()
         .unwrap()
@@ -16,7 +17,7 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
         .max(0)
         .unwrap()
-        .to_scalar::<f32>()
+        .to_scalar::<f64>()
         .unwrap()
 }
 

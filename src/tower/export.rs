@@ -145,12 +145,12 @@ mod tests {
                 .unwrap();
             let diff = max_abs_diff(&after, &expected);
             assert!(
-                diff <= 1e-4 * scale,
+                diff <= 1e-4 * f64::from(scale),
                 "{kind:?}: max |diff| {diff} (features up to {scale})"
             );
             // Unscaled, the tower would not pass: the check can fail.
             let unscaled = max_abs_diff(&before, &expected);
-            assert!(unscaled > 0.1 * scale, "{kind:?}");
+            assert!(unscaled > 0.1 * f64::from(scale), "{kind:?}");
         }
     }
 }

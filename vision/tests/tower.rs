@@ -11,7 +11,7 @@ use mmkd_nn::grad_check::params_without_gradient;
 use mmkd_nn::{ParamBuilder, ParamStore, WeightSource};
 use mmkd_vision::{load_vision_weights, VisionConfig, VisionKind, VisionTower};
 
-const TOL: f32 = 1e-4;
+const TOL: f64 = 1e-4;
 
 fn load(name: &str, trainable: bool, dtype: DType) -> (VisionTower, VisionConfig, ParamStore) {
     let dir = fixtures().join(name);
@@ -35,7 +35,7 @@ fn every_hidden_state_matches_transformers() {
         assert!(store.trainable_vars().is_empty());
         let out = tower.forward(pixels).unwrap();
         assert_eq!(out.hidden_states.len(), cfg.num_hidden_layers + 1);
-        let mut worst = 0f32;
+        let mut worst = 0f64;
         for (i, h) in out.hidden_states.iter().enumerate() {
             let want = &expected[&format!("{prefix}.hidden_states.{i}")];
             let d = max_abs_diff(h, want);
@@ -91,7 +91,7 @@ fn half_precision_frozen_towers_compute_in_their_dtype() {
                 .unwrap()
                 .max_keepdim(0)
                 .unwrap();
-            let scale = scale.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
+            let scale = scale.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
             let d = max_abs_diff(last, want) / scale;
             let tol = if dtype == DType::F16 { 0.01 } else { 0.05 };
             println!("{prefix} {dtype:?}: max |Δ| / max |h| = {d:e}");

@@ -104,9 +104,7 @@ impl Affine {
             }
             _ => candle_core::bail!("{name}: f32/f64 only"),
         };
-        let mut dims = xl.dims().to_vec();
-        *dims.last_mut().expect("rank ≥ 1") = out_dim;
-        Ok((out, Shape::from(dims)))
+        Ok((out, with_last_dim(xl, out_dim)))
     }
 
     /// (∂x, ∂W, ∂b) from x, W and ∂y, all treated as constants. Only what the graph needs
@@ -492,9 +490,7 @@ impl CustomOp3 for LoraAffine {
             )),
             _ => candle_core::bail!("{name}: f32/f64 only"),
         };
-        let mut dims = xl.dims().to_vec();
-        *dims.last_mut().expect("rank ≥ 1") = out_dim;
-        Ok((out, Shape::from(dims)))
+        Ok((out, with_last_dim(xl, out_dim)))
     }
 
     fn bwd(
@@ -538,6 +534,13 @@ impl CustomOp3 for LoraAffine {
         }
         Ok((dx, dw, Some(Tensor::cat(&parts, 0)?)))
     }
+}
+
+/// The input's shape with its last dimension (the features) replaced by `out_dim`.
+fn with_last_dim(xl: &Layout, out_dim: usize) -> Shape {
+    let mut dims = xl.dims().to_vec();
+    *dims.last_mut().expect("rank ≥ 1") = out_dim;
+    Shape::from(dims)
 }
 
 #[cfg(test)]

@@ -151,21 +151,7 @@ pub(crate) mod testing {
             .unwrap()
     }
 
-    pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        a.to_dtype(DType::F64)
-            .unwrap()
-            .sub(&b.to_dtype(DType::F64).unwrap())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
+    pub use crate::grad_check::max_abs_diff;
 
     /// Outputs and input gradients (of Σ output ⊙ probe) of `fused` and `slow` agree to `tol`
     /// for every input in `inputs` (each made a `Var`).

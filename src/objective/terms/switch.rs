@@ -103,7 +103,7 @@ mod tests {
     use super::*;
     use crate::distill::{StudentLogits, SwitchPath, TeacherSide};
     use crate::objective::{LmShape, Objective, TermSpec};
-    use candle_core::{DType, Device, Var, D};
+    use candle_core::{Device, Var, D};
     use mmkd_nn::grad_check::gradients;
     use mmkd_nn::{ParamBuilder, ParamStore};
 
@@ -134,6 +134,37 @@ mod tests {
         Ok(offsets.broadcast_add(&logits)?.unsqueeze(0)?)
     }
 
+    /// `objective` on one sample of 3 positions (image at 0, answer tokens at 1 and 2, zero
+    /// student logits) whose teacher reads its own tokens `own_tokens` and the student's
+    /// `visual` through [`teacher_reads`].
+    fn evaluate_switch(
+        objective: &Objective,
+        visual: &Tensor,
+        own_tokens: &Tensor,
+    ) -> Result<crate::objective::ObjectiveValue> {
+        let dev = visual.device();
+        let own = teacher_reads(own_tokens)?;
+        let logits = Tensor::zeros((1, 3, 4), visual.dtype(), dev)?;
+        let labels = Tensor::new(&[[-100i64, 1, 2]], dev)?;
+        let mask = Tensor::new(&[[1u8, 0, 0]], dev)?;
+        let reads = |t: &Tensor| teacher_reads(t);
+        let inputs = LossInputs::new(
+            StudentLogits::Full(&logits),
+            &labels,
+            &mask,
+            Some(TeacherSide::Logits {
+                logits: &own,
+                relation_hidden: None,
+            }),
+            None,
+        )?
+        .with_switch(SwitchPath {
+            student_visual: visual,
+            teacher_reads: &reads,
+        });
+        objective.evaluate(&inputs)
+    }
+
     #[test]
     fn the_teacher_on_switched_tokens_against_its_own_with_gradients_to_the_student() {
         let dev = Device::Cpu;
@@ -162,26 +193,7 @@ mod tests {
         let visual = Var::new(&[[[0.3f32, -0.2], [1.0, 0.5]]], &dev).unwrap();
         let own_tokens = Tensor::new(&[[[0.2f32, 0.1, -0.4], [0.0, 0.6, 0.3]]], &dev).unwrap();
         let own = teacher_reads(&own_tokens).unwrap();
-        let logits = Tensor::zeros((1, 3, 4), DType::F32, &dev).unwrap();
-        let labels = Tensor::new(&[[-100i64, 1, 2]], &dev).unwrap();
-        let mask = Tensor::new(&[[1u8, 0, 0]], &dev).unwrap();
-        let reads = |t: &Tensor| teacher_reads(t);
-        let inputs = LossInputs::new(
-            StudentLogits::Full(&logits),
-            &labels,
-            &mask,
-            Some(TeacherSide::Logits {
-                logits: &own,
-                relation_hidden: None,
-            }),
-            None,
-        )
-        .unwrap()
-        .with_switch(SwitchPath {
-            student_visual: visual.as_tensor(),
-            teacher_reads: &reads,
-        });
-        let value = objective.evaluate(&inputs).unwrap();
+        let value = evaluate_switch(&objective, visual.as_tensor(), &own_tokens).unwrap();
 
         // Written out: the bridged tokens, the teacher's read-out, reverse KL at rows 0 and 1.
         let bridged = visual
@@ -245,29 +257,8 @@ mod tests {
             })
             .unwrap();
         let own_tokens = Tensor::new(&[[[0.2f64, 0.1, -0.4], [0.0, 0.6, 0.3]]], &dev).unwrap();
-        let own = teacher_reads(&own_tokens).unwrap();
-        let logits = Tensor::zeros((1, 3, 4), DType::F64, &dev).unwrap();
-        let labels = Tensor::new(&[[-100i64, 1, 2]], &dev).unwrap();
-        let mask = Tensor::new(&[[1u8, 0, 0]], &dev).unwrap();
-        let reads = |t: &Tensor| teacher_reads(t);
         let f = |visual: &Tensor| -> candle_core::Result<Tensor> {
-            let inputs = LossInputs::new(
-                StudentLogits::Full(&logits),
-                &labels,
-                &mask,
-                Some(TeacherSide::Logits {
-                    logits: &own,
-                    relation_hidden: None,
-                }),
-                None,
-            )
-            .map_err(candle_core::Error::wrap)?
-            .with_switch(SwitchPath {
-                student_visual: visual,
-                teacher_reads: &reads,
-            });
-            Ok(objective
-                .evaluate(&inputs)
+            Ok(evaluate_switch(&objective, visual, &own_tokens)
                 .map_err(candle_core::Error::wrap)?
                 .total)
         };
