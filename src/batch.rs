@@ -100,12 +100,23 @@ impl ModelInputs {
 
     /// A collated batch for `model`, its images preprocessed with `processor`.
     pub fn new(collated: Batch, processor: &ImageProcessor, model: &LlavaModel) -> Result<Self> {
+        let pixels = pixel_values(&collated, processor, model.device())?;
+        Self::with_pixels(collated, pixels, model)
+    }
+
+    /// A collated batch for `model` whose images are already preprocessed (`pixels`, in the
+    /// batch's image order).
+    pub fn with_pixels(
+        collated: Batch,
+        pixels: Option<Tensor>,
+        model: &LlavaModel,
+    ) -> Result<Self> {
         let device = model.device();
         let tokens = token_batch(&collated);
         let visual = VisualPositions::find(&tokens.ids, model.image_token_id());
         Ok(Self {
             labels: labels_tensor(&collated.labels, device)?,
-            pixels: pixel_values(&collated, processor, device)?,
+            pixels,
             visual_mask: visual_mask(&visual, tokens.batch_size(), tokens.seq_len(), device)?,
             visual,
             tokens,

@@ -193,18 +193,24 @@ impl PromptLayout {
     }
 
     pub fn stop_token_ids(&self, bundle: &LoadedModel) -> Vec<u32> {
-        let mut ids: Vec<u32> = END_TOKENS
-            .iter()
-            .filter_map(|t| bundle.token_id(t))
-            .collect();
-        if let Some(t) = &self.template {
-            if let Some(id) = bundle.token_id(t.answer_end.trim()) {
-                ids.push(id);
-            }
-        } else if let Some(nl) = bundle.encode("\n").ok().filter(|v| v.len() == 1) {
-            // `plain` captions end with a newline.
-            ids.push(nl[0]);
-        }
-        ids
+        stop_token_ids(bundle, self.template.as_ref())
     }
+}
+
+/// The tokens that end an answer of `bundle` laid out in `template` (`None`: `plain`): the
+/// tokenizer's end-of-sequence tokens and the template's end of answer.
+pub fn stop_token_ids(bundle: &LoadedModel, template: Option<&Template>) -> Vec<u32> {
+    let mut ids: Vec<u32> = END_TOKENS
+        .iter()
+        .filter_map(|t| bundle.token_id(t))
+        .collect();
+    if let Some(t) = template {
+        if let Some(id) = bundle.token_id(t.answer_end.trim()) {
+            ids.push(id);
+        }
+    } else if let Some(nl) = bundle.encode("\n").ok().filter(|v| v.len() == 1) {
+        // `plain` captions end with a newline.
+        ids.push(nl[0]);
+    }
+    ids
 }

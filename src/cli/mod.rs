@@ -69,6 +69,10 @@ pub enum Command {
     /// --teacher-cache): CE + α·L_res + β·L_vis + γ·L_rel. Any stage's loss can be replaced by
     /// an objective in the preset (`[[stages.<stage>.objective]]`, see the README).
     Dft(train::StageArgs),
+    /// GKD: on-policy distillation of projector + LLM on instructions against --teacher: a
+    /// share λ of the micro-batches answered by the student itself (`[rollout]`: λ 0.5,
+    /// temperature 0.9), the loss GKD's generalized JSD(β) at the response tokens.
+    Gkd(train::StageArgs),
     /// Run a teacher over a stage's data once and store its top-k log-probs and relation
     /// matrices, for `dpt|dft --teacher-cache`.
     TeacherCache(teacher_cache::TeacherCacheArgs),
@@ -95,6 +99,7 @@ pub fn run() -> Result<()> {
         Command::Sft(args) => train::run(args, Stage::Sft),
         Command::Dpt(args) => train::run(args, Stage::Dpt),
         Command::Dft(args) => train::run(args, Stage::Dft),
+        Command::Gkd(args) => train::run(args, Stage::Gkd),
         Command::TeacherCache(args) => teacher_cache::run(args),
         Command::Config(args) => config::run(args),
     })

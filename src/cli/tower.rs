@@ -85,7 +85,7 @@ fn expand(assignment: &str) -> String {
     if assignment.trim_start().starts_with("text.") {
         return format!("tower.{}", assignment.trim_start());
     }
-    expand_override_into(assignment, "tower")
+    expand_override_into(assignment, "tower", &[])
 }
 
 /// The run the command asks for (the preset with its overrides, flags over both), and its

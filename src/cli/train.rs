@@ -203,6 +203,20 @@ pub fn run(args: StageArgs, stage: Stage) -> Result<()> {
             summary.wall_seconds,
             args.out.display()
         );
+        if let Some(r) = &summary.rollouts {
+            println!(
+                "rollouts: {} micro-batches answered by the student, {} by the teacher; {} \
+                 answers, {} tokens, {} cut at rollout.max_new_tokens (a sample logged in {})",
+                r.student_micro_batches,
+                r.teacher_micro_batches,
+                r.answers,
+                r.tokens,
+                r.capped,
+                args.out
+                    .join(crate::stages::rollout::ROLLOUTS_FILE)
+                    .display()
+            );
+        }
     }
     Ok(())
 }

@@ -4,6 +4,8 @@
 pub mod keys;
 pub mod preset;
 pub mod settings;
+mod stage;
+mod tables;
 pub mod tower;
 
 pub use preset::{builtin_preset_names, load_document, Document};

@@ -25,6 +25,11 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../../configs/llava-kd-qwen2.5-0.5b.toml"),
     ),
     ("switch-kd", include_str!("../../configs/switch-kd.toml")),
+    ("gkd", include_str!("../../configs/gkd.toml")),
+    (
+        "gkd-qwen1.5-0.5b",
+        include_str!("../../configs/gkd-qwen1.5-0.5b.toml"),
+    ),
     (
         "switch-kd-qwen1.5-0.5b",
         include_str!("../../configs/switch-kd-qwen1.5-0.5b.toml"),
@@ -215,7 +220,7 @@ mod tests {
         use crate::config::{Role, Stage, StageSettings};
         for name in builtin_preset_names() {
             let doc = load_document(name).unwrap();
-            for stage in [Stage::Pretrain, Stage::Sft, Stage::Dpt, Stage::Dft] {
+            for stage in Stage::ALL {
                 StageSettings::resolve(&doc, stage, Role::Student)
                     .unwrap_or_else(|e| panic!("{name} {}: {e:#}", stage.name()));
             }
@@ -228,5 +233,26 @@ mod tests {
             dft.objective[2].divergence,
             Some(crate::distill::Divergence::Dbild { max_k: 16 })
         );
+        // GKD's paper settings on the real recipe; the stage's defaults elsewhere.
+        let doc = load_document("gkd-qwen1.5-0.5b").unwrap();
+        let gkd = StageSettings::resolve(&doc, Stage::Gkd, Role::Student).unwrap();
+        let rollout = gkd.train.rollout.as_ref().unwrap();
+        assert_eq!((rollout.lambda, rollout.temperature), (0.5, 0.9));
+        assert_eq!(gkd.objective[0].term, "gkd");
+        assert_eq!(gkd.objective[0].beta, Some(0.5));
+        assert_eq!((gkd.train.lr, gkd.train.grad_accum), (2e-5, 8));
+        let plain = StageSettings::resolve(
+            &load_document("shapes-tiny").unwrap(),
+            Stage::Gkd,
+            Role::Student,
+        )
+        .unwrap();
+        assert_eq!(
+            plain.train.rollout,
+            Some(crate::config::settings::RolloutSettings::default())
+        );
+        assert_eq!(plain.objective.len(), 1);
+        let dft = StageSettings::resolve(&doc, Stage::Dft, Role::Student).unwrap();
+        assert_eq!(dft.train.rollout, None, "DFT stays teacher-forced");
     }
 }

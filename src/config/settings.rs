@@ -8,59 +8,12 @@ use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 
 use super::preset::{merge, Document};
+pub use super::stage::Stage;
+pub use super::tables::{LoraSettings, RolloutSettings};
 use crate::distill::DistillLossConfig;
 use crate::objective::TermSpec;
 use crate::runtime::DeviceSpec;
 use crate::train::ScheduleConfig;
-
-/// The four training stages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    /// PT: captions, `plain` template, cross-entropy; trains the projector (or
-    /// `train.trainable`'s modules: the shapes presets add the LLM).
-    Pretrain,
-    /// SFT: instructions, chat template, cross-entropy; trains projector + LLM.
-    Sft,
-    /// DPT: captions; CE + α·L_res + β·L_vis + γ·L_rel against a teacher; trains the projector
-    /// (or `train.trainable`'s modules).
-    Dpt,
-    /// DFT: instructions; the same loss; trains projector + LLM.
-    Dft,
-}
-
-impl Stage {
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Pretrain => "pretrain",
-            Stage::Sft => "sft",
-            Stage::Dpt => "dpt",
-            Stage::Dft => "dft",
-        }
-    }
-
-    pub fn distills(self) -> bool {
-        matches!(self, Stage::Dpt | Stage::Dft)
-    }
-
-    pub fn trains_llm(self) -> bool {
-        matches!(self, Stage::Sft | Stage::Dft)
-    }
-
-    /// Pre-training stages use the caption data and the `plain` template.
-    pub fn is_pretraining(self) -> bool {
-        matches!(self, Stage::Pretrain | Stage::Dpt)
-    }
-
-    /// The paper's settings (TinyLLaVA recipe): lr 1e-3 for projector-only stages, 2e-5
-    /// otherwise; cosine with 3 % warmup; no weight decay; one epoch.
-    fn defaults(self) -> Table {
-        let lr = if self.is_pretraining() { 1e-3 } else { 2e-5 };
-        let mut t = Table::new();
-        t.insert("lr".into(), Value::Float(lr));
-        t
-    }
-}
 
 /// Which model of a preset a stage trains.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -266,47 +219,10 @@ pub struct TrainSettings {
     /// Train low-rank adapters instead of the weights of `lora.modules` (their bases frozen);
     /// the other modules of `trainable` train fully. The stage writes a PEFT adapter.
     pub lora: Option<LoraSettings>,
-}
-
-/// `train.lora`: low-rank adapters (PEFT's defaults where one applies).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct LoraSettings {
-    #[serde(default = "default_lora_rank")]
-    pub rank: usize,
-    /// The branch is scaled by alpha / rank (alpha / √rank with `rslora`).
-    #[serde(default = "default_lora_alpha")]
-    pub alpha: f64,
-    /// Linear layers adapted, by name (`q_proj`, `fc1`, `linear_1`, …), or `all-linear`.
-    #[serde(default = "default_lora_targets")]
-    pub targets: Vec<String>,
-    /// Modules whose layers get adapters; their other weights are frozen.
-    #[serde(default = "default_lora_modules")]
-    pub modules: Vec<Module>,
-    #[serde(default)]
-    pub rslora: bool,
-    /// Dropout on each adapter's input while training (PEFT's `lora_dropout`).
-    #[serde(default)]
-    pub dropout: f64,
-}
-
-impl Default for LoraSettings {
-    fn default() -> Self {
-        toml::from_str("").expect("all LoRA settings have defaults")
-    }
-}
-
-fn default_lora_rank() -> usize {
-    8
-}
-fn default_lora_alpha() -> f64 {
-    8.0
-}
-fn default_lora_targets() -> Vec<String> {
-    vec!["q_proj".into(), "v_proj".into()]
-}
-fn default_lora_modules() -> Vec<Module> {
-    vec![Module::Llm]
+    /// Train on answers the student samples itself (on-policy distillation); `mmkd gkd` has
+    /// it by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSettings>,
 }
 
 /// A trainable part of a LLaVA model.
@@ -410,10 +326,11 @@ impl StageSettings {
         };
         let stages = section("stages")?;
         for key in stages.keys() {
-            if !["pretrain", "sft", "dpt", "dft"].contains(&key.as_str()) {
+            if !Stage::ALL.iter().any(|s| s.name() == key) {
                 bail!(
-                    "{}: unknown stage `stages.{key}` (pretrain, sft, dpt, dft)",
-                    doc.origin[0]
+                    "{}: unknown stage `stages.{key}` ({})",
+                    doc.origin[0],
+                    Stage::ALL.map(Stage::name).join(", ")
                 );
             }
         }
@@ -472,7 +389,7 @@ impl StageSettings {
             .try_into()
             .with_context(|| format!("{}: in `distill`", doc.origin[0]))?;
         distill.validate()?;
-        let objective = objective.unwrap_or_else(|| TermSpec::builtin(stage.distills(), &distill));
+        let objective = objective.unwrap_or_else(|| stage.builtin_objective(&distill));
         let settings = Self {
             stage,
             role,
@@ -537,6 +454,9 @@ impl StageSettings {
                 lora.dropout
             );
         }
+        if let Some(rollout) = &t.rollout {
+            rollout.validate()?;
+        }
         if let Some(modules) = &t.trainable {
             anyhow::ensure!(
                 !modules.is_empty(),
@@ -574,15 +494,27 @@ impl StageSettings {
     }
 }
 
-/// A stage-specific shorthand: `--set lr=1e-4` means `stages.<stage>.lr` when the key has no dot.
+/// A stage-specific shorthand: `--set lr=1e-4` means `stages.<stage>.lr` when the key has no
+/// dot, and `--set rollout.lambda=1` means `stages.<stage>.rollout.lambda`.
 pub fn expand_override(assignment: &str, stage: Stage) -> String {
-    expand_override_into(assignment, &format!("stages.{}", stage.name()))
+    // A stage's own tables: `--set rollout.lambda=1` = `--set stages.<stage>.rollout.lambda=1`.
+    const STAGE_TABLES: [&str; 3] = ["rollout", "lora", "schedule"];
+    expand_override_into(
+        assignment,
+        &format!("stages.{}", stage.name()),
+        &STAGE_TABLES,
+    )
 }
 
-/// `--set key=value` with a key without a dot, as a key of `table`; other assignments as given.
-pub fn expand_override_into(assignment: &str, table: &str) -> String {
+/// `--set key=value` with a key without a dot, or in one of `nested` (tables of `table`), as a
+/// key of `table`; other assignments as given.
+pub fn expand_override_into(assignment: &str, table: &str, nested: &[&str]) -> String {
     match assignment.split_once('=') {
-        Some((key, _)) if !key.contains('.') && !key.trim().is_empty() => {
+        Some((key, _))
+            if !key.trim().is_empty()
+                && (!key.contains('.')
+                    || nested.contains(&key.trim().split('.').next().unwrap_or(""))) =>
+        {
             format!("{table}.{}", assignment.trim_start())
         }
         _ => assignment.to_string(),

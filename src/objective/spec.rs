@@ -50,6 +50,9 @@ pub struct TermSpec {
     /// `uld`: how two tokenizations of a response are paired (default `text`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alignment: Option<Alignment>,
+    /// `gkd`: β of the generalized JSD (0: forward KL, 1: reverse KL; default 0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beta: Option<f64>,
 }
 
 /// How a cross-tokenizer term matches the teacher's distribution with the student's.
@@ -114,6 +117,7 @@ impl TermSpec {
             dynamic: None,
             vocab_match: None,
             alignment: None,
+            beta: None,
         }
     }
 
@@ -153,6 +157,7 @@ impl TermSpec {
             ("dynamic", self.dynamic.is_some()),
             ("vocab_match", self.vocab_match.is_some()),
             ("alignment", self.alignment.is_some()),
+            ("beta", self.beta.is_some()),
         ] {
             if set && !takes.contains(&option) {
                 bail!(

@@ -2,13 +2,16 @@
 //! layer, with the frozen work on them (the online teacher's output, a frozen tower's
 //! features) done ahead where it can be.
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use mmkd_datasets::TokenizedSample;
 
+use super::rollout::{answer_logprobs, records, Responder, RolledAnswers, RolloutRecord, Rollouts};
 use crate::batch::ModelInputs;
 use crate::checkpoint::LoadedModel;
+use crate::models::llava::ImageInput;
 use crate::teacher::{TeacherOutput, TeacherSignal};
+use crate::train::metrics::RolloutCounts;
 use crate::train::step::{MicroBatch, MicroBatchSource};
 
 /// A micro-batch with the work on it that no trained weight changes: the online teacher's
@@ -18,6 +21,11 @@ pub(super) struct StageMicroBatch {
     pub(super) inputs: ModelInputs,
     pub(super) teacher_out: Option<TeacherOutput>,
     pub(super) student_tower: Option<Tensor>,
+    /// Who answers it: a student's rollout waits for `take`, which runs it with the weights
+    /// of the step that trains on it.
+    responder: Responder,
+    /// The answers that replaced the data's, once rolled out.
+    rolled: Option<RolledAnswers>,
 }
 
 impl MicroBatch for StageMicroBatch {
@@ -38,6 +46,13 @@ pub(super) struct StageBatches<'a> {
     /// Whether there is frozen work worth doing ahead (an online teacher, a frozen tower).
     pub(super) look_ahead: bool,
     pub(super) parallel: usize,
+    /// Rollouts, when the stage trains on generated answers.
+    pub(super) rollouts: Option<&'a Rollouts>,
+    /// The step being run (0-based).
+    pub(super) step_index: usize,
+    /// What this step's rollouts did, and its logged answers (on a logging step).
+    pub(super) rolled: RolloutCounts,
+    pub(super) rolled_records: Vec<RolloutRecord>,
     /// This step's micro-batches (sample indices).
     pub(super) step: Vec<Vec<usize>>,
     /// The next step's first chunk (empty on the last step).
@@ -46,13 +61,23 @@ pub(super) struct StageBatches<'a> {
 }
 
 impl StageBatches<'_> {
-    /// A micro-batch collated, with the online teacher's output and the student's
-    /// frozen-tower features on it.
-    fn prepare(&self, indices: Vec<usize>) -> Result<StageMicroBatch> {
-        let inputs = ModelInputs::collate(self.samples, indices, self.student)?;
-        let teacher_out = match self.teacher {
-            Some(t) => t.forward_ahead(&inputs, self.samples)?,
-            None => None,
+    /// A micro-batch of step `step` collated, with the frozen work on it: the online
+    /// teacher's output and the student's frozen-tower features, the teacher's answers for
+    /// sequence-level KD. A micro-batch the student answers gets its answers in `take`.
+    fn prepare(&self, indices: Vec<usize>, step: usize) -> Result<StageMicroBatch> {
+        let mut inputs = ModelInputs::collate(self.samples, indices, self.student)?;
+        let responder = self.rollouts.map_or(Responder::Data, |r| {
+            r.responder(step, &inputs.collated.sample_indices)
+        });
+        let mut rolled = None;
+        if responder == Responder::Teacher {
+            let (with_answers, answers) = self.roll_out(responder, &inputs, step)?;
+            inputs = with_answers;
+            rolled = Some(answers);
+        }
+        let teacher_out = match (self.teacher, responder) {
+            (_, Responder::Student) | (None, _) => None,
+            (Some(t), _) => t.forward_ahead(&inputs, self.samples)?,
         };
         let student_tower = match &inputs.pixels {
             Some(pixels) => self.student.model.frozen_tower_features(pixels)?,
@@ -62,7 +87,91 @@ impl StageBatches<'_> {
             inputs,
             teacher_out,
             student_tower,
+            responder,
+            rolled,
         })
+    }
+
+    /// `inputs` answered by the student or the teacher.
+    fn roll_out(
+        &self,
+        responder: Responder,
+        inputs: &ModelInputs,
+        step: usize,
+    ) -> Result<(ModelInputs, RolledAnswers)> {
+        let rollouts = self.rollouts.context("rollouts are not planned")?;
+        let model = match (responder, self.teacher) {
+            (Responder::Teacher, Some(TeacherSignal::Online(t))) => &t.model.model,
+            (Responder::Teacher, _) => bail!("sequence-level KD needs an online teacher"),
+            _ => &self.student.model,
+        };
+        rollouts.roll_out(
+            responder,
+            model,
+            self.student_vocab()?,
+            inputs,
+            self.samples,
+            step,
+        )
+    }
+
+    fn student_vocab(&self) -> Result<usize> {
+        Ok(self.student.model.lm.lm_head_weight().dim(0)?)
+    }
+
+    /// A prepared micro-batch made ready to train on: the student's answers generated with
+    /// the current weights and the teacher's forward on them; its rollouts counted and, on a
+    /// logging step, recorded with both models' log-probabilities.
+    fn finish(&mut self, mut mb: StageMicroBatch) -> Result<StageMicroBatch> {
+        if mb.responder == Responder::Student && mb.rolled.is_none() {
+            let (inputs, answers) =
+                self.roll_out(Responder::Student, &mb.inputs, self.step_index)?;
+            mb.teacher_out = match self.teacher {
+                Some(t) => t.forward_ahead(&inputs, self.samples)?,
+                None => None,
+            };
+            mb.inputs = inputs;
+            mb.rolled = Some(answers);
+        }
+        let (Some(answers), Some(rollouts)) = (&mb.rolled, self.rollouts) else {
+            return Ok(mb);
+        };
+        self.rolled += answers.counts();
+        if rollouts.logs(self.step_index) {
+            let vocab = match self.teacher {
+                Some(TeacherSignal::Online(t)) => t.truncate.unwrap_or(self.student_vocab()?),
+                _ => self.student_vocab()?,
+            };
+            let teacher_logits = &mb
+                .teacher_out
+                .as_ref()
+                .context("rollouts need the teacher's output")?
+                .output
+                .logits;
+            let images = match (&mb.student_tower, &mb.inputs.pixels) {
+                (Some(features), _) => Some(ImageInput::Tower(features)),
+                (None, pixels) => pixels.as_ref().map(ImageInput::Pixels),
+            };
+            let student_logits = self
+                .student
+                .model
+                .forward_images(&mb.inputs.tokens, images)?
+                .logits
+                .detach();
+            let teacher = answer_logprobs(teacher_logits, &mb.inputs, answers, vocab)?;
+            let student = answer_logprobs(&student_logits, &mb.inputs, answers, vocab)?;
+            let decode = |ids: &[u32]| self.student.decode(ids);
+            let logged = records(
+                self.step_index,
+                &mb.inputs,
+                answers,
+                teacher,
+                student,
+                &decode,
+            )?;
+            self.rolled_records.extend(logged);
+        }
+        Ok(mb)
     }
 
     fn chunk(&self, chunk: usize) -> &[Vec<usize>] {
@@ -83,9 +192,12 @@ impl MicroBatchSource for StageBatches<'_> {
         self.chunk(chunk)
             .to_vec()
             .into_iter()
-            .map(|indices| match ready.next() {
-                Some(mb) if mb.inputs.collated.sample_indices == indices => Ok(mb),
-                _ => self.prepare(indices),
+            .map(|indices| {
+                let mb = match ready.next() {
+                    Some(mb) if mb.inputs.collated.sample_indices == indices => mb,
+                    _ => self.prepare(indices, self.step_index)?,
+                };
+                self.finish(mb)
             })
             .collect()
     }
@@ -94,13 +206,13 @@ impl MicroBatchSource for StageBatches<'_> {
         if !self.look_ahead {
             return Ok(Vec::new());
         }
-        let next = if chunk + 1 < self.chunks() {
-            self.chunk(chunk + 1)
+        let (next, step) = if chunk + 1 < self.chunks() {
+            (self.chunk(chunk + 1), self.step_index)
         } else {
-            &self.next_step
+            (&self.next_step[..], self.step_index + 1)
         };
         next.iter()
-            .map(|indices| self.prepare(indices.clone()))
+            .map(|indices| self.prepare(indices.clone(), step))
             .collect()
     }
 

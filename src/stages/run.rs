@@ -16,6 +16,7 @@ use serde::Serialize;
 use super::batches::{StageBatches, StageMicroBatch};
 use super::memory::{available_memory, BatchShape, MemoryEstimate};
 use super::progress::step_bar;
+use super::rollout::{micro_batch_seed, RolloutLog, Rollouts};
 use super::setup::{
     lm_shape, load_student, objective_params, open_cache_manifest, optimizer_groups, plan_teacher,
     settings_digest, trainable_modules, TeacherPlan,
@@ -34,7 +35,7 @@ use crate::teacher::{teacher_rows, CachedSignal, TeacherSignal};
 use crate::train::forward::{objective_loss, StudentBatch};
 use crate::train::guard::{Spike, SpikeLimits};
 use crate::train::interrupt::InterruptGuard;
-use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, StepMetrics};
+use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, RolloutCounts, StepMetrics};
 use crate::train::state::{
     describe_last_checkpoint, explain_storage_fault, save_checkpoint_with, TrainerState,
     OBJECTIVE_FILE, OPTIMIZER_FILE,
@@ -62,6 +63,9 @@ pub struct StageSummary {
     pub data_skipped: std::collections::BTreeMap<String, usize>,
     pub model_origin: String,
     pub parameters_trained: usize,
+    /// What the rollouts of every step did (stages with `[rollout]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollouts: Option<RolloutCounts>,
     /// The last validation pass (`train.validate_every`), also in `validation.jsonl`.
     pub validation: Option<ValidationRecord>,
     pub settings: serde_json::Value,
@@ -179,6 +183,18 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
     if let Some(TeacherSignal::Online(t)) = &mut teacher {
         t.layers = objective.layers().1;
     }
+    let rollouts = match &settings.train.rollout {
+        Some(plan) => {
+            check_rollout_teacher(teacher.as_ref(), stage)?;
+            Some(Rollouts::new(
+                plan.clone(),
+                settings.train.seed,
+                &student,
+                &template,
+            )?)
+        }
+        None => None,
+    };
 
     // Refuse a run that cannot fit before it starts.
     let estimate = MemoryEstimate::of(
@@ -269,6 +285,10 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         &run.out.join("metrics.jsonl"),
         resume_from.as_ref().map(|(_, s)| s.step),
     )?;
+    let mut rollout_log = rollouts
+        .as_ref()
+        .map(|_| RolloutLog::open(&run.out, resume_from.as_ref().map(|(_, s)| s.step)))
+        .transpose()?;
     let record = TrainingRecord {
         stage: stage.name().into(),
         chat: !stage.is_pretraining(),
@@ -295,6 +315,10 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         look_ahead: teacher.as_ref().is_some_and(TeacherSignal::is_online)
             || !model.trainable().vision,
         parallel,
+        rollouts: rollouts.as_ref(),
+        step_index: start_step,
+        rolled: RolloutCounts::default(),
+        rolled_records: Vec::new(),
         step: Vec::new(),
         next_step: Vec::new(),
         ahead: Vec::new(),
@@ -334,6 +358,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
     };
     for step in start_step..total_steps {
         current_step.store(step, Ordering::Relaxed);
+        batches.step_index = step;
         let step_started = Instant::now();
         batches.step = (0..accum_steps).map(|_| sampler.next_batch()).collect();
         batches.next_step = if step + 1 < total_steps {
@@ -353,6 +378,12 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             stop_with_context(e, step, &ids, &run.out)
         })?;
         samples_seen += report.samples;
+        let step_rollouts = rollouts
+            .as_ref()
+            .map(|_| std::mem::take(&mut batches.rolled));
+        if let Some(log) = &mut rollout_log {
+            log.append(&std::mem::take(&mut batches.rolled_records))?;
+        }
 
         let metrics = StepMetrics {
             step: step + 1,
@@ -363,6 +394,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             lr,
             samples_per_s: report.samples as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
             samples: samples_seen,
+            rollouts: step_rollouts,
         };
         log.append(&metrics)?;
         bar.set_message(format!(
@@ -457,6 +489,13 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             .into_iter()
             .map(|(k, n)| (format!("{k:?}"), n))
             .collect(),
+        rollouts: rollouts.as_ref().map(|_| {
+            let mut total = RolloutCounts::default();
+            for m in &all_metrics {
+                total += m.rollouts.unwrap_or_default();
+            }
+            total
+        }),
         model_origin: student.origin.clone(),
         parameters_trained: model.store.count_trainable(),
         validation: last_validation,
@@ -473,14 +512,30 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
 /// The seed of a micro-batch's dropout masks: its step and samples, so it is the same however
 /// micro-batches are scheduled and after a resume.
 fn dropout_seed(seed: u64, step: usize, samples: &[usize]) -> u64 {
-    let mut digest = crate::teacher_cache::digest::ContentDigest::default();
-    for word in [seed, step as u64]
-        .into_iter()
-        .chain(samples.iter().map(|&i| i as u64))
-    {
-        digest.update(&word.to_le_bytes());
+    micro_batch_seed(seed, step, samples, b"")
+}
+
+/// Rollouts are scored by an online teacher of the student's tokenizer: a cache holds only
+/// the data's answers, and another tokenizer's teacher reads its own tokens of the data.
+fn check_rollout_teacher(teacher: Option<&TeacherSignal>, stage: Stage) -> Result<()> {
+    match teacher {
+        Some(TeacherSignal::Online(t)) if t.own_tokens.is_none() => Ok(()),
+        Some(TeacherSignal::Online(_)) => bail!(
+            "`{}` trains on generated answers (`[rollout]`), which the teacher must read in the \
+             student's tokens: this teacher has another tokenizer",
+            stage.name()
+        ),
+        Some(TeacherSignal::Cached(_)) => bail!(
+            "`{}` trains on generated answers (`[rollout]`), which a teacher cache cannot score \
+             (it holds the data's answers only): give the teacher checkpoint with --teacher",
+            stage.name()
+        ),
+        None => bail!(
+            "`{}` trains on generated answers (`[rollout]`) scored by a teacher: give one with \
+             --teacher",
+            stage.name()
+        ),
     }
-    digest.value()
 }
 
 /// One line for the progress output.

@@ -15,7 +15,7 @@ use crate::checkpoint::LoadedModel;
 use crate::config::{Module, StageSettings};
 use crate::models::llava::{Trainable, PROJECTOR_PREFIX, VISION_PREFIX};
 use crate::models::text_config::TextConfig;
-use crate::objective::{LmShape, Objective, TermSpec, PARAMS_PREFIX};
+use crate::objective::{LmShape, Objective, PARAMS_PREFIX};
 use crate::teacher::OnlineTeacher;
 use crate::teacher_cache::Manifest;
 use crate::train::state::{digest, OBJECTIVE_FILE};
@@ -120,7 +120,7 @@ pub(super) fn settings_digest(run: &StageRun, cache: Option<&Manifest>) -> Strin
             table.remove(*key);
         }
     }
-    if settings.objective == TermSpec::builtin(settings.stage.distills(), &settings.distill) {
+    if settings.objective == settings.stage.builtin_objective(&settings.distill) {
         if let Some(all) = digested.as_object_mut() {
             all.remove("objective");
         }

@@ -236,6 +236,7 @@ fn train_tower(run: &TowerRun) -> Result<TowerSummary> {
             lr: settings.lr,
             samples_per_s: report.samples as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
             samples: samples_seen,
+            rollouts: None,
         })?;
         bar.inc(1);
         bar.set_message(format!("loss {:.4}", report.loss));

@@ -23,6 +23,34 @@ pub struct StepMetrics {
     pub lr: f64,
     pub samples_per_s: f64,
     pub samples: usize,
+    /// The answers the step's micro-batches got from the student or the teacher (stages with
+    /// `[rollout]`).
+    pub rollouts: Option<RolloutCounts>,
+}
+
+/// What the rollouts of one or more steps did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutCounts {
+    /// Micro-batches the student answered (on-policy).
+    pub student_micro_batches: usize,
+    /// Micro-batches the teacher answered (sequence-level KD).
+    pub teacher_micro_batches: usize,
+    /// Answers generated.
+    pub answers: usize,
+    /// Answers cut by `rollout.max_new_tokens` before they stopped.
+    pub capped: usize,
+    /// Tokens generated (ends of answer included).
+    pub tokens: usize,
+}
+
+impl std::ops::AddAssign for RolloutCounts {
+    fn add_assign(&mut self, other: Self) {
+        self.student_micro_batches += other.student_micro_batches;
+        self.teacher_micro_batches += other.teacher_micro_batches;
+        self.answers += other.answers;
+        self.capped += other.capped;
+        self.tokens += other.tokens;
+    }
 }
 
 impl StepMetrics {
@@ -46,7 +74,8 @@ const FIXED: [&str; 7] = [
 impl Serialize for StepMetrics {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut map = serializer.serialize_map(Some(FIXED.len() + self.terms.0.len()))?;
+        let entries = FIXED.len() + self.terms.0.len() + usize::from(self.rollouts.is_some());
+        let mut map = serializer.serialize_map(Some(entries))?;
         map.serialize_entry("step", &self.step)?;
         map.serialize_entry("epoch", &self.epoch)?;
         map.serialize_entry("loss", &self.loss)?;
@@ -57,6 +86,9 @@ impl Serialize for StepMetrics {
         map.serialize_entry("lr", &self.lr)?;
         map.serialize_entry("samples_per_s", &self.samples_per_s)?;
         map.serialize_entry("samples", &self.samples)?;
+        if let Some(rollouts) = &self.rollouts {
+            map.serialize_entry("rollouts", rollouts)?;
+        }
         map.end()
     }
 }
@@ -79,6 +111,7 @@ impl<'de> Deserialize<'de> for StepMetrics {
                 let (mut step, mut epoch, mut loss) = (None, None, None);
                 let (mut grad_norm, mut lr, mut rate, mut samples) = (None, None, None, None);
                 let mut terms = Vec::new();
+                let mut rollouts = None;
                 while let Some(key) = map.next_key::<String>()? {
                     match key.as_str() {
                         "step" => step = Some(map.next_value()?),
@@ -91,6 +124,7 @@ impl<'de> Deserialize<'de> for StepMetrics {
                         "lr" => lr = Some(map.next_value()?),
                         "samples_per_s" => rate = Some(map.next_value()?),
                         "samples" => samples = Some(map.next_value()?),
+                        "rollouts" => rollouts = Some(map.next_value()?),
                         _ => {
                             let value: Option<f32> = map.next_value()?;
                             terms.push((key, value));
@@ -106,6 +140,7 @@ impl<'de> Deserialize<'de> for StepMetrics {
                     lr: lr.ok_or_else(|| A::Error::missing_field("lr"))?,
                     samples_per_s: rate.ok_or_else(|| A::Error::missing_field("samples_per_s"))?,
                     samples: samples.ok_or_else(|| A::Error::missing_field("samples"))?,
+                    rollouts,
                 })
             }
         }
@@ -313,6 +348,7 @@ mod tests {
             lr: 1e-3,
             samples_per_s: 10.0,
             samples: 4,
+            rollouts: None,
         }
     }
 
@@ -360,6 +396,23 @@ mod tests {
         assert_eq!(back, metrics);
         assert_eq!(back.term("l_rel"), Some(0.25));
         assert_eq!(back.term("gkd"), None);
+        // A step with rollouts logs their counts after the fixed fields.
+        let rolled = StepMetrics {
+            rollouts: Some(RolloutCounts {
+                student_micro_batches: 1,
+                answers: 2,
+                capped: 1,
+                tokens: 9,
+                ..Default::default()
+            }),
+            ..metrics
+        };
+        let line = serde_json::to_string(&rolled).unwrap();
+        assert!(line.ends_with(
+            "\"samples\":4,\"rollouts\":{\"student_micro_batches\":1,\"teacher_micro_batches\":0,\
+             \"answers\":2,\"capped\":1,\"tokens\":9}}"
+        ), "{line}");
+        assert_eq!(serde_json::from_str::<StepMetrics>(&line).unwrap(), rolled);
         let err = serde_json::from_str::<StepMetrics>("{\"step\":1}").unwrap_err();
         assert!(err.to_string().contains("missing field `epoch`"), "{err}");
     }

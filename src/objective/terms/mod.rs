@@ -1,6 +1,7 @@
 //! The registered terms. A new term is one file here and one line in [`TERMS`].
 
 mod ce;
+mod gkd;
 mod hidden;
 mod logits_mse;
 mod mdist;
@@ -42,6 +43,7 @@ pub const TERMS: &[TermKind] = &[
     hidden::KIND,
     switch::KIND,
     uld::KIND,
+    gkd::KIND,
 ];
 
 /// The flat rows of `positions` in this batch: the response rows, then the visual rows.
