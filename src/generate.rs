@@ -23,6 +23,9 @@ pub struct GenerationConfig {
     pub stop_strings: Vec<String>,
     /// Whether to reuse keys/values between steps (always true outside equivalence tests).
     pub use_cache: bool,
+    /// Tokens never generated (training rollouts ban the image token: it stands for image
+    /// features, which a generated one would not have).
+    pub banned_token_ids: Vec<u32>,
 }
 
 impl Default for GenerationConfig {
@@ -36,6 +39,7 @@ impl Default for GenerationConfig {
             stop_token_ids: Vec::new(),
             stop_strings: Vec::new(),
             use_cache: true,
+            banned_token_ids: Vec::new(),
         }
     }
 }
@@ -68,36 +72,84 @@ pub fn generate(
     cfg: &GenerationConfig,
     decode: &dyn Fn(&[u32]) -> String,
 ) -> Result<Vec<Vec<u32>>> {
-    ensure!(!prompts.is_empty(), "nothing to generate from: no prompts");
-    ensure!(prompts.iter().all(|p| !p.is_empty()), "empty prompt");
-    let device = model.device();
-    let (batch, positions) = left_padded(prompts, 0);
-    let b = batch.batch_size();
     let mut rng = SeededRng::new(cfg.seed);
-    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); b];
-    let mut done = vec![false; b];
-    let mut key_mask = batch.mask.clone();
-    let mut next_pos: Vec<u32> = positions
-        .iter()
-        .map(|p| p.last().copied().unwrap_or(0) + 1)
-        .collect();
+    let mut decoder = Decoder::new(model, prompts, pixel_values, cfg.use_cache)?;
+    run_loop(
+        &mut [&mut decoder],
+        prompts.len(),
+        cfg,
+        decode,
+        &mut |logits| pick_tokens(&logits[0], cfg, &mut rng),
+    )
+}
 
-    let (prompt_embeds, _) = model.embed(&batch, pixel_values)?;
-    let prompt_embeds = prompt_embeds.detach();
-    let mut cache = cfg.use_cache.then(|| model.new_cache());
-    let pos = to_positions(&positions, device)?;
-    let hidden = model
-        .lm
-        .forward_hidden(&prompt_embeds, &key_mask, &pos, cache.as_mut())?;
-    let mut all_embeds = prompt_embeds;
-    let mut all_positions = positions;
-    let mut last_logits = model
-        .lm
-        .logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?)?
-        .squeeze(1)?;
+/// Teacher-mixed sampling (MiniLLM, Gu et al. 2024, §2.2): each token is drawn from
+/// p̃ = α·p + (1−α)·q, the teacher's and the student's next-token distributions at the
+/// configuration's temperature (top-k / top-p then cut the mixture). Both models read the same
+/// prompts and images (`teacher_pixels` preprocessed for the teacher).
+pub fn generate_mixed(
+    student: &LlavaModel,
+    teacher: &LlavaModel,
+    alpha: f32,
+    prompts: &[Vec<u32>],
+    pixels: (Option<&Tensor>, Option<&Tensor>),
+    cfg: &GenerationConfig,
+) -> Result<Vec<Vec<u32>>> {
+    ensure!(
+        (0.0..=1.0).contains(&alpha),
+        "the teacher's share of the sampling mixture must be in [0, 1], got {alpha}"
+    );
+    ensure!(
+        cfg.temperature > 0.0,
+        "teacher-mixed sampling samples: the temperature must be positive"
+    );
+    let mut rng = SeededRng::new(cfg.seed);
+    let mut q = Decoder::new(student, prompts, pixels.0, cfg.use_cache)?;
+    let mut p = Decoder::new(teacher, prompts, pixels.1, cfg.use_cache)?;
+    run_loop(
+        &mut [&mut q, &mut p],
+        prompts.len(),
+        cfg,
+        &|_| String::new(),
+        &mut |logits| {
+            let (q, p) = (to_rows(&logits[0])?, to_rows(&logits[1])?);
+            Ok(q.iter()
+                .zip(&p)
+                .map(|(q, p)| {
+                    let vocab = q.len().min(p.len());
+                    let (q, p) = (
+                        softmax(&q[..vocab], cfg.temperature),
+                        softmax(&p[..vocab], cfg.temperature),
+                    );
+                    let mixed: Vec<f32> = q
+                        .iter()
+                        .zip(&p)
+                        .map(|(q, p)| alpha * p + (1.0 - alpha) * q)
+                        .collect();
+                    sample_probs(mixed, cfg, &mut rng)
+                })
+                .collect())
+        },
+    )
+}
 
+/// The decoding loop shared by one model and a mixture: `pick` chooses each row's next token
+/// from every decoder's last logits; all decoders are fed the same tokens.
+fn run_loop(
+    decoders: &mut [&mut Decoder<'_>],
+    rows: usize,
+    cfg: &GenerationConfig,
+    decode: &dyn Fn(&[u32]) -> String,
+    pick: &mut dyn FnMut(&[Tensor]) -> Result<Vec<u32>>,
+) -> Result<Vec<Vec<u32>>> {
+    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); rows];
+    let mut done = vec![false; rows];
     for _ in 0..cfg.max_new_tokens {
-        let next = pick_tokens(&last_logits, cfg, &mut rng)?;
+        let logits = decoders
+            .iter()
+            .map(|d| without_banned(&d.last_logits, &cfg.banned_token_ids))
+            .collect::<Result<Vec<_>>>()?;
+        let next = pick(&logits)?;
         for (row, &tok) in next.iter().enumerate() {
             if done[row] {
                 continue;
@@ -117,42 +169,105 @@ pub fn generate(
         if done.iter().all(|&d| d) {
             break;
         }
-        let ids = Tensor::from_vec(next.clone(), (b, 1), device)?;
-        let step_embeds = model.lm.embed(&ids)?;
-        for (row, mask) in key_mask.iter_mut().enumerate() {
-            mask.push(1);
-            all_positions[row].push(next_pos[row]);
-            next_pos[row] += 1;
+        for d in decoders.iter_mut() {
+            d.feed(&next)?;
         }
-        let hidden = match cache.as_mut() {
+    }
+    Ok(outputs)
+}
+
+/// One model decoding a left-padded batch, with or without a KV cache.
+struct Decoder<'m> {
+    model: &'m LlavaModel,
+    cache: Option<crate::models::decoder::KvCache>,
+    key_mask: Vec<Vec<u8>>,
+    all_positions: Vec<Vec<u32>>,
+    next_pos: Vec<u32>,
+    /// Every embedding so far (only kept without a cache).
+    all_embeds: Tensor,
+    /// `[batch, vocab]` logits of the next token.
+    last_logits: Tensor,
+}
+
+impl<'m> Decoder<'m> {
+    /// Reads the prompts (the prefill).
+    fn new(
+        model: &'m LlavaModel,
+        prompts: &[Vec<u32>],
+        pixel_values: Option<&Tensor>,
+        use_cache: bool,
+    ) -> Result<Self> {
+        ensure!(!prompts.is_empty(), "nothing to generate from: no prompts");
+        ensure!(prompts.iter().all(|p| !p.is_empty()), "empty prompt");
+        let device = model.device();
+        let (batch, positions) = left_padded(prompts, 0);
+        let next_pos = positions
+            .iter()
+            .map(|p| p.last().copied().unwrap_or(0) + 1)
+            .collect();
+        let (prompt_embeds, _) = model.embed(&batch, pixel_values)?;
+        let prompt_embeds = prompt_embeds.detach();
+        let mut cache = use_cache.then(|| model.new_cache());
+        let pos = to_positions(&positions, device)?;
+        let hidden = model
+            .lm
+            .forward_hidden(&prompt_embeds, &batch.mask, &pos, cache.as_mut())?;
+        let last_logits = model
+            .lm
+            .logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?)?
+            .squeeze(1)?;
+        Ok(Self {
+            model,
+            cache,
+            key_mask: batch.mask,
+            all_positions: positions,
+            next_pos,
+            all_embeds: prompt_embeds,
+            last_logits,
+        })
+    }
+
+    /// Appends one token per row and computes the next logits.
+    fn feed(&mut self, next: &[u32]) -> Result<()> {
+        let model = self.model;
+        let device = model.device();
+        let ids = Tensor::from_vec(next.to_vec(), (next.len(), 1), device)?;
+        let step_embeds = model.lm.embed(&ids)?;
+        for (row, mask) in self.key_mask.iter_mut().enumerate() {
+            mask.push(1);
+            self.all_positions[row].push(self.next_pos[row]);
+            self.next_pos[row] += 1;
+        }
+        let hidden = match self.cache.as_mut() {
             Some(cache) => {
-                let step_pos: Vec<Vec<u32>> = all_positions
+                let step_pos: Vec<Vec<u32>> = self
+                    .all_positions
                     .iter()
                     .map(|p| vec![*p.last().unwrap_or(&0)])
                     .collect();
                 model.lm.forward_hidden(
                     &step_embeds,
-                    &key_mask,
+                    &self.key_mask,
                     &to_positions(&step_pos, device)?,
                     Some(cache),
                 )?
             }
             None => {
-                all_embeds = Tensor::cat(&[&all_embeds, &step_embeds], 1)?;
+                self.all_embeds = Tensor::cat(&[&self.all_embeds, &step_embeds], 1)?;
                 model.lm.forward_hidden(
-                    &all_embeds,
-                    &key_mask,
-                    &to_positions(&all_positions, device)?,
+                    &self.all_embeds,
+                    &self.key_mask,
+                    &to_positions(&self.all_positions, device)?,
                     None,
                 )?
             }
         };
-        last_logits = model
+        self.last_logits = model
             .lm
             .logits(&hidden.narrow(1, hidden.dim(1)? - 1, 1)?)?
             .squeeze(1)?;
+        Ok(())
     }
-    Ok(outputs)
 }
 
 fn to_positions(rows: &[Vec<u32>], device: &candle_core::Device) -> Result<Tensor> {
@@ -169,16 +284,56 @@ fn pick_tokens(logits: &Tensor, cfg: &GenerationConfig, rng: &mut SeededRng) -> 
             .to_dtype(DType::U32)?
             .to_vec1::<u32>()?);
     }
-    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-    Ok(rows.iter().map(|row| sample_row(row, cfg, rng)).collect())
+    Ok(to_rows(logits)?
+        .iter()
+        .map(|row| sample_row(row, cfg, rng))
+        .collect())
+}
+
+/// `[b, vocab]` logits with the banned tokens at −∞.
+fn without_banned(logits: &Tensor, banned: &[u32]) -> Result<Tensor> {
+    let vocab = logits.dim(D::Minus1)?;
+    if banned.iter().all(|&t| t as usize >= vocab) {
+        return Ok(logits.clone());
+    }
+    let mut mask = vec![0f32; vocab];
+    for &t in banned.iter().filter(|&&t| (t as usize) < vocab) {
+        mask[t as usize] = f32::NEG_INFINITY;
+    }
+    let mask = Tensor::from_vec(mask, vocab, logits.device())?.to_dtype(logits.dtype())?;
+    Ok(logits.broadcast_add(&mask)?)
+}
+
+fn to_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>> {
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}
+
+/// softmax(logits / temperature).
+fn softmax(logits: &[f32], temperature: f32) -> Vec<f32> {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits
+        .iter()
+        .map(|&l| ((l - max) / temperature).exp())
+        .collect();
+    let total: f32 = exp.iter().sum();
+    exp.into_iter().map(|e| e / total).collect()
 }
 
 fn sample_row(logits: &[f32], cfg: &GenerationConfig, rng: &mut SeededRng) -> u32 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f32)> = logits
+    let weights = logits
         .iter()
+        .map(|&l| ((l - max) / cfg.temperature).exp())
+        .collect();
+    sample_probs(weights, cfg, rng)
+}
+
+/// A token drawn from unnormalised `weights` after the top-k and top-p cuts.
+fn sample_probs(weights: Vec<f32>, cfg: &GenerationConfig, rng: &mut SeededRng) -> u32 {
+    let mut probs: Vec<(u32, f32)> = weights
+        .into_iter()
         .enumerate()
-        .map(|(i, &l)| (i as u32, ((l - max) / cfg.temperature).exp()))
+        .map(|(i, w)| (i as u32, w))
         .collect();
     probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     if cfg.top_k > 0 {

@@ -238,3 +238,108 @@ fn rollouts_need_a_teacher_that_can_score_them() {
         "{err}"
     );
 }
+
+#[test]
+fn minillm_trains_by_policy_gradient_with_the_data_ce_and_resumes_bit_exactly() {
+    let w = world();
+    let sets = [
+        "rollout.max_new_tokens=6",
+        "rollout.log_every=4",
+        "train.save_every=2",
+        "train.keep_last=6",
+    ];
+    let args = |out: &str| run_args(w, "minillm", "teacher", out, 12, &sets);
+    resumes_bit_exactly(args, "minillm", "minillm-killed");
+    let dir = w.root.join("minillm");
+    let steps = metrics(&dir);
+    for m in &steps {
+        for term in ["l_single", "l_long", "ce"] {
+            assert!(
+                m.term(term).is_some_and(f32::is_finite),
+                "step {}: {term}",
+                m.step
+            );
+        }
+        // The single-step part is a weighted reverse KL: never negative.
+        assert!(m.term("l_single").unwrap() >= 0.0);
+    }
+    // MiniLLM's defaults: every micro-batch answered by the student (teacher-mixed).
+    let counts = &summary(&dir)["rollouts"];
+    assert_eq!(counts["student_micro_batches"], 12, "{counts}");
+    let settings = &summary(&dir)["settings"]["train"]["rollout"];
+    assert_eq!(settings["mix_alpha"], 0.2, "{settings}");
+    assert_eq!(settings["lambda"], 1.0, "{settings}");
+    assert!(rollouts(&dir)
+        .iter()
+        .all(|r| r.responder == Responder::Student));
+}
+
+#[test]
+fn the_cross_entropy_of_a_student_answered_batch_is_on_the_datas_answers() {
+    // Step 1 trains at learning rate 0 (warm-up), from the same student on the same batch:
+    // MiniLLM's `ce` there is SFT's loss exactly, although every answer was the student's.
+    let w = world();
+    let minillm = run_args(
+        w,
+        "minillm",
+        "teacher",
+        "minillm-ce",
+        2,
+        &["rollout.max_new_tokens=4"],
+    );
+    run_ok(&minillm);
+    let mut sft = run_args(w, "sft", "teacher", "sft-ce", 2, &[]);
+    let at = sft.iter().position(|a| a == "--teacher").unwrap();
+    sft.drain(at..at + 2);
+    run_ok(&sft);
+    let first = |dir: &str| metrics(&w.root.join(dir)).remove(0);
+    let (rolled, data) = (first("minillm-ce"), first("sft-ce"));
+    assert_eq!(rolled.lr, 0.0);
+    assert_eq!(rolled.rollouts.unwrap().student_micro_batches, 1);
+    assert_eq!(rolled.term("ce"), Some(data.loss));
+}
+
+#[test]
+fn a_nan_reward_stops_the_run_naming_the_step_and_keeping_the_last_checkpoint() {
+    let w = world();
+    let args = run_args(
+        w,
+        "minillm",
+        "teacher",
+        "minillm-diverged",
+        20,
+        &[
+            "lr=1e12",
+            "rollout.max_new_tokens=4",
+            "train.save_every=1",
+            "train.schedule.warmup={ steps = 0 }",
+        ],
+    );
+    let (ok, _, err) = run(&args);
+    assert!(!ok, "a run at lr 1e12 should diverge");
+    assert!(err.contains("is NaN") || err.contains("is inf"), "{err}");
+    assert!(
+        err.contains("at step") && err.contains("(samples "),
+        "{err}"
+    );
+    assert!(err.contains("last good checkpoint"), "{err}");
+    let out = w.root.join("minillm-diverged");
+    assert!(!out.join("summary.json").exists());
+    assert!(mmkd::train::state::latest_checkpoint(&out)
+        .unwrap()
+        .is_some());
+}
+
+#[test]
+fn minillm_terms_without_rollouts_are_refused() {
+    let w = world();
+    let (ok, _, err) = run(&run_args(
+        w,
+        "dft",
+        "teacher",
+        "dft-minillm-terms",
+        2,
+        &[r#"objective=[{term="minillm.long"}]"#],
+    ));
+    assert!(!ok && err.contains("[stages.dft.rollout]"), "{err}");
+}

@@ -223,12 +223,12 @@ pub(crate) mod tests {
                 .unwrap();
             let loss = objective_loss(
                 &student,
-                StudentBatch {
-                    tokens: &batch.tokens,
-                    labels: &batch.labels,
-                    visual_mask: &batch.visual_mask,
-                    images: Some(ImageInput::Pixels(&batch.pixels)),
-                },
+                StudentBatch::of_data(
+                    &batch.tokens,
+                    &batch.labels,
+                    &batch.visual_mask,
+                    Some(ImageInput::Pixels(&batch.pixels)),
+                ),
                 TeacherRows::Online {
                     output: &output,
                     teacher: &teacher,

@@ -334,12 +334,12 @@ impl DftStep {
             };
             let mut loss = objective_loss(
                 student,
-                StudentBatch {
-                    tokens: &shard.batch.tokens,
-                    labels: &shard.batch.labels,
-                    visual_mask: &shard.batch.visual_mask,
-                    images: Some(images),
-                },
+                StudentBatch::of_data(
+                    &shard.batch.tokens,
+                    &shard.batch.labels,
+                    &shard.batch.visual_mask,
+                    Some(images),
+                ),
                 rows,
                 objective,
             )

@@ -73,6 +73,10 @@ pub enum Command {
     /// share λ of the micro-batches answered by the student itself (`[rollout]`: λ 0.5,
     /// temperature 0.9), the loss GKD's generalized JSD(β) at the response tokens.
     Gkd(train::StageArgs),
+    /// MiniLLM: reverse-KL distillation of projector + LLM by policy gradient on answers the
+    /// student samples (teacher-mixed sampling α 0.2, length-normalised rewards, clipping),
+    /// plus the cross-entropy on the data, against --teacher.
+    Minillm(train::StageArgs),
     /// Run a teacher over a stage's data once and store its top-k log-probs and relation
     /// matrices, for `dpt|dft --teacher-cache`.
     TeacherCache(teacher_cache::TeacherCacheArgs),
@@ -100,6 +104,7 @@ pub fn run() -> Result<()> {
         Command::Dpt(args) => train::run(args, Stage::Dpt),
         Command::Dft(args) => train::run(args, Stage::Dft),
         Command::Gkd(args) => train::run(args, Stage::Gkd),
+        Command::Minillm(args) => train::run(args, Stage::Minillm),
         Command::TeacherCache(args) => teacher_cache::run(args),
         Command::Config(args) => config::run(args),
     })

@@ -30,6 +30,11 @@ const BUILTIN: &[(&str, &str)] = &[
         "gkd-qwen1.5-0.5b",
         include_str!("../../configs/gkd-qwen1.5-0.5b.toml"),
     ),
+    ("minillm", include_str!("../../configs/minillm.toml")),
+    (
+        "minillm-qwen1.5-0.5b",
+        include_str!("../../configs/minillm-qwen1.5-0.5b.toml"),
+    ),
     (
         "switch-kd-qwen1.5-0.5b",
         include_str!("../../configs/switch-kd-qwen1.5-0.5b.toml"),

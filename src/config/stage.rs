@@ -24,6 +24,10 @@ pub enum Stage {
     /// a share λ of the micro-batches answered by the student itself (`[rollout]`); trains
     /// projector + LLM.
     Gkd,
+    /// MiniLLM (Gu et al. 2024): instructions; the reverse KL by policy gradient on answers
+    /// the student samples (teacher-mixed, α 0.2), plus the cross-entropy on the data; trains
+    /// projector + LLM.
+    Minillm,
 }
 
 impl Stage {
@@ -34,34 +38,42 @@ impl Stage {
             Stage::Dpt => "dpt",
             Stage::Dft => "dft",
             Stage::Gkd => "gkd",
+            Stage::Minillm => "minillm",
         }
     }
 
     /// Every stage, in recipe order.
-    pub const ALL: [Stage; 5] = [
+    pub const ALL: [Stage; 6] = [
         Stage::Pretrain,
         Stage::Sft,
         Stage::Dpt,
         Stage::Dft,
         Stage::Gkd,
+        Stage::Minillm,
     ];
 
     /// The objective of a stage whose preset names none: cross-entropy alone, LLaVA-KD's
-    /// L_ce + α·L_res + β·L_vis + γ·L_rel with the `[distill]` weights (DPT, DFT), or GKD's
-    /// generalized JSD alone.
+    /// L_ce + α·L_res + β·L_vis + γ·L_rel with the `[distill]` weights (DPT, DFT), GKD's
+    /// generalized JSD alone, or MiniLLM's single-step and long-term parts with the
+    /// cross-entropy on the data (L_PT).
     pub fn builtin_objective(self, distill: &DistillLossConfig) -> Vec<TermSpec> {
         match self {
             Stage::Gkd => vec![TermSpec::new("gkd", 1.0)],
+            Stage::Minillm => vec![
+                TermSpec::new("minillm.single", 1.0),
+                TermSpec::new("minillm.long", 1.0),
+                TermSpec::new("ce", 1.0),
+            ],
             _ => TermSpec::builtin(self.distills(), distill),
         }
     }
 
     pub fn distills(self) -> bool {
-        matches!(self, Stage::Dpt | Stage::Dft | Stage::Gkd)
+        matches!(self, Stage::Dpt | Stage::Dft | Stage::Gkd | Stage::Minillm)
     }
 
     pub fn trains_llm(self) -> bool {
-        matches!(self, Stage::Sft | Stage::Dft | Stage::Gkd)
+        matches!(self, Stage::Sft | Stage::Dft | Stage::Gkd | Stage::Minillm)
     }
 
     /// Pre-training stages use the caption data and the `plain` template.
@@ -70,14 +82,25 @@ impl Stage {
     }
 
     /// The paper's settings (TinyLLaVA recipe): lr 1e-3 for projector-only stages, 2e-5
-    /// otherwise; cosine with 3 % warmup; no weight decay; one epoch. GKD rolls out with its
-    /// paper's defaults (`[rollout]`).
+    /// otherwise; cosine with 3 % warmup; no weight decay; one epoch. GKD and MiniLLM roll
+    /// out with their papers' defaults (`[rollout]`): GKD λ 0.5 at temperature 0.9; MiniLLM
+    /// every micro-batch, sampled at temperature 1 from the mixture with the teacher at α 0.2.
     pub(super) fn defaults(self) -> Table {
         let lr = if self.is_pretraining() { 1e-3 } else { 2e-5 };
         let mut t = Table::new();
         t.insert("lr".into(), Value::Float(lr));
-        if self == Stage::Gkd {
-            t.insert("rollout".into(), Value::Table(Table::new()));
+        match self {
+            Stage::Gkd => {
+                t.insert("rollout".into(), Value::Table(Table::new()));
+            }
+            Stage::Minillm => {
+                let mut rollout = Table::new();
+                rollout.insert("lambda".into(), Value::Float(1.0));
+                rollout.insert("temperature".into(), Value::Float(1.0));
+                rollout.insert("mix_alpha".into(), Value::Float(0.2));
+                t.insert("rollout".into(), Value::Table(rollout));
+            }
+            _ => {}
         }
         t
     }

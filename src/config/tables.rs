@@ -67,6 +67,11 @@ pub struct RolloutSettings {
     /// Answers are cut at this many tokens (and counted in the summary).
     #[serde(default = "default_rollout_tokens")]
     pub max_new_tokens: usize,
+    /// Teacher-mixed sampling (MiniLLM): the student's answers are drawn from
+    /// α·teacher + (1−α)·student, with importance weights in the MiniLLM terms (0: the
+    /// student alone).
+    #[serde(default)]
+    pub mix_alpha: f64,
     /// Sequence-level KD: the micro-batches the student does not answer take the teacher's
     /// greedy answers instead of the data's.
     #[serde(default)]
@@ -115,6 +120,15 @@ impl RolloutSettings {
             self.top_p > 0.0 && self.top_p <= 1.0,
             "rollout.top_p must be in (0, 1], got {}",
             self.top_p
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.mix_alpha),
+            "rollout.mix_alpha must be in [0, 1], got {}",
+            self.mix_alpha
+        );
+        anyhow::ensure!(
+            self.mix_alpha == 0.0 || self.temperature > 0.0,
+            "rollout.mix_alpha samples from a mixture: rollout.temperature must be positive"
         );
         anyhow::ensure!(
             self.max_new_tokens >= 1,

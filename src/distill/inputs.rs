@@ -14,6 +14,7 @@ use super::align::AlignedRows;
 use super::ce::{ce_of_rows, ce_rows, check_targets};
 use super::config::DistillLossConfig;
 use super::mdist::{check_labels, check_pair, rows_loss};
+use super::policy::PolicyRows;
 use super::positions::{gather_rows, response_rows, visual_rows, ResponseRows};
 use super::rdist::{
     relation_loss, relation_loss_from_hidden, relation_loss_to_cached,
@@ -145,6 +146,10 @@ pub struct LossInputs<'a> {
     visual_logits: OnceCell<Option<Tensor>>,
     layers: Option<LayerPair<'a>>,
     switch: Option<SwitchPath<'a>>,
+    policy: Option<&'a PolicyRows>,
+    /// On a micro-batch whose answers were generated: the student's logits on the data's own
+    /// answers and their labels, which the cross-entropy reads.
+    data_answers: Option<(&'a Tensor, ResponseRows)>,
 }
 
 /// Switch-KD's visual switch: the student's visual tokens and the online teacher's language
@@ -251,7 +256,39 @@ impl<'a> LossInputs<'a> {
             visual_logits: OnceCell::new(),
             layers: None,
             switch: None,
+            policy: None,
+            data_answers: None,
         })
+    }
+
+    /// The same inputs with the per-token constants of the student's sampled answers.
+    pub fn with_policy(mut self, policy: &'a PolicyRows) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// The same inputs with the student's `[batch, seq, vocab]` logits on the data's own
+    /// answers (`labels` unshifted), for a micro-batch whose answers were generated: the
+    /// cross-entropy then reads these.
+    pub fn with_data_answers(mut self, logits: &'a Tensor, labels: &Tensor) -> Result<Self> {
+        check_labels(logits, labels, "labels of the data's answers")?;
+        self.data_answers = Some((logits, response_rows(labels)?));
+        Ok(self)
+    }
+
+    /// The student's sampled answers: their per-token constants and the student's logits
+    /// `[N, vocab]` at their rows. `None` on a micro-batch whose answers the student did not
+    /// sample.
+    pub fn policy_rows(&self) -> Result<Option<(&'a PolicyRows, Tensor)>> {
+        match self.policy.filter(|p| !p.is_empty()) {
+            Some(policy) => Ok(Some((policy, self.student.rows(&policy.rows)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// An online teacher's logits `[N, vocab]` at `rows` (detached).
+    pub fn teacher_rows_at(&self, rows: &[u32], term: &str) -> Result<Tensor> {
+        gather_rows(&self.teacher_logits(term)?, rows)
     }
 
     /// The same inputs with the visual switch (the student has images and the teacher is
@@ -319,6 +356,9 @@ impl<'a> LossInputs<'a> {
 
     /// Next-token cross-entropy over the supervised tokens (`None`: no supervised token).
     pub fn ce(&self) -> Result<Option<Tensor>> {
+        if let Some((logits, rows)) = &self.data_answers {
+            return ce_rows(logits, rows);
+        }
         match self.student {
             StudentLogits::Full(logits) => ce_rows(logits, &self.response),
             StudentLogits::AtRows { .. } => self

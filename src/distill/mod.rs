@@ -12,6 +12,7 @@ pub mod inputs;
 mod logprob;
 pub mod loss;
 pub mod mdist;
+pub mod policy;
 pub mod positions;
 pub mod rdist;
 pub mod topk;

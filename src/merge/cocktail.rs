@@ -66,12 +66,12 @@ pub fn example_loss(model: &Path, examples: &Examples<'_>) -> Result<ExampleLoss
         let inputs = ModelInputs::collate(&data.samples, chunk.to_vec(), &bundle)?;
         let loss = objective_loss(
             &bundle.model,
-            StudentBatch {
-                tokens: &inputs.tokens,
-                labels: &inputs.labels,
-                visual_mask: &inputs.visual_mask,
-                images: inputs.pixels.as_ref().map(ImageInput::Pixels),
-            },
+            StudentBatch::of_data(
+                &inputs.tokens,
+                &inputs.labels,
+                &inputs.visual_mask,
+                inputs.pixels.as_ref().map(ImageInput::Pixels),
+            ),
             TeacherRows::None,
             &objective,
         )

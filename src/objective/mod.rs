@@ -92,6 +92,12 @@ pub struct Needs {
     /// Works with a teacher whose tokenizer is not the student's (it reads the teacher on its
     /// own tokenization, paired by [`Term::alignment`]).
     pub any_tokenizer: bool,
+    /// The per-token constants of answers the student sampled (the stage must roll out:
+    /// `[rollout]`).
+    pub rollouts: bool,
+    /// The data's own answers, also on a micro-batch the student answered itself (the
+    /// cross-entropy: the language-modelling loss stays on the data).
+    pub data_answers: bool,
 }
 
 /// A term with its weight and the name it is logged under.
@@ -265,6 +271,16 @@ impl Objective {
     /// Whether a term runs the teacher on the student's visual tokens.
     pub fn needs_switch(&self) -> bool {
         self.active().any(|e| e.term.needs().switch)
+    }
+
+    /// Whether a term reads the student's sampled answers' constants.
+    pub fn needs_rollouts(&self) -> bool {
+        self.active().any(|e| e.term.needs().rollouts)
+    }
+
+    /// Whether a term reads the data's own answers.
+    pub fn needs_data_answers(&self) -> bool {
+        self.active().any(|e| e.term.needs().data_answers)
     }
 
     /// Whether a term reads the teacher's relation matrices.

@@ -53,6 +53,9 @@ pub struct TermSpec {
     /// `gkd`: β of the generalized JSD (0: forward KL, 1: reverse KL; default 0.5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub beta: Option<f64>,
+    /// `minillm.long`: the PPO clip range ε of the importance ratio (default 0.2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clip: Option<f64>,
 }
 
 /// How a cross-tokenizer term matches the teacher's distribution with the student's.
@@ -118,6 +121,7 @@ impl TermSpec {
             vocab_match: None,
             alignment: None,
             beta: None,
+            clip: None,
         }
     }
 
@@ -158,6 +162,7 @@ impl TermSpec {
             ("vocab_match", self.vocab_match.is_some()),
             ("alignment", self.alignment.is_some()),
             ("beta", self.beta.is_some()),
+            ("clip", self.clip.is_some()),
         ] {
             if set && !takes.contains(&option) {
                 bail!(

@@ -3,16 +3,19 @@
 //! features) done ahead where it can be.
 
 use anyhow::{bail, Context, Result};
-use candle_core::Tensor;
+use candle_core::{Tensor, D};
 use mmkd_datasets::TokenizedSample;
 
 use super::rollout::{answer_logprobs, records, Responder, RolledAnswers, RolloutRecord, Rollouts};
 use crate::batch::ModelInputs;
 use crate::checkpoint::LoadedModel;
+use crate::distill::policy::{importance_weights, token_logprobs, PolicyRows};
+use crate::distill::positions::gather_rows;
 use crate::models::llava::ImageInput;
 use crate::teacher::{TeacherOutput, TeacherSignal};
+use crate::train::forward::StudentBatch;
 use crate::train::metrics::RolloutCounts;
-use crate::train::step::{MicroBatch, MicroBatchSource};
+use crate::train::step::{MicroBatch, MicroBatchSource, NotFinite};
 
 /// A micro-batch with the work on it that no trained weight changes: the online teacher's
 /// output (`None` without an online teacher) and the student's frozen-tower features (`None`
@@ -26,6 +29,31 @@ pub(super) struct StageMicroBatch {
     responder: Responder,
     /// The answers that replaced the data's, once rolled out.
     rolled: Option<RolledAnswers>,
+    /// The data's own batch, kept for the cross-entropy of a micro-batch the student answered
+    /// (the student imitating its own samples would teach it nothing).
+    data_inputs: Option<ModelInputs>,
+    /// The student's sampled answers' per-token constants (MiniLLM's terms).
+    policy: Option<PolicyRows>,
+}
+
+impl StageMicroBatch {
+    /// What the student's forward and objective read of it.
+    pub(super) fn student_batch(&self) -> StudentBatch<'_> {
+        let images = match (&self.student_tower, &self.inputs.pixels) {
+            (Some(features), _) => Some(ImageInput::Tower(features)),
+            (None, pixels) => pixels.as_ref().map(ImageInput::Pixels),
+        };
+        StudentBatch {
+            data_answers: self.data_inputs.as_ref().map(|d| (&d.tokens, &d.labels)),
+            policy: self.policy.as_ref(),
+            ..StudentBatch::of_data(
+                &self.inputs.tokens,
+                &self.inputs.labels,
+                &self.inputs.visual_mask,
+                images,
+            )
+        }
+    }
 }
 
 impl MicroBatch for StageMicroBatch {
@@ -48,6 +76,10 @@ pub(super) struct StageBatches<'a> {
     pub(super) parallel: usize,
     /// Rollouts, when the stage trains on generated answers.
     pub(super) rollouts: Option<&'a Rollouts>,
+    /// Whether the objective reads the data's own answers on a rolled-out micro-batch (the
+    /// cross-entropy), and the student's sampled answers' constants (MiniLLM).
+    pub(super) keeps_data_answers: bool,
+    pub(super) needs_policy: bool,
     /// The step being run (0-based).
     pub(super) step_index: usize,
     /// What this step's rollouts did, and its logged answers (on a logging step).
@@ -71,6 +103,8 @@ impl StageBatches<'_> {
         });
         let mut rolled = None;
         if responder == Responder::Teacher {
+            // The teacher's answers replace the data's for every term, the cross-entropy
+            // included (sequence-level KD).
             let (with_answers, answers) = self.roll_out(responder, &inputs, step)?;
             inputs = with_answers;
             rolled = Some(answers);
@@ -89,6 +123,8 @@ impl StageBatches<'_> {
             student_tower,
             responder,
             rolled,
+            data_inputs: None,
+            policy: None,
         })
     }
 
@@ -100,14 +136,19 @@ impl StageBatches<'_> {
         step: usize,
     ) -> Result<(ModelInputs, RolledAnswers)> {
         let rollouts = self.rollouts.context("rollouts are not planned")?;
-        let model = match (responder, self.teacher) {
-            (Responder::Teacher, Some(TeacherSignal::Online(t))) => &t.model.model,
-            (Responder::Teacher, _) => bail!("sequence-level KD needs an online teacher"),
+        let teacher = match self.teacher {
+            Some(TeacherSignal::Online(t)) => Some(&t.model.model),
+            _ => None,
+        };
+        let model = match (responder, teacher) {
+            (Responder::Teacher, Some(teacher)) => teacher,
+            (Responder::Teacher, None) => bail!("sequence-level KD needs an online teacher"),
             _ => &self.student.model,
         };
         rollouts.roll_out(
             responder,
             model,
+            teacher,
             self.student_vocab()?,
             inputs,
             self.samples,
@@ -120,8 +161,9 @@ impl StageBatches<'_> {
     }
 
     /// A prepared micro-batch made ready to train on: the student's answers generated with
-    /// the current weights and the teacher's forward on them; its rollouts counted and, on a
-    /// logging step, recorded with both models' log-probabilities.
+    /// the current weights and the teacher's forward on them (with MiniLLM's per-token
+    /// constants from both models); its rollouts counted and, on a logging step, recorded
+    /// with both models' log-probabilities.
     fn finish(&mut self, mut mb: StageMicroBatch) -> Result<StageMicroBatch> {
         if mb.responder == Responder::Student && mb.rolled.is_none() {
             let (inputs, answers) =
@@ -130,35 +172,50 @@ impl StageBatches<'_> {
                 Some(t) => t.forward_ahead(&inputs, self.samples)?,
                 None => None,
             };
-            mb.inputs = inputs;
+            let data = std::mem::replace(&mut mb.inputs, inputs);
+            mb.data_inputs = self.keeps_data_answers.then_some(data);
             mb.rolled = Some(answers);
         }
         let (Some(answers), Some(rollouts)) = (&mb.rolled, self.rollouts) else {
             return Ok(mb);
         };
         self.rolled += answers.counts();
-        if rollouts.logs(self.step_index) {
-            let vocab = match self.teacher {
-                Some(TeacherSignal::Online(t)) => t.truncate.unwrap_or(self.student_vocab()?),
-                _ => self.student_vocab()?,
-            };
-            let teacher_logits = &mb
-                .teacher_out
-                .as_ref()
-                .context("rollouts need the teacher's output")?
-                .output
-                .logits;
-            let images = match (&mb.student_tower, &mb.inputs.pixels) {
-                (Some(features), _) => Some(ImageInput::Tower(features)),
-                (None, pixels) => pixels.as_ref().map(ImageInput::Pixels),
-            };
-            let student_logits = self
-                .student
-                .model
-                .forward_images(&mb.inputs.tokens, images)?
-                .logits
-                .detach();
-            let teacher = answer_logprobs(teacher_logits, &mb.inputs, answers, vocab)?;
+        let policy = self.needs_policy && answers.responder == Responder::Student;
+        let logs = rollouts.logs(self.step_index);
+        if !policy && !logs {
+            return Ok(mb);
+        }
+        // Both models' logits on the answers, cut to the vocabulary they compare.
+        let vocab = match self.teacher {
+            Some(TeacherSignal::Online(t)) => t.truncate.unwrap_or(self.student_vocab()?),
+            _ => self.student_vocab()?,
+        };
+        let teacher_logits = mb
+            .teacher_out
+            .as_ref()
+            .context("rollouts need the teacher's output")?
+            .output
+            .logits
+            .narrow(D::Minus1, 0, vocab)?;
+        let student_logits = self
+            .student
+            .model
+            .forward_images(&mb.inputs.tokens, mb.student_batch().images)?
+            .logits
+            .detach()
+            .narrow(D::Minus1, 0, vocab)?;
+        if policy {
+            mb.policy = Some(policy_rows(
+                &mb.inputs,
+                answers,
+                &student_logits,
+                &teacher_logits,
+                rollouts.settings.mix_alpha,
+                rollouts.settings.temperature,
+            )?);
+        }
+        if logs {
+            let teacher = answer_logprobs(&teacher_logits, &mb.inputs, answers, vocab)?;
             let student = answer_logprobs(&student_logits, &mb.inputs, answers, vocab)?;
             let decode = |ids: &[u32]| self.student.decode(ids);
             let logged = records(
@@ -219,4 +276,66 @@ impl MicroBatchSource for StageBatches<'_> {
     fn keep_ahead(&mut self, ready: Vec<StageMicroBatch>) {
         self.ahead = ready;
     }
+}
+
+/// MiniLLM's per-token constants of a micro-batch's sampled answers from the sampling
+/// student's and the teacher's logits on them: rewards at temperature 1, importance weights
+/// from the distributions that sampled (`temperature`, the teacher's share `alpha`).
+fn policy_rows(
+    inputs: &ModelInputs,
+    answers: &RolledAnswers,
+    student_logits: &Tensor,
+    teacher_logits: &Tensor,
+    alpha: f64,
+    temperature: f32,
+) -> Result<PolicyRows> {
+    let seq = inputs.tokens.seq_len();
+    let mut policy = PolicyRows::default();
+    for (row, &(start, len)) in answers.spans.iter().enumerate() {
+        if len == 0 {
+            continue;
+        }
+        // Position t's logits predict token t + 1.
+        let rows: Vec<u32> = (start - 1..start - 1 + len)
+            .map(|t| (row * seq + t) as u32)
+            .collect();
+        let tokens = &inputs.tokens.ids[row][start..start + len];
+        let student = gather_rows(student_logits, &rows)?;
+        let teacher = gather_rows(teacher_logits, &rows)?;
+        let weights = if alpha > 0.0 {
+            let t = f64::from(temperature);
+            let q: Vec<f32> = token_logprobs(&student, tokens, t)?
+                .iter()
+                .map(|l| l.exp())
+                .collect();
+            let p: Vec<f32> = token_logprobs(&teacher, tokens, t)?
+                .iter()
+                .map(|l| l.exp())
+                .collect();
+            importance_weights(&p, &q, alpha)
+        } else {
+            vec![1.0; len]
+        };
+        let (teacher, student) = (
+            token_logprobs(&teacher, tokens, 1.0)?,
+            token_logprobs(&student, tokens, 1.0)?,
+        );
+        // A diverged model gives no reward to learn from: stop, naming the sample.
+        if let Some(bad) = teacher
+            .iter()
+            .zip(&student)
+            .map(|(p, q)| p - q)
+            .chain(weights.iter().copied())
+            .find(|v| !v.is_finite())
+        {
+            return Err(NotFinite {
+                what: "the reward".into(),
+                value: f64::from(bad),
+                sample_ids: vec![inputs.collated.sample_ids[row].clone()],
+            }
+            .into());
+        }
+        policy.push_answer(&rows, tokens, &teacher, &student, &weights)?;
+    }
+    Ok(policy)
 }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{ModelInputs, TRAINING_COLLATE};
 use crate::checkpoint::LoadedModel;
 use crate::config::settings::RolloutSettings;
-use crate::generate::{generate, GenerationConfig};
+use crate::generate::{generate, generate_mixed, GenerationConfig};
 use crate::models::llava::LlavaModel;
 use crate::train::metrics::RolloutCounts;
 
@@ -106,12 +106,15 @@ impl Rollouts {
     }
 
     /// `inputs` with each row's last answer replaced by one `model` generates from the row's
-    /// prompt and images: sampled with the rollout settings for the student, greedy for the
-    /// teacher. `vocab`: the student's vocabulary, which every generated id must be in.
+    /// prompt and images: sampled with the rollout settings for the student (from the mixture
+    /// with `teacher` when `mix_alpha` > 0), greedy for the teacher. `vocab`: the student's
+    /// vocabulary, which every generated id must be in.
+    #[allow(clippy::too_many_arguments)]
     pub fn roll_out(
         &self,
         responder: Responder,
         model: &LlavaModel,
+        teacher: Option<&LlavaModel>,
         vocab: usize,
         inputs: &ModelInputs,
         samples: &[TokenizedSample],
@@ -139,10 +142,24 @@ impl Rollouts {
             stop_token_ids: self.stop_token_ids.clone(),
             stop_strings: Vec::new(),
             use_cache: true,
+            banned_token_ids: vec![model.image_token_id()],
         };
-        let answers = generate(model, &prompts, inputs.pixels.as_ref(), &cfg, &|_| {
-            String::new()
-        })
+        let pixels = inputs.pixels.as_ref();
+        let mixed = self.settings.mix_alpha > 0.0 && responder == Responder::Student;
+        let answers = match teacher.filter(|_| mixed) {
+            Some(teacher) => generate_mixed(
+                model,
+                teacher,
+                self.settings.mix_alpha as f32,
+                &prompts,
+                (pixels, pixels),
+                &cfg,
+            ),
+            None if mixed => Err(anyhow::anyhow!(
+                "teacher-mixed sampling (rollout.mix_alpha) needs the online teacher"
+            )),
+            None => generate(model, &prompts, pixels, &cfg, &|_| String::new()),
+        }
         .with_context(|| {
             format!(
                 "the {} answering samples {}",

@@ -28,11 +28,10 @@ use crate::checkpoint::lock::OutputLock;
 use crate::checkpoint::training::TrainingRecord;
 use crate::checkpoint::{write_files_into, write_llava_files, SaveAssets};
 use crate::config::Stage;
-use crate::models::llava::ImageInput;
 use crate::objective::{Binding, Objective, TermValues};
 use crate::runtime::parse_dtype;
 use crate::teacher::{teacher_rows, CachedSignal, TeacherSignal};
-use crate::train::forward::{objective_loss, StudentBatch};
+use crate::train::forward::objective_loss;
 use crate::train::guard::{Spike, SpikeLimits};
 use crate::train::interrupt::InterruptGuard;
 use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, RolloutCounts, StepMetrics};
@@ -183,6 +182,14 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
     if let Some(TeacherSignal::Online(t)) = &mut teacher {
         t.layers = objective.layers().1;
     }
+    if objective.needs_rollouts() && settings.train.rollout.is_none() {
+        bail!(
+            "the objective of `{}` reads the student's sampled answers (MiniLLM's terms), but \
+             the stage samples none: add a `[stages.{}.rollout]` table (or run `mmkd minillm`)",
+            stage.name(),
+            stage.name()
+        );
+    }
     let rollouts = match &settings.train.rollout {
         Some(plan) => {
             check_rollout_teacher(teacher.as_ref(), stage)?;
@@ -316,6 +323,8 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             || !model.trainable().vision,
         parallel,
         rollouts: rollouts.as_ref(),
+        keeps_data_answers: objective.needs_data_answers(),
+        needs_policy: objective.needs_rollouts(),
         step_index: start_step,
         rolled: RolloutCounts::default(),
         rolled_records: Vec::new(),
@@ -330,24 +339,8 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             Some(TeacherSignal::Cached(c)) => Some(c.rows(&mb.inputs, &data.samples)?),
             _ => None,
         };
-        let images = match (&mb.student_tower, &mb.inputs.pixels) {
-            (Some(features), _) => Some(ImageInput::Tower(features)),
-            (None, pixels) => pixels.as_ref().map(ImageInput::Pixels),
-        };
         let rows = teacher_rows(teacher.as_ref(), mb.teacher_out.as_ref(), cached.as_ref())?;
-        let forward = || {
-            objective_loss(
-                model,
-                StudentBatch {
-                    tokens: &mb.inputs.tokens,
-                    labels: &mb.inputs.labels,
-                    visual_mask: &mb.inputs.visual_mask,
-                    images,
-                },
-                rows,
-                &objective,
-            )
-        };
+        let forward = || objective_loss(model, mb.student_batch(), rows, &objective);
         // LoRA dropout: masks drawn from the step and the micro-batch's samples.
         let seed = dropout_seed(
             settings.train.seed,

@@ -228,12 +228,12 @@ impl Validation {
             };
             let loss = objective_loss(
                 &student.model,
-                StudentBatch {
-                    tokens: &inputs.tokens,
-                    labels: &inputs.labels,
-                    visual_mask: &inputs.visual_mask,
-                    images: inputs.pixels.as_ref().map(ImageInput::Pixels),
-                },
+                StudentBatch::of_data(
+                    &inputs.tokens,
+                    &inputs.labels,
+                    &inputs.visual_mask,
+                    inputs.pixels.as_ref().map(ImageInput::Pixels),
+                ),
                 teacher_rows(teacher, teacher_out.as_ref(), None)?,
                 &self.objective,
             )

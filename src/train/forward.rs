@@ -9,6 +9,7 @@ use candle_core::Tensor;
 
 use super::step::MicroLoss;
 use crate::distill::align::AlignedRows;
+use crate::distill::policy::PolicyRows;
 use crate::distill::{
     truncate_vocab, CachedTeacher, LayerPair, LossInputs, RelationHidden, StudentLogits,
     SwitchPath, TeacherSide,
@@ -26,6 +27,30 @@ pub struct StudentBatch<'a> {
     /// `[batch, seq]`, 1 at the image-token positions.
     pub visual_mask: &'a Tensor,
     pub images: Option<ImageInput<'a>>,
+    /// On a micro-batch whose answers were generated: the data's own tokens and labels (the
+    /// cross-entropy reads the student on these), when the objective reads them.
+    pub data_answers: Option<(&'a TokenBatch, &'a Tensor)>,
+    /// The student's sampled answers' per-token constants (MiniLLM's terms).
+    pub policy: Option<&'a PolicyRows>,
+}
+
+impl<'a> StudentBatch<'a> {
+    /// A micro-batch of the data as it is (no generated answer).
+    pub fn of_data(
+        tokens: &'a TokenBatch,
+        labels: &'a Tensor,
+        visual_mask: &'a Tensor,
+        images: Option<ImageInput<'a>>,
+    ) -> Self {
+        Self {
+            tokens,
+            labels,
+            visual_mask,
+            images,
+            data_answers: None,
+            policy: None,
+        }
+    }
 }
 
 /// The teacher's side of one micro-batch.
@@ -65,7 +90,15 @@ pub fn objective_loss(
     let clock = Instant::now();
     let elapsed = || clock.elapsed().as_secs_f64();
     let loss = |logits: StudentLogits<'_>, side: Option<TeacherSide<'_>>, forward: f64| {
-        micro_loss(objective, batch, logits, side, Extras::default(), forward)
+        micro_loss(
+            student,
+            objective,
+            batch,
+            logits,
+            side,
+            Extras::default(),
+            forward,
+        )
     };
     match teacher {
         TeacherRows::None => {
@@ -165,6 +198,7 @@ pub fn objective_loss(
                     teacher_reads: &reads,
                 });
             micro_loss(
+                student,
                 objective,
                 batch,
                 StudentLogits::Full(&s_logits),
@@ -189,6 +223,7 @@ struct Extras<'a> {
 /// The objective on one micro-batch's student logits and teacher side; `forward`: the seconds
 /// the student's forward took.
 fn micro_loss(
+    student: &LlavaModel,
     objective: &Objective,
     batch: StudentBatch<'_>,
     logits: StudentLogits<'_>,
@@ -196,7 +231,21 @@ fn micro_loss(
     extras: Extras<'_>,
     forward: f64,
 ) -> Result<MicroLoss> {
+    // The data's own answers, read by the cross-entropy of a micro-batch whose answers were
+    // generated: one more forward of the student.
+    let data_logits = match batch.data_answers {
+        Some((tokens, _)) if objective.needs_data_answers() => {
+            Some(student.forward_images(tokens, batch.images)?.logits)
+        }
+        _ => None,
+    };
     let mut inputs = LossInputs::new(logits, batch.labels, batch.visual_mask, side, None)?;
+    if let (Some(logits), Some((_, labels))) = (&data_logits, batch.data_answers) {
+        inputs = inputs.with_data_answers(logits, labels)?;
+    }
+    if let Some(policy) = batch.policy {
+        inputs = inputs.with_policy(policy);
+    }
     if let Some(layers) = extras.layers {
         inputs = inputs.with_layers(layers);
     }

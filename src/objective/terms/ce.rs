@@ -1,4 +1,7 @@
-//! `ce`: next-token cross-entropy over the supervised tokens (every stage's language loss).
+//! `ce`: next-token cross-entropy over the supervised tokens (every stage's language loss). On
+//! a micro-batch the student answered itself it reads the student's forward on the data's own
+//! answers instead (MiniLLM's language-modelling loss L_PT); on one the teacher answered, the
+//! teacher's answers (sequence-level KD).
 
 use anyhow::Result;
 use candle_core::Tensor;
@@ -21,7 +24,10 @@ struct CrossEntropy;
 
 impl Term for CrossEntropy {
     fn needs(&self) -> Needs {
-        Needs::default()
+        Needs {
+            data_answers: true,
+            ..Needs::default()
+        }
     }
 
     fn loss(&self, inputs: &LossInputs<'_>) -> Result<Option<Tensor>> {

@@ -5,6 +5,7 @@ mod gkd;
 mod hidden;
 mod logits_mse;
 mod mdist;
+mod minillm;
 mod rdist;
 mod switch;
 mod uld;
@@ -44,6 +45,8 @@ pub const TERMS: &[TermKind] = &[
     switch::KIND,
     uld::KIND,
     gkd::KIND,
+    minillm::SINGLE,
+    minillm::LONG,
 ];
 
 /// The flat rows of `positions` in this batch: the response rows, then the visual rows.
