@@ -343,3 +343,51 @@ fn minillm_terms_without_rollouts_are_refused() {
     ));
     assert!(!ok && err.contains("[stages.dft.rollout]"), "{err}");
 }
+
+#[test]
+fn rl_with_a_kd_shaped_task_reward_resumes_bit_exactly_and_counts_its_matches() {
+    let w = world();
+    let sets = [
+        "rollout.kl_coef=0.1",
+        "rollout.max_new_tokens=6",
+        "train.save_every=2",
+        "train.keep_last=6",
+    ];
+    let args = |out: &str| run_args(w, "rl", "teacher", out, 12, &sets);
+    resumes_bit_exactly(args, "rl-kd", "rl-kd-killed");
+    let dir = w.root.join("rl-kd");
+    let steps = metrics(&dir);
+    assert!(steps
+        .iter()
+        .all(|m| m.term("l_pg").is_some_and(f32::is_finite)));
+    let counts = &summary(&dir)["rollouts"];
+    assert_eq!(counts["student_micro_batches"], 12, "{counts}");
+    let matches: usize = steps.iter().map(|m| m.rollouts.unwrap().matches).sum();
+    assert_eq!(counts["matches"], matches, "{counts}");
+    // The teacher as the reward (LLMR) trains too.
+    let plain = run_args(
+        w,
+        "rl",
+        "teacher",
+        "rl-task",
+        12,
+        &["rollout.max_new_tokens=6", "rollout.reward=\"teacher\""],
+    );
+    run_ok(&plain);
+    assert!(metrics(&w.root.join("rl-task"))
+        .iter()
+        .all(|m| m.term("l_pg").is_some_and(f32::is_finite)));
+    // MiniLLM's reward is already the log-ratio: shaping it is refused.
+    let (ok, _, err) = run(&run_args(
+        w,
+        "minillm",
+        "teacher",
+        "minillm-shaped",
+        2,
+        &["rollout.kl_coef=0.1"],
+    ));
+    assert!(
+        !ok && err.contains("rollout.kl_coef shapes a task or teacher reward"),
+        "{err}"
+    );
+}

@@ -77,6 +77,10 @@ pub enum Command {
     /// student samples (teacher-mixed sampling α 0.2, length-normalised rewards, clipping),
     /// plus the cross-entropy on the data, against --teacher.
     Minillm(train::StageArgs),
+    /// RL: the clipped policy gradient on answers the student samples, rewarded by exact
+    /// match with the data's answer (`rollout.reward = "task"`), optionally shaped by the KL to
+    /// --teacher (`rollout.kl_coef`) or by the teacher's logits as rewards (`"teacher"`, LLMR).
+    Rl(train::StageArgs),
     /// Run a teacher over a stage's data once and store its top-k log-probs and relation
     /// matrices, for `dpt|dft --teacher-cache`.
     TeacherCache(teacher_cache::TeacherCacheArgs),
@@ -105,6 +109,7 @@ pub fn run() -> Result<()> {
         Command::Dft(args) => train::run(args, Stage::Dft),
         Command::Gkd(args) => train::run(args, Stage::Gkd),
         Command::Minillm(args) => train::run(args, Stage::Minillm),
+        Command::Rl(args) => train::run(args, Stage::Rl),
         Command::TeacherCache(args) => teacher_cache::run(args),
         Command::Config(args) => config::run(args),
     })

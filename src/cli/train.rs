@@ -206,12 +206,14 @@ pub fn run(args: StageArgs, stage: Stage) -> Result<()> {
         if let Some(r) = &summary.rollouts {
             println!(
                 "rollouts: {} micro-batches answered by the student, {} by the teacher; {} \
-                 answers, {} tokens, {} cut at rollout.max_new_tokens (a sample logged in {})",
+                 answers, {} tokens, {} cut at rollout.max_new_tokens, {} equal to the data's \
+                 (where scored; a sample logged in {})",
                 r.student_micro_batches,
                 r.teacher_micro_batches,
                 r.answers,
                 r.tokens,
                 r.capped,
+                r.matches,
                 args.out
                     .join(crate::stages::rollout::ROLLOUTS_FILE)
                     .display()

@@ -9,7 +9,7 @@ use toml::{Table, Value};
 
 use super::preset::{merge, Document};
 pub use super::stage::Stage;
-pub use super::tables::{LoraSettings, RolloutSettings};
+pub use super::tables::{LoraSettings, RewardKind, RolloutSettings};
 use crate::distill::DistillLossConfig;
 use crate::objective::TermSpec;
 use crate::runtime::DeviceSpec;

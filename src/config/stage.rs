@@ -28,6 +28,11 @@ pub enum Stage {
     /// the student samples (teacher-mixed, α 0.2), plus the cross-entropy on the data; trains
     /// projector + LLM.
     Minillm,
+    /// RL: instructions; the clipped policy gradient on answers the student samples, for the
+    /// task's reward (exact match with the data's answer, `[rollout] reward`), optionally
+    /// shaped by the KL to the teacher (`kl_coef`) or replaced by the teacher's (LLMR); trains
+    /// projector + LLM.
+    Rl,
 }
 
 impl Stage {
@@ -39,23 +44,25 @@ impl Stage {
             Stage::Dft => "dft",
             Stage::Gkd => "gkd",
             Stage::Minillm => "minillm",
+            Stage::Rl => "rl",
         }
     }
 
     /// Every stage, in recipe order.
-    pub const ALL: [Stage; 6] = [
+    pub const ALL: [Stage; 7] = [
         Stage::Pretrain,
         Stage::Sft,
         Stage::Dpt,
         Stage::Dft,
         Stage::Gkd,
         Stage::Minillm,
+        Stage::Rl,
     ];
 
     /// The objective of a stage whose preset names none: cross-entropy alone, LLaVA-KD's
     /// L_ce + α·L_res + β·L_vis + γ·L_rel with the `[distill]` weights (DPT, DFT), GKD's
-    /// generalized JSD alone, or MiniLLM's single-step and long-term parts with the
-    /// cross-entropy on the data (L_PT).
+    /// generalized JSD alone, MiniLLM's single-step and long-term parts with the
+    /// cross-entropy on the data (L_PT), or RL's policy gradient.
     pub fn builtin_objective(self, distill: &DistillLossConfig) -> Vec<TermSpec> {
         match self {
             Stage::Gkd => vec![TermSpec::new("gkd", 1.0)],
@@ -64,16 +71,23 @@ impl Stage {
                 TermSpec::new("minillm.long", 1.0),
                 TermSpec::new("ce", 1.0),
             ],
+            Stage::Rl => vec![TermSpec::new("pg", 1.0)],
             _ => TermSpec::builtin(self.distills(), distill),
         }
     }
 
     pub fn distills(self) -> bool {
-        matches!(self, Stage::Dpt | Stage::Dft | Stage::Gkd | Stage::Minillm)
+        matches!(
+            self,
+            Stage::Dpt | Stage::Dft | Stage::Gkd | Stage::Minillm | Stage::Rl
+        )
     }
 
     pub fn trains_llm(self) -> bool {
-        matches!(self, Stage::Sft | Stage::Dft | Stage::Gkd | Stage::Minillm)
+        matches!(
+            self,
+            Stage::Sft | Stage::Dft | Stage::Gkd | Stage::Minillm | Stage::Rl
+        )
     }
 
     /// Pre-training stages use the caption data and the `plain` template.
@@ -98,6 +112,13 @@ impl Stage {
                 rollout.insert("lambda".into(), Value::Float(1.0));
                 rollout.insert("temperature".into(), Value::Float(1.0));
                 rollout.insert("mix_alpha".into(), Value::Float(0.2));
+                t.insert("rollout".into(), Value::Table(rollout));
+            }
+            Stage::Rl => {
+                let mut rollout = Table::new();
+                rollout.insert("lambda".into(), Value::Float(1.0));
+                rollout.insert("temperature".into(), Value::Float(1.0));
+                rollout.insert("reward".into(), Value::String("task".into()));
                 t.insert("rollout".into(), Value::Table(rollout));
             }
             _ => {}

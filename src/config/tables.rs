@@ -72,6 +72,15 @@ pub struct RolloutSettings {
     /// student alone).
     #[serde(default)]
     pub mix_alpha: f64,
+    /// What the policy-gradient terms maximise: MiniLLM's per-token log p − log q (default),
+    /// the task's exact match with the data's answer, or the teacher's logits read as
+    /// Q-values (LLMR).
+    #[serde(default)]
+    pub reward: RewardKind,
+    /// β_KL: a task or teacher reward shaped by −β_KL · Σ_t (log q − log p), the sampled
+    /// answer's estimate of KL(student ‖ teacher).
+    #[serde(default)]
+    pub kl_coef: f64,
     /// Sequence-level KD: the micro-batches the student does not answer take the teacher's
     /// greedy answers instead of the data's.
     #[serde(default)]
@@ -80,6 +89,21 @@ pub struct RolloutSettings {
     /// per-token log-probabilities (0: never).
     #[serde(default = "default_rollout_log_every")]
     pub log_every: usize,
+}
+
+/// The reward of the student's sampled answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewardKind {
+    /// MiniLLM: r_t = log p(y_t) − log q(y_t), length-normalised sums of the rewards after t.
+    #[default]
+    Minillm,
+    /// 1 when the answer equals the data's (VQA-normalised, as the evaluation scores it),
+    /// else 0; one value per answer, less the micro-batch's mean (the baseline).
+    Task,
+    /// LLMR: the teacher's logits z as Q-values, r_t = z_t(y_t) − logsumexp z_{t+1} (0 after
+    /// the last token); the answer's mean reward, less the micro-batch's mean.
+    Teacher,
 }
 
 fn half() -> f64 {
@@ -129,6 +153,16 @@ impl RolloutSettings {
         anyhow::ensure!(
             self.mix_alpha == 0.0 || self.temperature > 0.0,
             "rollout.mix_alpha samples from a mixture: rollout.temperature must be positive"
+        );
+        anyhow::ensure!(
+            self.kl_coef.is_finite() && self.kl_coef >= 0.0,
+            "rollout.kl_coef must be ≥ 0, got {}",
+            self.kl_coef
+        );
+        anyhow::ensure!(
+            self.kl_coef == 0.0 || self.reward != RewardKind::Minillm,
+            "rollout.kl_coef shapes a task or teacher reward (rollout.reward = \"task\" or \
+             \"teacher\"); MiniLLM's reward is already the log-ratio to the teacher"
         );
         anyhow::ensure!(
             self.max_new_tokens >= 1,

@@ -30,7 +30,21 @@ pub enum DemoMethod {
     /// DFT from a teacher trained on another tokenizer (the data's, at ¾ of its vocabulary
     /// size): CE + ULD on the aligned response tokens.
     Uld,
+    /// GKD in place of LLaVA-KD's DFT (`mmkd gkd`: λ 0.5 of the micro-batches answered by
+    /// the student at temperature 0.9, generalized JSD β 0.5) from the distilled student's
+    /// SFT checkpoint.
+    Gkd,
+    /// MiniLLM in place of LLaVA-KD's DFT (`mmkd minillm`: every micro-batch answered by the
+    /// student, teacher-mixed α 0.2; single-step + clipped long-term reverse KL + CE on the
+    /// data) from the distilled student's SFT checkpoint.
+    Minillm,
+    /// RL in place of LLaVA-KD's DFT (`mmkd rl`), twice: rewarded by exact match with the
+    /// data's answer alone (`rl`), and shaped by the KL to the teacher, β_KL 0.1 (`rl-kd`).
+    Rl,
 }
+
+/// The KL-to-teacher shaping of the `rl-kd` row.
+pub const RL_KL_COEF: &str = "rollout.kl_coef=0.1";
 
 /// The `switch-kd` preset's DFT objective.
 pub const SWITCH_OBJECTIVE: &str = "[{ term = \"ce\" }, { term = \"mdist.response\", divergence = \
@@ -54,6 +68,9 @@ impl DemoMethod {
             DemoMethod::Switch => &["switch-kd"],
             DemoMethod::Hidden => &["distilled-hidden"],
             DemoMethod::Uld => &["uld"],
+            DemoMethod::Gkd => &["gkd"],
+            DemoMethod::Minillm => &["minillm"],
+            DemoMethod::Rl => &["rl", "rl-kd"],
         }
     }
 
@@ -89,6 +106,26 @@ impl DemoMethod {
                  its vocabulary size: other merges and ids) — CE + ULD on the response tokens \
                  aligned by where they start in the answer; the teacher's own training time is \
                  counted in the row's."
+            }
+            DemoMethod::Gkd => {
+                "`gkd`: the distilled student's SFT checkpoint fine-tuned with GKD instead of \
+                 LLaVA-KD's DFT — half of the micro-batches (λ 0.5) answered by the student \
+                 itself (temperature 0.9, up to 32 tokens), the generalized JSD (β 0.5) at the \
+                 response tokens against the teacher on the same sequences; same steps."
+            }
+            DemoMethod::Minillm => {
+                "`minillm`: the distilled student's SFT checkpoint fine-tuned with MiniLLM \
+                 instead of LLaVA-KD's DFT — every micro-batch answered by the student, sampled \
+                 from 0.2·teacher + 0.8·student (up to 32 tokens); the single-step reverse KL, \
+                 the clipped length-normalised policy gradient and the CE on the data's \
+                 answers; same steps."
+            }
+            DemoMethod::Rl => {
+                "`rl`, `rl-kd`: the distilled student's SFT checkpoint fine-tuned by policy \
+                 gradient on its own answers (temperature 1, up to 32 tokens) instead of \
+                 LLaVA-KD's DFT — rewarded 1 when the answer equals the data's (VQA-normalised), \
+                 less the micro-batch's mean; `rl-kd` shapes that reward with −0.1 × the \
+                 answer's Σ log q − log p (its KL to the teacher); same steps."
             }
         }
     }
@@ -137,6 +174,7 @@ pub fn run_method(method: DemoMethod, run: &SeedRun<'_>) -> Result<Vec<(String, 
                 lora: Some(lora_settings()),
                 objective: None,
                 tokenizer: None,
+                sets: &[],
             };
             let seconds = run_plan(run.doc, seed_dir, run.data, &plan, run.seed, run.progress)?;
             Ok(vec![(row.to_string(), seed_dir.join(row), seconds)])
@@ -163,6 +201,34 @@ pub fn run_method(method: DemoMethod, run: &SeedRun<'_>) -> Result<Vec<(String, 
             )?;
             Ok(vec![(row.to_string(), seed_dir.join(row), seconds)])
         }
+        DemoMethod::Gkd | DemoMethod::Minillm => {
+            let row = method.rows()[0];
+            let plan = StagePlan {
+                stage: if method == DemoMethod::Gkd {
+                    Stage::Gkd
+                } else {
+                    Stage::Minillm
+                },
+                objective: None,
+                ..dft_from_distilled_sft(run, row, "teacher/sft", "")
+            };
+            let seconds = run_plan(run.doc, seed_dir, run.data, &plan, run.seed, run.progress)?;
+            Ok(vec![(row.to_string(), seed_dir.join(row), seconds)])
+        }
+        DemoMethod::Rl => {
+            let mut rows = Vec::new();
+            for (row, sets) in method.rows().iter().zip([&[][..], &[RL_KL_COEF][..]]) {
+                let plan = StagePlan {
+                    stage: Stage::Rl,
+                    objective: None,
+                    sets,
+                    ..dft_from_distilled_sft(run, row, "teacher/sft", "")
+                };
+                let seconds = run_plan(run.doc, seed_dir, run.data, &plan, run.seed, run.progress)?;
+                rows.push((row.to_string(), seed_dir.join(row), seconds));
+            }
+            Ok(rows)
+        }
         DemoMethod::Uld => {
             let row = method.rows()[0];
             other_tokenizer(run.data, run.progress)?;
@@ -182,6 +248,7 @@ pub fn run_method(method: DemoMethod, run: &SeedRun<'_>) -> Result<Vec<(String, 
                     lora: None,
                     objective: None,
                     tokenizer: Some(OTHER_TOKENIZER),
+                    sets: &[],
                 },
                 StagePlan {
                     stage: Stage::Sft,
@@ -194,6 +261,7 @@ pub fn run_method(method: DemoMethod, run: &SeedRun<'_>) -> Result<Vec<(String, 
                     lora: None,
                     objective: None,
                     tokenizer: Some(OTHER_TOKENIZER),
+                    sets: &[],
                 },
             ];
             let mut seconds = 0.0;
@@ -232,6 +300,7 @@ fn dft_from_distilled_sft<'a>(
         lora: None,
         objective: Some(objective),
         tokenizer: None,
+        sets: &[],
     }
 }
 

@@ -54,11 +54,13 @@ pub struct ModelResult {
     pub dir: PathBuf,
 }
 
-/// Wall seconds per step of the DFT stage whose output is `dir` (from its `summary.json`).
+/// Wall seconds per step of the DFT stage (or the on-policy stage in its place) whose output
+/// is `dir` (from its `summary.json`).
 fn dft_seconds_per_step(dir: &Path) -> Option<f64> {
     let text = std::fs::read_to_string(dir.join(crate::stages::SUMMARY_FILE)).ok()?;
     let summary: serde_json::Value = serde_json::from_str(&text).ok()?;
-    if summary["stage"] != "dft" {
+    let fine_tuning = [Stage::Dft, Stage::Gkd, Stage::Minillm, Stage::Rl].map(Stage::name);
+    if !fine_tuning.iter().any(|s| summary["stage"] == *s) {
         return None;
     }
     let steps = summary["steps"].as_f64().filter(|s| *s > 0.0)?;
@@ -183,6 +185,8 @@ struct StagePlan<'a> {
     objective: Option<&'a str>,
     /// The data's tokenizer file under the data directory (default `tokenizer.json`).
     tokenizer: Option<&'a str>,
+    /// More `--set`s of the stage (`rollout.kl_coef=0.1`).
+    sets: &'a [&'a str],
 }
 
 fn run_plan(
@@ -207,6 +211,12 @@ fn run_plan(
         apply_override(
             &mut doc.table,
             &format!("stages.{}.objective={objective}", plan.stage.name()),
+        )?;
+    }
+    for set in plan.sets {
+        apply_override(
+            &mut doc.table,
+            &crate::config::settings::expand_override(set, plan.stage),
         )?;
     }
     let mut settings = StageSettings::resolve(&doc, plan.stage, plan.role)?;
@@ -385,6 +395,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 lora: None,
                 objective: None,
                 tokenizer: None,
+                sets: &[],
             },
             StagePlan {
                 stage: Stage::Sft,
@@ -397,6 +408,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 lora: None,
                 objective: None,
                 tokenizer: None,
+                sets: &[],
             },
             StagePlan {
                 stage: Stage::Pretrain,
@@ -409,6 +421,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 lora: None,
                 objective: None,
                 tokenizer: None,
+                sets: &[],
             },
             // Same step budget as the distilled student: its SFT gets the DFT epochs too.
             StagePlan {
@@ -422,6 +435,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 lora: None,
                 objective: None,
                 tokenizer: None,
+                sets: &[],
             },
             StagePlan {
                 stage: Stage::Dpt,
@@ -434,6 +448,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 lora: None,
                 objective: None,
                 tokenizer: None,
+                sets: &[],
             },
             StagePlan {
                 stage: Stage::Sft,
@@ -446,6 +461,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 lora: None,
                 objective: None,
                 tokenizer: None,
+                sets: &[],
             },
             StagePlan {
                 stage: Stage::Dft,
@@ -458,6 +474,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 lora: None,
                 objective: None,
                 tokenizer: None,
+                sets: &[],
             },
         ];
         let mut seconds: std::collections::HashMap<String, f64> = std::collections::HashMap::new();

@@ -88,6 +88,61 @@ impl PolicyRows {
     }
 }
 
+impl PolicyRows {
+    /// Appends one answer whose advantages come from elsewhere (a task or teacher reward).
+    pub fn push_with_advantages(
+        &mut self,
+        rows: &[u32],
+        tokens: &[u32],
+        old_logprobs: &[f32],
+        advantages: &[f32],
+        weights: &[f32],
+    ) -> Result<()> {
+        let n = rows.len();
+        ensure!(
+            [
+                tokens.len(),
+                old_logprobs.len(),
+                advantages.len(),
+                weights.len()
+            ]
+            .iter()
+            .all(|&len| len == n),
+            "an answer of {n} rows with {} tokens, {} log-probabilities, {} advantages and {} \
+             weights",
+            tokens.len(),
+            old_logprobs.len(),
+            advantages.len(),
+            weights.len()
+        );
+        self.rows.extend_from_slice(rows);
+        self.tokens.extend_from_slice(tokens);
+        self.old_logprobs.extend_from_slice(old_logprobs);
+        self.advantages.extend_from_slice(advantages);
+        self.weights.extend_from_slice(weights);
+        Ok(())
+    }
+}
+
+/// LLMR's induced reward (Li et al. 2024): the teacher's logits z read as soft Q-values,
+/// r_t = Q(s_t, y_t) − V(s_{t+1}) = z_t(y_t) − logsumexp z_{t+1}, with V = 0 after the last
+/// token. `q_values[t]` = z_t(y_t), `values[t]` = logsumexp z_t.
+pub fn llmr_rewards(q_values: &[f32], values: &[f32]) -> Vec<f32> {
+    (0..q_values.len())
+        .map(|t| q_values[t] - values.get(t + 1).copied().unwrap_or(0.0))
+        .collect()
+}
+
+/// REINFORCE's advantages of whole answers: each return less the mean of the micro-batch's
+/// (the baseline).
+pub fn baseline_advantages(returns: &[f64]) -> Vec<f32> {
+    if returns.is_empty() {
+        return Vec::new();
+    }
+    let mean = returns.iter().sum::<f64>() / returns.len() as f64;
+    returns.iter().map(|r| (r - mean) as f32).collect()
+}
+
 /// r_t = log p(y_t) − log q_old(y_t) (eq. 2).
 pub fn rewards(teacher_logprobs: &[f32], student_logprobs: &[f32]) -> Vec<f32> {
     teacher_logprobs
@@ -253,6 +308,20 @@ mod tests {
         // A > 0: min(ρ, 1.2)·A is the bound → −1.2·A; A < 0: max(−Aρ, −A·1.2) = −Aρ.
         assert!((value(1.0) + 1.2).abs() < 1e-6, "{}", value(1.0));
         assert!((value(-1.0) - 2.0).abs() < 1e-6, "{}", value(-1.0));
+    }
+
+    #[test]
+    fn llmr_rewards_and_baselines_by_hand() {
+        // Q = (2, 1, 3), V = (5, 4, 2.5): r = (2 − 4, 1 − 2.5, 3 − 0).
+        assert_eq!(
+            llmr_rewards(&[2.0, 1.0, 3.0], &[5.0, 4.0, 2.5]),
+            [-2.0, -1.5, 3.0]
+        );
+        assert_eq!(
+            baseline_advantages(&[1.0, 0.0, 0.0, 1.0]),
+            [0.5, -0.5, -0.5, 0.5]
+        );
+        assert_eq!(baseline_advantages(&[1.0]), [0.0]);
     }
 
     #[test]

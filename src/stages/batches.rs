@@ -6,16 +6,16 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, D};
 use mmkd_datasets::TokenizedSample;
 
+use super::rewards::Rewards;
 use super::rollout::{answer_logprobs, records, Responder, RolledAnswers, RolloutRecord, Rollouts};
 use crate::batch::ModelInputs;
 use crate::checkpoint::LoadedModel;
-use crate::distill::policy::{importance_weights, token_logprobs, PolicyRows};
-use crate::distill::positions::gather_rows;
+use crate::distill::policy::PolicyRows;
 use crate::models::llava::ImageInput;
 use crate::teacher::{TeacherOutput, TeacherSignal};
 use crate::train::forward::StudentBatch;
 use crate::train::metrics::RolloutCounts;
-use crate::train::step::{MicroBatch, MicroBatchSource, NotFinite};
+use crate::train::step::{MicroBatch, MicroBatchSource};
 
 /// A micro-batch with the work on it that no trained weight changes: the online teacher's
 /// output (`None` without an online teacher) and the student's frozen-tower features (`None`
@@ -205,14 +205,15 @@ impl StageBatches<'_> {
             .detach()
             .narrow(D::Minus1, 0, vocab)?;
         if policy {
-            mb.policy = Some(policy_rows(
-                &mb.inputs,
-                answers,
-                &student_logits,
-                &teacher_logits,
-                rollouts.settings.mix_alpha,
-                rollouts.settings.temperature,
-            )?);
+            let decode = |ids: &[u32]| self.student.decode(ids);
+            let scored = Rewards {
+                rollouts,
+                samples: self.samples,
+                decode: &decode,
+            }
+            .policy_rows(&mb.inputs, answers, &student_logits, &teacher_logits)?;
+            self.rolled.matches += scored.matches;
+            mb.policy = Some(scored.rows);
         }
         if logs {
             let teacher = answer_logprobs(&teacher_logits, &mb.inputs, answers, vocab)?;
@@ -276,66 +277,4 @@ impl MicroBatchSource for StageBatches<'_> {
     fn keep_ahead(&mut self, ready: Vec<StageMicroBatch>) {
         self.ahead = ready;
     }
-}
-
-/// MiniLLM's per-token constants of a micro-batch's sampled answers from the sampling
-/// student's and the teacher's logits on them: rewards at temperature 1, importance weights
-/// from the distributions that sampled (`temperature`, the teacher's share `alpha`).
-fn policy_rows(
-    inputs: &ModelInputs,
-    answers: &RolledAnswers,
-    student_logits: &Tensor,
-    teacher_logits: &Tensor,
-    alpha: f64,
-    temperature: f32,
-) -> Result<PolicyRows> {
-    let seq = inputs.tokens.seq_len();
-    let mut policy = PolicyRows::default();
-    for (row, &(start, len)) in answers.spans.iter().enumerate() {
-        if len == 0 {
-            continue;
-        }
-        // Position t's logits predict token t + 1.
-        let rows: Vec<u32> = (start - 1..start - 1 + len)
-            .map(|t| (row * seq + t) as u32)
-            .collect();
-        let tokens = &inputs.tokens.ids[row][start..start + len];
-        let student = gather_rows(student_logits, &rows)?;
-        let teacher = gather_rows(teacher_logits, &rows)?;
-        let weights = if alpha > 0.0 {
-            let t = f64::from(temperature);
-            let q: Vec<f32> = token_logprobs(&student, tokens, t)?
-                .iter()
-                .map(|l| l.exp())
-                .collect();
-            let p: Vec<f32> = token_logprobs(&teacher, tokens, t)?
-                .iter()
-                .map(|l| l.exp())
-                .collect();
-            importance_weights(&p, &q, alpha)
-        } else {
-            vec![1.0; len]
-        };
-        let (teacher, student) = (
-            token_logprobs(&teacher, tokens, 1.0)?,
-            token_logprobs(&student, tokens, 1.0)?,
-        );
-        // A diverged model gives no reward to learn from: stop, naming the sample.
-        if let Some(bad) = teacher
-            .iter()
-            .zip(&student)
-            .map(|(p, q)| p - q)
-            .chain(weights.iter().copied())
-            .find(|v| !v.is_finite())
-        {
-            return Err(NotFinite {
-                what: "the reward".into(),
-                value: f64::from(bad),
-                sample_ids: vec![inputs.collated.sample_ids[row].clone()],
-            }
-            .into());
-        }
-        policy.push_answer(&rows, tokens, &teacher, &student, &weights)?;
-    }
-    Ok(policy)
 }

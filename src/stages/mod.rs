@@ -7,6 +7,7 @@ pub mod lora;
 pub mod memory;
 pub mod output;
 pub mod progress;
+mod rewards;
 pub mod rollout;
 pub mod run;
 mod setup;

@@ -67,6 +67,8 @@ impl RolledAnswers {
             answers: self.spans.len(),
             capped: self.capped.iter().filter(|&&c| c).count(),
             tokens: self.spans.iter().map(|s| s.1).sum(),
+            // Counted where the answers are scored.
+            matches: 0,
         }
     }
 }
@@ -98,6 +100,11 @@ impl Rollouts {
         } else {
             Responder::Data
         }
+    }
+
+    /// Tokens the template appends to a stopped answer.
+    pub fn answer_end(&self) -> &[u32] {
+        &self.answer_end
     }
 
     /// Whether step `step` (0-based) logs its rollouts.
@@ -214,7 +221,7 @@ impl Responder {
 
 /// Where the last supervised run of `sample` starts (the last answer with its end of
 /// answer); `None` when nothing is supervised.
-fn last_answer_start(sample: &TokenizedSample) -> Option<usize> {
+pub fn last_answer_start(sample: &TokenizedSample) -> Option<usize> {
     let last = sample.labels.iter().rposition(|&l| l != IGNORE_INDEX)?;
     let start = sample.labels[..=last]
         .iter()

@@ -30,6 +30,7 @@ pub struct StepMetrics {
 
 /// What the rollouts of one or more steps did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct RolloutCounts {
     /// Micro-batches the student answered (on-policy).
     pub student_micro_batches: usize,
@@ -41,6 +42,9 @@ pub struct RolloutCounts {
     pub capped: usize,
     /// Tokens generated (ends of answer included).
     pub tokens: usize,
+    /// The student's answers equal to the data's (VQA-normalised), where a policy-gradient
+    /// term scored them.
+    pub matches: usize,
 }
 
 impl std::ops::AddAssign for RolloutCounts {
@@ -50,6 +54,7 @@ impl std::ops::AddAssign for RolloutCounts {
         self.answers += other.answers;
         self.capped += other.capped;
         self.tokens += other.tokens;
+        self.matches += other.matches;
     }
 }
 
@@ -410,7 +415,7 @@ mod tests {
         let line = serde_json::to_string(&rolled).unwrap();
         assert!(line.ends_with(
             "\"samples\":4,\"rollouts\":{\"student_micro_batches\":1,\"teacher_micro_batches\":0,\
-             \"answers\":2,\"capped\":1,\"tokens\":9}}"
+             \"answers\":2,\"capped\":1,\"tokens\":9,\"matches\":0}}"
         ), "{line}");
         assert_eq!(serde_json::from_str::<StepMetrics>(&line).unwrap(), rolled);
         let err = serde_json::from_str::<StepMetrics>("{\"step\":1}").unwrap_err();

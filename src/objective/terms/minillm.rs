@@ -34,10 +34,21 @@ pub const LONG: TermKind = TermKind {
         let clip = cfg.spec.clip.unwrap_or(DEFAULT_CLIP);
         ensure!(
             clip > 0.0 && clip.is_finite(),
-            "objective term `minillm.long`: `clip` must be positive, got {clip}"
+            "objective term `{}`: `clip` must be positive, got {clip}",
+            cfg.spec.term
         );
         Ok(Box::new(LongTerm { clip }))
     },
+};
+
+/// The same clipped policy gradient for any reward of the stage's rollouts (`mmkd rl`).
+pub const PG: TermKind = TermKind {
+    name: "pg",
+    log_name: "l_pg",
+    about: "clipped policy gradient on the rollouts' rewards ([rollout] reward)",
+    divergence_options: false,
+    options: &["clip"],
+    build: LONG.build,
 };
 
 fn needs() -> Needs {

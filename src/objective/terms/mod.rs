@@ -47,6 +47,7 @@ pub const TERMS: &[TermKind] = &[
     gkd::KIND,
     minillm::SINGLE,
     minillm::LONG,
+    minillm::PG,
 ];
 
 /// The flat rows of `positions` in this batch: the response rows, then the visual rows.
