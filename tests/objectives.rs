@@ -1157,3 +1157,48 @@ fn a_student_drafts_for_its_teacher_without_changing_the_teachers_answer() {
         "{err}"
     );
 }
+
+#[test]
+fn eval_records_how_often_a_draft_proposes_what_the_model_answers() {
+    let w = world();
+    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
+    let out = s("eval-drafted");
+    let (ok, stdout, err) = mmkd(&[
+        "eval",
+        "vqa",
+        // The world's briefly trained teacher stops at once on these questions; the
+        // pre-trained student answers at length, so it is the model here, the teacher its
+        // draft (any model of the same tokenizer can draft).
+        "--model",
+        &s("student"),
+        "--images",
+        &s("data"),
+        "--questions",
+        &s("data/test/questions.jsonl"),
+        "--answers",
+        &s("data/test/answers.jsonl"),
+        "--max-new-tokens",
+        "6",
+        "--out",
+        &out,
+        "--quiet",
+        "--draft",
+        &s("teacher"),
+        "--gamma",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("speculative with"), "{stdout}");
+    let record: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(&out).join("speculative.json")).unwrap(),
+    )
+    .unwrap();
+    let (proposed, accepted) = (
+        record["proposed"].as_u64().unwrap(),
+        record["accepted"].as_u64().unwrap(),
+    );
+    assert!(proposed > 0 && accepted <= proposed, "{record}");
+    assert_eq!(record["gamma"], 3);
+    let rate = record["acceptance_rate"].as_f64().unwrap();
+    assert!((rate - accepted as f64 / proposed as f64).abs() < 1e-12);
+}

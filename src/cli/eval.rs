@@ -2,11 +2,15 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 
+use crate::checkpoint::LoadedModel;
+use crate::eval::files::{read_records, QuestionLine};
+use crate::eval::run::vqa_prompts;
 use crate::eval::run::{compare, eval_captions, eval_choice, eval_pope, eval_vqa, EvalResults};
 use crate::eval::Answerer;
+use crate::models::llava::{BuildOptions, Trainable};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -59,6 +63,15 @@ pub enum EvalTask {
         /// Appended to every question (e.g. "\nAnswer the question using a single word or phrase.").
         #[arg(long, default_value = "")]
         prompt_suffix: String,
+        /// A smaller model with the same tokenizer (the distilled student) as the model's
+        /// speculative draft: every question is answered again with it proposing --gamma
+        /// tokens a round; the answers stay the model's own (greedy) and the acceptance rate
+        /// goes to OUT/speculative.json.
+        #[arg(long)]
+        draft: Option<String>,
+        /// Tokens the draft proposes per round.
+        #[arg(long, default_value_t = 4, requires = "draft")]
+        gamma: usize,
     },
     /// BLEU-1..4, ROUGE-L, CIDEr-D (pycocoevalcap conventions; METEOR not computed).
     Caption {
@@ -125,6 +138,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
             questions,
             answers,
             prompt_suffix,
+            draft,
+            gamma,
         } => {
             let a = answerer(&model)?;
             let r = eval_vqa(
@@ -136,7 +151,38 @@ pub fn run(args: EvalArgs) -> Result<()> {
                 &model.out,
                 !model.quiet,
             )?;
-            report(&r, &model.out)
+            report(&r, &model.out)?;
+            if let Some(draft) = draft {
+                let lines: Vec<QuestionLine> = read_records(&questions)?;
+                let items = vqa_prompts(&lines, &model.images, &prompt_suffix);
+                let mut options = BuildOptions::new(Trainable::NONE, 0);
+                options.device = model.device.open()?;
+                let draft_model = LoadedModel::load(&draft, &options)
+                    .with_context(|| format!("loading the draft {draft}"))?;
+                let started = std::time::Instant::now();
+                let stats = a.speculate(&draft_model, &items, gamma)?;
+                let seconds = started.elapsed().as_secs_f64();
+                let record = serde_json::json!({
+                    "draft": draft, "gamma": gamma, "questions": items.len(),
+                    "proposed": stats.proposed, "accepted": stats.accepted,
+                    "acceptance_rate": stats.acceptance_rate(),
+                    "target_forwards": stats.target_forwards, "seconds": seconds,
+                });
+                std::fs::write(
+                    model.out.join("speculative.json"),
+                    serde_json::to_string_pretty(&record)?,
+                )?;
+                println!(
+                    "speculative with {draft}: γ {gamma}, {} of {} proposals accepted ({:.1} %), \
+                     {} model forwards over {} questions, {seconds:.1} s",
+                    stats.accepted,
+                    stats.proposed,
+                    100.0 * stats.acceptance_rate(),
+                    stats.target_forwards,
+                    items.len()
+                );
+            }
+            Ok(())
         }
         EvalTask::Caption {
             model,

@@ -252,9 +252,13 @@ mod tests {
             Role::Student,
         )
         .unwrap();
+        // The stage's defaults (GKD's), with the shapes world's shorter answers.
         assert_eq!(
             plain.train.rollout,
-            Some(crate::config::settings::RolloutSettings::default())
+            Some(crate::config::settings::RolloutSettings {
+                max_new_tokens: 32,
+                ..Default::default()
+            })
         );
         assert_eq!(plain.objective.len(), 1);
         let dft = StageSettings::resolve(&doc, Stage::Dft, Role::Student).unwrap();

@@ -7,6 +7,7 @@
 pub mod methods;
 pub mod report;
 pub mod settings;
+pub mod speculation;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -51,6 +52,9 @@ pub struct ModelResult {
     pub train_seconds: f64,
     /// Wall seconds per optimizer step of the model's DFT stage (`None`: it has none).
     pub dft_seconds_per_step: Option<f64>,
+    /// Its proposals the teacher kept as its greedy speculative draft, in % (`None`: the
+    /// teacher itself).
+    pub draft_acceptance: Option<f64>,
     pub dir: PathBuf,
 }
 
@@ -355,6 +359,7 @@ fn model_result(
         params,
         train_seconds,
         dft_seconds_per_step: dft_seconds_per_step(dir),
+        draft_acceptance: None,
         dir: dir.to_path_buf(),
     }
 }
@@ -523,15 +528,26 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 options.progress,
             )?;
             let count = methods::parameter_count(model_dir)?;
-            results.insert(
-                name.clone(),
-                model_result(
-                    &evals,
-                    count,
-                    *seconds.get(name.as_str()).unwrap_or(&0.0),
-                    model_dir,
-                ),
+            let mut result = model_result(
+                &evals,
+                count,
+                *seconds.get(name.as_str()).unwrap_or(&0.0),
+                model_dir,
             );
+            if name != "teacher" {
+                result.draft_acceptance = Some(
+                    speculation::drafting(
+                        &seed_dir.join("teacher/sft"),
+                        model_dir,
+                        &data,
+                        &demo,
+                        &chat_template,
+                        &seed_dir.join("eval").join(name),
+                    )?
+                    .acceptance_rate,
+                );
+            }
+            results.insert(name.clone(), result);
         }
         per_seed.push((seed, seed_dir, results));
     }

@@ -206,6 +206,11 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
             .filter_map(|(_, _, r)| r.get(model)?.dft_seconds_per_step)
             .collect();
         obj.insert("dft_seconds_per_step_per_seed".into(), json!(per_step));
+        let acceptance: Vec<f64> = per_seed
+            .iter()
+            .filter_map(|(_, _, r)| r.get(model)?.draft_acceptance)
+            .collect();
+        obj.insert("draft_acceptance_per_seed".into(), json!(acceptance));
         let params = per_seed
             .first()
             .and_then(|(_, _, r)| r.get(model))
@@ -266,7 +271,7 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
     for method in methods {
         md.push_str(&format!("{}\n\n", method.describe()));
     }
-    md.push_str("| model | params | VQA acc (%) | CIDEr-D | BLEU-4 | ROUGE-L | POPE F1 | DFT s/step |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    md.push_str("| model | params | VQA acc (%) | CIDEr-D | BLEU-4 | ROUGE-L | POPE F1 | DFT s/step | draft acc. (%) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for &model in &models {
         let params = per_seed
             .first()
@@ -278,21 +283,36 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
             .iter()
             .filter_map(|(_, _, r)| r.get(model)?.dft_seconds_per_step)
             .collect();
+        let acceptance: Vec<f64> = per_seed
+            .iter()
+            .filter_map(|(_, _, r)| r.get(model)?.draft_acceptance)
+            .collect();
+        let dash_or = |values: &[f64], d| {
+            if values.is_empty() {
+                "–".to_string()
+            } else {
+                cell(values, d)
+            }
+        };
         md.push_str(&format!(
-            "| {model} | {params} | {} | {} | {} | {} | {} | {} |\n",
+            "| {model} | {params} | {} | {} | {} | {} | {} | {} | {} |\n",
             v(&|r| r.vqa_accuracy, 2),
             v(&|r| r.caption_cider, 3),
             v(&|r| r.caption_bleu_4, 3),
             v(&|r| r.caption_rouge_l, 3),
             v(&|r| r.pope_f1, 2),
-            if per_step.is_empty() {
-                "–".to_string()
-            } else {
-                cell(&per_step, 3)
-            }
+            dash_or(&per_step, 3),
+            dash_or(&acceptance, 1),
         ));
     }
-    md.push('\n');
+    md.push_str(&format!(
+        "\n`draft acc.`: the share of a student's proposals its teacher kept with the student as \
+         its draft (greedy speculative decoding, γ {}, the first {} {} questions; the answers are \
+         the teacher's own).\n\n",
+        super::speculation::GAMMA,
+        super::speculation::QUESTIONS,
+        demo.eval_split.name()
+    ));
     md.push_str(&verdict(per_seed, methods));
     // Per-category accuracy.
     let mut cats: Vec<String> = per_seed

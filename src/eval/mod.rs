@@ -15,6 +15,7 @@ use mmkd_datasets::{tokenize_prompt, Template};
 use crate::checkpoint::bundle::LoadedModel;
 use crate::generate::{generate, GenerationConfig};
 use crate::models::llava::{BuildOptions, Trainable};
+use crate::speculative::{speculative_generate, PromptImages, SpeculativeStats};
 
 /// One prompt to answer.
 #[derive(Clone, Debug)]
@@ -206,5 +207,48 @@ impl Answerer {
                 tokens_per_s: new_tokens as f64 / seconds.max(1e-9),
             },
         ))
+    }
+
+    /// `draft` as a speculative draft for this model on `items`, one prompt at a time,
+    /// proposing `gamma` tokens a round with this answerer's generation settings (greedy: the
+    /// answers are this model's own): the acceptance statistics over all of them.
+    pub fn speculate(
+        &self,
+        draft: &LoadedModel,
+        items: &[PromptItem],
+        gamma: usize,
+    ) -> Result<SpeculativeStats> {
+        anyhow::ensure!(
+            draft.tokenizer.get_vocab(true) == self.bundle.tokenizer.get_vocab(true),
+            "the draft's tokenizer is not the model's: it cannot draft for it"
+        );
+        let mut total = SpeculativeStats::default();
+        let decode = |ids: &[u32]| self.bundle.decode(ids).unwrap_or_default();
+        for item in items {
+            let prompt = self
+                .prompt_ids(item)
+                .with_context(|| format!("question {}", item.id))?;
+            let images = item.image.as_ref().map(std::slice::from_ref);
+            let target_pixels = images.map(|i| self.bundle.pixel_values(i)).transpose()?;
+            let draft_pixels = images.map(|i| draft.pixel_values(i)).transpose()?;
+            let (_, stats) = speculative_generate(
+                &self.bundle.model,
+                &draft.model,
+                &prompt,
+                PromptImages {
+                    target: target_pixels.as_ref(),
+                    draft: draft_pixels.as_ref(),
+                },
+                &self.generation,
+                gamma,
+                &decode,
+            )
+            .with_context(|| format!("question {}", item.id))?;
+            total.rounds += stats.rounds;
+            total.proposed += stats.proposed;
+            total.accepted += stats.accepted;
+            total.target_forwards += stats.target_forwards;
+        }
+        Ok(total)
     }
 }
