@@ -145,7 +145,7 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         "--out",
         out_s,
         "--methods",
-        "lora,merge,switch,hidden,uld",
+        "lora,merge,switch,hidden,uld,gkd,minillm,rl",
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("done earlier, skipped"), "{err}");
@@ -165,6 +165,10 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         ("switch-kd", "l_switch"),
         ("distilled-hidden", "l_hidden"),
         ("uld", "l_uld"),
+        ("gkd", "l_gkd"),
+        ("minillm", "l_single"),
+        ("rl", "l_pg"),
+        ("rl-kd", "l_pg"),
     ] {
         let metrics =
             std::fs::read_to_string(out.join("seed-0").join(row).join("metrics.jsonl")).unwrap();
@@ -182,8 +186,17 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         "switch-kd",
         "distilled-hidden",
         "uld",
+        "gkd",
+        "minillm",
+        "rl",
+        "rl-kd",
     ] {
         let acc = report["results"][row]["vqa_accuracy"].as_f64().unwrap();
+        // Every student drafted for its teacher.
+        let drafted = report["results"][row]["draft_acceptance_per_seed"][0]
+            .as_f64()
+            .unwrap();
+        assert!((0.0..=100.0).contains(&drafted), "{row}: {drafted}");
         assert!((0.0..=100.0).contains(&acc), "{row}: {acc}");
         assert_eq!(
             report["results"][row]["params"], report["results"]["distilled"]["params"],
@@ -196,7 +209,9 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         md.contains("| distilled-lora |")
             && md.contains("**merged:** merged − distilled")
             && md.contains("| uld |")
-            && md.contains("DFT s/step"),
+            && md.contains("DFT s/step")
+            && md.contains("draft acc. (%)")
+            && md.contains("| rl-kd |"),
         "{md}"
     );
     let after = std::fs::metadata(out.join("seed-0/teacher/sft/model.safetensors"))
