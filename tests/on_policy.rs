@@ -9,45 +9,8 @@ mod common;
 use std::path::Path;
 
 use common::mmkd;
-use common::world::{metrics, resumes_bit_exactly, world, World};
+use common::world::{metrics, resumes_bit_exactly, stage_args as run_args, world};
 use mmkd::stages::rollout::{Responder, RolloutRecord, ROLLOUTS_FILE};
-
-/// `stage` (`gkd` or `dft`) of the pre-trained student against `teacher` into `out` for
-/// `steps` steps, with `sets` as `--set`s.
-fn run_args(
-    w: &World,
-    stage: &str,
-    teacher: &str,
-    out: &str,
-    steps: usize,
-    sets: &[&str],
-) -> Vec<String> {
-    let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
-    let mut args: Vec<String> = [
-        stage,
-        "--config",
-        "shapes-tiny",
-        "--quiet",
-        "--data",
-        &s("data/train/instruct.json"),
-        "--images",
-        &s("data"),
-        "--init",
-        &s("student"),
-        "--teacher",
-        &s(teacher),
-        "--out",
-        &s(out),
-        "--max-steps",
-        &steps.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
-    for set in sets {
-        args.extend(["--set".to_string(), set.to_string()]);
-    }
-    args
-}
 
 fn run(args: &[String]) -> (bool, String, String) {
     mmkd(&args.iter().map(String::as_str).collect::<Vec<_>>())

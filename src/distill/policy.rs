@@ -62,29 +62,14 @@ impl PolicyRows {
         student_logprobs: &[f32],
         weights: &[f32],
     ) -> Result<()> {
-        let n = rows.len();
         ensure!(
-            [
-                tokens.len(),
-                teacher_logprobs.len(),
-                student_logprobs.len(),
-                weights.len()
-            ]
-            .iter()
-            .all(|&len| len == n),
-            "an answer of {n} rows with {} tokens, {} + {} log-probabilities and {} weights",
-            tokens.len(),
+            teacher_logprobs.len() == student_logprobs.len(),
+            "{} teacher and {} student log-probabilities for one answer",
             teacher_logprobs.len(),
-            student_logprobs.len(),
-            weights.len()
+            student_logprobs.len()
         );
-        let rewards = rewards(teacher_logprobs, student_logprobs);
-        self.rows.extend_from_slice(rows);
-        self.tokens.extend_from_slice(tokens);
-        self.old_logprobs.extend_from_slice(student_logprobs);
-        self.advantages.extend(normalized_future_rewards(&rewards));
-        self.weights.extend_from_slice(weights);
-        Ok(())
+        let advantages = normalized_future_rewards(&rewards(teacher_logprobs, student_logprobs));
+        self.push_with_advantages(rows, tokens, student_logprobs, &advantages, weights)
     }
 }
 

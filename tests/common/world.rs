@@ -152,12 +152,19 @@ pub fn metrics(dir: &Path) -> Vec<StepMetrics> {
     read_metrics(&dir.join("metrics.jsonl")).unwrap()
 }
 
-/// A 12-step `dft` of the pre-trained student against `teacher` into `out` with `objective`,
-/// checkpointing every 2 steps (the arguments, for a run that is killed and resumed).
-pub fn checkpointed_dft(w: &World, teacher: &str, out: &str, objective: &str) -> Vec<String> {
+/// `stage` (`dft`, `gkd`, ...) of the pre-trained student against `teacher` into `out` for
+/// `steps` steps, with `sets` as `--set`s (the arguments).
+pub fn stage_args(
+    w: &World,
+    stage: &str,
+    teacher: &str,
+    out: &str,
+    steps: usize,
+    sets: &[&str],
+) -> Vec<String> {
     let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();
-    [
-        "dft",
+    let mut args: Vec<String> = [
+        stage,
         "--config",
         "shapes-tiny",
         "--quiet",
@@ -172,16 +179,21 @@ pub fn checkpointed_dft(w: &World, teacher: &str, out: &str, objective: &str) ->
         "--out",
         &s(out),
         "--max-steps",
-        "12",
-        "--set",
-        "train.save_every=2",
-        "--set",
-        "train.keep_last=6",
-        "--set",
-        objective,
+        &steps.to_string(),
     ]
     .map(String::from)
-    .to_vec()
+    .to_vec();
+    for set in sets {
+        args.extend(["--set".to_string(), set.to_string()]);
+    }
+    args
+}
+
+/// A 12-step `dft` of the pre-trained student against `teacher` into `out` with `objective`,
+/// checkpointing every 2 steps (the arguments, for a run that is killed and resumed).
+pub fn checkpointed_dft(w: &World, teacher: &str, out: &str, objective: &str) -> Vec<String> {
+    let sets = ["train.save_every=2", "train.keep_last=6", objective];
+    stage_args(w, "dft", teacher, out, 12, &sets)
 }
 
 /// Runs `args` in `out`'s place twice — once through, once SIGKILLed after its first
