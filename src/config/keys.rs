@@ -59,6 +59,16 @@ pub const KEYS: &[KeyDoc] = &[
     k("train.lora.dropout", "float", "dropout on each adapter's input while training (PEFT's lora_dropout; default 0)"),
     k("train.lora.targets", "list", "linear layers adapted by name (q_proj, v_proj, fc1, linear_1, …) or all-linear (default q_proj, v_proj)"),
     k("train.lora.modules", "list", "modules whose layers get adapters, their weights frozen: any of vision, projector, llm (default llm); the rest of train.trainable trains fully"),
+    k("train.rollout.lambda", "float", "train.rollout (a table: on-policy answers; gkd, minillm and rl have one): probability λ that the student answers a micro-batch itself (gkd 0.5, minillm and rl 1)"),
+    k("train.rollout.temperature", "float", "sampling temperature of the student's answers (gkd 0.9, minillm and rl 1; 0: greedy)"),
+    k("train.rollout.top_p", "float", "nucleus cut of the sampling (1: none)"),
+    k("train.rollout.top_k", "integer", "keep the k most likely tokens when sampling (0: all)"),
+    k("train.rollout.max_new_tokens", "integer", "answers are cut at this many tokens, and counted (64; the shapes presets 32)"),
+    k("train.rollout.mix_alpha", "float", "teacher-mixed sampling: draw from α·teacher + (1−α)·student with importance weights (minillm 0.2, else 0)"),
+    k("train.rollout.reward", "string", "what the policy-gradient terms maximise: minillm (log p − log q), task (exact match with the data's answer) or teacher (LLMR)"),
+    k("train.rollout.kl_coef", "float", "β_KL: a task or teacher reward minus β_KL·Σ (log q − log p) (0)"),
+    k("train.rollout.seq_kd", "bool", "the micro-batches the student does not answer take the teacher's greedy answers (sequence-level KD)"),
+    k("train.rollout.log_every", "integer", "write the step's answers to rollouts.jsonl every N steps (10; 0: never)"),
     k("train.objective", "list of tables", "the stage's loss, [[stages.<stage>.objective]]: term, weight, name, divergence, temperature, t2_scaling (see the README)"),
     // [distill]
     k("distill.divergence", "string or table", "forward_kl, reverse_kl, tvd, { kind = \"jsd\", beta }, { kind = \"skew_forward_kl\" | \"skew_reverse_kl\", alpha }"),
@@ -261,6 +271,13 @@ mod tests {
                         serde_json::to_value(crate::config::LoraSettings::default()).unwrap();
                     for sub in lora.as_object().unwrap().keys() {
                         keys.insert(format!("train.lora.{sub}"));
+                    }
+                    // DFT rolls nothing out; the on-policy stages' table has these keys.
+                    let rollout =
+                        serde_json::to_value(crate::config::settings::RolloutSettings::default())
+                            .unwrap();
+                    for sub in rollout.as_object().unwrap().keys() {
+                        keys.insert(format!("train.rollout.{sub}"));
                     }
                 } else {
                     keys.insert(format!("{prefix}.{key}"));

@@ -59,9 +59,9 @@ pub struct RolloutSettings {
     pub lambda: f64,
     /// Sampling temperature of the rollouts (0: greedy).
     #[serde(default = "default_rollout_temperature")]
-    pub temperature: f32,
-    #[serde(default = "one_f32")]
-    pub top_p: f32,
+    pub temperature: f64,
+    #[serde(default = "one")]
+    pub top_p: f64,
     #[serde(default)]
     pub top_k: usize,
     /// Answers are cut at this many tokens (and counted in the summary).
@@ -109,10 +109,10 @@ pub enum RewardKind {
 fn half() -> f64 {
     0.5
 }
-fn one_f32() -> f32 {
+fn one() -> f64 {
     1.0
 }
-fn default_rollout_temperature() -> f32 {
+fn default_rollout_temperature() -> f64 {
     0.9
 }
 fn default_rollout_tokens() -> usize {

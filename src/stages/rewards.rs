@@ -73,7 +73,7 @@ impl Rewards<'_> {
             let teacher = gather_rows(teacher_logits, &rows)?;
             // Importance weights from the distributions that sampled (MiniLLM §2.2).
             let weights = if settings.mix_alpha > 0.0 {
-                let t = f64::from(settings.temperature);
+                let t = settings.temperature;
                 let probs = |logits: &Tensor| -> Result<Vec<f32>> {
                     Ok(token_logprobs(logits, &tokens, t)?
                         .iter()

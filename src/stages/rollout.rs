@@ -140,10 +140,10 @@ impl Rollouts {
         let cfg = GenerationConfig {
             max_new_tokens: self.settings.max_new_tokens,
             temperature: match responder {
-                Responder::Student => self.settings.temperature,
+                Responder::Student => self.settings.temperature as f32,
                 _ => 0.0,
             },
-            top_p: self.settings.top_p,
+            top_p: self.settings.top_p as f32,
             top_k: self.settings.top_k,
             seed: micro_batch_seed(self.seed, step, &inputs.collated.sample_indices, b"rollout"),
             stop_token_ids: self.stop_token_ids.clone(),
