@@ -3,6 +3,7 @@
 pub mod decoder;
 pub mod llava;
 pub mod llava_config;
+pub mod moe;
 pub mod projector;
 pub mod splice;
 pub mod text_config;
