@@ -34,6 +34,15 @@ pub struct SpeculativeStats {
     pub target_forwards: usize,
 }
 
+impl std::ops::AddAssign for SpeculativeStats {
+    fn add_assign(&mut self, other: Self) {
+        self.rounds += other.rounds;
+        self.proposed += other.proposed;
+        self.accepted += other.accepted;
+        self.target_forwards += other.target_forwards;
+    }
+}
+
 impl SpeculativeStats {
     /// Kept proposals over proposals (0 when nothing was proposed).
     pub fn acceptance_rate(&self) -> f64 {

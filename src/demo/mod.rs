@@ -516,6 +516,8 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 finals.push((row, dir));
             }
         }
+        let teacher_dir = seed_dir.join("teacher/sft");
+        let drafts = speculation::Drafts::new(&teacher_dir, &data, &demo, &chat_template);
         let mut results = std::collections::BTreeMap::new();
         for (name, model_dir) in &finals {
             say(options.progress, &format!("eval: {name} (seed {seed})"));
@@ -535,17 +537,8 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 model_dir,
             );
             if name != "teacher" {
-                result.draft_acceptance = Some(
-                    speculation::drafting(
-                        &seed_dir.join("teacher/sft"),
-                        model_dir,
-                        &data,
-                        &demo,
-                        &chat_template,
-                        &seed_dir.join("eval").join(name),
-                    )?
-                    .acceptance_rate,
-                );
+                let drafting = drafts.drafting(model_dir, &seed_dir.join("eval").join(name))?;
+                result.draft_acceptance = Some(drafting.acceptance_rate);
             }
             results.insert(name.clone(), result);
         }

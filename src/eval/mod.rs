@@ -244,10 +244,7 @@ impl Answerer {
                 &decode,
             )
             .with_context(|| format!("question {}", item.id))?;
-            total.rounds += stats.rounds;
-            total.proposed += stats.proposed;
-            total.accepted += stats.accepted;
-            total.target_forwards += stats.target_forwards;
+            total += stats;
         }
         Ok(total)
     }

@@ -204,8 +204,8 @@ impl StageBatches<'_> {
             .logits
             .detach()
             .narrow(D::Minus1, 0, vocab)?;
+        let decode = |ids: &[u32]| self.student.decode(ids);
         if policy {
-            let decode = |ids: &[u32]| self.student.decode(ids);
             let scored = Rewards {
                 rollouts,
                 samples: self.samples,
@@ -216,9 +216,8 @@ impl StageBatches<'_> {
             mb.policy = Some(scored.rows);
         }
         if logs {
-            let teacher = answer_logprobs(&teacher_logits, &mb.inputs, answers, vocab)?;
-            let student = answer_logprobs(&student_logits, &mb.inputs, answers, vocab)?;
-            let decode = |ids: &[u32]| self.student.decode(ids);
+            let teacher = answer_logprobs(&teacher_logits, &mb.inputs, answers)?;
+            let student = answer_logprobs(&student_logits, &mb.inputs, answers)?;
             let logged = records(
                 self.step_index,
                 &mb.inputs,

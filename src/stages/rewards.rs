@@ -40,7 +40,7 @@ struct Answer {
     teacher: Vec<f32>,
     student: Vec<f32>,
     weights: Vec<f32>,
-    /// The teacher's logit of each token and logsumexp of its row (LLMR).
+    /// The teacher's logit of each token and logsumexp of its row (LLMR's reward only).
     q_values: Vec<f32>,
     values: Vec<f32>,
     matches: bool,
@@ -84,11 +84,14 @@ impl Rewards<'_> {
             } else {
                 vec![1.0; len]
             };
-            let ids = Tensor::from_vec(tokens.clone(), (len, 1), teacher.device())?;
-            let teacher_f32 = teacher.to_dtype(candle_core::DType::F32)?;
+            let (q_values, values) = if settings.reward == RewardKind::Teacher {
+                q_values_of(&teacher, &tokens)?
+            } else {
+                (Vec::new(), Vec::new())
+            };
             let answer = Answer {
-                q_values: teacher_f32.gather(&ids, 1)?.squeeze(1)?.to_vec1()?,
-                values: teacher_f32.log_sum_exp(D::Minus1)?.to_vec1()?,
+                q_values,
+                values,
                 teacher: token_logprobs(&teacher, &tokens, 1.0)?,
                 student: token_logprobs(&student, &tokens, 1.0)?,
                 matches: self.matches_data(inputs, answers, row)?,
@@ -163,6 +166,17 @@ fn answer_matches(
     let data = &sample.input_ids[last_answer_start(sample).unwrap_or(sample.input_ids.len())..];
     let reference = data.strip_suffix(end).unwrap_or(data);
     Ok(normalize_prediction(&decode(answer)?) == normalize_prediction(&decode(reference)?))
+}
+
+/// The teacher's logit of each token (its Q-value) and the logsumexp of each row (the soft
+/// value), from its `[N, vocab]` logits at an answer's rows.
+fn q_values_of(teacher: &Tensor, tokens: &[u32]) -> Result<(Vec<f32>, Vec<f32>)> {
+    let ids = Tensor::from_vec(tokens.to_vec(), (tokens.len(), 1), teacher.device())?;
+    let logits = teacher.to_dtype(candle_core::DType::F32)?;
+    Ok((
+        logits.gather(&ids, 1)?.squeeze(1)?.to_vec1()?,
+        logits.log_sum_exp(D::Minus1)?.to_vec1()?,
+    ))
 }
 
 /// An answer's return for a task or teacher reward, shaped by −β_KL · Σ_t (log q − log p).

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use mmkd_datasets::{collate, Template, TokenizedSample, IGNORE_INDEX};
 use mmkd_nn::SeededRng;
 use serde::{Deserialize, Serialize};
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch::{ModelInputs, TRAINING_COLLATE};
 use crate::checkpoint::LoadedModel;
 use crate::config::settings::RolloutSettings;
+use crate::distill::policy::token_logprobs;
 use crate::generate::{generate, generate_mixed, GenerationConfig};
 use crate::models::llava::LlavaModel;
 use crate::train::metrics::RolloutCounts;
@@ -262,14 +263,12 @@ pub fn micro_batch_seed(seed: u64, step: usize, samples: &[usize], purpose: &[u8
 }
 
 /// The log-probability each row's answer tokens get from `logits` (`[batch, seq, vocab]` on
-/// the rolled batch), cut to the first `vocab` entries.
+/// the rolled batch, already cut to the vocabulary both models compare).
 pub fn answer_logprobs(
     logits: &Tensor,
     inputs: &ModelInputs,
     answers: &RolledAnswers,
-    vocab: usize,
 ) -> Result<Vec<Vec<f32>>> {
-    let logits = logits.narrow(D::Minus1, 0, vocab)?;
     answers
         .spans
         .iter()
@@ -280,14 +279,7 @@ pub fn answer_logprobs(
             }
             // Position t's logits predict token t + 1.
             let rows = logits.get(row)?.narrow(0, start - 1, len)?;
-            let logp =
-                candle_nn::ops::log_softmax(&rows.to_dtype(candle_core::DType::F32)?, D::Minus1)?
-                    .to_vec2::<f32>()?;
-            Ok(inputs.tokens.ids[row][start..start + len]
-                .iter()
-                .zip(logp)
-                .map(|(&t, row)| row[t as usize])
-                .collect())
+            token_logprobs(&rows, &inputs.tokens.ids[row][start..start + len], 1.0)
         })
         .collect()
 }
