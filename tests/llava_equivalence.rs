@@ -1,5 +1,5 @@
 //! mmkd's LLaVA (vision tower → selection → projector → splice → decoder) against transformers
-//! 5.24 on the committed tiny checkpoints: logits at every position, image features, greedy
+//! 5.24 (5.25 for the Mixture-of-Experts ones) on the committed tiny checkpoints: logits at every position, image features, greedy
 //! generation (cached and uncached, single and left-padded batch) and answer scoring.
 
 mod common;
@@ -51,6 +51,16 @@ fn clip_llama_sharded_tied_logits_match_transformers_at_every_position() {
 }
 
 #[test]
+fn siglip_qwen2_moe_logits_match_transformers_at_every_position() {
+    check_logits("llava_siglip_qwen2moe", "llava_siglip_qwen2moe");
+}
+
+#[test]
+fn clip_mixtral_logits_match_transformers_at_every_position() {
+    check_logits("llava_clip_mixtral", "llava_clip_mixtral");
+}
+
+#[test]
 fn legacy_key_layout_loads_to_the_same_logits() {
     check_logits("llava_siglip_qwen2_legacy", "llava_siglip_qwen2");
 }
@@ -85,7 +95,12 @@ fn unpad(ids: &[Vec<u32>], mask: &[Vec<u8>]) -> Vec<Vec<u32>> {
 
 #[test]
 fn greedy_generation_matches_transformers_cached_and_uncached() {
-    for name in ["llava_siglip_qwen2", "llava_clip_llama"] {
+    for name in [
+        "llava_siglip_qwen2",
+        "llava_clip_llama",
+        "llava_siglip_qwen2moe",
+        "llava_clip_mixtral",
+    ] {
         let model = load(name);
         let exp = expected(name);
         let ids = ids2(&exp["input_ids"]);

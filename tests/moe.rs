@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use common::{expected, fixture, max_abs_diff};
-use mmkd::models::moe::{MoeShape, SparseMoe};
+use mmkd::models::moe::{ExpertLayout, MoeShape, SparseMoe};
 use mmkd_nn::weights::WeightSource;
 use mmkd_nn::{ParamBuilder, ParamStore};
 
@@ -22,6 +22,7 @@ fn shape(norm_topk_prob: bool) -> MoeShape {
         top_k: 2,
         norm_topk_prob,
         act: mmkd_nn::Activation::Silu,
+        layout: ExpertLayout::Qwen2Moe,
     }
 }
 
@@ -33,7 +34,7 @@ fn block(store: &ParamStore, shape: MoeShape) -> anyhow::Result<SparseMoe> {
     let pb = ParamBuilder::new(store, Arc::new(source), 0, &Device::Cpu)
         .strict(true)
         .pp("model.layers.0.mlp");
-    SparseMoe::new(&pb, shape, 0.02)
+    SparseMoe::new(&pb, shape, 0, 0.02)
 }
 
 #[test]

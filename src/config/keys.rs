@@ -81,7 +81,7 @@ pub const KEYS: &[KeyDoc] = &[
     k("models.<role>.vision", "string", "vision checkpoint (SigLIP/CLIP, or a LLaVA checkpoint's tower): directory or hub id"),
     k("models.<role>.llm", "string", "causal-LM checkpoint (Qwen2/Llama): directory or hub id"),
     k("models.<role>.vision_config", "table", "a fresh tower (Hugging Face SiglipVisionConfig / CLIPVisionConfig keys)"),
-    k("models.<role>.text_config", "table", "a fresh LLM (Hugging Face Qwen2Config / LlamaConfig keys)"),
+    k("models.<role>.text_config", "table", "a fresh LLM (Hugging Face Qwen2Config / LlamaConfig / Qwen2MoeConfig / MixtralConfig keys)"),
     k("models.<role>.projector", "string", "projector kind (mlp2x_gelu, linear, ...)"),
     k("models.<role>.feature_layer", "integer or list", "vision layer(s) LLaVA reads (-2: the second to last)"),
     k("models.<role>.select_strategy", "string", "default (drop the class token) or full"),

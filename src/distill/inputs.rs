@@ -11,6 +11,7 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 
 use super::align::AlignedRows;
+use super::balance::Routers;
 use super::ce::{ce_of_rows, ce_rows, check_targets};
 use super::config::DistillLossConfig;
 use super::mdist::{check_labels, check_pair, rows_loss};
@@ -150,6 +151,8 @@ pub struct LossInputs<'a> {
     /// On a micro-batch whose answers were generated: the student's logits on the data's own
     /// answers and their labels, which the cross-entropy reads.
     data_answers: Option<(&'a Tensor, ResponseRows)>,
+    /// A sparse student's routers (empty logits for a dense student).
+    routers: Option<Routers<'a>>,
 }
 
 /// Switch-KD's visual switch: the student's visual tokens and the online teacher's language
@@ -258,7 +261,23 @@ impl<'a> LossInputs<'a> {
             switch: None,
             policy: None,
             data_answers: None,
+            routers: None,
         })
+    }
+
+    /// The same inputs with the student's routers on this micro-batch.
+    pub fn with_routers(mut self, routers: Routers<'a>) -> Self {
+        self.routers = Some(routers);
+        self
+    }
+
+    /// The student's routers; an error naming `term` for a dense student.
+    pub fn routers(&self, term: &str) -> Result<Routers<'a>> {
+        self.routers
+            .filter(|r| !r.logits.is_empty())
+            .with_context(|| {
+                format!("{term} balances a Mixture-of-Experts student's routers; this student has no sparse layer")
+            })
     }
 
     /// The same inputs with the per-token constants of the student's sampled answers.

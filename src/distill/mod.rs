@@ -4,6 +4,7 @@
 //! top-k log-probabilities in an offline cache (`topk`).
 
 pub mod align;
+pub mod balance;
 mod ce;
 pub mod config;
 pub mod dbild;

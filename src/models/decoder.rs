@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use mmkd_nn::attention::{attention, MASK_VALUE};
 use mmkd_nn::{Embedding, Linear, ParamBuilder, RmsNorm};
 
+use super::moe::{Routing, SparseMoe};
 use super::text_config::TextConfig;
 
 const INIT_STD: f32 = 0.02;
@@ -141,15 +142,46 @@ impl Mlp {
     }
 }
 
+/// A layer's feed-forward block: dense, or sparse in a Mixture-of-Experts family.
+enum FeedForward {
+    Dense(Mlp),
+    Sparse(SparseMoe),
+}
+
+impl FeedForward {
+    fn new(pb: &ParamBuilder, cfg: &TextConfig, layer: usize) -> Result<Self> {
+        let Some(shape) = cfg.moe_shape().filter(|_| cfg.is_sparse_layer(layer)) else {
+            // Qwen2-MoE's dense layers are ordinary MLPs at `intermediate_size`.
+            return Ok(FeedForward::Dense(Mlp::new(&pb.pp("mlp"), cfg)?));
+        };
+        let block = pb.pp(shape.layout.block());
+        let moe = SparseMoe::new(&block, shape, layer, INIT_STD)
+            .with_context(|| format!("decoder layer {layer}'s sparse block"))?;
+        Ok(FeedForward::Sparse(moe))
+    }
+
+    /// The block's output; a sparse block also leaves its router logits in `trace`.
+    fn forward(&self, x: &Tensor, trace: &mut LayerStates) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(mlp) => mlp.forward(x),
+            FeedForward::Sparse(moe) => {
+                let (out, router_logits) = moe.forward_routed(x, trace.routing)?;
+                trace.router_logits.push(router_logits);
+                Ok(out)
+            }
+        }
+    }
+}
+
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     self_attn: Attention,
     post_attention_layernorm: RmsNorm,
-    mlp: Mlp,
+    mlp: FeedForward,
 }
 
 impl DecoderLayer {
-    fn new(pb: &ParamBuilder, cfg: &TextConfig) -> Result<Self> {
+    fn new(pb: &ParamBuilder, cfg: &TextConfig, layer: usize) -> Result<Self> {
         Ok(Self {
             input_layernorm: RmsNorm::new(
                 &pb.pp("input_layernorm"),
@@ -162,7 +194,7 @@ impl DecoderLayer {
                 cfg.hidden_size,
                 cfg.rms_norm_eps,
             )?,
-            mlp: Mlp::new(&pb.pp("mlp"), cfg)?,
+            mlp: FeedForward::new(pb, cfg, layer)?,
         })
     }
 
@@ -172,6 +204,7 @@ impl DecoderLayer {
         rope: &Rope,
         mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        trace: &mut LayerStates,
     ) -> Result<Tensor> {
         let h =
             (x + self
@@ -180,7 +213,7 @@ impl DecoderLayer {
         let out = (&h
             + self
                 .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?)?)?;
+                .forward(&self.post_attention_layernorm.forward(&h)?, trace)?)?;
         Ok(out)
     }
 }
@@ -262,7 +295,7 @@ impl CausalLm {
             INIT_STD,
         )?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&model_pb.pp("layers").pp(i), config))
+            .map(|i| DecoderLayer::new(&model_pb.pp("layers").pp(i), config, i))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(
             &model_pb.pp("norm"),
@@ -291,6 +324,18 @@ impl CausalLm {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// The sparse blocks, by decoder layer (empty for a dense model).
+    pub fn sparse_blocks(&self) -> Vec<(usize, &SparseMoe)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| match &l.mlp {
+                FeedForward::Sparse(moe) => Some((i, moe)),
+                FeedForward::Dense(_) => None,
+            })
+            .collect()
     }
 
     /// Embeddings of token ids `[b, s]` → `[b, s, hidden]`.
@@ -349,7 +394,7 @@ impl CausalLm {
         let mut x = embeds.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &rope, &mask, slot)?;
+            x = layer.forward(&x, &rope, &mask, slot, keep)?;
             keep.keep(i + 1, &x);
         }
         Ok(self.norm.forward(&x)?)
@@ -361,11 +406,16 @@ impl CausalLm {
     }
 }
 
-/// Hidden states kept from a forward, by layer (0 = embeddings, i = after decoder layer i).
+/// What a forward leaves besides its output: the hidden states asked for, by layer (0 =
+/// embeddings, i = after decoder layer i), and each sparse block's router logits; and how its
+/// sparse blocks route.
 #[derive(Clone, Debug, Default)]
 pub struct LayerStates {
     wanted: Vec<usize>,
     pub states: BTreeMap<usize, Tensor>,
+    /// `[tokens, experts]` per sparse block in layer order (tokens = batch · positions).
+    pub router_logits: Vec<Tensor>,
+    pub routing: Routing,
 }
 
 impl LayerStates {
@@ -373,8 +423,14 @@ impl LayerStates {
     pub fn wanted(layers: &[usize]) -> Self {
         Self {
             wanted: layers.to_vec(),
-            states: BTreeMap::new(),
+            ..Self::default()
         }
+    }
+
+    /// Routes the sparse blocks with `routing`.
+    pub fn routed(mut self, routing: Routing) -> Self {
+        self.routing = routing;
+        self
     }
 
     fn keep(&mut self, layer: usize, x: &Tensor) {
@@ -388,6 +444,8 @@ impl LayerStates {
         Self {
             wanted: self.wanted.clone(),
             states: self.states.iter().map(|(&i, t)| (i, t.detach())).collect(),
+            router_logits: self.router_logits.iter().map(Tensor::detach).collect(),
+            routing: self.routing,
         }
     }
 }

@@ -135,6 +135,8 @@ pub struct LlavaHidden {
     pub hidden: Tensor,
     /// Image-token positions of each sample.
     pub visual: VisualPositions,
+    /// `[tokens, experts]` per sparse layer (empty for a dense model).
+    pub router_logits: Vec<Tensor>,
 }
 
 /// Everything a loss needs from one forward pass.
@@ -396,10 +398,15 @@ impl LlavaModel {
     ) -> Result<LlavaHidden> {
         let (embeds, visual) = self.embed_images(batch, images)?;
         let positions = arange_positions(batch.batch_size(), batch.seq_len(), 0, &self.device)?;
+        let mut trace = LayerStates::default();
         let hidden = self
             .lm
-            .forward_hidden(&embeds, &batch.mask, &positions, None)?;
-        Ok(LlavaHidden { hidden, visual })
+            .forward_layers(&embeds, &batch.mask, &positions, None, &mut trace)?;
+        Ok(LlavaHidden {
+            hidden,
+            visual,
+            router_logits: trace.router_logits,
+        })
     }
 
     /// A fresh KV cache for generation.

@@ -43,7 +43,7 @@ fn weight_bytes(model: &LlavaModel) -> u64 {
 fn student_activation_bytes(model: &LlavaModel, shape: BatchShape) -> u64 {
     let t = &model.config.text_config;
     let tokens = (shape.batch * shape.seq) as u64;
-    let per_layer = tokens * (12 * t.hidden_size as u64 + 3 * t.intermediate_size as u64)
+    let per_layer = tokens * (12 * t.hidden_size as u64 + 3 * t.mean_ffn_width() as u64)
         + (shape.batch * t.num_attention_heads * shape.seq * shape.seq) as u64 * 2;
     let layers = if model.trainable().llm {
         t.num_hidden_layers as u64
@@ -58,7 +58,7 @@ fn student_activation_bytes(model: &LlavaModel, shape: BatchShape) -> u64 {
 fn teacher_activation_bytes(model: &LlavaModel, shape: BatchShape) -> u64 {
     let t = &model.config.text_config;
     let tokens = (shape.batch * shape.seq) as u64;
-    let layer = tokens * (4 * t.hidden_size as u64 + 2 * t.intermediate_size as u64)
+    let layer = tokens * (4 * t.hidden_size as u64 + 2 * t.mean_ffn_width() as u64)
         + (shape.batch * t.num_attention_heads * shape.seq * shape.seq) as u64;
     4 * (layer + tokens * t.vocab_size as u64)
 }

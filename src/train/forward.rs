@@ -9,6 +9,7 @@ use candle_core::Tensor;
 
 use super::step::MicroLoss;
 use crate::distill::align::AlignedRows;
+use crate::distill::balance::Routers;
 use crate::distill::policy::PolicyRows;
 use crate::distill::{
     truncate_vocab, CachedTeacher, LayerPair, LossInputs, RelationHidden, StudentLogits,
@@ -89,21 +90,21 @@ pub fn objective_loss(
 ) -> Result<MicroLoss> {
     let clock = Instant::now();
     let elapsed = || clock.elapsed().as_secs_f64();
-    let loss = |logits: StudentLogits<'_>, side: Option<TeacherSide<'_>>, forward: f64| {
-        micro_loss(
-            student,
-            objective,
-            batch,
-            logits,
-            side,
-            Extras::default(),
-            forward,
-        )
+    let loss = |logits: StudentLogits<'_>,
+                side: Option<TeacherSide<'_>>,
+                routers: &[Tensor],
+                forward: f64| {
+        let extras = Extras {
+            routers,
+            ..Extras::default()
+        };
+        micro_loss(student, objective, batch, logits, side, extras, forward)
     };
     match teacher {
         TeacherRows::None => {
             let out = student.forward_images(batch.tokens, batch.images)?;
-            loss(StudentLogits::Full(&out.logits), None, elapsed())
+            let routers = &out.layers.router_logits;
+            loss(StudentLogits::Full(&out.logits), None, routers, elapsed())
         }
         TeacherRows::Cached { rows, truncate } => {
             let hidden = student.forward_images_hidden(batch.tokens, batch.images)?;
@@ -131,7 +132,7 @@ pub fn objective_loss(
                 hidden: &hidden.hidden,
                 head: &head,
             };
-            loss(logits, Some(side), forward)
+            loss(logits, Some(side), &hidden.router_logits, forward)
         }
         TeacherRows::Online {
             output,
@@ -145,7 +146,13 @@ pub fn objective_loss(
                 logits: &t_logits,
                 aligned,
             };
-            loss(StudentLogits::Full(&out.logits), Some(side), forward)
+            let routers = &out.layers.router_logits;
+            loss(
+                StudentLogits::Full(&out.logits),
+                Some(side),
+                routers,
+                forward,
+            )
         }
         TeacherRows::Online {
             output,
@@ -206,6 +213,7 @@ pub fn objective_loss(
                 Extras {
                     layers: Some(layers),
                     switch,
+                    routers: &out.layers.router_logits,
                 },
                 forward,
             )
@@ -218,6 +226,8 @@ pub fn objective_loss(
 struct Extras<'a> {
     layers: Option<LayerPair<'a>>,
     switch: Option<SwitchPath<'a>>,
+    /// A sparse student's router logits per sparse layer (empty for a dense one).
+    routers: &'a [Tensor],
 }
 
 /// The objective on one micro-batch's student logits and teacher side; `forward`: the seconds
@@ -251,6 +261,27 @@ fn micro_loss(
     }
     if let Some(switch) = extras.switch {
         inputs = inputs.with_switch(switch);
+    }
+    let token_mask = match student.config.text_config.moe_shape() {
+        Some(shape) if !extras.routers.is_empty() => {
+            let flat: Vec<f32> = batch
+                .tokens
+                .mask
+                .iter()
+                .flatten()
+                .map(|&m| f32::from(m))
+                .collect();
+            let n = flat.len();
+            Some((Tensor::from_vec(flat, n, student.device())?, shape.top_k))
+        }
+        _ => None,
+    };
+    if let Some((token_mask, top_k)) = &token_mask {
+        inputs = inputs.with_routers(Routers {
+            logits: extras.routers,
+            top_k: *top_k,
+            token_mask,
+        });
     }
     let value = objective.evaluate(&inputs)?;
     let mut loss = MicroLoss::new(value.total, value.total_value, value.terms);

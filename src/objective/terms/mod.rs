@@ -1,5 +1,6 @@
 //! The registered terms. A new term is one file here and one line in [`TERMS`].
 
+mod balance;
 mod ce;
 mod gkd;
 mod hidden;
@@ -48,6 +49,7 @@ pub const TERMS: &[TermKind] = &[
     minillm::SINGLE,
     minillm::LONG,
     minillm::PG,
+    balance::KIND,
 ];
 
 /// The flat rows of `positions` in this batch: the response rows, then the visual rows.

@@ -1,0 +1,162 @@
+//! Mixture-of-Experts language models inside LLaVA (issue 21) against transformers 5.25 on the
+//! committed tiny checkpoints (tests/fixtures/make_llava_moe_fixtures.py): each sparse layer's
+//! router logits, the Switch load-balancing loss as transformers computes it, a gradient for
+//! every router and expert when the whole model trains, and the config's sparse layout.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::{expected, fixture, ids2, mask2, max_abs_diff};
+use mmkd::checkpoint::load_llava;
+use mmkd::distill::balance::{load_balancing_loss, Routers};
+use mmkd::models::llava::{BuildOptions, LlavaModel, TokenBatch, Trainable};
+use mmkd_nn::grad_check::params_without_gradient;
+
+const MOE_FIXTURES: [(&str, &[usize]); 2] = [
+    // Qwen2-MoE: layer 1 is in mlp_only_layers.
+    ("llava_siglip_qwen2moe", &[0, 2]),
+    ("llava_clip_mixtral", &[0, 1]),
+];
+
+fn load(name: &str, trainable: Trainable) -> LlavaModel {
+    load_llava(
+        fixture(name).to_str().unwrap(),
+        &BuildOptions::new(trainable, 0),
+    )
+    .unwrap()
+    .0
+}
+
+fn reference_batch(name: &str) -> (TokenBatch, Tensor) {
+    let exp = expected(name);
+    let batch = TokenBatch {
+        ids: ids2(&exp["input_ids"]),
+        mask: mask2(&exp["attention_mask"]),
+    };
+    (batch, exp["pixel_values"].clone())
+}
+
+fn token_mask(batch: &TokenBatch) -> Tensor {
+    let flat: Vec<f32> = batch.mask.iter().flatten().map(|&m| f32::from(m)).collect();
+    let n = flat.len();
+    Tensor::from_vec(flat, n, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn router_logits_and_the_balancing_loss_equal_transformers() {
+    for (name, sparse) in MOE_FIXTURES {
+        let model = load(name, Trainable::NONE);
+        let exp = expected(name);
+        let (batch, pixels) = reference_batch(name);
+        let out = model.forward(&batch, Some(&pixels)).unwrap();
+        let routers = &out.layers.router_logits;
+        assert_eq!(routers.len(), sparse.len(), "{name}: sparse layers");
+        for (logits, layer) in routers.iter().zip(sparse) {
+            let d = max_abs_diff(logits, &exp[&format!("router_logits_{layer}")]);
+            assert!(d < 1e-4, "{name} layer {layer}: router logits off by {d}");
+        }
+        let mask = token_mask(&batch);
+        let loss = load_balancing_loss(Routers {
+            logits: routers,
+            top_k: 2,
+            token_mask: &mask,
+        })
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+        let want = exp["aux_loss"].to_vec1::<f32>().unwrap()[0];
+        println!("{name}: balancing loss {loss} (transformers {want})");
+        assert!((loss - want).abs() < 1e-5, "{name}: {loss} vs {want}");
+    }
+}
+
+#[test]
+fn every_router_and_expert_gets_a_gradient_when_the_model_trains() {
+    for (name, _) in MOE_FIXTURES {
+        let model = load(name, Trainable::ALL);
+        let (batch, pixels) = reference_batch(name);
+        let out = model.forward(&batch, Some(&pixels)).unwrap();
+        let weights = Tensor::randn(0f32, 1.0, out.logits.shape(), &Device::Cpu).unwrap();
+        let mask = token_mask(&batch);
+        let balance = load_balancing_loss(Routers {
+            logits: &out.layers.router_logits,
+            top_k: 2,
+            token_mask: &mask,
+        })
+        .unwrap();
+        let loss = ((out.logits * weights).unwrap().sum_all().unwrap() + balance).unwrap();
+        let missing = params_without_gradient(&model.store, &loss).unwrap();
+        // The vision layers after the selected one and the tower's final norm are never read
+        // (as for the dense fixtures).
+        let unexpected: Vec<&String> = missing
+            .iter()
+            .filter(|m| {
+                !m.contains("vision_model.post_layernorm") && !m.contains("encoder.layers.1.")
+            })
+            .collect();
+        assert!(unexpected.is_empty(), "{name}: {unexpected:?}");
+        let experts = model
+            .store
+            .trainable_vars()
+            .iter()
+            .filter(|(n, _)| n.contains(".experts."))
+            .count();
+        assert_eq!(
+            experts,
+            2 * 4 * 3,
+            "{name}: 2 sparse layers × 4 experts × 3 weights"
+        );
+    }
+}
+
+#[test]
+fn a_mixture_of_experts_config_with_a_router_beyond_its_experts_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("llava_clip_mixtral");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 5");
+    std::fs::write(&config, text).unwrap();
+    let err = load_llava(
+        dir.path().to_str().unwrap(),
+        &BuildOptions::new(Trainable::NONE, 0),
+    )
+    .err()
+    .unwrap();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("num_experts_per_tok = 5 with 4 experts"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn an_expert_of_the_wrong_shape_is_named_with_its_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixture("llava_clip_mixtral");
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
+    }
+    let config = dir.path().join("config.json");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("\"intermediate_size\": 48", "\"intermediate_size\": 40");
+    std::fs::write(&config, text).unwrap();
+    let err = load_llava(
+        dir.path().to_str().unwrap(),
+        &BuildOptions::new(Trainable::NONE, 0),
+    )
+    .err()
+    .unwrap();
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains("block_sparse_moe.experts.0.w1.weight") && msg.contains("layer 0"),
+        "{msg}"
+    );
+}
