@@ -27,6 +27,7 @@ pub mod config;
 pub mod demo;
 pub mod distill;
 pub mod eval;
+pub mod experts;
 pub mod generate;
 pub mod merge;
 pub mod models;

@@ -4,7 +4,7 @@ use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
 
-use crate::checkpoint::load_llava;
+use crate::checkpoint::LoadedModel;
 use crate::models::llava::{BuildOptions, Trainable, LM_PREFIX, PROJECTOR_PREFIX, VISION_PREFIX};
 
 #[derive(Debug, Args)]
@@ -14,6 +14,18 @@ pub struct InspectArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// A Mixture-of-Experts model's per-layer expert load on this LLaVA JSON/JSONL data.
+    #[arg(long, value_name = "DATA", requires = "images")]
+    pub router_stats: Option<std::path::PathBuf>,
+    /// Image root of --router-stats.
+    #[arg(long)]
+    pub images: Option<std::path::PathBuf>,
+    /// Conversation template of --router-stats (default: the model's recorded one, else `plain`).
+    #[arg(long)]
+    pub template: Option<String>,
+    /// Samples per forward of --router-stats.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -34,10 +46,26 @@ struct Inspection {
     image_tokens_per_image: usize,
     image_size: usize,
     vocab_size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    router_usage: Option<crate::experts::RouterUsage>,
 }
 
 pub fn run(args: InspectArgs) -> Result<()> {
-    let (model, dir) = load_llava(&args.model, &BuildOptions::new(Trainable::NONE, 0))?;
+    let bundle = LoadedModel::load(&args.model, &BuildOptions::new(Trainable::NONE, 0))?;
+    let router_usage = match (&args.router_stats, &args.images) {
+        (Some(data), Some(images)) => Some(crate::experts::measure_usage(
+            &bundle,
+            &crate::experts::UsageData {
+                data,
+                images,
+                template: args.template.as_deref(),
+                batch_size: args.batch_size,
+                max_length: 2048,
+            },
+        )?),
+        _ => None,
+    };
+    let (model, dir) = (&bundle.model, bundle.dir.clone());
     let cfg = &model.config;
     let dtype_of = |prefix: &str| {
         model
@@ -86,7 +114,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
                 } else {
                     ""
                 }
-            ),
+            ) + &experts_note(model),
             parameters: lm_params,
             dtype: dtype_of(LM_PREFIX),
         },
@@ -100,6 +128,7 @@ pub fn run(args: InspectArgs) -> Result<()> {
         image_tokens_per_image: model.tokens_per_image(),
         image_size: v.image_size,
         vocab_size: t.vocab_size,
+        router_usage,
     };
     if args.json {
         println!("{}", serde_json::to_string(&info)?);
@@ -121,5 +150,27 @@ pub fn run(args: InspectArgs) -> Result<()> {
         "image tokens per image: {} (image token id {}, {}px input)",
         info.image_tokens_per_image, info.image_token_id, info.image_size
     );
+    if let Some(usage) = &info.router_usage {
+        print!("{}", usage.table());
+    }
     Ok(())
+}
+
+/// `, 4 experts (top-2) in layers 0, 2` for a Mixture-of-Experts language model.
+fn experts_note(model: &crate::models::llava::LlavaModel) -> String {
+    let sparse: Vec<String> = model
+        .lm
+        .sparse_blocks()
+        .iter()
+        .map(|(i, _)| i.to_string())
+        .collect();
+    match model.config.text_config.moe_shape() {
+        Some(shape) if !sparse.is_empty() => format!(
+            ", {} experts (top-{}) in layers {}",
+            shape.experts,
+            shape.top_k,
+            sparse.join(", ")
+        ),
+        _ => String::new(),
+    }
 }

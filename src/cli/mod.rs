@@ -9,6 +9,7 @@ pub mod generate;
 pub mod inspect;
 pub mod merge;
 pub mod metrics;
+pub mod moe_to_dense;
 pub mod score;
 pub mod teacher_cache;
 pub mod tower;
@@ -52,6 +53,10 @@ pub enum Command {
     /// Merge checkpoints of one architecture (LM-Cocktail): weights given (`--weights`) or
     /// from each model's loss on a few examples (`--auto-weights --examples FILE`).
     Merge(merge::MergeArgs),
+    /// Gather a Mixture-of-Experts model's experts into a dense model (knowledge aggregation:
+    /// `--method usage-avg|top-k|svd`, router usage measured on --data): a dense Qwen2/Llama
+    /// LLaVA checkpoint for `--init`.
+    MoeToDense(moe_to_dense::MoeToDenseArgs),
     /// Time one distillation step of a benchmark spec (samples/s, GFLOP/s, memory).
     Bench(bench::BenchArgs),
     /// Pre-train a vision tower before the LLaVA stages (`--objective labels|contrastive`);
@@ -102,6 +107,7 @@ pub fn run() -> Result<()> {
         Command::Metrics(args) => metrics::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::MoeToDense(args) => moe_to_dense::run(args),
         Command::Tower(args) => tower::run(args),
         Command::Pretrain(args) => train::run(args, Stage::Pretrain),
         Command::Sft(args) => train::run(args, Stage::Sft),

@@ -165,9 +165,12 @@ impl FeedForward {
         match self {
             FeedForward::Dense(mlp) => mlp.forward(x),
             FeedForward::Sparse(moe) => {
-                let (out, router_logits) = moe.forward_routed(x, trace.routing)?;
-                trace.router_logits.push(router_logits);
-                Ok(out)
+                let out = moe.forward_routed(x, trace.routing)?;
+                trace.router_logits.push(out.router_logits);
+                if let Some(gate) = out.shared_gate {
+                    trace.shared_gates.push(gate);
+                }
+                Ok(out.output)
             }
         }
     }
@@ -415,6 +418,8 @@ pub struct LayerStates {
     pub states: BTreeMap<usize, Tensor>,
     /// `[tokens, experts]` per sparse block in layer order (tokens = batch · positions).
     pub router_logits: Vec<Tensor>,
+    /// `[tokens, 1]` per sparse block with a shared expert: its sigmoid gate.
+    pub shared_gates: Vec<Tensor>,
     pub routing: Routing,
 }
 
@@ -445,6 +450,7 @@ impl LayerStates {
             wanted: self.wanted.clone(),
             states: self.states.iter().map(|(&i, t)| (i, t.detach())).collect(),
             router_logits: self.router_logits.iter().map(Tensor::detach).collect(),
+            shared_gates: self.shared_gates.iter().map(Tensor::detach).collect(),
             routing: self.routing,
         }
     }

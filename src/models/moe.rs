@@ -112,6 +112,17 @@ pub struct MoeShape {
     pub layout: ExpertLayout,
 }
 
+/// A sparse block's forward.
+#[derive(Debug)]
+pub struct MoeOutput {
+    /// The block's output, shaped as its input.
+    pub output: Tensor,
+    /// `[tokens, experts]`.
+    pub router_logits: Tensor,
+    /// `[tokens, 1]`: the shared expert's sigmoid gate (Qwen2-MoE).
+    pub shared_gate: Option<Tensor>,
+}
+
 /// A sparse block: the router, the routed experts and (Qwen2-MoE) the gated shared expert.
 #[derive(Debug)]
 pub struct SparseMoe {
@@ -188,11 +199,13 @@ impl SparseMoe {
     /// `[.., hidden]` → the block's output, and the router's logits `[tokens, experts]`
     /// (for the load-balancing loss and router statistics).
     pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.forward_routed(x, Routing::TopK)
+        let out = self.forward_routed(x, Routing::TopK)?;
+        Ok((out.output, out.router_logits))
     }
 
-    /// [`SparseMoe::forward`] with the experts chosen by `routing`.
-    pub fn forward_routed(&self, x: &Tensor, routing: Routing) -> Result<(Tensor, Tensor)> {
+    /// [`SparseMoe::forward`] with the experts chosen by `routing`, and the shared expert's
+    /// gate values.
+    pub fn forward_routed(&self, x: &Tensor, routing: Routing) -> Result<MoeOutput> {
         let dims = x.dims().to_vec();
         let hidden = *dims.last().expect("a hidden dimension");
         let flat = x.reshape(((), hidden))?;
@@ -205,11 +218,26 @@ impl SparseMoe {
             let w = weights.narrow(1, e, 1)?;
             out = (out + expert.forward(&flat)?.broadcast_mul(&w)?)?;
         }
+        let mut shared_gate = None;
         if let Some((expert, gate)) = &self.shared {
             let g = candle_nn::ops::sigmoid(&gate.forward(&flat)?)?;
             out = (out + expert.forward(&flat)?.broadcast_mul(&g)?)?;
+            shared_gate = Some(g);
         }
-        Ok((out.reshape(dims)?, logits))
+        Ok(MoeOutput {
+            output: out.reshape(dims)?,
+            router_logits: logits,
+            shared_gate,
+        })
+    }
+
+    /// The shared expert (Qwen2-MoE), if the block has one.
+    pub fn shared_expert(&self) -> Option<&Expert> {
+        self.shared.as_ref().map(|(expert, _)| expert)
+    }
+
+    pub fn norm_topk_prob(&self) -> bool {
+        self.norm_topk_prob
     }
 
     /// `[tokens, experts]` weights: the softmax (in f32) kept at each token's chosen experts,
@@ -248,7 +276,7 @@ impl SparseMoe {
 }
 
 /// The `k` largest entries' indices (ties to the lower index, as torch.topk's on CPU).
-fn top_k(probs: &[f32], k: usize) -> Vec<usize> {
+pub fn top_k(probs: &[f32], k: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..probs.len()).collect();
     order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
     order.truncate(k);
