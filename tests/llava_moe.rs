@@ -9,7 +9,10 @@ use candle_core::{Device, Tensor};
 use common::{expected, fixture, ids2, mask2, max_abs_diff};
 use mmkd::checkpoint::load_llava;
 use mmkd::distill::balance::{load_balancing_loss, Routers};
-use mmkd::models::llava::{BuildOptions, LlavaModel, TokenBatch, Trainable};
+use mmkd::models::decoder::LayerStates;
+use mmkd::models::llava::{BuildOptions, ImageInput, LlavaModel, TokenBatch, Trainable};
+use mmkd::models::moe::Routing;
+use mmkd::teacher::average_routings;
 use mmkd_nn::grad_check::params_without_gradient;
 
 const MOE_FIXTURES: [(&str, &[usize]); 2] = [
@@ -159,4 +162,51 @@ fn an_expert_of_the_wrong_shape_is_named_with_its_tensor() {
         msg.contains("block_sparse_moe.experts.0.w1.weight") && msg.contains("layer 0"),
         "{msg}"
     );
+}
+
+#[test]
+fn knowledge_augmentation_averages_routings_that_draw_other_experts() {
+    for (name, _) in MOE_FIXTURES {
+        let model = load(name, Trainable::NONE);
+        let (batch, pixels) = reference_batch(name);
+        let run = |routing| {
+            let trace = LayerStates::wanted(&[1]).routed(routing);
+            model
+                .forward_traced(&batch, Some(ImageInput::Pixels(&pixels)), trace)
+                .unwrap()
+        };
+        let top = run(Routing::TopK);
+        let exp = expected(name);
+        assert!(max_abs_diff(&top.logits, &exp["logits"]) < 1e-4, "{name}");
+        let a = run(Routing::Sampled { seed: 7 });
+        let b = run(Routing::Sampled { seed: 8 });
+        // A draw is fixed by its seed and changes the experts of some tokens.
+        assert_eq!(
+            max_abs_diff(&a.logits, &run(Routing::Sampled { seed: 7 }).logits),
+            0.0,
+            "{name}"
+        );
+        let moved = max_abs_diff(&a.logits, &top.logits);
+        assert!(
+            moved > 1e-2,
+            "{name}: a sampled routing moved the logits by {moved}"
+        );
+        assert!(max_abs_diff(&a.logits, &b.logits) > 1e-3, "{name}");
+        // The router logits of the first layer do not depend on the routing.
+        assert_eq!(
+            max_abs_diff(&a.layers.router_logits[0], &top.layers.router_logits[0]),
+            0.0
+        );
+        let want_logits = ((&top.logits + &a.logits).unwrap() + &b.logits).unwrap() / 3.0;
+        let want_layer = ((&top.layers.states[&1] + &a.layers.states[&1]).unwrap()
+            + &b.layers.states[&1])
+            .unwrap()
+            / 3.0;
+        let mean = average_routings(vec![top, a, b]).unwrap();
+        assert!(max_abs_diff(&mean.logits, &want_logits.unwrap()) < 1e-6);
+        assert!(max_abs_diff(&mean.layers.states[&1], &want_layer.unwrap()) < 1e-6);
+        // The mean of the logits is the head on the mean hidden state.
+        let head = model.lm.logits(&mean.hidden).unwrap();
+        assert!(max_abs_diff(&head, &mean.logits) < 1e-4, "{name}");
+    }
 }

@@ -114,6 +114,33 @@ fn a_moe_teacher_trains_teaches_online_and_through_a_cache_and_is_inspected() {
     let l_res = term(&metrics(&out_online)[0], "l_res").unwrap();
     assert!(l_res.is_finite() && l_res > 0.0, "{l_res}");
 
+    // Knowledge augmentation: the target averages three routings, so the loss moves.
+    let out_ka = dir.path().join("dft-ka");
+    let sets = ["train.teacher_routings=3"];
+    let mut args = stage_args(w, "dft", "student", out_ka.to_str().unwrap(), 2, &sets);
+    args[at + 1] = teacher_str.to_string();
+    run_ok(&args);
+    let ka = term(&metrics(&out_ka)[0], "l_res").unwrap();
+    assert!(
+        ka.is_finite() && (ka - l_res).abs() > 1e-6,
+        "{ka} vs {l_res}"
+    );
+    // A dense teacher has no routing to augment.
+    let args = stage_args(
+        w,
+        "dft",
+        "teacher",
+        dir.path().join("x").to_str().unwrap(),
+        1,
+        &sets,
+    );
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, _, err) = mmkd(&refs);
+    assert!(
+        !ok && err.contains("teacher_routings = 3") && err.contains("no sparse layer"),
+        "{err}"
+    );
+
     // The same through a teacher cache.
     let cache = dir.path().join("cache");
     let s = |p: &str| w.root.join(p).to_str().unwrap().to_string();

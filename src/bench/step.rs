@@ -445,6 +445,8 @@ impl DftStep {
                 max_length: seq,
                 temperature: self.distill.temperature,
                 truncate_vocab: None,
+                teacher_routings: 1,
+                routing_seed: 0,
             },
             teacher: crate::teacher_cache::TeacherIdentity {
                 path: "bench (random weights)".into(),

@@ -50,6 +50,7 @@ pub const KEYS: &[KeyDoc] = &[
     k("train.validate_questions", "integer", "held-out questions the validation pass answers"),
     k("train.group_by_modality_length", "bool", "keep image and text-only samples apart and group by length"),
     k("train.truncate_vocab", "integer", "cut teacher and student vocabularies to N (padding-only differences)"),
+    k("train.teacher_routings", "integer", "a Mixture-of-Experts teacher's output averaged over N routings (knowledge augmentation: its top-k and N − 1 with the last expert drawn; 1 = off)"),
     k("train.trainable", "list", "modules the stage trains: any of vision, projector, llm (default: the paper's)"),
     k("train.max_loss_spike", "float", "stop a step whose loss is over N× the median of the last 20 steps, before its update (off when unset)"),
     k("train.max_grad_norm_spike", "float", "likewise for the gradient norm before clipping (off when unset)"),

@@ -206,6 +206,11 @@ pub struct TrainSettings {
     pub group_by_modality_length: bool,
     /// Cut both vocabularies to this size when teacher and student differ only by padding.
     pub truncate_vocab: Option<usize>,
+    /// Knowledge augmentation of a Mixture-of-Experts teacher ("Every Expert Matters"): its
+    /// output averaged over this many routings of each batch — the router's top-k and N − 1
+    /// with the last expert drawn by router probability. 1: the router's own routing.
+    #[serde(default = "one_usize")]
+    pub teacher_routings: usize,
     /// Modules this stage trains; the paper's choice when absent (projector in PT/DPT,
     /// projector + LLM in SFT/DFT). Models trained from scratch may need more, e.g. the
     /// synthetic presets train the LLM in pre-training too (a random LLM cannot be steered by
@@ -417,6 +422,10 @@ impl StageSettings {
             "train.parallel_micro_batches must be at least 1"
         );
         anyhow::ensure!(t.lr.is_finite() && t.lr >= 0.0, "train.lr must be ≥ 0");
+        anyhow::ensure!(
+            t.teacher_routings >= 1,
+            "train.teacher_routings must be at least 1 (1: the teacher's own routing)"
+        );
         crate::runtime::parse_dtype(&t.frozen_dtype)
             .context("train.frozen_dtype must be f32, bf16 or f16")?;
         crate::objective::Objective::new(&self.objective, &self.distill)

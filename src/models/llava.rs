@@ -374,9 +374,19 @@ impl LlavaModel {
         images: Option<ImageInput<'_>>,
         layers: &[usize],
     ) -> Result<LlavaOutput> {
+        self.forward_traced(batch, images, LayerStates::wanted(layers))
+    }
+
+    /// [`LlavaModel::forward_images`] keeping what `trace` asks for and routing its sparse
+    /// blocks as it says.
+    pub fn forward_traced(
+        &self,
+        batch: &TokenBatch,
+        images: Option<ImageInput<'_>>,
+        mut kept: LayerStates,
+    ) -> Result<LlavaOutput> {
         let (embeds, visual, image_features) = self.embed_parts(batch, images)?;
         let positions = arange_positions(batch.batch_size(), batch.seq_len(), 0, &self.device)?;
-        let mut kept = LayerStates::wanted(layers);
         let hidden = self
             .lm
             .forward_layers(&embeds, &batch.mask, &positions, None, &mut kept)?;

@@ -21,7 +21,9 @@ use crate::config::StageSettings;
 use crate::distill::align::AlignedRows;
 use crate::distill::positions::{response_rows, visual_rows};
 use crate::distill::uld::SharedVocab;
+use crate::models::decoder::LayerStates;
 use crate::models::llava::{BuildOptions, ImageInput, LlavaModel, LlavaOutput, Trainable};
+use crate::models::moe::Routing;
 use crate::models::text_config::TextConfig;
 use crate::objective::Objective;
 use crate::teacher_cache::digest::{digest_file, digest_str};
@@ -42,6 +44,10 @@ pub struct OnlineTeacher {
     pub layers: Vec<usize>,
     /// Set when the teacher's tokenizer is not the student's: it reads its own tokenization.
     pub own_tokens: Option<OwnTokens>,
+    /// Knowledge augmentation: routings each output is averaged over (1: off).
+    pub routings: usize,
+    /// Seeds the sampled routings (with each batch's sample indices).
+    pub routing_seed: u64,
 }
 
 /// An online teacher's output on a micro-batch: over the student's tokens, or (another
@@ -58,11 +64,20 @@ impl OnlineTeacher {
         options.frozen_dtype = crate::runtime::parse_dtype(&settings.train.frozen_dtype)?;
         options.device = settings.train.device.open()?;
         let model = LoadedModel::load(spec, &options).context("loading the teacher")?;
+        let routings = settings.train.teacher_routings;
+        if routings > 1 && model.model.lm.sparse_blocks().is_empty() {
+            bail!(
+                "train.teacher_routings = {routings} averages a Mixture-of-Experts teacher over \
+                 routings; the teacher {spec} has no sparse layer (set it to 1)"
+            );
+        }
         Ok(Self {
             model,
             truncate: settings.train.truncate_vocab,
             layers: Vec::new(),
             own_tokens: None,
+            routings,
+            routing_seed: settings.train.seed,
         })
     }
 
@@ -137,22 +152,73 @@ impl OnlineTeacher {
         }
     }
 
-    /// The frozen forward on one micro-batch (constants: no graph).
+    /// The frozen forward on one micro-batch (constants: no graph). With knowledge
+    /// augmentation the output is the mean over its routings ([`average_routings`]).
     pub fn forward(&self, batch: &ModelInputs) -> Result<LlavaOutput> {
-        self.model
-            .model
-            .forward_images_layers(
-                &batch.tokens,
-                batch.pixels.as_ref().map(ImageInput::Pixels),
-                &self.layers,
+        let model = &self.model.model;
+        let images = batch.pixels.as_ref().map(ImageInput::Pixels);
+        let context = || {
+            format!(
+                "teacher forward on samples {}",
+                batch.collated.sample_ids.join(", ")
             )
-            .with_context(|| {
-                format!(
-                    "teacher forward on samples {}",
-                    batch.collated.sample_ids.join(", ")
-                )
+        };
+        if self.routings <= 1 {
+            return model
+                .forward_images_layers(&batch.tokens, images, &self.layers)
+                .with_context(context);
+        }
+        let outputs = (0..self.routings)
+            .map(|m| {
+                let routing = match m {
+                    0 => Routing::TopK,
+                    _ => Routing::Sampled {
+                        seed: routing_seed(self.routing_seed, &batch.collated.sample_indices, m),
+                    },
+                };
+                let trace = LayerStates::wanted(&self.layers).routed(routing);
+                model.forward_traced(&batch.tokens, images, trace)
             })
+            .collect::<Result<Vec<_>>>()
+            .with_context(context)?;
+        average_routings(outputs)
     }
+}
+
+/// The seed of sampled routing `m` of a batch: the same samples draw the same experts, so a
+/// resumed run repeats the draws.
+fn routing_seed(seed: u64, samples: &[usize], m: usize) -> u64 {
+    let mut h = seed ^ 0x6A09_E667_F3BC_C908 ^ (m as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    for &i in samples {
+        h = (h ^ i as u64)
+            .wrapping_mul(0x1000_0000_01B3)
+            .rotate_left(29);
+    }
+    h
+}
+
+/// Knowledge augmentation's target: the mean of the outputs' final hidden states, and so of
+/// their logits (the head is linear), and of the layer states the objective reads. The router
+/// logits are the top-k routing's (the first output's).
+pub fn average_routings(outputs: Vec<LlavaOutput>) -> Result<LlavaOutput> {
+    let n = outputs.len() as f64;
+    let mut iter = outputs.into_iter();
+    let mut mean = iter.next().context("no routing to average")?;
+    for out in iter {
+        mean.hidden = (mean.hidden + out.hidden)?;
+        mean.logits = (mean.logits + out.logits)?;
+        for (layer, state) in out.layers.states {
+            if let Some(sum) = mean.layers.states.get_mut(&layer) {
+                *sum = (&*sum + state)?;
+            }
+        }
+    }
+    mean.hidden = (mean.hidden / n)?;
+    mean.logits = (mean.logits / n)?;
+    for state in mean.layers.states.values_mut() {
+        *state = (&*state / n)?;
+    }
+    Ok(mean)
 }
 
 /// A teacher cache opened for one run.
@@ -464,5 +530,11 @@ pub fn run_identity(
         max_length: settings.data.max_length,
         temperature: settings.distill.temperature,
         truncate_vocab: settings.train.truncate_vocab,
+        teacher_routings: settings.train.teacher_routings,
+        routing_seed: if settings.train.teacher_routings > 1 {
+            settings.train.seed
+        } else {
+            0
+        },
     })
 }

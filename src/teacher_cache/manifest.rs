@@ -35,6 +35,22 @@ pub struct RunIdentity {
     /// The distillation temperature the log-probabilities were taken at.
     pub temperature: f64,
     pub truncate_vocab: Option<usize>,
+    /// Knowledge augmentation: the routings each teacher output averages (absent: 1), and
+    /// the seed of their draws (absent: 0, no draw).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub teacher_routings: usize,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub routing_seed: u64,
+}
+
+fn one() -> usize {
+    1
+}
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// The teacher a cache was written from.
@@ -180,6 +196,8 @@ mod tests {
             max_length: 64,
             temperature: 1.0,
             truncate_vocab: None,
+            teacher_routings: 1,
+            routing_seed: 0,
         }
     }
 

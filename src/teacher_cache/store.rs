@@ -408,6 +408,8 @@ mod tests {
                 max_length: 32,
                 temperature: 1.0,
                 truncate_vocab: None,
+                teacher_routings: 1,
+                routing_seed: 0,
             },
             teacher: TeacherIdentity {
                 path: "teacher".into(),
