@@ -145,7 +145,7 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         "--out",
         out_s,
         "--methods",
-        "lora,merge,switch,hidden,uld,gkd,minillm,rl",
+        "lora,merge,switch,hidden,uld,gkd,minillm,rl,moe",
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("done earlier, skipped"), "{err}");
@@ -212,6 +212,42 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
             && md.contains("DFT s/step")
             && md.contains("draft acc. (%)")
             && md.contains("| rl-kd |"),
+        "{md}"
+    );
+    // The MoE rows: a Qwen2-MoE teacher, dense students from each aggregation and at random,
+    // with and without knowledge augmentation, each with its step time and memory.
+    let moe_config =
+        std::fs::read_to_string(out.join("seed-0/teacher-moe/sft/config.json")).unwrap();
+    assert!(moe_config.contains("\"qwen2_moe\""), "{moe_config}");
+    for row in mmkd::demo::moe::ROWS {
+        let r = &report["results"][row];
+        assert!(
+            (0.0..=100.0).contains(&r["vqa_accuracy"].as_f64().unwrap()),
+            "{row}"
+        );
+        let cost = &report["moe"]["cost"][row];
+        assert!(
+            cost["seconds_per_step_per_seed"][0].as_f64().unwrap() > 0.0,
+            "{row}"
+        );
+        assert!(
+            cost["peak_rss_mib_per_seed"][0].as_f64().unwrap() > 1.0,
+            "{row}"
+        );
+    }
+    for init in ["usage-avg", "top-k", "svd"] {
+        let record = out.join(format!("seed-0/moe-init/{init}/moe_to_dense.json"));
+        assert!(record.exists(), "{init}");
+        let ka = std::fs::read_to_string(
+            out.join(format!("seed-0/moe-dense/dense-{init}-ka/summary.json")),
+        )
+        .unwrap();
+        assert!(ka.contains("\"teacher_routings\": 3"), "{init}");
+    }
+    assert!(
+        md.contains("## Sparse → dense")
+            && md.contains("dense-svd-ka − dense-svd")
+            && md.contains("peak RSS (MiB)"),
         "{md}"
     );
     let after = std::fs::metadata(out.join("seed-0/teacher/sft/model.safetensors"))

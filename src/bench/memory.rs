@@ -10,6 +10,12 @@ pub fn peak_rss_bytes() -> Result<u64> {
     parse_vm_hwm(&status).with_context(|| format!("{path} has no readable `VmHWM:` line"))
 }
 
+/// Starts a new peak: Linux resets `VmHWM` to the current resident size when "5" is written to
+/// `/proc/self/clear_refs`. Best effort: `false` where that is not possible.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// `VmHWM:   123456 kB` → bytes.
 fn parse_vm_hwm(status: &str) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
@@ -31,6 +37,17 @@ mod tests {
         assert_eq!(parse_vm_hwm(status), Some(2048 * 1024));
         assert_eq!(parse_vm_hwm("VmRSS:\t1 kB\n"), None);
         assert_eq!(parse_vm_hwm("VmHWM:\tlots kB\n"), None);
+    }
+
+    #[test]
+    fn a_reset_peak_forgets_memory_freed_before_it() {
+        let block = vec![1u8; 256 << 20];
+        let before = peak_rss_bytes().unwrap();
+        drop(std::hint::black_box(block));
+        if reset_peak_rss() {
+            let after = peak_rss_bytes().unwrap();
+            assert!(after + (128 << 20) < before, "{after} vs {before}");
+        }
     }
 
     #[test]

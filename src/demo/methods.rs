@@ -41,6 +41,10 @@ pub enum DemoMethod {
     /// RL in place of LLaVA-KD's DFT (`mmkd rl`), twice: rewarded by exact match with the
     /// data's answer alone (`rl`), and shaped by the KL to the teacher, β_KL 0.1 (`rl-kd`).
     Rl,
+    /// A Mixture-of-Experts teacher (Qwen2-MoE, 4 experts, top-2, the dense teacher's active
+    /// width) and dense students of its size from each knowledge aggregation or at random,
+    /// distilled from it with and without knowledge augmentation.
+    Moe,
 }
 
 /// The KL-to-teacher shaping of the `rl-kd` row.
@@ -71,6 +75,7 @@ impl DemoMethod {
             DemoMethod::Gkd => &["gkd"],
             DemoMethod::Minillm => &["minillm"],
             DemoMethod::Rl => &["rl", "rl-kd"],
+            DemoMethod::Moe => super::moe::ROWS,
         }
     }
 
@@ -127,6 +132,16 @@ impl DemoMethod {
                  less the micro-batch's mean; `rl-kd` shapes that reward with −0.1 × the \
                  answer's Σ log q − log p (its KL to the teacher); same steps."
             }
+            DemoMethod::Moe => {
+                "`moe-teacher`: the teacher's PT → SFT with a Qwen2-MoE LLM (4 experts of 3/8 the \
+                 dense MLP's width, top-2 renormalised, a shared expert of 1/4: the dense \
+                 teacher's active width; CE + 0.01 × the Switch balancing loss). `dense-*`: \
+                 dense Qwen2 students of its size, initialised by `mmkd moe-to-dense` \
+                 (`usage-avg`, `top-k`, `svd` at the top-2 width; router usage on the val \
+                 instructions) or at random (the dense teacher's LLM shape and the shared \
+                 tower), each distilled from the MoE teacher by one DFT epoch; `-ka` with \
+                 knowledge augmentation (the teacher averaged over 3 routings)."
+            }
         }
     }
 }
@@ -161,6 +176,7 @@ pub struct SeedRun<'a> {
 pub fn run_method(method: DemoMethod, run: &SeedRun<'_>) -> Result<Vec<(String, PathBuf, f64)>> {
     let seed_dir = run.seed_dir;
     match method {
+        DemoMethod::Moe => super::moe::run(run),
         DemoMethod::Lora => {
             let row = method.rows()[0];
             let plan = StagePlan {

@@ -5,6 +5,7 @@
 //! `report.json`. Finished stages are skipped on re-runs.
 
 pub mod methods;
+pub mod moe;
 pub mod report;
 pub mod settings;
 pub mod speculation;
@@ -53,22 +54,37 @@ pub struct ModelResult {
     /// Wall seconds per optimizer step of the model's DFT stage (`None`: it has none).
     pub dft_seconds_per_step: Option<f64>,
     /// Its proposals the teacher kept as its greedy speculative draft, in % (`None`: the
-    /// teacher itself).
+    /// teacher itself, and the rows of another teacher).
     pub draft_acceptance: Option<f64>,
+    /// Wall seconds per optimizer step of the stage that wrote the model.
+    pub seconds_per_step: Option<f64>,
+    /// The process's peak resident memory during that stage, in MiB.
+    pub peak_rss_mib: Option<f64>,
     pub dir: PathBuf,
+}
+
+/// The `summary.json` of the stage whose output is `dir`.
+fn stage_summary(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join(crate::stages::SUMMARY_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Wall seconds per step of the stage whose output is `dir`.
+fn seconds_per_step(dir: &Path) -> Option<f64> {
+    let summary = stage_summary(dir)?;
+    let steps = summary["steps"].as_f64().filter(|s| *s > 0.0)?;
+    Some(summary["wall_seconds"].as_f64()? / steps)
 }
 
 /// Wall seconds per step of the DFT stage (or the on-policy stage in its place) whose output
 /// is `dir` (from its `summary.json`).
 fn dft_seconds_per_step(dir: &Path) -> Option<f64> {
-    let text = std::fs::read_to_string(dir.join(crate::stages::SUMMARY_FILE)).ok()?;
-    let summary: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let summary = stage_summary(dir)?;
     let fine_tuning = [Stage::Dft, Stage::Gkd, Stage::Minillm, Stage::Rl].map(Stage::name);
     if !fine_tuning.iter().any(|s| summary["stage"] == *s) {
         return None;
     }
-    let steps = summary["steps"].as_f64().filter(|s| *s > 0.0)?;
-    Some(summary["wall_seconds"].as_f64()? / steps)
+    seconds_per_step(dir)
 }
 
 fn say(progress: bool, msg: &str) {
@@ -360,6 +376,10 @@ fn model_result(
         train_seconds,
         dft_seconds_per_step: dft_seconds_per_step(dir),
         draft_acceptance: None,
+        seconds_per_step: seconds_per_step(dir),
+        peak_rss_mib: stage_summary(dir)
+            .and_then(|s| s["peak_rss_bytes"].as_f64())
+            .map(|b| b / (1 << 20) as f64),
         dir: dir.to_path_buf(),
     }
 }
@@ -536,7 +556,9 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
                 *seconds.get(name.as_str()).unwrap_or(&0.0),
                 model_dir,
             );
-            if name != "teacher" {
+            // The students of another teacher do not draft for this one.
+            let own_teacher = !methods::DemoMethod::Moe.rows().contains(&name.as_str());
+            if name != "teacher" && own_teacher {
                 let drafting = drafts.drafting(model_dir, &seed_dir.join("eval").join(name))?;
                 result.draft_acceptance = Some(drafting.acceptance_rate);
             }

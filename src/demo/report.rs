@@ -12,7 +12,7 @@ use super::{ModelResult, MODELS};
 use crate::config::tower::TowerObjective;
 use crate::eval::files::{read_records, AnswerLine, PredictionLine, QuestionLine};
 
-type SeedResults = (u64, PathBuf, BTreeMap<String, ModelResult>);
+pub(super) type SeedResults = (u64, PathBuf, BTreeMap<String, ModelResult>);
 /// A named metric read from one model's results.
 type MetricFn = (&'static str, Box<dyn Fn(&ModelResult) -> f64>);
 
@@ -27,7 +27,11 @@ fn mean_std(values: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-fn collect(per_seed: &[SeedResults], model: &str, f: impl Fn(&ModelResult) -> f64) -> Vec<f64> {
+pub(super) fn collect(
+    per_seed: &[SeedResults],
+    model: &str,
+    f: impl Fn(&ModelResult) -> f64,
+) -> Vec<f64> {
     per_seed
         .iter()
         .filter_map(|(_, _, r)| r.get(model).map(&f))
@@ -35,19 +39,19 @@ fn collect(per_seed: &[SeedResults], model: &str, f: impl Fn(&ModelResult) -> f6
 }
 
 /// Paired per-seed differences `a − b` of VQA accuracy.
-fn paired_differences(per_seed: &[SeedResults], a: &str, b: &str) -> Vec<f64> {
+pub(super) fn paired_differences(per_seed: &[SeedResults], a: &str, b: &str) -> Vec<f64> {
     per_seed
         .iter()
         .filter_map(|(_, _, r)| Some(r.get(a)?.vqa_accuracy - r.get(b)?.vqa_accuracy))
         .collect()
 }
 
-fn difference_json(diffs: &[f64]) -> Value {
+pub(super) fn difference_json(diffs: &[f64]) -> Value {
     let (mean, std) = mean_std(diffs);
     json!({"mean": mean, "std": std, "per_seed": diffs})
 }
 
-fn describe_difference(name_a: &str, name_b: &str, diffs: &[f64]) -> String {
+pub(super) fn describe_difference(name_a: &str, name_b: &str, diffs: &[f64]) -> String {
     let (mean, std) = mean_std(diffs);
     let wins = diffs.iter().filter(|d| **d > 0.0).count();
     let spread = if diffs.len() > 1 {
@@ -82,7 +86,12 @@ fn verdict(per_seed: &[SeedResults], methods: &[DemoMethod]) -> String {
             &paired_differences(per_seed, "teacher", "baseline")
         ),
     );
-    for row in methods.iter().flat_map(|m| m.rows()) {
+    // The MoE rows have another teacher: their comparisons are in their own section.
+    let rows = methods
+        .iter()
+        .filter(|m| **m != DemoMethod::Moe)
+        .flat_map(|m| m.rows());
+    for row in rows {
         text.push_str(&format!(
             "**{row}:** {}; {}.\n\n",
             describe_difference(
@@ -100,7 +109,7 @@ fn verdict(per_seed: &[SeedResults], methods: &[DemoMethod]) -> String {
     text
 }
 
-fn cell(values: &[f64], decimals: usize) -> String {
+pub(super) fn cell(values: &[f64], decimals: usize) -> String {
     let (m, s) = mean_std(values);
     if values.len() > 1 {
         format!("{m:.decimals$} ± {s:.decimals$}")
@@ -252,6 +261,7 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
             "minus_distilled": difference_json(&paired_differences(per_seed, row, "distilled")),
             "minus_baseline": difference_json(&paired_differences(per_seed, row, "baseline")),
         })).collect::<Vec<_>>(),
+        "moe": methods.contains(&DemoMethod::Moe).then(|| super::moe::report_json(per_seed)),
         "per_seed": per_seed.iter().map(|(s, dir, r)| json!({"seed": s, "dir": dir, "results": r})).collect::<Vec<_>>(),
     });
     std::fs::write(
@@ -314,6 +324,9 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
         demo.eval_split.name()
     ));
     md.push_str(&verdict(per_seed, methods));
+    if methods.contains(&DemoMethod::Moe) {
+        md.push_str(&super::moe::report_section(per_seed));
+    }
     // Per-category accuracy.
     let mut cats: Vec<String> = per_seed
         .first()

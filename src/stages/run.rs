@@ -67,6 +67,10 @@ pub struct StageSummary {
     pub rollouts: Option<RolloutCounts>,
     /// The last validation pass (`train.validate_every`), also in `validation.jsonl`.
     pub validation: Option<ValidationRecord>,
+    /// The process's peak resident memory during the stage (Linux; since the stage started
+    /// where the peak could be reset, else since the process did).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_bytes: Option<u64>,
     pub settings: serde_json::Value,
     /// Where each setting came from: `--set`, a preset table (role tables included), a default.
     pub settings_source: std::collections::BTreeMap<String, String>,
@@ -82,6 +86,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
     let settings = &run.settings;
     let stage = settings.stage;
     let started = Instant::now();
+    crate::bench::memory::reset_peak_rss();
     // One run per directory: held until the stage returns.
     let _lock = OutputLock::acquire(&run.out)?;
     let mut objective = Objective::new(&settings.objective, &settings.distill)
@@ -492,6 +497,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         model_origin: student.origin.clone(),
         parameters_trained: model.store.count_trainable(),
         validation: last_validation,
+        peak_rss_bytes: crate::bench::memory::peak_rss_bytes().ok(),
         settings: settings.as_json(),
         settings_source: settings.sources.clone(),
     };
