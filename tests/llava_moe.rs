@@ -112,52 +112,34 @@ fn every_router_and_expert_gets_a_gradient_when_the_model_trains() {
     }
 }
 
-#[test]
-fn a_mixture_of_experts_config_with_a_router_beyond_its_experts_is_refused() {
+/// The error of loading the Mixtral fixture with `from` replaced by `to` in its config.
+fn mixtral_error_with(from: &str, to: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let src = fixture("llava_clip_mixtral");
-    for f in std::fs::read_dir(&src).unwrap() {
+    for f in std::fs::read_dir(fixture("llava_clip_mixtral")).unwrap() {
         let f = f.unwrap().path();
         std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
     }
     let config = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 5");
-    std::fs::write(&config, text).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains(from), "{from}");
+    std::fs::write(&config, text.replace(from, to)).unwrap();
     let err = load_llava(
         dir.path().to_str().unwrap(),
         &BuildOptions::new(Trainable::NONE, 0),
     )
     .err()
     .unwrap();
-    let msg = format!("{err:#}");
+    format!("{err:#}")
+}
+
+#[test]
+fn a_router_beyond_its_experts_and_an_expert_of_the_wrong_shape_are_named() {
+    let msg = mixtral_error_with("\"num_experts_per_tok\": 2", "\"num_experts_per_tok\": 5");
     assert!(
         msg.contains("num_experts_per_tok = 5 with 4 experts"),
         "{msg}"
     );
-}
-
-#[test]
-fn an_expert_of_the_wrong_shape_is_named_with_its_tensor() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = fixture("llava_clip_mixtral");
-    for f in std::fs::read_dir(&src).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, dir.path().join(f.file_name().unwrap())).unwrap();
-    }
-    let config = dir.path().join("config.json");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("\"intermediate_size\": 48", "\"intermediate_size\": 40");
-    std::fs::write(&config, text).unwrap();
-    let err = load_llava(
-        dir.path().to_str().unwrap(),
-        &BuildOptions::new(Trainable::NONE, 0),
-    )
-    .err()
-    .unwrap();
-    let msg = format!("{err:#}");
+    let msg = mixtral_error_with("\"intermediate_size\": 48", "\"intermediate_size\": 40");
     assert!(
         msg.contains("block_sparse_moe.experts.0.w1.weight") && msg.contains("layer 0"),
         "{msg}"

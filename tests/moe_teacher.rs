@@ -90,7 +90,7 @@ fn term(m: &StepMetrics, name: &str) -> Option<f32> {
 }
 
 #[test]
-fn a_moe_teacher_trains_teaches_online_and_through_a_cache_and_is_inspected() {
+fn a_moe_teacher_trains_teaches_online_with_and_without_augmentation_and_through_a_cache() {
     let w = world();
     let dir = tempfile::tempdir().unwrap();
     let teacher = moe_teacher(w, dir.path());
