@@ -35,6 +35,7 @@ pub mod objective;
 pub mod prompt;
 pub mod runtime;
 pub mod scoring;
+pub mod selection;
 pub mod speculative;
 pub mod stages;
 pub mod teacher;

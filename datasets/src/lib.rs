@@ -26,7 +26,7 @@ pub use image_io::{check_image, load_image, ImageCheck, ImageFault};
 pub use prepare::{PrepareReport, TokenizedDataset};
 pub use problem::{Problem, ProblemKind, SampleRef};
 pub use progress::{NoProgress, Progress};
-pub use reader::{FileFormat, LlavaDataset};
+pub use reader::{raw_records, FileFormat, LlavaDataset};
 pub use sample::{Role, Round, Sample, Turn, IMAGE_PLACEHOLDER};
 pub use sampler::{epoch_batches, BatchSampler, Cursor, SampleShape, SamplerConfig};
 pub use synth::labels::{read_scene_cells, Attribute, SceneCells};

@@ -189,6 +189,18 @@ impl fmt::Display for JsonErrorAt<'_> {
     }
 }
 
+/// Every record of the LLaVA file `path` in file order as parsed (`None` where its JSON is
+/// malformed), to write a subset of the file back unchanged.
+pub fn raw_records(path: &Path) -> Result<Vec<Option<Value>>> {
+    let mut records = Vec::new();
+    let mut accept = |record: Result<Value, String>, _: Option<usize>| records.push(record.ok());
+    match detect_format(path)? {
+        FileFormat::JsonList => read_list(path, &mut accept)?,
+        FileFormat::JsonLines => read_lines(path, &mut accept)?,
+    }
+    Ok(records)
+}
+
 /// A record as parsed, or the message saying why its JSON is malformed.
 type Accept<'a> = &'a mut dyn FnMut(Result<Value, String>, Option<usize>);
 

@@ -1,4 +1,5 @@
-//! `mmkd data …`: make the synthetic data set, train a tokenizer, check a data file.
+//! `mmkd data …`: make the synthetic data set, train a tokenizer, check a data file, select
+//! from one.
 
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -26,6 +27,9 @@ pub enum DataCommand {
     Tokenizer(TokenizerArgs),
     /// Check a LLaVA data file: counts, and every problem with its sample id.
     Check(CheckArgs),
+    /// Keep the samples a teacher and/or student rank highest (teacher–student divergence,
+    /// teacher confidence, student loss): `--budget N|P%` of the data, as a LLaVA JSON file.
+    Select(super::data_select::SelectArgs),
 }
 
 #[derive(Debug, Args)]
@@ -130,6 +134,7 @@ pub fn run(args: DataArgs) -> Result<()> {
         DataCommand::Synth(a) => synth(a),
         DataCommand::Tokenizer(a) => tokenizer(a),
         DataCommand::Check(a) => check(a),
+        DataCommand::Select(a) => super::data_select::run(a),
     }
 }
 

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod config;
 pub mod data;
+pub mod data_select;
 pub mod demo;
 pub mod eval;
 pub mod generate;
