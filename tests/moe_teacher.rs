@@ -114,6 +114,25 @@ fn a_moe_teacher_trains_teaches_online_with_and_without_augmentation_and_through
     let l_res = term(&metrics(&out_online)[0], "l_res").unwrap();
     assert!(l_res.is_finite() && l_res > 0.0, "{l_res}");
 
+    // The other objectives take it too: DPT on captions, GKD and MiniLLM on the student's own
+    // answers (the MoE teacher scores them, and MiniLLM samples from it).
+    for stage in ["dpt", "gkd", "minillm"] {
+        let out = dir.path().join(stage);
+        let mut args = stage_args(w, stage, "student", out.to_str().unwrap(), 1, &[]);
+        args[at + 1] = teacher_str.to_string();
+        if stage == "dpt" {
+            let data = args.iter().position(|a| a == "--data").unwrap();
+            args[data + 1] = w
+                .root
+                .join("data/train/pretrain.json")
+                .to_str()
+                .unwrap()
+                .into();
+        }
+        run_ok(&args);
+        assert_eq!(metrics(&out).len(), 1, "{stage}");
+    }
+
     // Knowledge augmentation: the target averages three routings, so the loss moves.
     let out_ka = dir.path().join("dft-ka");
     let sets = ["train.teacher_routings=3"];
