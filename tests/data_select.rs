@@ -145,6 +145,34 @@ fn the_kept_share_is_the_highest_scoring_and_trains() {
     );
     assert!(ok, "{err}");
 
+    // The random baseline: the same number of samples, fixed by its seed.
+    let random = |seed: &str, name: &str| {
+        let path = dir.path().join(name);
+        let (ok, stdout, err) = select(
+            w,
+            &path,
+            &[
+                "--criterion",
+                "random",
+                "--student",
+                &s("student"),
+                "--template",
+                "compact",
+                "--budget",
+                "25%",
+                "--seed",
+                seed,
+                "--json",
+            ],
+        );
+        assert!(ok, "{err}");
+        let summary: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(summary["selected"].as_u64().unwrap(), kept);
+        std::fs::read_to_string(path).unwrap()
+    };
+    assert_eq!(random("1", "r1.json"), random("1", "r1-again.json"));
+    assert_ne!(random("1", "r1b.json"), random("2", "r2.json"));
+
     // Refusals.
     let refused = |extra: &[&str], needle: &str| {
         let (ok, _, err) = select(w, &dir.path().join("refused.json"), extra);

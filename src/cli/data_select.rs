@@ -23,7 +23,8 @@ pub struct SelectArgs {
     #[arg(long)]
     pub images: PathBuf,
     /// divergence: KL(teacher ‖ student) at the answer tokens; teacher-confidence: the
-    /// teacher's mean log-probability of the answer; student-loss: the student's cross-entropy.
+    /// teacher's mean log-probability of the answer; student-loss: the student's cross-entropy;
+    /// random: a seeded random subset of the samples the student can train on (the baseline).
     #[arg(long, value_enum, default_value = "divergence")]
     pub criterion: Criterion,
     /// Samples kept: a count (`500`) or a share of the scored ones (`25%`).
@@ -32,6 +33,9 @@ pub struct SelectArgs {
     /// Conversation template (default: the scoring model's recorded one, else `plain`).
     #[arg(long)]
     pub template: Option<String>,
+    /// Seed of `--criterion random`.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Samples per forward.
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
@@ -64,6 +68,7 @@ pub fn run(args: SelectArgs) -> Result<()> {
         template: args.template,
         batch_size: args.batch_size,
         max_length: args.max_length,
+        seed: args.seed,
         out: args.out.clone(),
         force: args.force,
         progress: !args.quiet,

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::batch::{prepare_data, training_tokenize_config, ModelInputs};
 use crate::checkpoint::LoadedModel;
 use crate::models::llava::{BuildOptions, ImageInput, Trainable};
-pub use scores::{per_sample_scores, Criterion};
+pub use scores::{has_answer, per_sample_scores, random_score, Criterion};
 
 /// How many samples to keep.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -75,6 +75,8 @@ pub struct SelectRequest {
     pub template: Option<String>,
     pub batch_size: usize,
     pub max_length: usize,
+    /// Seed of the `random` criterion.
+    pub seed: u64,
     pub out: PathBuf,
     pub force: bool,
     /// Show a progress bar.
@@ -182,20 +184,28 @@ pub fn select(req: &SelectRequest) -> Result<Selection> {
     let indices: Vec<usize> = (0..data.samples.len()).collect();
     for chunk in indices.chunks(req.batch_size) {
         let inputs = ModelInputs::collate(&data.samples, chunk.to_vec(), scorer)?;
-        let images = inputs.pixels.as_ref().map(ImageInput::Pixels);
-        let logits = |model: &Option<LoadedModel>| -> Result<Option<candle_core::Tensor>> {
-            model
-                .as_ref()
-                .map(|m| Ok(m.model.forward_images(&inputs.tokens, images)?.logits))
-                .transpose()
+        let scores = if req.criterion.runs_models() {
+            let images = inputs.pixels.as_ref().map(ImageInput::Pixels);
+            let logits = |model: &Option<LoadedModel>| -> Result<Option<candle_core::Tensor>> {
+                model
+                    .as_ref()
+                    .map(|m| Ok(m.model.forward_images(&inputs.tokens, images)?.logits))
+                    .transpose()
+            };
+            per_sample_scores(
+                req.criterion,
+                logits(&teacher)?.as_ref(),
+                logits(&student)?.as_ref(),
+                &inputs.labels,
+            )
+            .with_context(|| format!("scoring samples {}", inputs.collated.sample_ids.join(", ")))?
+        } else {
+            has_answer(&inputs.labels)?
+                .into_iter()
+                .zip(chunk)
+                .map(|(has, &i)| has.then(|| random_score(req.seed, data.samples[i].index)))
+                .collect()
         };
-        let scores = per_sample_scores(
-            req.criterion,
-            logits(&teacher)?.as_ref(),
-            logits(&student)?.as_ref(),
-            &inputs.labels,
-        )
-        .with_context(|| format!("scoring samples {}", inputs.collated.sample_ids.join(", ")))?;
         for (&i, score) in chunk.iter().zip(scores) {
             let sample = &data.samples[i];
             match score {

@@ -20,6 +20,9 @@ pub enum Criterion {
     TeacherConfidence,
     /// The student's mean cross-entropy on the answer tokens: the samples it gets most wrong.
     StudentLoss,
+    /// A seeded random score: the baseline a criterion has to beat (the student only
+    /// tokenizes, so the same samples are eligible as for the others).
+    Random,
 }
 
 impl Criterion {
@@ -28,6 +31,7 @@ impl Criterion {
             Criterion::Divergence => "divergence",
             Criterion::TeacherConfidence => "teacher-confidence",
             Criterion::StudentLoss => "student-loss",
+            Criterion::Random => "random",
         }
     }
 
@@ -36,8 +40,13 @@ impl Criterion {
         match self {
             Criterion::Divergence => true,
             Criterion::TeacherConfidence => role == "teacher",
-            Criterion::StudentLoss => role == "student",
+            Criterion::StudentLoss | Criterion::Random => role == "student",
         }
+    }
+
+    /// Whether it runs the models it reads (random only tokenizes).
+    pub fn runs_models(self) -> bool {
+        self != Criterion::Random
     }
 }
 
@@ -77,6 +86,7 @@ pub fn per_sample_scores(
             .squeeze(1)?
             .neg()?
             .to_vec1()?,
+        Criterion::Random => anyhow::bail!("random scores come from random_score"),
     };
     for (&row, value) in rows.rows.iter().zip(per_row) {
         let b = row as usize / seq;
@@ -88,6 +98,25 @@ pub fn per_sample_scores(
         .zip(&counts)
         .map(|(&sum, &n)| (n > 0).then(|| sum / n as f64))
         .collect())
+}
+
+/// The `random` criterion's score of the record at `index`: uniform in [0, 1), fixed by `seed`.
+pub fn random_score(seed: u64, index: usize) -> f64 {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    rng.gen()
+}
+
+/// Whether each batch row has an answer token (labels `[b, s]` unshifted).
+pub fn has_answer(labels: &Tensor) -> Result<Vec<bool>> {
+    let (batch, seq) = labels.dims2()?;
+    let mut has = vec![false; batch];
+    for row in response_rows(labels)?.rows {
+        has[row as usize / seq] = true;
+    }
+    Ok(has)
 }
 
 #[cfg(test)]
