@@ -36,6 +36,7 @@ pub mod prompt;
 pub mod runtime;
 pub mod scoring;
 pub mod selection;
+pub mod serve;
 pub mod speculative;
 pub mod stages;
 pub mod teacher;

@@ -12,6 +12,7 @@ pub mod merge;
 pub mod metrics;
 pub mod moe_to_dense;
 pub mod score;
+pub mod serve;
 pub mod teacher_cache;
 pub mod tower;
 pub mod train;
@@ -40,6 +41,9 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// Generate an answer to a prompt about an image.
     Generate(generate::GenerateArgs),
+    /// Serve a model on the OpenAI-compatible chat-completions API (loopback by default): the
+    /// black-box teacher a data-distillation run or any OpenAI client can call.
+    Serve(serve::ServeArgs),
     /// Preset keys and resolved settings: `config keys`, `config show PRESET --stage S`.
     Config(config::ConfigArgs),
     /// Data sets: synthetic data, tokenizer training, data checks.
@@ -102,6 +106,7 @@ pub fn run() -> Result<()> {
         Command::Inspect(args) => inspect::run(args),
         Command::Score(args) => score::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Data(args) => data::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Demo(args) => demo::run(args),
