@@ -84,12 +84,8 @@ pub fn moe_to_dense(req: &ToDenseRequest<'_>) -> Result<DenseRecord> {
     let mut config = bundle.model.config.clone();
     config.text_config = dense_text;
     let tensors = dense_tensors(&bundle.model, blocks, width)?;
-    let mut options = BuildOptions::new(Trainable::NONE, 0);
-    options.require = vec![
-        crate::models::llava::VISION_PREFIX,
-        crate::models::llava::PROJECTOR_PREFIX,
-        LM_PREFIX,
-    ];
+    // Every module must come from the gathered weights (BuildOptions requires all three).
+    let options = BuildOptions::new(Trainable::NONE, 0);
     let source = WeightSource::from_tensors(bundle.model_dir.clone(), tensors);
     let dense = LlavaModel::build(&config, Arc::new(source), &options)
         .context("building the dense model from the gathered weights")?;

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use serde::Serialize;
 
+use mmkd_datasets::atomic::write_atomically;
+
 use crate::batch::{prepare_data, training_tokenize_config, ModelInputs};
 use crate::checkpoint::LoadedModel;
 use crate::models::llava::{BuildOptions, ImageInput, Trainable};
@@ -262,18 +264,9 @@ pub fn select(req: &SelectRequest) -> Result<Selection> {
         out: req.out.display().to_string(),
         samples,
     };
-    write_atomically(&req.out, &serde_json::to_string_pretty(&chosen)?)?;
-    write_atomically(
-        &record_path(&req.out),
-        &serde_json::to_string_pretty(&selection)?,
-    )?;
+    let text = serde_json::to_string_pretty(&chosen)?;
+    write_atomically(&req.out, text.as_bytes())?;
+    let record = serde_json::to_string_pretty(&selection)?;
+    write_atomically(&record_path(&req.out), record.as_bytes())?;
     Ok(selection)
-}
-
-fn write_atomically(path: &Path, text: &str) -> Result<()> {
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = path.with_file_name(tmp_name);
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))
 }
