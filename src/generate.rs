@@ -83,6 +83,81 @@ pub fn generate(
     )
 }
 
+/// A generated continuation with the model's log-probability (temperature 1) of each token.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScoredOutput {
+    /// The new tokens, without the stop token.
+    pub ids: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    /// Generation ended on a stop token or string (not at `max_new_tokens`).
+    pub stopped: bool,
+}
+
+/// [`generate`], also reporting each chosen token's log-probability under the model (what a
+/// teacher writing data is filtered by) and whether the row stopped by itself. Row r samples
+/// from its own generator seeded by `row_seeds[r]`, so its tokens do not depend on the batch it
+/// is in: they are what [`generate`] gives for that prompt alone with `seed = row_seeds[r]`.
+pub fn generate_scored(
+    model: &LlavaModel,
+    prompts: &[Vec<u32>],
+    pixel_values: Option<&Tensor>,
+    cfg: &GenerationConfig,
+    row_seeds: &[u64],
+    decode: &dyn Fn(&[u32]) -> String,
+) -> Result<Vec<ScoredOutput>> {
+    ensure!(
+        row_seeds.len() == prompts.len(),
+        "{} seeds for {} prompts",
+        row_seeds.len(),
+        prompts.len()
+    );
+    let mut rngs: Vec<SeededRng> = row_seeds.iter().map(|&s| SeededRng::new(s)).collect();
+    let mut decoder = Decoder::new(model, prompts, pixel_values, cfg.use_cache)?;
+    let mut steps: Vec<Vec<f32>> = vec![Vec::new(); prompts.len()];
+    let ids = run_loop(
+        &mut [&mut decoder],
+        prompts.len(),
+        cfg,
+        decode,
+        &mut |logits| {
+            let next = if cfg.temperature <= 0.0 {
+                pick_tokens(&logits[0], cfg, &mut rngs[0])?
+            } else {
+                to_rows(&logits[0])?
+                    .iter()
+                    .zip(rngs.iter_mut())
+                    .map(|(row, rng)| sample_row(row, cfg, rng))
+                    .collect()
+            };
+            let logp = crate::distill::log_softmax(&logits[0].to_dtype(DType::F32)?)?;
+            for (row, (&tok, lp)) in next.iter().zip(to_rows(&logp)?).enumerate() {
+                steps[row].push(lp[tok as usize]);
+            }
+            Ok(next)
+        },
+    )?;
+    Ok(ids
+        .into_iter()
+        .zip(steps)
+        .map(|(ids, mut logprobs)| {
+            // A row's steps after it finished are not its tokens; the step that chose its
+            // stop token (if any) is the one after its last token.
+            let stopped = logprobs.len() > ids.len()
+                || (!cfg.stop_strings.is_empty()
+                    && cfg
+                        .stop_strings
+                        .iter()
+                        .any(|s| decode(&ids).contains(s.as_str())));
+            logprobs.truncate(ids.len());
+            ScoredOutput {
+                ids,
+                logprobs,
+                stopped,
+            }
+        })
+        .collect())
+}
+
 /// Teacher-mixed sampling (MiniLLM, Gu et al. 2024, §2.2): each token is drawn from
 /// p̃ = α·p + (1−α)·q, the teacher's and the student's next-token distributions at the
 /// configuration's temperature (top-k / top-p then cut the mixture). Both models read the same

@@ -16,6 +16,8 @@
 //! - [`eval`]: a model run over evaluation sets (`mmkd eval`): batched generation, then
 //!   [`scoring`].
 //! - [`teacher_cache`]: the offline teacher cache's format (manifest, shards, store).
+//! - [`datagen`]: data distillation (`mmkd distill-data`): a teacher writes training data
+//!   from recipes on unlabeled images.
 //! - [`bench`]: the distillation-step benchmark (`mmkd bench`).
 //! - [`cli`]: the `mmkd` command line.
 
@@ -24,6 +26,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod datagen;
 pub mod demo;
 pub mod distill;
 pub mod eval;

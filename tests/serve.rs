@@ -6,48 +6,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 
 use base64::Engine;
 use common::mmkd;
+use common::served::serve;
 use common::world::world;
 use serde_json::{json, Value};
-
-/// A running `mmkd serve`, killed when dropped.
-struct Served {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(model: &str) -> Served {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mmkd"))
-        .args(["serve", model, "--port", "0", "--name", "teacher"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .rsplit("http://")
-        .next()
-        .and_then(|a| a.strip_suffix("/v1"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    Served { child, addr }
-}
 
 /// (status, JSON body) of one HTTP/1.1 request.
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {

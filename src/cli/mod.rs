@@ -5,6 +5,7 @@ pub mod config;
 pub mod data;
 pub mod data_select;
 pub mod demo;
+pub mod distill_data;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
@@ -91,6 +92,10 @@ pub enum Command {
     /// match with the data's answer (`rollout.reward = "task"`), optionally shaped by the KL to
     /// --teacher (`rollout.kl_coef`) or by the teacher's logits as rewards (`"teacher"`, LLMR).
     Rl(train::StageArgs),
+    /// Data distillation: a teacher (--teacher MODEL, or --teacher-url of a chat-completions
+    /// server) writes a LLaVA dataset from unlabeled images and a recipe (prompt templates,
+    /// seed knowledge, generation settings), filtered, resumable, with a manifest.
+    DistillData(distill_data::DistillDataArgs),
     /// Run a teacher over a stage's data once and store its top-k log-probs and relation
     /// matrices, for `dpt|dft --teacher-cache`.
     TeacherCache(teacher_cache::TeacherCacheArgs),
@@ -123,6 +128,7 @@ pub fn run() -> Result<()> {
         Command::Minillm(args) => train::run(args, Stage::Minillm),
         Command::Rl(args) => train::run(args, Stage::Rl),
         Command::TeacherCache(args) => teacher_cache::run(args),
+        Command::DistillData(args) => distill_data::run(args),
         Command::Config(args) => config::run(args),
     })
 }

@@ -121,7 +121,7 @@ impl Answerer {
             .generation_prompt(&[], &item.text, usize::from(item.image.is_some()))
     }
 
-    fn prompt_ids(&self, item: &PromptItem) -> Result<Vec<u32>> {
+    pub fn prompt_ids(&self, item: &PromptItem) -> Result<Vec<u32>> {
         let model = &self.bundle.model;
         let (ids, _) = tokenize_prompt(
             &self.prompt_text(item),

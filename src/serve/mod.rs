@@ -24,6 +24,39 @@ use api::{
 /// The largest request body taken (images travel inside it).
 pub const MAX_BODY_BYTES: usize = 32 << 20;
 
+/// A server answering from a thread of this process; stopped when dropped.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    server: std::sync::Arc<tiny_http::Server>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningServer {
+    /// The API's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn listen(addr: &str) -> Result<(tiny_http::Server, SocketAddr)> {
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .context("the server is not on an IP socket")?;
+    Ok((server, bound))
+}
+
 /// A loaded model and how its prompts are laid out.
 pub struct Server {
     pub bundle: LoadedModel,
@@ -54,14 +87,28 @@ impl Server {
 
     /// Serves on `addr` until the process ends; `ready` gets the bound address (port 0 picks
     /// a free one).
-    pub fn run(mut self, addr: &str, ready: impl FnOnce(SocketAddr)) -> Result<()> {
-        let server = tiny_http::Server::http(addr)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-        let bound = server
-            .server_addr()
-            .to_ip()
-            .context("the server is not on an IP socket")?;
+    pub fn run(self, addr: &str, ready: impl FnOnce(SocketAddr)) -> Result<()> {
+        let (server, bound) = listen(addr)?;
         ready(bound);
+        self.answer_all(&server);
+        Ok(())
+    }
+
+    /// Serves on `addr` from a thread of this process until the returned handle is dropped
+    /// (the demo's black-box teacher).
+    pub fn spawn(self, addr: &str) -> Result<RunningServer> {
+        let (server, bound) = listen(addr)?;
+        let server = std::sync::Arc::new(server);
+        let listener = server.clone();
+        let thread = std::thread::spawn(move || self.answer_all(&listener));
+        Ok(RunningServer {
+            addr: bound,
+            server,
+            thread: Some(thread),
+        })
+    }
+
+    fn answer_all(mut self, server: &tiny_http::Server) {
         for mut request in server.incoming_requests() {
             let (status, body) = self.respond(&mut request);
             let header = tiny_http::Header::from_bytes("Content-Type", "application/json")
@@ -72,7 +119,6 @@ impl Server {
             // A client that hung up is its own problem; the server goes on.
             let _ = request.respond(response);
         }
-        Ok(())
     }
 
     /// The status and JSON body for one request.

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod served;
 pub mod world;
 
 use std::collections::HashMap;
