@@ -36,6 +36,13 @@ seed safetensors tests/fixtures/distill/optim.safetensors tests/fixtures/distill
 seed image tests/fixtures/images/*.png tests/fixtures/photo_97x61.png
 seed preset configs/*.toml
 seed template datasets/templates/*.toml
+# Recipes: each built-in recipe and its seed file, NUL-separated, then a reply.
+mkdir -p fuzz/corpus/recipe
+for r in configs/recipes/*.toml; do
+  { cat "$r"; printf '\0'; cat "${r%.toml}.seed.jsonl"; printf '\0red'; } > "fuzz/corpus/recipe/$(basename "$r")"
+done
+mkdir -p fuzz/corpus/api_reply
+printf '%s' '{"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "red"}, "logprobs": {"content": [{"token": "red", "logprob": -0.25, "bytes": [114, 101, 100], "top_logprobs": [{"token": "red", "logprob": -0.25}, {"token": "blue", "logprob": -1.5}]}]}}], "usage": {"prompt_tokens": 20, "completion_tokens": 1, "total_tokens": 21}}' > fuzz/corpus/api_reply/reply.json
 mkdir -p fuzz/corpus/eval_files
 for i in 0 1 2 3 4; do
   for f in tests/fixtures/evalset/*.jsonl tests/fixtures/eval/*.jsonl; do

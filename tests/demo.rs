@@ -137,7 +137,23 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         .unwrap()
         .modified()
         .unwrap();
-    // A rerun skips what is finished; opt-in methods add their rows next to LLaVA-KD's.
+    // A rerun skips what is finished; opt-in methods add their rows next to LLaVA-KD's. The
+    // tiny teacher answers nothing greedily: the data rows' recipe samples (and has no answer
+    // set), so that it writes something to train on.
+    let recipe = tmp.path().join("sampled.toml");
+    std::fs::write(
+        &recipe,
+        "name = \"sampled\"\nseed_file = \"sampled.seed.jsonl\"\n\
+         templates = [\"What color is the {shape}?\", \"How many shapes are there?\"]\n\
+         [generation]\nn_per_image = 2\nmax_tokens = 24\ntemperature = 1.0\n",
+    )
+    .unwrap();
+    std::fs::write(
+        tmp.path().join("sampled.seed.jsonl"),
+        "{\"shape\": \"circle\"}\n{\"shape\": \"star\"}\n",
+    )
+    .unwrap();
+    let recipe_set = format!("demo.data_recipe={}", recipe.display());
     let (ok, _, err) = mmkd(&[
         "demo",
         "--preset",
@@ -145,7 +161,11 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         "--out",
         out_s,
         "--methods",
-        "lora,merge,switch,hidden,uld,gkd,minillm,rl,moe",
+        "lora,merge,switch,hidden,uld,gkd,minillm,rl,moe,data",
+        "--self-improve",
+        "1",
+        "--set",
+        &recipe_set,
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("done earlier, skipped"), "{err}");
@@ -204,6 +224,38 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
         );
     }
     assert_eq!(report["methods"][0]["row"], "distilled-lora");
+    // Data distillation: the teacher's data (the served teacher's the same), the selections,
+    // the self-improvement round and its control, each evaluated.
+    let comparison: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("seed-0/written-data/comparison.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(comparison["identical"], true, "{comparison}");
+    assert!(comparison["served_records"].as_u64().unwrap() > 0);
+    for row in [
+        "written",
+        "select-10",
+        "random-10",
+        "select-25",
+        "random-25",
+        "sft-more",
+        "self-1",
+    ] {
+        let acc = report["results"][row]["vqa_accuracy"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&acc), "{row}: {acc}");
+    }
+    let selected: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(out.join("seed-0/selection/select-10.json")).unwrap(),
+    )
+    .unwrap();
+    let all: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(out.join("data/train/instruct.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(!selected.is_empty() && selected.len() * 5 < all.len());
+    assert!(
+        report["data_distillation"]["vqa_differences"]["self-1 − sft-more"]["per_seed"].is_array()
+    );
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(
         md.contains("| distilled-lora |")
@@ -211,7 +263,10 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
             && md.contains("| uld |")
             && md.contains("DFT s/step")
             && md.contains("draft acc. (%)")
-            && md.contains("| rl-kd |"),
+            && md.contains("| rl-kd |")
+            && md.contains("## Data distillation")
+            && md.contains("| self-1 |")
+            && md.contains("identical to the local teacher's"),
         "{md}"
     );
     // The MoE rows: a Qwen2-MoE teacher, dense students from each aggregation and at random,

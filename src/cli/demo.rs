@@ -30,6 +30,11 @@ pub struct DemoArgs {
     /// distilled and baseline students). Comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub methods: Vec<crate::demo::methods::DemoMethod>,
+    /// Self-improvement rounds: the baseline student writes data about the training images
+    /// (recipe shapes-vqa, its confident in-set answers kept) and is fine-tuned on the union
+    /// with the ground truth, N times (at most 5); rows `self-1..N` and the control `sft-more`.
+    #[arg(long, default_value_t = 0)]
+    pub self_improve: usize,
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
@@ -38,6 +43,7 @@ pub struct DemoArgs {
 pub fn run(args: DemoArgs) -> Result<()> {
     let report = run_demo(&DemoOptions {
         methods: args.methods,
+        self_improve: args.self_improve,
         preset: args.preset,
         out: args.out.clone(),
         seeds: args.seeds,

@@ -163,6 +163,7 @@ pub fn run(args: DistillDataArgs) -> Result<()> {
         span_check: span_check.as_ref(),
         logprobs: recipe.filters.min_mean_logprob.is_some(),
         after_data: Some(&keep_cache),
+        allow_empty: false,
         progress: !args.quiet,
     })?;
     if args.json {

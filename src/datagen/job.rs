@@ -53,6 +53,9 @@ pub struct JobRequest<'a> {
     /// Runs after the data file is written, before the manifest (the teacher cache); its
     /// value goes into the manifest.
     pub after_data: Option<AfterData<'a>>,
+    /// Finish with an empty data file when nothing is kept (a self-improving model that is
+    /// sure of nothing), instead of failing.
+    pub allow_empty: bool,
     pub progress: bool,
 }
 
@@ -146,7 +149,7 @@ pub fn run(req: &JobRequest<'_>) -> Result<Summary> {
         all.errors.extend(part.errors);
     }
     ensure!(
-        !all.records.is_empty(),
+        !all.records.is_empty() || req.allow_empty,
         "the teacher wrote nothing usable for any of the {} images ({} prompts; dropped: {}){}",
         images.len(),
         all.prompts,
@@ -373,7 +376,8 @@ fn job_identity(req: &JobRequest<'_>, images: &[PathBuf]) -> Result<Value> {
         .canonicalize()
         .unwrap_or_else(|_| req.images.clone());
     Ok(json!({
-        "recipe": {"name": req.recipe.name, "source": req.recipe.source, "digest": req.recipe.digest},
+        "recipe": {"name": req.recipe.name, "source": req.recipe.source, "digest": req.recipe.digest,
+                   "generation": req.recipe.generation, "filters": req.recipe.filters},
         "teacher": req.teacher.identity()?,
         "images": root.display().to_string(),
         "image_list_digest": digest_str(&names.join("\n")),

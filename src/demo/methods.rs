@@ -45,6 +45,10 @@ pub enum DemoMethod {
     /// width) and dense students of its size from each knowledge aggregation or at random,
     /// distilled from it with and without knowledge augmentation.
     Moe,
+    /// Data distillation: a student trained on data the teacher wrote (`mmkd distill-data`)
+    /// instead of the ground truth, and DFT on divergence-selected vs random 10 % / 25 %
+    /// subsets (`mmkd data select`).
+    Data,
 }
 
 /// The KL-to-teacher shaping of the `rl-kd` row.
@@ -76,6 +80,7 @@ impl DemoMethod {
             DemoMethod::Minillm => &["minillm"],
             DemoMethod::Rl => &["rl", "rl-kd"],
             DemoMethod::Moe => super::moe::ROWS,
+            DemoMethod::Data => super::teacher_data::ROWS,
         }
     }
 
@@ -132,6 +137,7 @@ impl DemoMethod {
                  less the micro-batch's mean; `rl-kd` shapes that reward with −0.1 × the \
                  answer's Σ log q − log p (its KL to the teacher); same steps."
             }
+            DemoMethod::Data => super::teacher_data::DESCRIBE_DATA,
             DemoMethod::Moe => {
                 "`moe-teacher`: the teacher's PT → SFT with a Qwen2-MoE LLM (4 experts of 3/8 the \
                  dense MLP's width, top-2 renormalised, a shared expert of 1/4: the dense \
@@ -165,6 +171,10 @@ pub struct SeedRun<'a> {
     pub data: &'a Path,
     pub template: &'a str,
     pub dft_epochs: usize,
+    /// The baseline student's SFT epochs (its SFT and DFT budget).
+    pub baseline_sft_epochs: usize,
+    /// The recipe of the data-distillation rows.
+    pub data_recipe: &'a str,
     /// The teacher's PT and SFT epochs (for a second teacher).
     pub teacher_epochs: (usize, usize),
     pub seed: u64,
@@ -177,6 +187,7 @@ pub fn run_method(method: DemoMethod, run: &SeedRun<'_>) -> Result<Vec<(String, 
     let seed_dir = run.seed_dir;
     match method {
         DemoMethod::Moe => super::moe::run(run),
+        DemoMethod::Data => super::teacher_data::run(run),
         DemoMethod::Lora => {
             let row = method.rows()[0];
             let plan = StagePlan {

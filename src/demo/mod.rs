@@ -9,6 +9,7 @@ pub mod moe;
 pub mod report;
 pub mod settings;
 pub mod speculation;
+pub mod teacher_data;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -32,6 +33,8 @@ pub const MODELS: [&str; 3] = ["teacher", "baseline", "distilled"];
 pub struct DemoOptions {
     /// Methods added as rows next to LLaVA-KD.
     pub methods: Vec<methods::DemoMethod>,
+    /// Self-improvement rounds (0: none).
+    pub self_improve: usize,
     pub preset: String,
     pub out: PathBuf,
     pub seeds: usize,
@@ -217,6 +220,35 @@ fn run_plan(
     seed: u64,
     progress: bool,
 ) -> Result<f64> {
+    let file = if plan.stage.is_pretraining() {
+        "pretrain.json"
+    } else {
+        "instruct.json"
+    };
+    let files = TrainingFiles {
+        data: &data.join("train").join(file),
+        images: data,
+        tokenizer: &data.join(plan.tokenizer.unwrap_or("tokenizer.json")),
+    };
+    run_plan_on(doc, seed_dir, &files, plan, seed, progress)
+}
+
+/// What a demo stage trains on.
+struct TrainingFiles<'a> {
+    data: &'a Path,
+    images: &'a Path,
+    tokenizer: &'a Path,
+}
+
+/// [`run_plan`] on other data than the split's own file.
+fn run_plan_on(
+    doc: &Document,
+    seed_dir: &Path,
+    files: &TrainingFiles<'_>,
+    plan: &StagePlan<'_>,
+    seed: u64,
+    progress: bool,
+) -> Result<f64> {
     let out = seed_dir.join(plan.dir);
     if stage_finished(&out) {
         say(progress, &format!("{}: done earlier, skipped", plan.dir));
@@ -253,11 +285,6 @@ fn run_plan(
         // teacher's (frozen) tower instead of a random one of its own.
         settings.model.vision = Some(seed_dir.join(tower).display().to_string());
     }
-    let file = if plan.stage.is_pretraining() {
-        "pretrain.json"
-    } else {
-        "instruct.json"
-    };
     say(
         progress,
         &format!(
@@ -274,12 +301,12 @@ fn run_plan(
         init: plan.init.map(|d| seed_dir.join(d).display().to_string()),
         teacher: plan.teacher.map(|d| seed_dir.join(d).display().to_string()),
         teacher_cache: None,
-        data: data.join("train").join(file),
-        images: data.to_path_buf(),
+        data: files.data.to_path_buf(),
+        images: files.images.to_path_buf(),
         // A stage stopped part-way (Ctrl-C, a kill after a checkpoint) goes on from there.
         resume: crate::train::state::latest_checkpoint(&out)?.is_some(),
         out,
-        tokenizer: Some(data.join(plan.tokenizer.unwrap_or("tokenizer.json"))),
+        tokenizer: Some(files.tokenizer.to_path_buf()),
         progress,
     })
     .with_context(|| format!("demo stage {}", plan.dir))?;
@@ -517,24 +544,28 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
         .iter()
         .map(|(name, dir)| (name.to_string(), seed_dir.join(dir)))
         .collect();
+        let seed_run = methods::SeedRun {
+            doc: &doc,
+            seed_dir: &seed_dir,
+            data: &data,
+            template: &chat_template,
+            dft_epochs: demo.student_dft_epochs,
+            baseline_sft_epochs: demo.student_sft_epochs + demo.student_dft_epochs,
+            data_recipe: &demo.data_recipe,
+            teacher_epochs: (demo.teacher_pt_epochs, demo.teacher_sft_epochs),
+            seed,
+            progress: options.progress,
+        };
+        let mut extra_rows = Vec::new();
         for method in &options.methods {
-            let rows = methods::run_method(
-                *method,
-                &methods::SeedRun {
-                    doc: &doc,
-                    seed_dir: &seed_dir,
-                    data: &data,
-                    template: &chat_template,
-                    dft_epochs: demo.student_dft_epochs,
-                    teacher_epochs: (demo.teacher_pt_epochs, demo.teacher_sft_epochs),
-                    seed,
-                    progress: options.progress,
-                },
-            )?;
-            for (row, dir, s) in rows {
-                seconds.insert(row.clone(), s);
-                finals.push((row, dir));
-            }
+            extra_rows.extend(methods::run_method(*method, &seed_run)?);
+        }
+        if options.self_improve > 0 {
+            extra_rows.extend(teacher_data::self_improve(&seed_run, options.self_improve)?);
+        }
+        for (row, dir, s) in extra_rows {
+            seconds.insert(row.clone(), s);
+            finals.push((row, dir));
         }
         let teacher_dir = seed_dir.join("teacher/sft");
         let drafts = speculation::Drafts::new(&teacher_dir, &data, &demo, &chat_template);
@@ -570,6 +601,7 @@ pub fn run_demo(options: &DemoOptions) -> Result<PathBuf> {
         &report::RunContext {
             out: &options.out,
             methods: &options.methods,
+            self_improve: options.self_improve,
             preset: &options.preset,
             demo: &demo,
             data: &data,

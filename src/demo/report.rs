@@ -166,6 +166,8 @@ fn tower_sentence(demo: &DemoSettings, per_seed: &[SeedResults]) -> String {
 pub struct RunContext<'a> {
     pub out: &'a Path,
     pub methods: &'a [DemoMethod],
+    /// Self-improvement rounds (0: none).
+    pub self_improve: usize,
     pub preset: &'a str,
     pub demo: &'a DemoSettings,
     pub data: &'a Path,
@@ -177,6 +179,7 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
     let RunContext {
         out,
         methods,
+        self_improve,
         preset,
         demo,
         data,
@@ -199,7 +202,14 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
         .iter()
         .copied()
         .chain(methods.iter().flat_map(|m| m.rows().iter().copied()))
+        .chain(
+            super::teacher_data::self_improve_rows(self_improve)
+                .iter()
+                .copied(),
+        )
         .collect();
+    let self_rows = super::teacher_data::self_improve_rows(self_improve);
+    let data_rows = methods.contains(&DemoMethod::Data);
     let mut results = serde_json::Map::new();
     for &model in &models {
         let mut obj = serde_json::Map::new();
@@ -262,6 +272,8 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
             "minus_baseline": difference_json(&paired_differences(per_seed, row, "baseline")),
         })).collect::<Vec<_>>(),
         "moe": methods.contains(&DemoMethod::Moe).then(|| super::moe::report_json(per_seed)),
+        "data_distillation": (data_rows || self_improve > 0)
+            .then(|| super::teacher_data::report_json(per_seed, data_rows, self_rows)),
         "per_seed": per_seed.iter().map(|(s, dir, r)| json!({"seed": s, "dir": dir, "results": r})).collect::<Vec<_>>(),
     });
     std::fs::write(
@@ -280,6 +292,12 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
     md.push_str(&tower_sentence(demo, per_seed));
     for method in methods {
         md.push_str(&format!("{}\n\n", method.describe()));
+    }
+    if self_improve > 0 {
+        md.push_str(&format!(
+            "{}\n\n",
+            super::teacher_data::describe_self_improve(self_improve)
+        ));
     }
     md.push_str("| model | params | VQA acc (%) | CIDEr-D | BLEU-4 | ROUGE-L | POPE F1 | DFT s/step | draft acc. (%) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     for &model in &models {
@@ -326,6 +344,11 @@ pub fn write(ctx: &RunContext<'_>, per_seed: &[SeedResults], wall_seconds: f64) 
     md.push_str(&verdict(per_seed, methods));
     if methods.contains(&DemoMethod::Moe) {
         md.push_str(&super::moe::report_section(per_seed));
+    }
+    if data_rows || self_improve > 0 {
+        md.push_str(&super::teacher_data::report_section(
+            per_seed, data_rows, self_rows,
+        ));
     }
     // Per-category accuracy.
     let mut cats: Vec<String> = per_seed

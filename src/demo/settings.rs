@@ -37,6 +37,14 @@ pub struct DemoSettings {
     /// teacher; 0: the models share a random frozen tower.
     #[serde(default)]
     pub tower_epochs: usize,
+    /// The recipe of the data-distillation rows (`--methods data`, `--self-improve`): a
+    /// built-in name or a recipe file.
+    #[serde(default = "default_data_recipe")]
+    pub data_recipe: String,
+}
+
+fn default_data_recipe() -> String {
+    "shapes-vqa".into()
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
