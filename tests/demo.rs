@@ -233,6 +233,7 @@ fn tiny_demo_writes_both_reports_and_reruns_skip_finished_stages() {
     assert_eq!(comparison["identical"], true, "{comparison}");
     assert!(comparison["served_records"].as_u64().unwrap() > 0);
     for row in [
+        "pretrained",
         "written",
         "select-10",
         "random-10",

@@ -448,19 +448,95 @@ fn kept_log_probabilities_are_a_teacher_cache_dft_trains_from() {
         "2",
     ]);
     assert!(ok, "{err}");
-    // The API path cannot keep them: refused, naming why.
-    let (ok, _, err) = distill(
+    // A server's top_logprobs: kept at the answer tokens in the student's tokenization, one
+    // question a record; no image-token rows, so a DFT reading them is refused, one without
+    // them trains.
+    let served = serve(p(&w.root.join("teacher")));
+    let api = tmp.path().join("api");
+    let (ok, stdout, err) = distill(
         &recipe,
-        &tmp.path().join("api"),
+        &api,
         &[
             "--teacher-url",
-            "http://127.0.0.1:9/v1",
+            &served.url(),
+            "--student",
+            p(&w.root.join("student")),
+            "--template",
+            "compact",
+            "--limit",
+            "6",
             "--keep-logprobs",
-            "8",
+            "5",
+            "--config",
+            "shapes-tiny",
         ],
     );
+    assert!(ok, "{err}");
+    let s = summary(&stdout);
+    assert_accounted(&s);
+    let data: Vec<Value> =
+        serde_json::from_str(&std::fs::read_to_string(api.join("data.json")).unwrap()).unwrap();
+    assert_eq!(
+        data.len() as u64,
+        s["kept"].as_u64().unwrap(),
+        "one question a record"
+    );
+    assert!(!data.is_empty(), "{s}");
+    let manifest: Value = serde_json::from_str(
+        &std::fs::read_to_string(api.join("teacher-cache/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["visual"], false);
+    assert_eq!(manifest["top_k"], 5);
+    assert_eq!(manifest["samples"].as_u64(), Some(data.len() as u64));
+    let dft_args = |out: &Path, sets: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "dft",
+            "--config",
+            "shapes-tiny",
+            "--quiet",
+            "--data",
+            p(&api.join("data.json")),
+            "--images",
+            p(&images()),
+            "--init",
+            p(&w.root.join("student")),
+            "--teacher-cache",
+            p(&api.join("teacher-cache")),
+            "--out",
+            p(out),
+            "--max-steps",
+            "2",
+        ]
+        .map(String::from)
+        .to_vec();
+        for set in sets {
+            a.extend(["--set".to_string(), set.to_string()]);
+        }
+        a
+    };
+    let (ok, _, err) = mmkd(&refs(&dft_args(&tmp.path().join("dft-vis"), &[])));
     assert!(
-        !ok && err.contains("--keep-logprobs needs a local --teacher"),
+        !ok && err.contains("no distributions at the image tokens"),
         "{err}"
     );
+    let no_visual = ["distill.beta_vis=0", "distill.gamma_rel=0"];
+    let (ok, _, err) = mmkd(&refs(&dft_args(&tmp.path().join("dft-api"), &no_visual)));
+    assert!(ok, "{err}");
+    let metrics = std::fs::read_to_string(tmp.path().join("dft-api/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"l_res\":"), "{metrics}");
+    // Without a student the server's tokens have no ids to be kept as.
+    let (ok, _, err) = distill(
+        &recipe,
+        &tmp.path().join("api-2"),
+        &[
+            "--teacher-url",
+            &served.url(),
+            "--keep-logprobs",
+            "5",
+            "--config",
+            "shapes-tiny",
+        ],
+    );
+    assert!(!ok && err.contains("needs --student"), "{err}");
 }

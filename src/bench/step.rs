@@ -457,6 +457,7 @@ impl DftStep {
             image_token_id: self.teacher.image_token_id(),
             tokens_per_image: self.teacher.tokens_per_image(),
             relations: true,
+            visual: true,
             data: "bench (random batch)".into(),
             samples: b,
             response_positions: totals.0,

@@ -4,17 +4,20 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use serde_json::Value;
 
 use super::train::{resolve_settings, StageArgs};
+use crate::checkpoint::LoadedModel;
 use crate::config::{Role, Stage};
 use crate::datagen::client::ApiSettings;
 use crate::datagen::job::CACHE_DIR;
+use crate::datagen::logprobs::{ApiCache, RowBuilder, TokenMap};
 use crate::datagen::{describe, run as run_job, DataTeacher, JobRequest, Recipe, SpanCheck};
 use crate::models::llava::{BuildOptions, Trainable};
 use crate::prompt::PromptLayout;
+use crate::teacher_cache::TeacherIdentity;
 
 #[derive(Debug, Args)]
 pub struct DistillDataArgs {
@@ -76,8 +79,10 @@ pub struct DistillDataArgs {
     /// Longest tokenized sample kept (the span check's max_length).
     #[arg(long, default_value_t = 2048)]
     pub max_length: usize,
-    /// Also store the teacher's top-K log-probabilities at every position DFT distils, in the
-    /// teacher-cache format (OUT/teacher-cache, for `dft --teacher-cache`); local teachers.
+    /// Also store the teacher's top-K log-probabilities in the teacher-cache format
+    /// (OUT/teacher-cache, for `dft --teacher-cache`): a local teacher's at every position DFT
+    /// distils; a server's `top_logprobs` (K ≤ 20) at the answer tokens, one question a record,
+    /// in --student's tokenization.
     #[arg(long, value_name = "K")]
     pub keep_logprobs: Option<usize>,
     /// Preset (or TOML) of the DFT the kept log-probabilities are for (template, max_length,
@@ -104,29 +109,46 @@ pub fn run(args: DistillDataArgs) -> Result<()> {
         (Some(t), _) => {
             DataTeacher::local(t, args.template.as_deref(), args.batch_size, args.device)?
         }
-        (None, Some(url)) => {
-            if args.keep_logprobs.is_some() {
-                bail!(
-                    "--keep-logprobs needs a local --teacher: a chat-completions server reports no \
-                     distribution at the image tokens, which the teacher-cache format holds"
-                );
-            }
-            DataTeacher::api(ApiSettings {
-                url: url.clone(),
-                model: args.model.clone(),
-                api_key: api_key(&args.api_key_env)?,
-                concurrency: args.concurrency,
-                retries: args.retries,
-                timeout: seconds(args.timeout, "--timeout")?,
-                backoff: seconds(args.backoff, "--backoff")?,
-            })?
-        }
+        (None, Some(url)) => DataTeacher::api(ApiSettings {
+            url: url.clone(),
+            model: args.model.clone(),
+            api_key: api_key(&args.api_key_env)?,
+            concurrency: args.concurrency,
+            retries: args.retries,
+            timeout: seconds(args.timeout, "--timeout")?,
+            backoff: seconds(args.backoff, "--backoff")?,
+        })?,
         (None, None) => bail!("pass --teacher MODEL or --teacher-url URL"),
     };
-    let span_check = span_check(&args, &teacher)?;
+    let student = match &args.student {
+        Some(s) => Some(load_student(s, args.device)?),
+        None => None,
+    };
+    let span_check = span_check(&args, &teacher, student.as_ref())?;
     let cache_settings = match args.keep_logprobs {
         Some(_) => Some(resolve_settings(&cache_stage_args(&args), Stage::Dft)?),
         None => None,
+    };
+    // A server's top_logprobs, in the student's tokenization of the DFT they are for.
+    let api_parts = match (&args.teacher_url, args.keep_logprobs, &cache_settings) {
+        (Some(url), Some(k), Some(settings)) => {
+            Some(api_cache_parts(&args, url, k, settings, student.as_ref())?)
+        }
+        _ => None,
+    };
+    let api_cache = match (&api_parts, &cache_settings, &student) {
+        (Some((tokenization, map, teacher)), Some(settings), Some(student)) => Some(ApiCache {
+            rows: RowBuilder {
+                tokenization,
+                map,
+                k: args.keep_logprobs.unwrap_or(1),
+                vocab: student.model.config.text_config.vocab_size,
+            },
+            settings,
+            student,
+            teacher: teacher.clone(),
+        }),
+        _ => None,
     };
     let keep_cache = |data: &std::path::Path| -> Result<Value> {
         let (Some(k), Some(settings), Some(t)) = (
@@ -162,6 +184,7 @@ pub fn run(args: DistillDataArgs) -> Result<()> {
         chunk_images: args.chunk_images,
         span_check: span_check.as_ref(),
         logprobs: recipe.filters.min_mean_logprob.is_some(),
+        api_cache: api_cache.as_ref(),
         after_data: Some(&keep_cache),
         allow_empty: false,
         progress: !args.quiet,
@@ -172,6 +195,48 @@ pub fn run(args: DistillDataArgs) -> Result<()> {
         println!("{}", describe(&summary));
     }
     Ok(())
+}
+
+/// What a server's kept log-probabilities need: the DFT's tokenization of the student, its
+/// token map, and the teacher's identity.
+fn api_cache_parts(
+    args: &DistillDataArgs,
+    url: &str,
+    k: usize,
+    settings: &crate::config::StageSettings,
+    student: Option<&LoadedModel>,
+) -> Result<(SpanCheck, TokenMap, TeacherIdentity)> {
+    let student = student.with_context(|| {
+        "--keep-logprobs with --teacher-url needs --student MODEL: the server's tokens are kept \
+         as the student's token ids"
+    })?;
+    ensure!(
+        (1..=crate::serve::api::TOP_LOGPROBS_LIMIT).contains(&k),
+        "--keep-logprobs {k}: a server reports 1 to {} alternatives a token",
+        crate::serve::api::TOP_LOGPROBS_LIMIT
+    );
+    ensure!(
+        settings.distill.temperature == 1.0,
+        "--keep-logprobs with --teacher-url: a server reports log-probabilities at temperature 1, \
+         the DFT of --config {} reads the teacher at {}: set distill.temperature=1",
+        args.config,
+        settings.distill.temperature
+    );
+    let template = mmkd_datasets::Template::by_name_or_path(&settings.template())?;
+    let tokenization = SpanCheck::new(student, template, settings.data.max_length);
+    let vocab = student.model.config.text_config.vocab_size;
+    let map = TokenMap::new(vocab, |id| student.decode(&[id]).ok());
+    let teacher = TeacherIdentity {
+        path: url.to_string(),
+        digest: format!("api model {}", args.model),
+    };
+    Ok((tokenization, map, teacher))
+}
+
+fn load_student(spec: &str, device: crate::runtime::DeviceSpec) -> Result<LoadedModel> {
+    let mut options = BuildOptions::new(Trainable::NONE, 0);
+    options.device = device.open()?;
+    LoadedModel::load(spec, &options).with_context(|| format!("--student {spec}"))
 }
 
 fn seconds(v: f64, flag: &str) -> Result<Duration> {
@@ -193,17 +258,20 @@ fn api_key(var: &str) -> Result<Option<String>> {
 }
 
 /// The span check's model: --student, else a local teacher.
-fn span_check(args: &DistillDataArgs, teacher: &DataTeacher) -> Result<Option<SpanCheck>> {
-    if let Some(student) = &args.student {
-        let mut options = BuildOptions::new(Trainable::NONE, 0);
-        options.device = args.device.open()?;
-        let bundle = crate::checkpoint::LoadedModel::load(student, &options)
-            .with_context(|| format!("--student {student}"))?;
+fn span_check(
+    args: &DistillDataArgs,
+    teacher: &DataTeacher,
+    student: Option<&LoadedModel>,
+) -> Result<Option<SpanCheck>> {
+    if let Some(bundle) = student {
         let template =
-            PromptLayout::choose(&bundle, args.template.as_deref())?.with_context(|| {
-                format!("--student {student} has no chat template: pass --template NAME")
+            PromptLayout::choose(bundle, args.template.as_deref())?.with_context(|| {
+                format!(
+                    "--student {} has no chat template: pass --template NAME",
+                    args.student.as_deref().unwrap_or("")
+                )
             })?;
-        return Ok(Some(SpanCheck::new(&bundle, template, args.max_length)));
+        return Ok(Some(SpanCheck::new(bundle, template, args.max_length)));
     }
     Ok(teacher
         .local_model()

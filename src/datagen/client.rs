@@ -286,6 +286,7 @@ pub fn parse_reply(text: &str) -> Result<ApiReply> {
             text: content,
             finished,
             token_logprobs,
+            alternatives: tokens.clone(),
         },
         tokens,
     })

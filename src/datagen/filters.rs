@@ -29,6 +29,8 @@ pub enum Reject {
     NearDuplicate,
     /// The sample has no supervised answer token once tokenized, or does not fit max_length.
     SupervisedSpan,
+    /// `--keep-logprobs` with a server: its tokens are not the student's answer tokens.
+    UnalignedLogprobs,
 }
 
 /// Dropped replies by reason.
@@ -43,6 +45,9 @@ pub struct Reply {
     /// Log-probability of each generated token, when the teacher reports them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_logprobs: Option<Vec<f32>>,
+    /// The server's tokens and their alternatives (`top_logprobs`), when asked for.
+    #[serde(skip)]
+    pub alternatives: Vec<super::client::TokenAlternatives>,
 }
 
 /// A question and answer as they go into the data.
@@ -187,6 +192,7 @@ mod tests {
             text: text.into(),
             finished: true,
             token_logprobs: None,
+            alternatives: Vec::new(),
         }
     }
 

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::filters::{accept, DuplicateFilter, Reject, RejectCounts, Written};
+use super::logprobs::{ApiCache, SampleRows};
 use super::recipe::Recipe;
 use super::teacher::{conversation, DataTeacher, SpanCheck, TeacherRequest};
 use crate::checkpoint::lock::OutputLock;
@@ -50,6 +51,8 @@ pub struct JobRequest<'a> {
     pub span_check: Option<&'a SpanCheck>,
     /// Ask the teacher for token log-probabilities (the log-prob filter reads them).
     pub logprobs: bool,
+    /// Keep a server's `top_logprobs` as a teacher cache (one question a record).
+    pub api_cache: Option<&'a ApiCache<'a>>,
     /// Runs after the data file is written, before the manifest (the teacher cache); its
     /// value goes into the manifest.
     pub after_data: Option<AfterData<'a>>,
@@ -69,6 +72,9 @@ struct ChunkResult {
     undecodable: Vec<String>,
     without_samples: usize,
     errors: Vec<String>,
+    /// With an API cache: the rows of each record.
+    #[serde(default)]
+    rows: Vec<SampleRows>,
 }
 
 /// What a run reports (and its manifest records).
@@ -147,6 +153,7 @@ pub fn run(req: &JobRequest<'_>) -> Result<Summary> {
         all.undecodable.extend(part.undecodable);
         all.without_samples += part.without_samples;
         all.errors.extend(part.errors);
+        all.rows.extend(part.rows);
     }
     ensure!(
         !all.records.is_empty() || req.allow_empty,
@@ -161,9 +168,12 @@ pub fn run(req: &JobRequest<'_>) -> Result<Summary> {
     );
     let data = req.out.join(DATA_FILE);
     write_atomically(&data, json_lines(&all.records)?.as_bytes())?;
-    let extra = match req.after_data {
-        Some(f) => Some(f(&data)?),
-        None => None,
+    let extra = match (req.after_data, req.api_cache) {
+        (_, Some(cache)) => {
+            Some(cache.write(&data, &req.images, &req.out.join(CACHE_DIR), &all.rows)?)
+        }
+        (Some(f), None) => Some(f(&data)?),
+        (None, None) => None,
     };
     let mut messages: Vec<String> = all
         .undecodable
@@ -248,12 +258,16 @@ fn generate_chunk(
             })
         })
         .collect();
-    let replies = req
-        .teacher
-        .answer(&requests, &recipe.generation, req.logprobs);
+    let logprobs = match (req.api_cache, req.logprobs) {
+        (Some(c), _) => Some(c.rows.k),
+        (None, true) => Some(0),
+        (None, false) => None,
+    };
+    let replies = req.teacher.answer(&requests, &recipe.generation, logprobs);
     let mut replies = replies.into_iter();
     for ((_, key, path), plan) in asked.iter().zip(&plans) {
         let mut rounds: Vec<Written> = Vec::new();
+        let mut rows: Vec<SampleRows> = Vec::new();
         let mut duplicates = DuplicateFilter::new(recipe);
         for prompt in plan {
             result.prompts += 1;
@@ -269,12 +283,25 @@ fn generate_chunk(
                 }
                 Ok(reply) => accept(recipe, prompt, &reply).and_then(|w| {
                     duplicates.admit(&w)?;
-                    match req.span_check {
-                        Some(check) if !check.admits(path, &rounds, &w) => {
-                            Err(Reject::SupervisedSpan)
+                    // With an API cache every round is its own record.
+                    let context: &[Written] = if req.api_cache.is_some() {
+                        &[]
+                    } else {
+                        &rounds
+                    };
+                    if let Some(check) = req.span_check {
+                        if !check.admits(path, context, &w) {
+                            return Err(Reject::SupervisedSpan);
                         }
-                        _ => Ok(w),
                     }
+                    if let Some(cache) = req.api_cache {
+                        let r = cache
+                            .rows
+                            .rows(key, &w, &reply.alternatives)
+                            .ok_or(Reject::UnalignedLogprobs)?;
+                        rows.push(r);
+                    }
+                    Ok(w)
                 }),
             };
             match kept {
@@ -289,7 +316,16 @@ fn generate_chunk(
             result.without_samples += 1;
             continue;
         }
-        result.records.push(record(recipe, key, &rounds));
+        if req.api_cache.is_some() {
+            for (k, w) in rounds.iter().enumerate() {
+                let mut r = record(recipe, key, std::slice::from_ref(w));
+                r["id"] = json!(format!("{}-{k}", r["id"].as_str().unwrap_or("")));
+                result.records.push(r);
+            }
+            result.rows.extend(rows);
+        } else {
+            result.records.push(record(recipe, key, &rounds));
+        }
     }
     Ok(result)
 }
@@ -383,6 +419,7 @@ fn job_identity(req: &JobRequest<'_>, images: &[PathBuf]) -> Result<Value> {
         "image_list_digest": digest_str(&names.join("\n")),
         "chunk_images": req.chunk_images,
         "logprobs": req.logprobs,
+        "api_logprobs": req.api_cache.map(|c| c.rows.k),
         "span_check": req.span_check.map(|c| json!({
             "template": c.template.name, "max_length": c.config.max_length,
         })),

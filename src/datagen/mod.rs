@@ -13,6 +13,7 @@
 pub mod client;
 pub mod filters;
 pub mod job;
+pub mod logprobs;
 pub mod recipe;
 pub mod teacher;
 

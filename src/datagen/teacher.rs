@@ -93,12 +93,13 @@ impl DataTeacher {
         }
     }
 
-    /// Answers every request (in order): a reply, or why the request failed.
+    /// Answers every request (in order): a reply, or why the request failed. `logprobs`:
+    /// ask a server for its tokens' log-probabilities and this many alternatives each.
     pub fn answer(
         &self,
         requests: &[TeacherRequest],
         generation: &GenerationSettings,
-        logprobs: bool,
+        logprobs: Option<usize>,
     ) -> Vec<Result<Reply>> {
         match self {
             DataTeacher::Local(t) => t.answer(requests, generation),
@@ -115,7 +116,7 @@ impl DataTeacher {
                     max_tokens: generation.max_tokens,
                     temperature: generation.temperature,
                     top_p: generation.top_p,
-                    logprobs: logprobs.then_some(0),
+                    logprobs,
                 };
                 client
                     .complete_all(&calls, &sampling)
@@ -196,6 +197,7 @@ impl LocalTeacher {
                     text: text.trim().to_string(),
                     finished: out.stopped,
                     token_logprobs: Some(out.logprobs),
+                    alternatives: Vec::new(),
                 })
             })
             .collect()

@@ -24,6 +24,7 @@ use crate::selection::{Budget, Criterion, SelectRequest};
 
 /// The teacher-written row and the selection rows.
 pub const ROWS: &[&str] = &[
+    "pretrained",
     "written",
     "select-10",
     "random-10",
@@ -50,7 +51,8 @@ pub fn self_improve_rows(n: usize) -> &'static [&'static str] {
 }
 
 /// The report's description of the `--methods data` rows.
-pub const DESCRIBE_DATA: &str = "`written`: the baseline student's SFT (same epochs) on data the \
+pub const DESCRIBE_DATA: &str = "`pretrained`: the baseline student after its PT, before any \
+     instruction (what `written` starts from), evaluated as it is. `written`: the baseline student's SFT (same epochs) on data the \
      teacher wrote — `mmkd distill-data` (the preset's `demo.data_recipe`, by default `shapes-vqa`) on the training images without their \
      labels (4 questions an image from the recipe's templates, greedy answers; answers outside \
      each template's set and duplicates dropped) — instead of the ground-truth instructions. \
@@ -72,7 +74,9 @@ pub fn describe_self_improve(rounds: usize) -> String {
 
 /// Builds the teacher-written and selection rows of one seed.
 pub fn run(run: &SeedRun<'_>) -> Result<Vec<(String, PathBuf, f64)>> {
-    let mut rows = vec![written(run)?];
+    // What the written data starts from, evaluated as it is: the "nothing" it must beat.
+    let pretrained = ("pretrained".into(), run.seed_dir.join("baseline/pt"), 0.0);
+    let mut rows = vec![pretrained, written(run)?];
     rows.extend(selection(run)?);
     Ok(rows)
 }
@@ -144,6 +148,7 @@ fn write_data(
         chunk_images: 512,
         span_check: Some(&span),
         logprobs: recipe.filters.min_mean_logprob.is_some(),
+        api_cache: None,
         after_data: None,
         // A self-improving model may be sure of nothing: its round trains on the ground truth.
         allow_empty: true,
@@ -413,6 +418,7 @@ fn comparisons(data_rows: bool, self_rows: &[&str]) -> Vec<(String, String)> {
     let mut pairs = Vec::new();
     if data_rows {
         pairs.push(("written".into(), "baseline".into()));
+        pairs.push(("written".into(), "pretrained".into()));
         for p in ["10", "25"] {
             pairs.push((format!("select-{p}"), format!("random-{p}")));
             pairs.push((format!("select-{p}"), "distilled".into()));

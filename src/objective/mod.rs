@@ -83,6 +83,8 @@ pub struct Needs {
     pub teacher: bool,
     /// The teacher's visual-token relation matrices (a cache must hold them).
     pub teacher_relations: bool,
+    /// The teacher's distributions at the image tokens (a cache must hold them).
+    pub teacher_visual: bool,
     /// The teacher's full logits (an online teacher: a cache keeps only the top-k).
     pub teacher_logits: bool,
     /// The temperature the teacher's probabilities are read at (a cache stores them at one).
@@ -281,6 +283,11 @@ impl Objective {
     /// Whether a term reads the data's own answers.
     pub fn needs_data_answers(&self) -> bool {
         self.active().any(|e| e.term.needs().data_answers)
+    }
+
+    /// Whether a term reads the teacher's distributions at the image tokens.
+    pub fn needs_teacher_visual(&self) -> bool {
+        self.active().any(|e| e.term.needs().teacher_visual)
     }
 
     /// Whether a term reads the teacher's relation matrices.

@@ -221,6 +221,7 @@ fn manifest_for(
         image_token_id: prepared.model.model.image_token_id(),
         tokens_per_image: prepared.model.model.tokens_per_image(),
         relations,
+        visual: true,
         data: req.data.display().to_string(),
         samples,
         response_positions,

@@ -224,6 +224,8 @@ pub fn average_routings(outputs: Vec<LlavaOutput>) -> Result<LlavaOutput> {
 /// A teacher cache opened for one run.
 pub struct CachedSignal {
     cache: TeacherCache,
+    /// The cache holds the image tokens' rows (checked against the batch's).
+    visual: bool,
     /// The cache's vocabulary when the student's is cut to it.
     pub truncate: Option<usize>,
 }
@@ -339,6 +341,7 @@ impl CachedSignal {
         let truncate = check_cache_compatible(&student.model, manifest, settings, objective)?;
         Ok(Self {
             cache: TeacherCache::open(dir)?,
+            visual: manifest.visual,
             truncate,
         })
     }
@@ -358,13 +361,17 @@ impl CachedSignal {
             &ids,
             "response",
         )?;
-        same_rows(
-            &visual_rows(&batch.visual_mask)?,
-            &cached.visual_rows,
-            seq,
-            &ids,
-            "visual",
-        )?;
+        // A cache without image-token rows serves only objectives that read none (checked
+        // when it was opened).
+        if self.visual {
+            same_rows(
+                &visual_rows(&batch.visual_mask)?,
+                &cached.visual_rows,
+                seq,
+                &ids,
+                "visual",
+            )?;
+        }
         Ok(cached)
     }
 }
@@ -456,6 +463,14 @@ fn check_cache_compatible(
             "objective term `{term}` reads the teacher's full output (its logits or hidden states), \
              and a teacher cache keeps only its top-{} per position: run it with --teacher",
             manifest.top_k
+        );
+    }
+    if objective.needs_teacher_visual() && !manifest.visual {
+        bail!(
+            "the teacher cache holds no distributions at the image tokens (a black-box teacher's: \
+             its server reports the generated tokens only), but this run's objective has \
+             `mdist.visual` (beta_vis {}): set distill.beta_vis = 0",
+            settings.distill.beta_vis
         );
     }
     if objective.needs_teacher_relations() && !manifest.relations {

@@ -43,6 +43,12 @@ pub struct RunIdentity {
     pub routing_seed: u64,
 }
 
+fn yes() -> bool {
+    true
+}
+fn is_yes(b: &bool) -> bool {
+    *b
+}
 fn one() -> usize {
     1
 }
@@ -86,6 +92,10 @@ pub struct Manifest {
     pub tokens_per_image: usize,
     /// Whether the teacher's visual relation matrices (RDist) are stored.
     pub relations: bool,
+    /// Whether the teacher's distributions at the image tokens are stored (a black-box
+    /// teacher's cache has none: its server reports the generated tokens only).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub visual: bool,
     /// The data file as given (for messages; the digest binds it).
     pub data: String,
     pub samples: usize,

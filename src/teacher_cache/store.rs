@@ -420,6 +420,7 @@ mod tests {
             image_token_id: 1,
             tokens_per_image: 2,
             relations: true,
+            visual: true,
             data: "data.json".into(),
             samples,
             response_positions: 0,

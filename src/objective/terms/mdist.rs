@@ -55,6 +55,7 @@ impl Term for Mdist {
             // DBiLD reads the teacher at the student's top ids, beyond a cache's top-k.
             teacher_logits: self.cfg.divergence.needs_full_teacher(),
             teacher_relations: false,
+            teacher_visual: matches!(self.at, Positions::Visual),
             teacher_temperature: Some(self.cfg.temperature),
             ..Needs::default()
         }
