@@ -35,6 +35,7 @@ pub mod generate;
 pub mod merge;
 pub mod models;
 pub mod objective;
+pub mod progress;
 pub mod prompt;
 pub mod runtime;
 pub mod scoring;

@@ -68,6 +68,32 @@ fn distill_with_env(
     mmkd_with_env(&args, env)
 }
 
+/// `mmkd STAGE` of the world's student on a distill-data output `written` (2 steps, into `out`),
+/// with `extra` arguments.
+fn train_on(stage: &str, written: &Path, out: &Path, extra: &[&str]) -> (bool, String, String) {
+    let student = world().root.join("student");
+    let data = written.join("data.json");
+    let images = images();
+    let mut args = vec![
+        stage,
+        "--config",
+        "shapes-tiny",
+        "--quiet",
+        "--data",
+        p(&data),
+        "--images",
+        p(&images),
+        "--init",
+        p(&student),
+        "--out",
+        p(out),
+        "--max-steps",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    mmkd(&args)
+}
+
 fn local(teacher: &Path) -> Vec<String> {
     vec!["--teacher".into(), p(teacher).into()]
 }
@@ -140,23 +166,7 @@ fn a_local_teacher_writes_data_sft_trains_on_and_the_served_teacher_writes_the_s
 
     // `mmkd sft` reads it unchanged.
     let student_out = tmp.path().join("sft");
-    let student = w.root.join("student");
-    let (ok, _, err) = mmkd(&[
-        "sft",
-        "--config",
-        "shapes-tiny",
-        "--quiet",
-        "--data",
-        p(&out.join("data.json")),
-        "--images",
-        p(&images()),
-        "--init",
-        p(&student),
-        "--out",
-        p(&student_out),
-        "--max-steps",
-        "2",
-    ]);
+    let (ok, _, err) = train_on("sft", &out, &student_out, &[]);
     assert!(ok, "{err}");
 
     // The same teacher behind the chat-completions API writes the same data (each request
@@ -429,24 +439,8 @@ fn kept_log_probabilities_are_a_teacher_cache_dft_trains_from() {
     assert!(ok, "{err}");
     assert!(out.join("teacher-cache/manifest.json").exists());
     let dft = tmp.path().join("dft");
-    let (ok, _, err) = mmkd(&[
-        "dft",
-        "--config",
-        "shapes-tiny",
-        "--quiet",
-        "--data",
-        p(&out.join("data.json")),
-        "--images",
-        p(&images()),
-        "--init",
-        p(&w.root.join("student")),
-        "--teacher-cache",
-        p(&out.join("teacher-cache")),
-        "--out",
-        p(&dft),
-        "--max-steps",
-        "2",
-    ]);
+    let cache = out.join("teacher-cache");
+    let (ok, _, err) = train_on("dft", &out, &dft, &["--teacher-cache", p(&cache)]);
     assert!(ok, "{err}");
     // A server's top_logprobs: kept at the answer tokens in the student's tokenization, one
     // question a record; no image-token rows, so a DFT reading them is refused, one without
@@ -489,39 +483,21 @@ fn kept_log_probabilities_are_a_teacher_cache_dft_trains_from() {
     assert_eq!(manifest["visual"], false);
     assert_eq!(manifest["top_k"], 5);
     assert_eq!(manifest["samples"].as_u64(), Some(data.len() as u64));
-    let dft_args = |out: &Path, sets: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "dft",
-            "--config",
-            "shapes-tiny",
-            "--quiet",
-            "--data",
-            p(&api.join("data.json")),
-            "--images",
-            p(&images()),
-            "--init",
-            p(&w.root.join("student")),
-            "--teacher-cache",
-            p(&api.join("teacher-cache")),
-            "--out",
-            p(out),
-            "--max-steps",
-            "2",
-        ]
-        .map(String::from)
-        .to_vec();
+    let api_cache = api.join("teacher-cache");
+    let dft = |out: &Path, sets: &[&str]| {
+        let mut extra = vec!["--teacher-cache", p(&api_cache)];
         for set in sets {
-            a.extend(["--set".to_string(), set.to_string()]);
+            extra.extend(["--set", set]);
         }
-        a
+        train_on("dft", &api, out, &extra)
     };
-    let (ok, _, err) = mmkd(&refs(&dft_args(&tmp.path().join("dft-vis"), &[])));
+    let (ok, _, err) = dft(&tmp.path().join("dft-vis"), &[]);
     assert!(
         !ok && err.contains("no distributions at the image tokens"),
         "{err}"
     );
     let no_visual = ["distill.beta_vis=0", "distill.gamma_rel=0"];
-    let (ok, _, err) = mmkd(&refs(&dft_args(&tmp.path().join("dft-api"), &no_visual)));
+    let (ok, _, err) = dft(&tmp.path().join("dft-api"), &no_visual);
     assert!(ok, "{err}");
     let metrics = std::fs::read_to_string(tmp.path().join("dft-api/metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"l_res\":"), "{metrics}");

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use super::train::{resolve_settings, StageArgs};
 use crate::checkpoint::LoadedModel;
-use crate::config::{Role, Stage};
+use crate::config::Stage;
 use crate::datagen::client::ApiSettings;
 use crate::datagen::job::CACHE_DIR;
 use crate::datagen::logprobs::{ApiCache, RowBuilder, TokenMap};
@@ -126,7 +126,10 @@ pub fn run(args: DistillDataArgs) -> Result<()> {
     };
     let span_check = span_check(&args, &teacher, student.as_ref())?;
     let cache_settings = match args.keep_logprobs {
-        Some(_) => Some(resolve_settings(&cache_stage_args(&args), Stage::Dft)?),
+        Some(_) => Some(resolve_settings(
+            &StageArgs::preset_only(&args.config, &args.set, &args.out, Some(args.device)),
+            Stage::Dft,
+        )?),
         None => None,
     };
     // A server's top_logprobs, in the student's tokenization of the DFT they are for.
@@ -276,34 +279,4 @@ fn span_check(
     Ok(teacher
         .local_model()
         .map(|(model, template)| SpanCheck::new(model, template.clone(), args.max_length)))
-}
-
-fn cache_stage_args(args: &DistillDataArgs) -> StageArgs {
-    StageArgs {
-        config: args.config.clone(),
-        set: args.set.clone(),
-        role: Role::Student,
-        init: None,
-        vision: None,
-        llm: None,
-        teacher: None,
-        teacher_cache: None,
-        data: None,
-        images: None,
-        tokenizer: None,
-        out: args.out.clone(),
-        max_steps: None,
-        save_every: None,
-        resume: false,
-        force: false,
-        seed: None,
-        init_seed: None,
-        val_data: None,
-        val_questions: None,
-        val_answers: None,
-        validate_every: None,
-        device: Some(args.device),
-        json: false,
-        quiet: true,
-    }
 }

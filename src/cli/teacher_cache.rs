@@ -6,7 +6,7 @@ use anyhow::{ensure, Result};
 use clap::Args;
 
 use super::train::{data_and_images, resolve_settings, StageArgs};
-use crate::config::{Role, Stage};
+use crate::config::Stage;
 use crate::teacher::describe;
 use crate::teacher::{build_cache, BuildRequest};
 
@@ -68,33 +68,7 @@ pub fn run(args: TeacherCacheArgs) -> Result<()> {
         CacheStage::Dft => Stage::Dft,
     };
     // The same preset resolution as `mmkd dpt|dft`, so the run checks against what is written.
-    let stage_args = StageArgs {
-        config: args.config.clone(),
-        set: args.set.clone(),
-        role: Role::Student,
-        init: None,
-        vision: None,
-        llm: None,
-        teacher: None,
-        teacher_cache: None,
-        data: None,
-        images: None,
-        tokenizer: None,
-        out: args.out.clone(),
-        max_steps: None,
-        save_every: None,
-        resume: false,
-        force: false,
-        seed: None,
-        init_seed: None,
-        val_data: None,
-        val_questions: None,
-        val_answers: None,
-        validate_every: None,
-        device: args.device,
-        json: false,
-        quiet: true,
-    };
+    let stage_args = StageArgs::preset_only(&args.config, &args.set, &args.out, args.device);
     let settings = resolve_settings(&stage_args, stage)?;
     let (data, images) = data_and_images(args.data.as_ref(), args.images.as_ref(), &settings)?;
     let batch_size = args.batch_size.unwrap_or(settings.train.batch_size);

@@ -102,6 +102,45 @@ pub struct StageArgs {
 }
 
 /// Resolves the preset for a stage with the command's overrides applied.
+impl StageArgs {
+    /// The arguments of a command that only resolves a stage's settings from a preset and
+    /// `--set`s (`teacher-cache`, `distill-data --keep-logprobs`): no model, no data.
+    pub fn preset_only(
+        config: &str,
+        set: &[String],
+        out: &std::path::Path,
+        device: Option<crate::runtime::DeviceSpec>,
+    ) -> Self {
+        StageArgs {
+            config: config.to_string(),
+            set: set.to_vec(),
+            role: Role::Student,
+            init: None,
+            vision: None,
+            llm: None,
+            teacher: None,
+            teacher_cache: None,
+            data: None,
+            images: None,
+            tokenizer: None,
+            out: out.to_path_buf(),
+            max_steps: None,
+            save_every: None,
+            resume: false,
+            force: false,
+            seed: None,
+            init_seed: None,
+            val_data: None,
+            val_questions: None,
+            val_answers: None,
+            validate_every: None,
+            device,
+            json: false,
+            quiet: true,
+        }
+    }
+}
+
 pub fn resolve_settings(args: &StageArgs, stage: Stage) -> Result<StageSettings> {
     let mut doc = load_document(&args.config)?;
     let mut sets: Vec<String> = args.set.iter().map(|s| expand_override(s, stage)).collect();

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use mmkd_datasets::atomic::write_atomically;
 use mmkd_datasets::{check_image, ImageCheck};
 use serde::{Deserialize, Serialize};
@@ -120,7 +120,13 @@ pub fn run(req: &JobRequest<'_>) -> Result<Summary> {
         .take_while(|&c| chunk_path(c).exists())
         .count();
     let resumed: usize = chunks[..done].iter().map(|c| c.len()).sum();
-    let bar = progress_bar(req.progress, images.len(), resumed);
+    let bar = crate::progress::count_bar(
+        req.progress,
+        "distill-data",
+        "images",
+        images.len(),
+        resumed,
+    );
     let fault_after = std::env::var("MMKD_FAULT_EXIT_AFTER_CHUNK")
         .ok()
         .and_then(|v| v.parse::<usize>().ok());
@@ -529,22 +535,4 @@ pub fn describe(s: &Summary) -> String {
         describe_counts(&s.filtered),
         s.out.join(DATA_FILE).display()
     )
-}
-
-fn progress_bar(show: bool, total: usize, done: usize) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} images {per_sec} [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix("distill-data");
-    bar.set_position(done as u64);
-    bar.reset_eta();
-    bar
 }

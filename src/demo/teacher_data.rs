@@ -92,19 +92,14 @@ fn written(run: &SeedRun<'_>) -> Result<(String, PathBuf, f64)> {
     let served_dir = run.seed_dir.join("written-data/served");
     write_data(run, &teacher, &recipe, &served_dir, Some(SERVED_IMAGES))?;
     compare_served(&local_dir, &served_dir)?;
-    let plan = StagePlan {
-        stage: Stage::Sft,
-        role: Role::Student,
-        dir: "written",
-        init: Some("baseline/pt"),
-        teacher: None,
-        tower: None,
-        epochs: run.baseline_sft_epochs,
-        lora: None,
-        objective: None,
-        tokenizer: None,
-        sets: &[],
-    };
+    let plan = student_plan(
+        Stage::Sft,
+        "written",
+        "baseline/pt",
+        None,
+        run.baseline_sft_epochs,
+        &[],
+    );
     let files = TrainingFiles {
         data: &local_dir.join("data.json"),
         images: &images,
@@ -277,19 +272,14 @@ fn selection(run: &SeedRun<'_>) -> Result<Vec<(String, PathBuf, f64)>> {
                 progress: run.progress,
             })?;
         }
-        let plan = StagePlan {
-            stage: Stage::Dft,
-            role: Role::Student,
-            dir: row,
-            init: Some("distilled/sft"),
-            teacher: Some("teacher/sft"),
-            tower: None,
-            epochs: run.dft_epochs,
-            lora: None,
-            objective: None,
-            tokenizer: None,
-            sets: &[],
-        };
+        let plan = student_plan(
+            Stage::Dft,
+            row,
+            "distilled/sft",
+            Some("teacher/sft"),
+            run.dft_epochs,
+            &[],
+        );
         let files = TrainingFiles {
             data: &file,
             images: run.data,
@@ -348,19 +338,7 @@ pub fn self_improve(run: &SeedRun<'_>, rounds: usize) -> Result<Vec<(String, Pat
                 serde_json::to_string(&union)?.as_bytes(),
             )?;
         }
-        let plan = StagePlan {
-            stage: Stage::Sft,
-            role: Role::Student,
-            dir: row,
-            init: Some(&previous),
-            teacher: None,
-            tower: None,
-            epochs: run.dft_epochs,
-            lora: None,
-            objective: None,
-            tokenizer: None,
-            sets: &[],
-        };
+        let plan = student_plan(Stage::Sft, row, &previous, None, run.dft_epochs, &[]);
         let files = TrainingFiles {
             data: &union_file,
             images: run.data,
@@ -381,19 +359,14 @@ pub fn self_improve(run: &SeedRun<'_>, rounds: usize) -> Result<Vec<(String, Pat
     let started = Instant::now();
     let max_steps = format!("max_steps={steps}");
     let sets = [max_steps.as_str()];
-    let control = StagePlan {
-        stage: Stage::Sft,
-        role: Role::Student,
-        dir: SELF_ROWS[0],
-        init: Some("baseline/sft"),
-        teacher: None,
-        tower: None,
-        epochs: run.dft_epochs,
-        lora: None,
-        objective: None,
-        tokenizer: None,
-        sets: &sets,
-    };
+    let control = student_plan(
+        Stage::Sft,
+        SELF_ROWS[0],
+        "baseline/sft",
+        None,
+        run.dft_epochs,
+        &sets,
+    );
     run_plan(
         run.doc,
         run.seed_dir,
@@ -411,6 +384,31 @@ pub fn self_improve(run: &SeedRun<'_>, rounds: usize) -> Result<Vec<(String, Pat
         ),
     );
     Ok(out)
+}
+
+/// A student stage of these rows: its own data, no tower, adapters, objective or tokenizer of
+/// its own.
+fn student_plan<'a>(
+    stage: Stage,
+    dir: &'a str,
+    init: &'a str,
+    teacher: Option<&'a str>,
+    epochs: usize,
+    sets: &'a [&'a str],
+) -> StagePlan<'a> {
+    StagePlan {
+        stage,
+        role: Role::Student,
+        dir,
+        init: Some(init),
+        teacher,
+        tower: None,
+        epochs,
+        lora: None,
+        objective: None,
+        tokenizer: None,
+        sets,
+    }
 }
 
 /// The comparisons the section reports: (row, reference).

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use mmkd_datasets::TokenizedSample;
 use serde::Serialize;
 
@@ -132,7 +131,13 @@ fn write_cache(req: &BuildRequest) -> Result<BuildSummary> {
     let _lock = OutputLock::acquire_beside(&req.out)?;
     let (mut writer, done) = CacheWriter::open(&req.out, job, req.top_k, req.shard_size)?;
 
-    let bar = progress_bar(req.progress, data.samples.len(), done);
+    let bar = crate::progress::count_bar(
+        req.progress,
+        "teacher-cache",
+        "samples",
+        data.samples.len(),
+        done,
+    );
     let writer_cfg = Writing {
         teacher: &teacher,
         vocab: if settings.train.truncate_vocab.is_some() {
@@ -229,24 +234,6 @@ fn manifest_for(
         skipped,
         shards: Vec::new(),
     }
-}
-
-fn progress_bar(show: bool, total: usize, done: usize) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::new(total as u64);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} samples {per_sec} [{elapsed_precise} < {eta_precise}]",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix("teacher-cache");
-    bar.set_position(done as u64);
-    bar.reset_eta();
-    bar
 }
 
 /// How one batch of samples becomes cache records.
