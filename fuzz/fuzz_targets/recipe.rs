@@ -18,6 +18,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
                 text: reply.to_string(),
                 finished: true,
                 token_logprobs: Some(vec![-0.5; reply.len().min(8)]),
+                alternatives: Vec::new(),
             };
             if let Ok(w) = mmkd::datagen::filters::accept(&r, &prompt, &reply) {
                 let _ = duplicates.admit(&w);
