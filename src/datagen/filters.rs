@@ -33,6 +33,37 @@ pub enum Reject {
     UnalignedLogprobs,
 }
 
+impl Reject {
+    pub const ALL: [Reject; 10] = [
+        Reject::RequestFailed,
+        Reject::Empty,
+        Reject::OverLong,
+        Reject::Unparsed,
+        Reject::OutsideAnswerSet,
+        Reject::LowLogprob,
+        Reject::Duplicate,
+        Reject::NearDuplicate,
+        Reject::SupervisedSpan,
+        Reject::UnalignedLogprobs,
+    ];
+
+    /// The reason's name in manifests and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reject::RequestFailed => "request_failed",
+            Reject::Empty => "empty",
+            Reject::OverLong => "over_long",
+            Reject::Unparsed => "unparsed",
+            Reject::OutsideAnswerSet => "outside_answer_set",
+            Reject::LowLogprob => "low_logprob",
+            Reject::Duplicate => "duplicate",
+            Reject::NearDuplicate => "near_duplicate",
+            Reject::SupervisedSpan => "supervised_span",
+            Reject::UnalignedLogprobs => "unaligned_logprobs",
+        }
+    }
+}
+
 /// Dropped replies by reason.
 pub type RejectCounts = BTreeMap<Reject, usize>;
 
@@ -242,6 +273,13 @@ mod tests {
             accept(&r, p, &reply("Answer: blue")),
             Err(Reject::OutsideAnswerSet)
         );
+    }
+
+    #[test]
+    fn reasons_are_named_as_the_manifest_writes_them() {
+        for r in Reject::ALL {
+            assert_eq!(serde_json::to_value(r).unwrap(), r.name());
+        }
     }
 
     #[test]

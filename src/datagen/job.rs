@@ -506,15 +506,7 @@ fn describe_counts(counts: &BTreeMap<Reject, usize>) -> String {
     }
     counts
         .iter()
-        .map(|(k, n)| {
-            format!(
-                "{} {n}",
-                serde_json::to_value(k)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default()
-            )
-        })
+        .map(|(k, n)| format!("{} {n}", k.name()))
         .collect::<Vec<_>>()
         .join(", ")
 }
