@@ -192,12 +192,7 @@ pub fn run(args: DistillDataArgs) -> Result<()> {
         allow_empty: false,
         progress: !args.quiet,
     })?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        println!("{}", describe(&summary));
-    }
-    Ok(())
+    super::print_report(args.json, &summary, || describe(&summary))
 }
 
 /// What a server's kept log-probabilities need: the DFT's tokenization of the student, its

@@ -143,6 +143,20 @@ fn keep_element_wise_ops_on_the_calling_thread() {
     }
 }
 
+/// A command's report: its summary as one JSON line (`--json`), else `text` for people.
+pub fn print_report(
+    json: bool,
+    summary: &impl serde::Serialize,
+    text: impl FnOnce() -> String,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(summary)?);
+    } else {
+        println!("{}", text());
+    }
+    Ok(())
+}
+
 /// An error as `mmkd` prints it: the whole chain on one line (`a: b: c`), runs of spaces (a
 /// message wrapped in the source without a line continuation) collapsed to one.
 pub fn error_line(err: &anyhow::Error) -> String {

@@ -62,11 +62,7 @@ pub fn run(args: MoeToDenseArgs) -> Result<()> {
         out: args.out.clone(),
         force: args.force,
     })?;
-    if args.json {
-        println!("{}", serde_json::to_string(&record)?);
-    } else {
-        print!("{}", record.usage.table());
-        println!("{}", describe(&record, &args.out));
-    }
-    Ok(())
+    super::print_report(args.json, &record, || {
+        format!("{}{}", record.usage.table(), describe(&record, &args.out))
+    })
 }

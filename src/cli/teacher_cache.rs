@@ -84,10 +84,5 @@ pub fn run(args: TeacherCacheArgs) -> Result<()> {
         shard_size: args.shard_size,
         progress: !args.quiet,
     })?;
-    if args.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        println!("{}", describe(&summary));
-    }
-    Ok(())
+    super::print_report(args.json, &summary, || describe(&summary))
 }

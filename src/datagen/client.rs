@@ -80,6 +80,10 @@ pub struct ApiClient {
 }
 
 impl ApiClient {
+    pub fn settings(&self) -> &ApiSettings {
+        &self.settings
+    }
+
     pub fn new(settings: ApiSettings) -> Result<Self> {
         anyhow::ensure!(
             settings.concurrency >= 1,

@@ -130,9 +130,12 @@ pub fn run(req: &JobRequest<'_>) -> Result<Summary> {
     let fault_after = std::env::var("MMKD_FAULT_EXIT_AFTER_CHUNK")
         .ok()
         .and_then(|v| v.parse::<usize>().ok());
+    // Prompts this run sent (not those of resumed chunks).
+    let mut sent = 0;
     for (c, chunk) in chunks.iter().enumerate().skip(done) {
         let first = c * req.chunk_images;
         let result = generate_chunk(req, chunk, first, &bar)?;
+        sent += result.prompts;
         write_atomically(&chunk_path(c), serde_json::to_string(&result)?.as_bytes())?;
         bar.inc(chunk.len() as u64);
         if fault_after == Some(c + 1 - done) {
@@ -189,10 +192,6 @@ pub fn run(req: &JobRequest<'_>) -> Result<Summary> {
     messages.extend(all.errors.iter().cloned());
     messages.truncate(KEPT_MESSAGES);
     let seconds = started.elapsed().as_secs_f64();
-    let new_prompts: usize = all.prompts.saturating_sub(
-        // Prompts of resumed chunks were not sent by this run.
-        resumed * req.recipe.generation.n_per_image,
-    );
     let summary = Summary {
         out: req.out.clone(),
         recipe: req.recipe.name.clone(),
@@ -207,7 +206,7 @@ pub fn run(req: &JobRequest<'_>) -> Result<Summary> {
         messages,
         span_check: req.span_check.is_some(),
         seconds,
-        prompts_per_s: new_prompts as f64 / seconds.max(1e-9),
+        prompts_per_s: sent as f64 / seconds.max(1e-9),
     };
     let manifest = json!({
         "format_version": 1,
@@ -274,6 +273,8 @@ fn generate_chunk(
     for ((_, key, path), plan) in asked.iter().zip(&plans) {
         let mut rounds: Vec<Written> = Vec::new();
         let mut rows: Vec<SampleRows> = Vec::new();
+        // Supervised tokens of the kept rounds (the span check's count to exceed).
+        let mut supervised = 0;
         let mut duplicates = DuplicateFilter::new(recipe);
         for prompt in plan {
             result.prompts += 1;
@@ -290,16 +291,17 @@ fn generate_chunk(
                 Ok(reply) => accept(recipe, prompt, &reply).and_then(|w| {
                     duplicates.admit(&w)?;
                     // With an API cache every round is its own record.
-                    let context: &[Written] = if req.api_cache.is_some() {
-                        &[]
+                    let (context, kept): (&[Written], usize) = if req.api_cache.is_some() {
+                        (&[], 0)
                     } else {
-                        &rounds
+                        (&rounds, supervised)
                     };
-                    if let Some(check) = req.span_check {
-                        if !check.admits(path, context, &w) {
-                            return Err(Reject::SupervisedSpan);
-                        }
-                    }
+                    let now = match req.span_check {
+                        Some(check) => check
+                            .admits(path, context, kept, &w)
+                            .ok_or(Reject::SupervisedSpan)?,
+                        None => kept,
+                    };
                     if let Some(cache) = req.api_cache {
                         let r = cache
                             .rows
@@ -307,12 +309,13 @@ fn generate_chunk(
                             .ok_or(Reject::UnalignedLogprobs)?;
                         rows.push(r);
                     }
-                    Ok(w)
+                    Ok((w, now))
                 }),
             };
             match kept {
-                Ok(w) => {
+                Ok((w, now)) => {
                     result.kept += 1;
+                    supervised = now;
                     rounds.push(w);
                 }
                 Err(reason) => *result.filtered.entry(reason).or_default() += 1,

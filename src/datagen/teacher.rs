@@ -37,9 +37,11 @@ pub struct LocalTeacher {
     pub spec: String,
 }
 
+// One teacher per run: the size of the enum does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum DataTeacher {
     Local(LocalTeacher),
-    Api(ApiClient, ApiSettings),
+    Api(ApiClient),
 }
 
 impl DataTeacher {
@@ -67,10 +69,7 @@ impl DataTeacher {
     }
 
     pub fn api(settings: ApiSettings) -> Result<Self> {
-        Ok(DataTeacher::Api(
-            ApiClient::new(settings.clone())?,
-            settings,
-        ))
+        Ok(DataTeacher::Api(ApiClient::new(settings)?))
     }
 
     /// Who the teacher is, for the manifest (and a resumed run's check).
@@ -81,7 +80,10 @@ impl DataTeacher {
                 json!({"kind": "local", "path": id.path, "digest": id.digest,
                        "template": t.answerer.template.name})
             }
-            DataTeacher::Api(_, s) => json!({"kind": "api", "url": s.url, "model": s.model}),
+            DataTeacher::Api(client) => {
+                let s = client.settings();
+                json!({"kind": "api", "url": s.url, "model": s.model})
+            }
         })
     }
 
@@ -89,7 +91,7 @@ impl DataTeacher {
     pub fn local_model(&self) -> Option<(&LoadedModel, &Template)> {
         match self {
             DataTeacher::Local(t) => Some((&t.answerer.bundle, &t.answerer.template)),
-            DataTeacher::Api(..) => None,
+            DataTeacher::Api(_) => None,
         }
     }
 
@@ -103,7 +105,7 @@ impl DataTeacher {
     ) -> Vec<Result<Reply>> {
         match self {
             DataTeacher::Local(t) => t.answer(requests, generation),
-            DataTeacher::Api(client, _) => {
+            DataTeacher::Api(client) => {
                 let calls: Vec<ApiRequest<'_>> = requests
                     .iter()
                     .map(|r| ApiRequest {
@@ -221,27 +223,20 @@ impl SpanCheck {
         }
     }
 
-    /// Whether `rounds` + `next` (one image's conversation) still tokenizes with every answer
-    /// supervised and nothing cut.
-    pub fn admits(&self, image: &std::path::Path, rounds: &[Written], next: &Written) -> bool {
+    /// The supervised tokens of `rounds` + `next` (one image's conversation) when it
+    /// tokenizes without a cut and supervises more than `kept` (the count of `rounds` alone,
+    /// as this returned it when they were admitted); `None`: the span check fails.
+    pub fn admits(
+        &self,
+        image: &std::path::Path,
+        rounds: &[Written],
+        kept: usize,
+        next: &Written,
+    ) -> Option<usize> {
         let sample = conversation(image, rounds.iter().chain([next]));
-        let before = if rounds.is_empty() {
-            0
-        } else {
-            match tokenize_sample(
-                &conversation(image, rounds.iter()),
-                &self.tokenizer,
-                &self.template,
-                &self.config,
-            ) {
-                Ok(t) => t.supervised_count(),
-                Err(_) => return false,
-            }
-        };
-        match tokenize_sample(&sample, &self.tokenizer, &self.template, &self.config) {
-            Ok(t) => !t.truncated && t.supervised_count() > before,
-            Err(_) => false,
-        }
+        let t = tokenize_sample(&sample, &self.tokenizer, &self.template, &self.config).ok()?;
+        let supervised = t.supervised_count();
+        (!t.truncated && supervised > kept).then_some(supervised)
     }
 }
 
