@@ -335,8 +335,24 @@ mod tests {
     #[test]
     fn greedy_speculation_gives_exactly_the_targets_greedy_output() {
         let spec = tiny_spec();
-        let target = build(&spec, &spec.teacher, Trainable::NONE, 11, None).unwrap();
-        let draft = build(&spec, &spec.student, Trainable::NONE, 12, None).unwrap();
+        let target = build(
+            &spec,
+            &spec.teacher,
+            Trainable::NONE,
+            11,
+            None,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let draft = build(
+            &spec,
+            &spec.student,
+            Trainable::NONE,
+            12,
+            None,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let batch = BenchBatch::random(&spec, 5, &Device::Cpu).unwrap();
         let prompt_len = spec.seq_len() - spec.response_tokens;
         let decode = |_: &[u32]| String::new();
@@ -380,7 +396,15 @@ mod tests {
     #[test]
     fn a_draft_that_is_the_target_is_always_accepted() {
         let spec = tiny_spec();
-        let target = build(&spec, &spec.teacher, Trainable::NONE, 11, None).unwrap();
+        let target = build(
+            &spec,
+            &spec.teacher,
+            Trainable::NONE,
+            11,
+            None,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let batch = BenchBatch::random(&spec, 5, &Device::Cpu).unwrap();
         let prompt = batch.tokens.ids[0][..spec.seq_len() - spec.response_tokens].to_vec();
         let pixels = batch.pixels.narrow(0, 0, 1).unwrap();
@@ -461,8 +485,24 @@ mod tests {
     #[test]
     fn sampled_speculation_has_the_targets_distribution() {
         let spec = tiny_spec();
-        let target = build(&spec, &spec.teacher, Trainable::NONE, 11, None).unwrap();
-        let draft = build(&spec, &spec.student, Trainable::NONE, 12, None).unwrap();
+        let target = build(
+            &spec,
+            &spec.teacher,
+            Trainable::NONE,
+            11,
+            None,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let draft = build(
+            &spec,
+            &spec.student,
+            Trainable::NONE,
+            12,
+            None,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let batch = BenchBatch::random(&spec, 5, &Device::Cpu).unwrap();
         let prompt = batch.tokens.ids[0][..spec.seq_len() - spec.response_tokens].to_vec();
         let pixels = batch.pixels.narrow(0, 0, 1).unwrap();

@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor, Var};
+mod common;
+
+use candle_core::{Tensor, Var};
 use mmkd::distill::{
     cross_entropy, distill_loss, relation_loss, relation_loss_from_hidden, response_loss,
     visual_loss, visual_mask_from_ids, DistillBatch, DistillLossConfig, Divergence, RelationHidden,
@@ -41,7 +43,8 @@ fn dir() -> PathBuf {
 fn load() -> (Fixture, HashMap<String, Tensor>) {
     let meta = std::fs::read_to_string(dir().join("distill.json")).unwrap();
     let tensors =
-        candle_core::safetensors::load(dir().join("distill.safetensors"), &Device::Cpu).unwrap();
+        candle_core::safetensors::load(dir().join("distill.safetensors"), &common::test_device())
+            .unwrap();
     (serde_json::from_str(&meta).unwrap(), tensors)
 }
 
@@ -260,7 +263,7 @@ fn the_gkd_term_matches_trls_generalized_jsd_loss() {
     use mmkd::objective::{Objective, TermSpec};
     let path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gkd/expected.safetensors");
-    let fx = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let fx = candle_core::safetensors::load(path, &common::test_device()).unwrap();
     let (student, teacher, labels) = (&fx["student"], &fx["teacher"], &fx["labels"]);
     let visual_mask = labels
         .zeros_like()
@@ -315,7 +318,7 @@ fn minillm_weights_rewards_and_losses_match_the_reference() {
     };
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/minillm/expected.safetensors");
-    let fx = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    let fx = candle_core::safetensors::load(path, &common::test_device()).unwrap();
     let vec = |k: &str| {
         fx[k]
             .to_dtype(candle_core::DType::F32)
@@ -389,7 +392,7 @@ fn minillm_weights_rewards_and_losses_match_the_reference() {
 fn the_minillm_loss_gradient_matches_finite_differences_on_a_tiny_model() {
     use mmkd::distill::policy::{long_term_loss, single_step_loss, PolicyRows};
     use mmkd_nn::grad_check::gradients;
-    let dev = Device::Cpu;
+    let dev = common::test_device();
     let (rows, width, vocab) = (5, 4, 6);
     let mut rng = mmkd_nn::SeededRng::new(9);
     let x = Tensor::from_vec(rng.normal_vec(rows * width, 1.0), (rows, width), &dev)

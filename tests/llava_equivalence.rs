@@ -14,17 +14,20 @@ const TOL: f64 = 1e-4;
 
 fn load(name: &str) -> LlavaModel {
     let dir = fixture(name);
-    load_llava(
-        dir.to_str().unwrap(),
-        &BuildOptions::new(Trainable::NONE, 0),
-    )
-    .unwrap()
-    .0
+    let options = BuildOptions {
+        device: common::test_device(),
+        ..BuildOptions::new(Trainable::NONE, 0)
+    };
+    load_llava(dir.to_str().unwrap(), &options).unwrap().0
 }
 
 fn check_logits(checkpoint: &str, expected_from: &str) {
     let model = load(checkpoint);
     let exp = expected(expected_from);
+    let exp: std::collections::HashMap<_, _> = exp
+        .into_iter()
+        .map(|(k, v)| (k, v.to_device(model.device()).unwrap()))
+        .collect();
     let batch = TokenBatch {
         ids: ids2(&exp["input_ids"]),
         mask: mask2(&exp["attention_mask"]),

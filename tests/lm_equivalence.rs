@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use common::max_abs_diff;
 use mmkd::models::decoder::{arange_positions, CausalLm};
 use mmkd::models::splice::{splice_image_features, VisualPositions};
@@ -17,7 +17,7 @@ fn check(fixture: &str, legacy_prefixes: bool) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(fixture);
-    let dev = Device::Cpu;
+    let dev = common::test_device();
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let mut text: TextConfig = serde_json::from_value(config["text_config"].clone()).unwrap();

@@ -19,6 +19,7 @@ pub mod report;
 pub mod spec;
 pub mod step;
 
+use crate::runtime::DeviceSpec;
 use anyhow::{ensure, Context, Result};
 
 pub use flops::StepFlops;
@@ -44,6 +45,8 @@ pub struct BenchOptions {
     pub student_shards: usize,
     /// Train the student's LLM through adapters of this rank instead of fully.
     pub lora_rank: Option<usize>,
+    /// Where the models run (`--device`).
+    pub device: DeviceSpec,
 }
 
 impl Default for BenchOptions {
@@ -57,6 +60,7 @@ impl Default for BenchOptions {
             teacher_overlap: true,
             student_shards: 1,
             lora_rank: None,
+            device: DeviceSpec::Cpu,
         }
     }
 }
@@ -68,7 +72,10 @@ pub fn run(
     mut on_step: impl FnMut(usize, &StepOutcome),
 ) -> Result<BenchReport> {
     ensure!(options.steps > 0, "`--steps` must be at least 1");
-    let mut step = DftStep::with_student_lora(spec, options.seed, options.lora_rank)?;
+    let device = options.device.open()?;
+    let mut step = DftStep::on_device(spec, options.seed, options.lora_rank, &device)?;
+    // Under mpirun: this rank's rows of the spec's batch, gradients all-reduced.
+    let reduced_bytes = step.join_data_parallel()?;
     step.set_teacher_overlap(options.teacher_overlap);
     step.set_student_shards(options.student_shards)?;
     let mut timed = Vec::with_capacity(options.steps);
@@ -102,6 +109,9 @@ pub fn run(
     report.teacher_overlap = options.teacher_overlap;
     report.lora_rank = options.lora_rank;
     report.trainable_parameters = step.trainable_parameters();
+    report.ranks = crate::runtime::world::world().size();
+    report.allreduced_bytes_per_step = reduced_bytes;
+    report.device = options.device.to_string();
     Ok(report)
 }
 
@@ -188,9 +198,16 @@ pub(crate) mod tests {
 
         let spec = tiny_spec();
         let dev = Device::Cpu;
-        let teacher = step::build(&spec, &spec.teacher, Trainable::NONE, 1, None).unwrap();
-        let student =
-            step::build(&spec, &spec.student, Trainable::PROJECTOR_AND_LLM, 2, None).unwrap();
+        let teacher = step::build(&spec, &spec.teacher, Trainable::NONE, 1, None, &dev).unwrap();
+        let student = step::build(
+            &spec,
+            &spec.student,
+            Trainable::PROJECTOR_AND_LLM,
+            2,
+            None,
+            &dev,
+        )
+        .unwrap();
         let batch = data::BenchBatch::random(&spec, 0, &dev).unwrap();
         let run = |terms: &str| {
             #[derive(serde::Deserialize)]

@@ -48,6 +48,13 @@ pub struct BenchReport {
     pub lora_rank: Option<usize>,
     /// Parameters the optimizer updates (and keeps state for).
     pub trainable_parameters: usize,
+    /// Where it ran (`cpu`, `cuda:0`).
+    pub device: String,
+    /// Processes of the data-parallel job (`mpirun -np N mmkd bench`): each ran its rows of
+    /// the batch; `batch`, samples/s and FLOP/s are the job's.
+    pub ranks: usize,
+    /// Bytes each rank hands to the all-reduces per step (0 in one process).
+    pub allreduced_bytes_per_step: u64,
 }
 
 impl BenchReport {
@@ -104,6 +111,9 @@ impl BenchReport {
             loss_last: timed[timed.len() - 1].loss,
             lora_rank: None,
             trainable_parameters: 0,
+            device: "cpu".into(),
+            ranks: 1,
+            allreduced_bytes_per_step: 0,
         })
     }
 
@@ -156,7 +166,22 @@ impl BenchReport {
             self.peak_rss_mib,
             self.loss_first,
             self.loss_last,
-        )
+        ) + &self.job_line()
+    }
+
+    /// Where it ran, and for a data-parallel job its ranks and the bytes each all-reduces.
+    fn job_line(&self) -> String {
+        let mut line = format!("\ndevice      {}", self.device);
+        if self.ranks > 1 {
+            line += &format!(
+                ", {} ranks (MPI), each its {} of the batch; {:.2} MiB all-reduced per rank per \
+                 step (a ring sends and receives 2·(N−1)/N of it)",
+                self.ranks,
+                if self.ranks == 2 { "half" } else { "share" },
+                self.allreduced_bytes_per_step as f64 / (1024.0 * 1024.0)
+            );
+        }
+        line
     }
 }
 

@@ -22,6 +22,7 @@ use crate::distill::{
 };
 use crate::models::llava::{BuildOptions, ImageInput, LlavaModel, LlavaOutput, Trainable};
 use crate::objective::{Objective, TermSpec};
+use crate::runtime::data_parallel::DataParallel;
 use crate::teacher_cache::{CacheWriter, Manifest, SampleRecord, TeacherCache};
 use crate::train::forward::{objective_loss, StudentBatch, TeacherRows};
 use crate::train::step::{MicroBatch, MicroBatchSource, MicroLoss, TrainStep};
@@ -195,9 +196,20 @@ impl DftStep {
         seed: u64,
         lora_rank: Option<usize>,
     ) -> Result<Self> {
+        Self::on_device(spec, seed, lora_rank, &Device::Cpu)
+    }
+
+    /// [`DftStep::with_student_lora`] with both models and the batch on `device`.
+    pub fn on_device(
+        spec: &BenchSpec,
+        seed: u64,
+        lora_rank: Option<usize>,
+        device: &Device,
+    ) -> Result<Self> {
         spec.validate()?;
-        let device = Device::Cpu;
-        let teacher = build(spec, &spec.teacher, Trainable::NONE, seed + 1, None)
+        let device = device.clone();
+        let build = |lm, trainable, seed, lora| build(spec, lm, trainable, seed, lora, &device);
+        let teacher = build(&spec.teacher, Trainable::NONE, seed + 1, None)
             .context("building the teacher")?;
         let (trainable, lora) = match lora_rank {
             Some(rank) => (
@@ -217,8 +229,8 @@ impl DftStep {
             ),
             None => (Trainable::PROJECTOR_AND_LLM, None),
         };
-        let student = build(spec, &spec.student, trainable, seed + 2, lora)
-            .context("building the student")?;
+        let student =
+            build(&spec.student, trainable, seed + 2, lora).context("building the student")?;
         let vars = student.store.trainable_vars();
         let optimizer = AdamW::new(
             vars.clone(),
@@ -365,6 +377,27 @@ impl DftStep {
         })
     }
 
+    /// In a data-parallel job (`mpirun -np N mmkd bench`), keeps this rank's rows of the
+    /// batch and all-reduces the gradients, so the job's step is the spec's. Returns the bytes
+    /// each rank hands to the all-reduce per step (0 in one process).
+    pub fn join_data_parallel(&mut self) -> Result<u64> {
+        let world = crate::runtime::world::world();
+        let Some(sync) = DataParallel::for_device(self.student.device())? else {
+            return Ok(0);
+        };
+        let rows = shard_ranges(self.spec_batch(), world.size());
+        ensure!(
+            rows.len() == world.size(),
+            "a batch of {} cannot be split over {} ranks",
+            self.spec_batch(),
+            world.size()
+        );
+        self.batch = self.batch.rows(rows[world.rank()].clone())?;
+        let bytes = sync.bytes_per_step(self.learner.vars());
+        self.learner.set_sync(Box::new(sync));
+        Ok(bytes)
+    }
+
     fn spec_batch(&self) -> usize {
         self.batch.tokens.batch_size()
     }
@@ -475,10 +508,12 @@ pub(crate) fn build(
     trainable: Trainable,
     seed: u64,
     lora: Option<Arc<mmkd_nn::LoraPlan>>,
+    device: &Device,
 ) -> Result<LlavaModel> {
     let config = spec.llava_config(lm)?;
     let mut options = BuildOptions::new(trainable, seed);
     options.lora = lora;
+    options.device = device.clone();
     // Every weight is freshly initialised: nothing is required from the (empty) source.
     options.require.clear();
     LlavaModel::build(&config, Arc::new(WeightSource::empty()), &options)

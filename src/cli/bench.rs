@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::bench::{self, BenchOptions, BenchSpec};
+use crate::runtime::DeviceSpec;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -52,6 +53,9 @@ pub struct BenchArgs {
     /// (alpha = 2·rank; the projector trains fully) instead of full DFT.
     #[arg(long)]
     pub lora_rank: Option<usize>,
+    /// Where the models run: cpu, cuda or cuda:N (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceSpec,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -64,8 +68,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         teacher_overlap: !args.sequential,
         student_shards: args.student_shards,
         lora_rank: args.lora_rank,
+        device: args.device,
     };
-    let bar = ProgressBar::new((args.warmup + args.steps) as u64);
+    // Under mpirun every rank times its share of the step; rank 0 reports the job's.
+    let leader = crate::runtime::world::world().is_leader();
+    ensure!(
+        !args.teacher_cache || crate::runtime::world::world().size() == 1,
+        "--teacher-cache times one process; run it without mpirun"
+    );
+    let bar = match leader {
+        true => ProgressBar::new((args.warmup + args.steps) as u64),
+        false => ProgressBar::hidden(),
+    };
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {msg}")?
             .progress_chars("=> "),
@@ -80,6 +94,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         bar.inc(1);
     })?;
     bar.finish_and_clear();
+    if !leader {
+        return Ok(());
+    }
     if !args.teacher_cache {
         println!("{}", report.to_text());
         if args.json {

@@ -104,6 +104,7 @@ pub enum Command {
 pub fn run() -> Result<()> {
     keep_element_wise_ops_on_the_calling_thread();
     let cli = Cli::parse();
+    refuse_ranks_for_single_process_commands(&cli.command)?;
     // The command runs on a rayon worker thread, so the parallel kernels and matmuls it starts
     // share the pool's threads directly instead of waking a sleeping pool from outside (two
     // futex round trips) for every op.
@@ -131,6 +132,32 @@ pub fn run() -> Result<()> {
         Command::DistillData(args) => distill_data::run(args),
         Command::Config(args) => config::run(args),
     })
+}
+
+/// Under `mpirun -np N` (N > 1) only the training stages and the teacher cache split their
+/// work over the ranks; any other command would run N times over the same output.
+fn refuse_ranks_for_single_process_commands(command: &Command) -> Result<()> {
+    let world = crate::runtime::world::world();
+    let parallel = matches!(
+        command,
+        Command::Pretrain(_)
+            | Command::Sft(_)
+            | Command::Dpt(_)
+            | Command::Dft(_)
+            | Command::Gkd(_)
+            | Command::Minillm(_)
+            | Command::Rl(_)
+            | Command::TeacherCache(_)
+            | Command::Bench(_)
+    );
+    if world.size() > 1 && !parallel {
+        anyhow::bail!(
+            "this command runs in one process, not as {} MPI ranks: under mpirun run the \
+             training stages (pretrain, sft, dpt, dft, gkd, minillm, rl), teacher-cache or bench",
+            world.size()
+        );
+    }
+    Ok(())
 }
 
 /// candle runs element-wise ops on its own busy-waiting thread pool, next to the rayon pool

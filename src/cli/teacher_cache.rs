@@ -84,5 +84,8 @@ pub fn run(args: TeacherCacheArgs) -> Result<()> {
         shard_size: args.shard_size,
         progress: !args.quiet,
     })?;
+    if !crate::runtime::world::world().is_leader() {
+        return Ok(());
+    }
     super::print_report(args.json, &summary, || describe(&summary))
 }

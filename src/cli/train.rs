@@ -210,7 +210,8 @@ pub fn data_and_images(
 
 pub fn run(args: StageArgs, stage: Stage) -> Result<()> {
     let settings = resolve_settings(&args, stage)?;
-    if !args.quiet {
+    let leader = crate::runtime::world::world().is_leader();
+    if !args.quiet && leader {
         eprint!("{}", settings.describe_sources());
     }
     let (data, images) = data_and_images(args.data.as_ref(), args.images.as_ref(), &settings)?;
@@ -228,6 +229,9 @@ pub fn run(args: StageArgs, stage: Stage) -> Result<()> {
         progress: !args.quiet,
     };
     let summary = run_stage(&run)?;
+    if !leader {
+        return Ok(());
+    }
     if args.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {

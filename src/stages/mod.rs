@@ -11,6 +11,7 @@ mod rewards;
 pub mod rollout;
 pub mod run;
 mod setup;
+mod shard;
 pub mod validate;
 
 pub use run::{run_stage, StageSummary};

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::SUMMARY_FILE;
-use crate::train::state::{checkpoints_dir, latest_checkpoint, read_state, TrainerState};
+use crate::train::state::{
+    checkpoints_dir, latest_checkpoint, read_state, BatchLayout, TrainerState,
+};
 
 /// `--out` with the run's `--resume` and `--force`.
 #[derive(Clone, Copy, Debug)]
@@ -20,7 +22,13 @@ impl OutputDir<'_> {
     /// The checkpoint `--resume` continues from (refused when it was written with other
     /// settings: `digest`), or `None` for a fresh run (refused when the directory holds an
     /// earlier run's checkpoints).
-    pub fn resume_point(&self, digest: &str) -> Result<Option<(PathBuf, TrainerState)>> {
+    /// A job of another batch layout than the checkpoint's is refused naming both, unless its
+    /// global batch is the same (another number of ranks, the same steps).
+    pub fn resume_point(
+        &self,
+        digest: &str,
+        layout: Option<BatchLayout>,
+    ) -> Result<Option<(PathBuf, TrainerState)>> {
         if !self.resume {
             if !self.force && latest_checkpoint(self.path)?.is_some() {
                 bail!(
@@ -38,6 +46,17 @@ impl OutputDir<'_> {
             )
         })?;
         let state = read_state(&ckpt)?;
+        if let (Some(was), Some(now)) = (state.layout, layout) {
+            if was.global_batch() != now.global_batch() {
+                bail!(
+                    "--resume: {} was written by {was}; this run is {now}: a checkpoint resumes \
+                     on another number of ranks only with the same global batch (set \
+                     train.grad_accum so that ranks × grad_accum × batch_size = {})",
+                    ckpt.display(),
+                    was.global_batch()
+                );
+            }
+        }
         anyhow::ensure!(
             state.settings_digest == digest,
             "--resume: {} was written with other settings, data or models; resume with the same \

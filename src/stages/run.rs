@@ -21,6 +21,7 @@ use super::setup::{
     lm_shape, load_student, objective_params, open_cache_manifest, optimizer_groups, plan_teacher,
     settings_digest, trainable_modules, TeacherPlan,
 };
+use super::shard::Shard;
 use super::validate::{Validation, ValidationRecord};
 use super::{StageRun, SUMMARY_FILE};
 use crate::batch::{prepare_data, training_tokenize_config};
@@ -29,11 +30,13 @@ use crate::checkpoint::training::TrainingRecord;
 use crate::checkpoint::{write_files_into, write_llava_files, SaveAssets};
 use crate::config::Stage;
 use crate::objective::{Binding, Objective, TermValues};
+use crate::runtime::data_parallel::DataParallel;
 use crate::runtime::parse_dtype;
+use crate::runtime::world::world;
 use crate::teacher::{teacher_rows, CachedSignal, TeacherSignal};
 use crate::train::forward::objective_loss;
 use crate::train::guard::{Spike, SpikeLimits};
-use crate::train::interrupt::InterruptGuard;
+use crate::train::interrupt::{InterruptGuard, Interruption};
 use crate::train::metrics::{plot_losses, read_metrics, MetricsLog, RolloutCounts, StepMetrics};
 use crate::train::state::{
     describe_last_checkpoint, explain_storage_fault, save_checkpoint_with, TrainerState,
@@ -87,16 +90,23 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
     let stage = settings.stage;
     let started = Instant::now();
     crate::bench::memory::reset_peak_rss();
+    // In a data-parallel job rank 0 alone writes (checkpoints, metrics, progress, the model).
+    let world = world();
+    let leader = world.is_leader();
+    let shard = Shard::of(world, settings.train.grad_accum);
     // One run per directory: held until the stage returns.
-    let _lock = OutputLock::acquire(&run.out)?;
+    let _lock = leader.then(|| OutputLock::acquire(&run.out)).transpose()?;
     let mut objective = Objective::new(&settings.objective, &settings.distill)
         .with_context(|| format!("the objective of `{}`", stage.name()))?;
     let cache_manifest = open_cache_manifest(run, &objective)?;
-    let settings_digest = settings_digest(run, cache_manifest.as_ref());
+    let settings_digest = settings_digest(run, cache_manifest.as_ref(), world.size());
+    world.agree(&settings_digest)?;
     let frozen_dtype = parse_dtype(&settings.train.frozen_dtype)?;
     let device = settings.train.device.open()?;
+    let data_parallel = DataParallel::for_device(&device)?;
 
-    let resume_from = run.output().resume_point(&settings_digest)?;
+    let layout = shard.layout(settings.train.batch_size);
+    let resume_from = run.output().resume_point(&settings_digest, Some(layout))?;
 
     // Models.
     let student = load_student(
@@ -229,25 +239,32 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
                 .clamp(1, settings.train.grad_accum),
         },
     );
-    if run.progress {
+    if run.progress && leader {
         eprintln!("memory: {}", estimate.describe());
+        if let Some(dp) = &data_parallel {
+            eprintln!("data-parallel: {layout}, gradients over {}", dp.backend());
+        }
     }
     if let Some(available) = available_memory() {
         estimate.check(available)?;
     }
 
-    let validation = Validation::prepare(
-        settings,
-        &student,
-        &template,
-        &run.images,
-        (binding.teacher.is_some()
-            && !teacher
-                .as_ref()
-                .is_some_and(TeacherSignal::reads_own_tokens))
-        .then_some(&binding),
-        &run.out,
-    )?;
+    let validation = if !leader {
+        None
+    } else {
+        Validation::prepare(
+            settings,
+            &student,
+            &template,
+            &run.images,
+            (binding.teacher.is_some()
+                && !teacher
+                    .as_ref()
+                    .is_some_and(TeacherSignal::reads_own_tokens))
+            .then_some(&binding),
+            &run.out,
+        )?
+    };
     let mut last_validation = None;
 
     let mut sampler_cfg = SamplerConfig::new(settings.train.batch_size, settings.train.seed);
@@ -261,7 +278,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
     let total_steps = match settings.train.max_steps {
         Some(n) => n,
         None => (settings.train.epochs * sampler.batches_per_epoch())
-            .div_ceil(accum_steps)
+            .div_ceil(shard.global_micro_batches())
             .max(1),
     };
 
@@ -288,18 +305,26 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             loss: settings.train.max_loss_spike,
             grad_norm: settings.train.max_grad_norm_spike,
         });
-    let schedule = LrSchedule::new(&settings.train.schedule, settings.train.lr, total_steps)?;
-    run.output().claim()?;
-    if let Some(v) = &validation {
-        v.truncate_log(resume_from.as_ref().map(|(_, s)| s.step))?;
+    if let Some(dp) = data_parallel {
+        learner = learner.with_sync(Box::new(dp));
     }
-    let mut log = MetricsLog::open(
-        &run.out.join("metrics.jsonl"),
-        resume_from.as_ref().map(|(_, s)| s.step),
-    )?;
+    let schedule = LrSchedule::new(&settings.train.schedule, settings.train.lr, total_steps)?;
+    let resumed_step = resume_from.as_ref().map(|(_, s)| s.step);
+    if leader {
+        run.output().claim()?;
+    }
+    // No rank reads OUT's checkpoints any more, and nothing is written before this.
+    world.barrier("the barrier after claiming the output directory")?;
+    if let Some(v) = &validation {
+        v.truncate_log(resumed_step)?;
+    }
+    let mut log = leader
+        .then(|| MetricsLog::open(&run.out.join("metrics.jsonl"), resumed_step))
+        .transpose()?;
     let mut rollout_log = rollouts
         .as_ref()
-        .map(|_| RolloutLog::open(&run.out, resume_from.as_ref().map(|(_, s)| s.step)))
+        .filter(|_| leader)
+        .map(|_| RolloutLog::open(&run.out, resumed_step))
         .transpose()?;
     let record = TrainingRecord {
         stage: stage.name().into(),
@@ -315,7 +340,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         training: Some(&record),
     };
 
-    let bar = step_bar(total_steps, stage.name(), run.progress);
+    let bar = step_bar(total_steps, stage.name(), run.progress && leader);
     let interrupt = InterruptGuard::install();
     bar.set_position(start_step as u64);
 
@@ -358,10 +383,9 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         current_step.store(step, Ordering::Relaxed);
         batches.step_index = step;
         let step_started = Instant::now();
-        batches.step = (0..accum_steps).map(|_| sampler.next_batch()).collect();
+        batches.step = shard.next_step(&mut sampler);
         batches.next_step = if step + 1 < total_steps {
-            let mut peek = sampler.clone();
-            (0..parallel).map(|_| peek.next_batch()).collect()
+            shard.peek(&sampler, parallel)
         } else {
             Vec::new()
         };
@@ -394,7 +418,9 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             samples: samples_seen,
             rollouts: step_rollouts,
         };
-        log.append(&metrics)?;
+        if let Some(log) = &mut log {
+            log.append(&metrics)?;
+        }
         bar.set_message(format!(
             "loss {:.4} lr {:.2e} {:.1} samples/s",
             metrics.loss, lr, metrics.samples_per_s
@@ -407,10 +433,28 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             bar.println(describe_validation(&record));
             last_validation = Some(record);
         }
-        // A signal stops the run after this step, with a checkpoint to resume from.
-        let interrupted = interrupt.requested(done).filter(|_| done < total_steps);
+        // A signal stops the run after this step, with a checkpoint to resume from (a signal
+        // to any rank stops the whole job at the same step).
+        let mut interrupted = interrupt.requested(done).filter(|_| done < total_steps);
+        if world.size() > 1
+            && done < total_steps
+            && world.any(interrupted.is_some(), "the interrupt check")?
+        {
+            interrupted = interrupted.or(Some(Interruption { signal: 0 }));
+        }
         let due = settings.train.save_every > 0 && done % settings.train.save_every == 0;
-        if (due || interrupted.is_some()) && done < total_steps {
+        if !leader {
+            if let Some(stop) = interrupted {
+                // The job stops once rank 0's checkpoint is in place.
+                world.barrier("the checkpoint of the interrupted job")?;
+                bail!(
+                    "`{}` interrupted by {} after step {done} of {total_steps}: rank 0 wrote \
+                     the checkpoint",
+                    stage.name(),
+                    stop.name()
+                );
+            }
+        } else if (due || interrupted.is_some()) && done < total_steps {
             // Never checkpoint weights an overflowing update has already ruined.
             ensure_finite_params(&vars, step, &run.out)?;
             let state = TrainerState {
@@ -420,6 +464,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
                 cursor: sampler.cursor(),
                 samples_seen,
                 settings_digest: settings_digest.clone(),
+                layout: Some(layout),
             };
             let dir = save_checkpoint_with(
                 &run.out,
@@ -437,6 +482,7 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
             )?;
             if let Some(stop) = interrupted {
                 bar.finish_and_clear();
+                world.barrier("the checkpoint of the interrupted job")?;
                 bail!(
                     "`{}` interrupted by {} after step {done} of {total_steps}: its checkpoint is \
                      {}; continue with the same command and --resume",
@@ -451,17 +497,23 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
 
     // The final model goes into OUT itself; the summary, written last, marks the stage as
     // finished.
-    match super::lora::plan(settings) {
-        Some(plan) => {
-            let base = super::lora::adapter_base(run)?;
-            write_files_into(&run.out, |dir| {
-                super::lora::write_adapter_files(model, dir, assets, &base, &plan)
-            })?
+    if leader {
+        match super::lora::plan(settings) {
+            Some(plan) => {
+                let base = super::lora::adapter_base(run)?;
+                write_files_into(&run.out, |dir| {
+                    super::lora::write_adapter_files(model, dir, assets, &base, &plan)
+                })?
+            }
+            None => write_files_into(&run.out, |dir| write_llava_files(model, dir, assets))?,
         }
-        None => write_files_into(&run.out, |dir| write_llava_files(model, dir, assets))?,
     }
+    // The other ranks read the metrics rank 0 logged once it has written them.
+    world.barrier("the barrier at the end of the stage")?;
     let all_metrics = read_metrics(&run.out.join("metrics.jsonl"))?;
-    plot_losses(&all_metrics, &run.out.join("loss.png"))?;
+    if leader {
+        plot_losses(&all_metrics, &run.out.join("loss.png"))?;
+    }
     let wall = started.elapsed().as_secs_f64();
     let summary = StageSummary {
         stage,
@@ -501,10 +553,12 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         settings: settings.as_json(),
         settings_source: settings.sources.clone(),
     };
-    std::fs::write(
-        run.out.join(SUMMARY_FILE),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
+    if leader {
+        std::fs::write(
+            run.out.join(SUMMARY_FILE),
+            serde_json::to_string_pretty(&summary)?,
+        )?;
+    }
     Ok(summary)
 }
 

@@ -111,10 +111,18 @@ const UNDIGESTED: &[(&str, &str)] = &[
 
 /// The digest a checkpoint records so that a resume with other settings is refused. The
 /// [`UNDIGESTED`] settings are left out, and so is an objective that is the stage's built-in
-/// one (checkpoints of builds before objectives resume).
-pub(super) fn settings_digest(run: &StageRun, cache: Option<&Manifest>) -> String {
+/// one (checkpoints of builds before objectives resume). `grad_accum` is the job's micro-batches
+/// per step (ranks × grad_accum): a checkpoint of N ranks resumes on M with the same global
+/// batch.
+pub(super) fn settings_digest(run: &StageRun, cache: Option<&Manifest>, ranks: usize) -> String {
     let settings = &run.settings;
     let mut digested = settings.as_json();
+    if let Some(train) = digested.get_mut("train").and_then(|t| t.as_object_mut()) {
+        train.insert(
+            "grad_accum".into(),
+            (settings.train.grad_accum * ranks).into(),
+        );
+    }
     for (section, key) in UNDIGESTED {
         if let Some(table) = digested.get_mut(*section).and_then(|t| t.as_object_mut()) {
             table.remove(*key);
@@ -258,7 +266,7 @@ mod tests {
 
     #[test]
     fn the_resume_digest_follows_what_changes_numbers_only() {
-        let base = settings_digest(&run_with(&[]), None);
+        let base = settings_digest(&run_with(&[]), None, 1);
         // Scheduling, the device and the validation pass change no trained number.
         for sets in [
             &["train.parallel_micro_batches=2"][..],
@@ -266,18 +274,28 @@ mod tests {
             &["train.validate_questions=10"],
             &["train.device=\"cuda:1\""],
         ] {
-            assert_eq!(settings_digest(&run_with(sets), None), base, "{sets:?}");
+            assert_eq!(settings_digest(&run_with(sets), None, 1), base, "{sets:?}");
         }
         // Spelling out the built-in objective is the built-in objective.
         let spelled = "stages.dft.objective=[{ term = \"ce\" }, { term = \"mdist.response\" }, \
                        { term = \"mdist.visual\" }, { term = \"rdist\", weight = 0.5 }]";
-        assert_eq!(settings_digest(&run_with(&[spelled]), None), base);
+        assert_eq!(settings_digest(&run_with(&[spelled]), None, 1), base);
         for set in [
             "stages.dft.lr=0.5",
             "distill.gamma_rel=0.25",
             "stages.dft.objective=[{ term = \"ce\" }]",
         ] {
-            assert_ne!(settings_digest(&run_with(&[set]), None), base, "{set}");
+            assert_ne!(settings_digest(&run_with(&[set]), None, 1), base, "{set}");
         }
+        // Two ranks of grad_accum 1 make the step of one process with grad_accum 2.
+        let accum = |n: usize| format!("stages.dft.grad_accum={n}");
+        assert_eq!(
+            settings_digest(&run_with(&[&accum(1)]), None, 2),
+            settings_digest(&run_with(&[&accum(2)]), None, 1)
+        );
+        assert_ne!(
+            settings_digest(&run_with(&[&accum(1)]), None, 2),
+            settings_digest(&run_with(&[&accum(1)]), None, 1)
+        );
     }
 }

@@ -21,8 +21,11 @@ use crate::distill::{
     TopKHost,
 };
 use crate::objective::Objective;
+use crate::runtime::world::world;
+use crate::teacher_cache::digest::digest_str;
 use crate::teacher_cache::{
-    teacher_identity, CacheWriter, Manifest, RunIdentity, SampleRecord, TeacherIdentity,
+    teacher_identity, write_shard_of, CacheWriter, Manifest, RunIdentity, SampleRecord,
+    TeacherIdentity,
 };
 
 /// What to cache.
@@ -127,12 +130,30 @@ fn write_cache(req: &BuildRequest) -> Result<BuildSummary> {
         "run": run, "teacher": teacher_id, "top_k": req.top_k, "relations": relations,
         "shard_size": req.shard_size,
     });
+    // In a data-parallel build every rank runs the teacher on its own shards; rank 0 alone
+    // keeps the progress and writes the manifest.
+    let world = world();
+    world.agree(&digest_str(&job.to_string()))?;
+    let leader = world.is_leader();
     // The cache is renamed into place at the end, so its lock sits next to it.
-    let _lock = OutputLock::acquire_beside(&req.out)?;
-    let (mut writer, done) = CacheWriter::open(&req.out, job, req.top_k, req.shard_size)?;
+    let _lock = leader
+        .then(|| OutputLock::acquire_beside(&req.out))
+        .transpose()?;
+    let (mut writer, done) = match leader {
+        true => {
+            let (writer, done) = CacheWriter::open(&req.out, job, req.top_k, req.shard_size)?;
+            (Some(writer), done)
+        }
+        false => (None, 0),
+    };
+    // Every rank learns where the finished shards end, once rank 0 has made their directory.
+    let mut done_bytes = (done as u64).to_le_bytes().to_vec();
+    world.broadcast(&mut done_bytes, 0, "the broadcast of the cached samples")?;
+    let done = u64::from_le_bytes(done_bytes.try_into().unwrap_or_default()) as usize;
+    let shards_dir = CacheWriter::shards_dir(&req.out)?;
 
     let bar = crate::progress::count_bar(
-        req.progress,
+        req.progress && leader,
         "teacher-cache",
         "samples",
         data.samples.len(),
@@ -149,13 +170,32 @@ fn write_cache(req: &BuildRequest) -> Result<BuildSummary> {
         temperature: settings.distill.temperature,
         relations,
     };
-    let mut next = done;
-    for chunk in data.samples[done..].chunks(req.batch_size) {
-        for record in writer_cfg.records(chunk, next)? {
-            writer.push(&record)?;
+    // Shard i holds samples i·S .. (i+1)·S; the ranks write a round of consecutive shards
+    // side by side, so the finished ones are always a prefix.
+    let total = data.samples.len();
+    let blocks: Vec<_> = (done..total)
+        .step_by(req.shard_size)
+        .map(|start| start..(start + req.shard_size).min(total))
+        .collect();
+    for (round, blocks) in blocks.chunks(world.size()).enumerate() {
+        let first_shard = done / req.shard_size + round * world.size();
+        if let Some(block) = blocks.get(world.rank()) {
+            let mut records = Vec::with_capacity(block.len());
+            for (at, chunk) in data.samples[block.clone()]
+                .chunks(req.batch_size)
+                .enumerate()
+            {
+                records.extend(writer_cfg.records(chunk, block.start + at * req.batch_size)?);
+            }
+            write_shard_of(&shards_dir, first_shard + world.rank(), req.top_k, &records)?;
         }
-        next += chunk.len();
-        bar.inc(chunk.len() as u64);
+        world.barrier("the end of a round of cache shards")?;
+        if let Some(writer) = &mut writer {
+            for (i, block) in blocks.iter().enumerate() {
+                writer.add_shard(first_shard + i, block.len())?;
+            }
+        }
+        bar.inc(blocks.iter().map(|b| b.len() as u64).sum());
     }
     bar.finish_and_clear();
 
@@ -176,18 +216,27 @@ fn write_cache(req: &BuildRequest) -> Result<BuildSummary> {
         .into_iter()
         .map(|(k, n)| (format!("{k:?}"), n))
         .collect();
-    let manifest = writer.finish(manifest_for(
-        run,
-        teacher_id,
-        req,
-        vocab,
-        &teacher,
-        relations,
-        data.samples.len(),
-        response_count,
-        visual_count,
-        skipped.clone(),
-    ))?;
+    let finished = match writer {
+        Some(writer) => Some(writer.finish(manifest_for(
+            run,
+            teacher_id,
+            req,
+            vocab,
+            &teacher,
+            relations,
+            data.samples.len(),
+            response_count,
+            visual_count,
+            skipped.clone(),
+        ))?),
+        None => None,
+    };
+    // The other ranks read the manifest rank 0 wrote.
+    world.barrier("the end of the cache")?;
+    let manifest = match finished {
+        Some(manifest) => manifest,
+        None => Manifest::read(&req.out)?,
+    };
     let seconds = started.elapsed().as_secs_f64();
     Ok(BuildSummary {
         out: req.out.clone(),

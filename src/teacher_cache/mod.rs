@@ -26,7 +26,7 @@ use anyhow::{Context, Result};
 
 pub use manifest::{check_run, Manifest, RunIdentity, TeacherIdentity, FORMAT_VERSION};
 pub use shard::SampleRecord;
-pub use store::{CacheWriter, CachedBatch, TeacherCache};
+pub use store::{write_shard_of, CacheWriter, CachedBatch, TeacherCache};
 
 use digest::digest_checkpoint;
 

@@ -54,6 +54,35 @@ fn write_atomic(path: &Path, text: &str) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
 }
 
+/// Writes shard number `index` of a cache's `records` (top-`k`) into `dir` atomically.
+pub fn write_shard_of(dir: &Path, index: usize, k: usize, records: &[SampleRecord]) -> Result<()> {
+    let mut buffer = ShardBuffer::new(k);
+    for record in records {
+        buffer.push(record)?;
+    }
+    write_shard(dir, index, &buffer).map(|_| ())
+}
+
+fn shard_file(index: usize) -> String {
+    format!("shard-{index:05}.safetensors")
+}
+
+fn write_shard(dir: &Path, index: usize, buffer: &ShardBuffer) -> Result<ShardInfo> {
+    let file = shard_file(index);
+    let path = dir.join(&file);
+    let tmp = path.with_extension("safetensors.tmp");
+    if let Err(err) = buffer.write(&tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err);
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
+    Ok(ShardInfo {
+        file,
+        samples: buffer.samples(),
+        bytes: std::fs::metadata(&path)?.len(),
+    })
+}
+
 /// What an interrupted cache build of `out` has kept: its finished shards and their samples.
 pub fn describe_partial(out: &Path) -> String {
     let progress = partial_dir(out).ok().and_then(|partial| {
@@ -145,30 +174,45 @@ impl CacheWriter {
         if self.buffer.samples() == 0 {
             return Ok(());
         }
-        let file = format!("shard-{:05}.safetensors", self.progress.shards.len());
-        let path = self.partial.join(&file);
-        let tmp = path.with_extension("safetensors.tmp");
-        if let Err(err) = self.buffer.write(&tmp) {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(err);
-        }
-        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
-        let bytes = std::fs::metadata(&path)?.len();
-        self.progress.shards.push(ShardInfo {
-            file,
-            samples: self.buffer.samples(),
-            bytes,
-        });
-        write_atomic(
-            &self.partial.join(PROGRESS_FILE),
-            &serde_json::to_string(&self.progress)?,
-        )?;
-        self.buffer = ShardBuffer::new(self.buffer_k());
+        let shard = write_shard(&self.partial, self.progress.shards.len(), &self.buffer)?;
+        self.register(shard)?;
+        self.buffer = ShardBuffer::new(self.buffer.k());
         Ok(())
     }
 
-    fn buffer_k(&self) -> usize {
-        self.buffer.k()
+    /// Where the shards of cache `out` are written before it is moved into place (the
+    /// processes of a data-parallel build write theirs there with [`write_shard_of`]).
+    pub fn shards_dir(out: &Path) -> Result<PathBuf> {
+        partial_dir(out)
+    }
+
+    /// Records shard `index` of `samples` samples, written by [`write_shard_of`]: shards are
+    /// added in order, so the finished ones stay a prefix of the job's samples, which a
+    /// resumed build continues after.
+    pub fn add_shard(&mut self, index: usize, samples: usize) -> Result<()> {
+        ensure!(
+            index == self.progress.shards.len(),
+            "shard {index} added out of order (after {} shards)",
+            self.progress.shards.len()
+        );
+        let file = shard_file(index);
+        let path = self.partial.join(&file);
+        let bytes = std::fs::metadata(&path)
+            .with_context(|| format!("shard {} was not written", path.display()))?
+            .len();
+        self.register(ShardInfo {
+            file,
+            samples,
+            bytes,
+        })
+    }
+
+    fn register(&mut self, shard: ShardInfo) -> Result<()> {
+        self.progress.shards.push(shard);
+        write_atomic(
+            &self.partial.join(PROGRESS_FILE),
+            &serde_json::to_string(&self.progress)?,
+        )
     }
 
     /// Writes the last shard and the manifest (its `shards` filled in here), and moves the

@@ -165,7 +165,7 @@ fn train_tower(run: &TowerRun) -> Result<TowerSummary> {
         force: run.force,
     };
     let digest = settings_digest(run);
-    let resume_from = output.resume_point(&digest)?;
+    let resume_from = output.resume_point(&digest, None)?;
 
     // The tower and its objective's parameters: fresh from the model's seed, or resumed.
     let store = ParamStore::new();
@@ -253,6 +253,7 @@ fn train_tower(run: &TowerRun) -> Result<TowerSummary> {
                 cursor: Default::default(),
                 samples_seen,
                 settings_digest: digest.clone(),
+                layout: None,
             };
             let write = |dir: &Path| {
                 let path = dir.join(PARAMETERS_FILE);

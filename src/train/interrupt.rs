@@ -61,7 +61,7 @@ impl Drop for InterruptGuard {
     }
 }
 
-/// A signal that stopped a run.
+/// A signal that stopped a run (0: one another rank of the job received).
 #[derive(Clone, Copy, Debug)]
 pub struct Interruption {
     pub signal: i32,
@@ -72,6 +72,7 @@ impl Interruption {
         match self.signal {
             libc::SIGINT => "SIGINT (Ctrl-C)",
             libc::SIGTERM => "SIGTERM",
+            0 => "a signal to another rank",
             _ => "a signal",
         }
     }

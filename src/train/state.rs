@@ -30,6 +30,38 @@ pub struct TrainerState {
     pub samples_seen: usize,
     /// Digest of the resolved settings, so a resume with other settings is refused.
     pub settings_digest: String,
+    /// How the job that wrote it split its global batch (absent: one process, or a build
+    /// before data-parallel training).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layout: Option<BatchLayout>,
+}
+
+/// How a step's global batch is split: ranks × micro-batches per rank × samples each.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BatchLayout {
+    pub ranks: usize,
+    pub grad_accum: usize,
+    pub batch_size: usize,
+}
+
+impl BatchLayout {
+    /// Samples per optimizer step over the job.
+    pub fn global_batch(&self) -> usize {
+        self.ranks * self.grad_accum * self.batch_size
+    }
+}
+
+impl std::fmt::Display for BatchLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} rank(s) × grad_accum {} × batch_size {} (global batch {})",
+            self.ranks,
+            self.grad_accum,
+            self.batch_size,
+            self.global_batch()
+        )
+    }
 }
 
 pub fn checkpoints_dir(out: &Path) -> PathBuf {

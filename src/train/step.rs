@@ -170,6 +170,11 @@ impl TrainStep {
         self
     }
 
+    /// [`TrainStep::with_sync`] in place.
+    pub fn set_sync(&mut self, sync: Box<dyn GradientSync>) {
+        self.sync = sync;
+    }
+
     pub fn optimizer(&self) -> &AdamW {
         &self.optimizer
     }
@@ -215,6 +220,10 @@ impl TrainStep {
                         times.get_or_insert(t);
                     }
                     if last {
+                        // Every process logs, guards and counts the whole step.
+                        if self.sync.world_size() > 1 {
+                            sums.sum_over_processes(&mut samples, self.sync.as_mut())?;
+                        }
                         self.update(&accum, sums.mean_loss() as f64, lr).map(Some)
                     } else {
                         Ok(None)
@@ -330,6 +339,27 @@ impl TermSums {
                 self.terms[at].2 += 1;
             }
         }
+    }
+
+    /// The sums (and `samples`) of all processes' micro-batches of the step; every process
+    /// has the same terms, in the objective's order.
+    fn sum_over_processes(
+        &mut self,
+        samples: &mut usize,
+        sync: &mut dyn GradientSync,
+    ) -> Result<()> {
+        let mut values = vec![self.loss, self.micro_batches as f64, *samples as f64];
+        for (_, sum, n) in &self.terms {
+            values.extend([*sum, *n as f64]);
+        }
+        sync.sum_over_processes(&mut values)?;
+        self.loss = values[0];
+        self.micro_batches = values[1] as usize;
+        *samples = values[2] as usize;
+        for (term, pair) in self.terms.iter_mut().zip(values[3..].chunks(2)) {
+            (term.1, term.2) = (pair[0], pair[1] as usize);
+        }
+        Ok(())
     }
 
     fn mean_loss(&self) -> f32 {
@@ -491,6 +521,13 @@ mod tests {
         fn world_size(&self) -> usize {
             2
         }
+        /// A second process that had a loss of 10 on 3 samples in one micro-batch.
+        fn sum_over_processes(&mut self, values: &mut [f64]) -> Result<()> {
+            values[0] += 10.0;
+            values[1] += 1.0;
+            values[2] += 3.0;
+            Ok(())
+        }
     }
 
     #[test]
@@ -513,6 +550,13 @@ mod tests {
         // The optimizer saw the synced (zero) gradient: w did not move, the norm is 0.
         assert_eq!(value(&w), 0.5);
         assert_eq!(report.grad_norm, 0.0);
+        // The report is the whole step's: both processes' samples and mean loss.
+        assert_eq!(report.samples, 2 + 3);
+        let local = [(1.0f32, 2.0f32), (2.0, -1.0)]
+            .iter()
+            .map(|(x, t)| ((0.5 * x - t) as f64).powi(2))
+            .sum::<f64>();
+        assert!((report.loss as f64 - (local + 10.0) / 3.0).abs() < 1e-5);
     }
 
     #[test]

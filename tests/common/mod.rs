@@ -9,6 +9,16 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
+/// The device the fixture tests run on: `MMKD_TEST_DEVICE` (`cpu`, the default, or `cuda[:N]`
+/// in a `--features cuda` build; scripts/gpu-check.sh runs them on the GPU).
+pub fn test_device() -> Device {
+    let spec: mmkd::runtime::DeviceSpec = std::env::var("MMKD_TEST_DEVICE")
+        .unwrap_or_else(|_| "cpu".into())
+        .parse()
+        .expect("MMKD_TEST_DEVICE");
+    spec.open().expect("opening MMKD_TEST_DEVICE")
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")

@@ -1,10 +1,18 @@
 //! Where training runs: the device a command puts its models on (`--device`, or `device` in
-//! a preset's `[train]`), and the gradient-sync hook the learner calls between backward and the
-//! optimizer (a no-op in one process; data-parallel training plugs an all-reduce in here).
+//! a preset's `[train]`), the processes of a data-parallel job ([`world`]), and the
+//! gradient-sync hook the learner calls between backward and the optimizer (a no-op in one
+//! process; [`data_parallel`] plugs the all-reduce in).
 //!
 //! The fused kernels of `mmkd_nn::fused` are CPU kernels: each public op checks its inputs'
 //! device and dtype and falls back to the primitive formulation it is tested against, so every
 //! model, objective and the optimizer also run on devices without a kernel.
+
+pub mod data_parallel;
+#[cfg(feature = "mpi")]
+mod mpi_world;
+#[cfg(feature = "nccl")]
+mod nccl;
+pub mod world;
 
 use std::fmt;
 use std::str::FromStr;
@@ -63,11 +71,12 @@ impl fmt::Display for DeviceSpec {
 
 impl DeviceSpec {
     /// Opens the device; a clear error when this binary has no backend for it or the device
-    /// is not there.
+    /// is not there. In a data-parallel job each rank of a machine takes the next GPU.
     pub fn open(self) -> Result<Device> {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
-            DeviceSpec::Cuda(ordinal) => {
+            DeviceSpec::Cuda(first) => {
+                let ordinal = first + world::local_rank();
                 if !candle_core::utils::cuda_is_available() {
                     bail!(
                         "--device {self}: this mmkd binary was built without CUDA; build it with \
@@ -75,7 +84,13 @@ impl DeviceSpec {
                     );
                 }
                 Device::new_cuda(ordinal).map_err(|e| {
-                    anyhow::anyhow!("--device {self}: cannot open CUDA device {ordinal}: {e}")
+                    let whose = match ordinal - first {
+                        0 => String::new(),
+                        r => format!(" (the GPU of local rank {r})"),
+                    };
+                    anyhow::anyhow!(
+                        "--device {self}: cannot open CUDA device {ordinal}{whose}: {e}"
+                    )
                 })
             }
         }
@@ -99,6 +114,11 @@ pub trait GradientSync: Send {
     fn sync(&mut self, grads: &mut GradStore, vars: &[(String, Var)]) -> Result<()>;
     /// How many processes share a step (1 in one process).
     fn world_size(&self) -> usize;
+    /// Replaces each value by its sum over the processes (the step's loss sums and counts,
+    /// so every process logs and guards the same numbers).
+    fn sum_over_processes(&mut self, _values: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One process: the gradients are already everything there is.
