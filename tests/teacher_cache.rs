@@ -297,6 +297,48 @@ fn micro_batches_side_by_side_change_no_number() {
     }
 }
 
+#[test]
+fn a_chunked_loss_changes_no_number() {
+    // LLaVA-KD's DFT against an online teacher with the logits formed 5 rows at a time from
+    // both models' hidden states (as on CUDA), and all at once.
+    let w = world();
+    let tmp = tempfile::tempdir().unwrap();
+    let (teacher, student) = (w.root.join("teacher"), w.root.join("student"));
+    let runs: Vec<Vec<StepMetrics>> = ["0", "5"]
+        .iter()
+        .map(|rows| {
+            let out = tmp.path().join(format!("chunk-{rows}"));
+            let (ok, _, err) = dft(
+                &student,
+                &["--teacher", p(&teacher)],
+                &out,
+                &["--set", &format!("loss_chunk_rows={rows}")],
+            );
+            assert!(ok, "{err}");
+            read_metrics(&out.join("metrics.jsonl")).unwrap()
+        })
+        .collect();
+    assert_eq!(runs[0].len(), 2);
+    for term in ["ce", "l_res", "l_vis", "l_rel"] {
+        let mut seen = false;
+        for (step, (a, b)) in runs[0].iter().zip(&runs[1]).enumerate() {
+            match (a.term(term), b.term(term)) {
+                (Some(x), Some(y)) => {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+                        "step {}, {term}: {x} vs {y}",
+                        step + 1
+                    );
+                    seen = true;
+                }
+                (None, None) => {} // A text-only batch has no visual term.
+                other => panic!("step {}, {term}: {other:?}", step + 1),
+            }
+        }
+        assert!(seen, "no step computed {term}");
+    }
+}
+
 fn refused(result: (bool, String, String), needle: &str) {
     let (ok, _, err) = result;
     assert!(!ok, "expected a refusal containing {needle:?}");

@@ -47,6 +47,9 @@ pub struct BenchOptions {
     pub lora_rank: Option<usize>,
     /// Where the models run (`--device`).
     pub device: DeviceSpec,
+    /// Logit rows the loss computes at once (`train.loss_chunk_rows`: `Some(0)` all at once,
+    /// `None` the device's default).
+    pub loss_chunk_rows: Option<usize>,
 }
 
 impl Default for BenchOptions {
@@ -61,6 +64,7 @@ impl Default for BenchOptions {
             student_shards: 1,
             lora_rank: None,
             device: DeviceSpec::Cpu,
+            loss_chunk_rows: None,
         }
     }
 }
@@ -74,6 +78,10 @@ pub fn run(
     ensure!(options.steps > 0, "`--steps` must be at least 1");
     let device = options.device.open()?;
     let mut step = DftStep::on_device(spec, options.seed, options.lora_rank, &device)?;
+    step.chunk_loss(crate::config::settings::loss_chunk_rows_on(
+        options.loss_chunk_rows,
+        &device,
+    ));
     // Under mpirun: this rank's rows of the spec's batch, gradients all-reduced.
     let reduced_bytes = step.join_data_parallel()?;
     step.set_teacher_overlap(options.teacher_overlap);
@@ -112,6 +120,7 @@ pub fn run(
     report.ranks = crate::runtime::world::world().size();
     report.allreduced_bytes_per_step = reduced_bytes;
     report.device = options.device.to_string();
+    report.loss_chunk_rows = step.loss_chunk_rows();
     Ok(report)
 }
 
@@ -127,6 +136,10 @@ pub fn run_cached(
     ensure!(options.steps > 0, "`--steps` must be at least 1");
     let mut step = DftStep::with_student_lora(spec, options.seed, options.lora_rank)?;
     step.set_student_shards(options.student_shards)?;
+    step.chunk_loss(crate::config::settings::loss_chunk_rows_on(
+        options.loss_chunk_rows,
+        &candle_core::Device::Cpu,
+    ));
     let dir = std::env::temp_dir().join(format!("mmkd-bench-cache-{}", std::process::id()));
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
@@ -388,6 +401,40 @@ pub(crate) mod tests {
         }
         assert!(!ahead.pending.is_empty() && ahead.pending.iter().all(|s| s.tower.is_some()));
         assert!(inline.pending.is_empty());
+    }
+
+    #[test]
+    fn a_chunked_loss_trains_as_the_whole_one() {
+        // LLaVA-KD's objective (CE, L_res, L_vis, L_rel) with logits formed 3 rows at a time
+        // from both models' hidden states, against an online teacher and a cache: the same
+        // losses, step after step (so the same updates).
+        let spec = tiny_spec();
+        let dir = tempfile::tempdir().unwrap();
+        let cache_dir = dir.path().join("cache");
+        let writer = DftStep::new(&spec, 8).unwrap();
+        writer.write_teacher_cache(&cache_dir, 8).unwrap();
+        let cache = crate::teacher_cache::TeacherCache::open(&cache_dir).unwrap();
+        for cached in [false, true] {
+            let mut whole = DftStep::new(&spec, 8).unwrap();
+            let mut chunked = DftStep::new(&spec, 8).unwrap();
+            chunked.chunk_loss(Some(3));
+            assert_eq!(chunked.loss_chunk_rows(), Some(3));
+            for step in 0..3 {
+                let (a, b) = match cached {
+                    false => (whole.run().unwrap(), chunked.run().unwrap()),
+                    true => (
+                        whole.run_cached(&cache).unwrap(),
+                        chunked.run_cached(&cache).unwrap(),
+                    ),
+                };
+                assert!(
+                    (a.loss - b.loss).abs() <= 1e-5 * a.loss.abs().max(1.0),
+                    "cached {cached}, step {step}: {} vs {}",
+                    a.loss,
+                    b.loss
+                );
+            }
+        }
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct BenchReport {
     pub ranks: usize,
     /// Bytes each rank hands to the all-reduces per step (0 in one process).
     pub allreduced_bytes_per_step: u64,
+    /// Logit rows the loss computed at once from hidden states (`None`: all at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_chunk_rows: Option<usize>,
 }
 
 impl BenchReport {
@@ -114,6 +117,7 @@ impl BenchReport {
             device: "cpu".into(),
             ranks: 1,
             allreduced_bytes_per_step: 0,
+            loss_chunk_rows: None,
         })
     }
 

@@ -23,6 +23,7 @@ use crate::distill::{
 use crate::models::llava::{BuildOptions, ImageInput, LlavaModel, LlavaOutput, Trainable};
 use crate::objective::{Objective, TermSpec};
 use crate::runtime::data_parallel::DataParallel;
+use crate::teacher::TeacherForward;
 use crate::teacher_cache::{CacheWriter, Manifest, SampleRecord, TeacherCache};
 use crate::train::forward::{objective_loss, StudentBatch, TeacherRows};
 use crate::train::step::{MicroBatch, MicroBatchSource, MicroLoss, TrainStep};
@@ -70,7 +71,7 @@ pub(super) struct Shard {
     rows: Range<usize>,
     batch: BenchBatch,
     /// The online teacher's output on these rows.
-    teacher_out: Option<LlavaOutput>,
+    teacher_out: Option<TeacherForward>,
     /// The student's frozen-tower features of these rows.
     pub(super) tower: Option<Tensor>,
     /// Seconds the teacher forward of the whole batch took (on the first shard).
@@ -96,6 +97,8 @@ struct Shards<'a> {
     shards: usize,
     overlap: bool,
     teacher: Teacher<'a>,
+    /// The loss is chunked: the teacher's forward stops at its hidden states.
+    teacher_hidden_only: bool,
     pending: Vec<Shard>,
 }
 
@@ -105,11 +108,20 @@ impl Shards<'_> {
     fn prepare(&self) -> Result<Vec<Shard>> {
         let clock = Instant::now();
         let teacher_out = match self.teacher {
-            Teacher::Online => Some(
+            Teacher::Online if self.teacher_hidden_only => Some(TeacherForward::Hidden(
+                self.teacher_model
+                    .forward_images_hidden(
+                        &self.batch.tokens,
+                        Some(ImageInput::Pixels(&self.batch.pixels)),
+                    )
+                    .context("teacher forward")?
+                    .hidden,
+            )),
+            Teacher::Online => Some(TeacherForward::Full(
                 self.teacher_model
                     .forward(&self.batch.tokens, Some(&self.batch.pixels))
                     .context("teacher forward")?,
-            ),
+            )),
             Teacher::Cached(_) => None,
         };
         let teacher_seconds = clock.elapsed().as_secs_f64();
@@ -126,17 +138,23 @@ impl Shards<'_> {
                     batch: self.batch.rows(rows.clone())?,
                     teacher_out: teacher_out
                         .as_ref()
-                        .map(|out| -> Result<LlavaOutput> {
-                            Ok(LlavaOutput {
-                                hidden: narrow(&out.hidden)?,
-                                logits: narrow(&out.logits)?,
-                                visual: {
-                                    let mask = out.visual.mask[rows.clone()].to_vec();
-                                    let count = mask.iter().flatten().map(|&m| m as usize).sum();
-                                    crate::models::splice::VisualPositions { mask, count }
-                                },
-                                layers: Default::default(),
-                                image_features: None,
+                        .map(|out| -> Result<TeacherForward> {
+                            Ok(match out {
+                                TeacherForward::Hidden(hidden) => {
+                                    TeacherForward::Hidden(narrow(hidden)?)
+                                }
+                                TeacherForward::Full(out) => TeacherForward::Full(LlavaOutput {
+                                    hidden: narrow(&out.hidden)?,
+                                    logits: narrow(&out.logits)?,
+                                    visual: {
+                                        let mask = out.visual.mask[rows.clone()].to_vec();
+                                        let count =
+                                            mask.iter().flatten().map(|&m| m as usize).sum();
+                                        crate::models::splice::VisualPositions { mask, count }
+                                    },
+                                    layers: Default::default(),
+                                    image_features: None,
+                                }),
                             })
                         })
                         .transpose()?,
@@ -179,6 +197,17 @@ impl MicroBatchSource for Shards<'_> {
 
 impl DftStep {
     /// Parameters the student's optimizer updates.
+    /// Computes the loss `rows` logit rows at a time from hidden states (`None`: all at
+    /// once), as a training stage with `train.loss_chunk_rows` does.
+    pub fn chunk_loss(&mut self, rows: Option<usize>) {
+        self.objective.chunk_loss(rows);
+    }
+
+    /// The logit rows the loss computes at once, when it is chunked.
+    pub fn loss_chunk_rows(&self) -> Option<usize> {
+        self.objective.loss_chunk_rows()
+    }
+
     pub fn trainable_parameters(&self) -> usize {
         self.student.store.count_trainable()
     }
@@ -300,6 +329,7 @@ impl DftStep {
             shards: self.student_shards,
             overlap: self.teacher_overlap,
             teacher,
+            teacher_hidden_only: self.objective.loss_chunk_rows().is_some(),
             pending: std::mem::take(&mut self.pending),
         };
         // The first shard carries the time of the teacher forward on the batch this step trains
@@ -332,11 +362,16 @@ impl DftStep {
                     rows,
                     truncate: None,
                 },
-                (None, Some(output)) => TeacherRows::Online {
+                (None, Some(TeacherForward::Full(output))) => TeacherRows::Online {
                     output,
                     teacher: teacher_model,
                     truncate: None,
                     aligned: None,
+                },
+                (None, Some(TeacherForward::Hidden(hidden))) => TeacherRows::OnlineHidden {
+                    hidden,
+                    teacher: teacher_model,
+                    truncate: None,
                 },
                 (None, None) => anyhow::bail!("the teacher's output of this shard is missing"),
             };

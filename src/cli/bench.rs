@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// Where the models run: cpu, cuda or cuda:N (a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
+    /// Logit rows the loss computes at once from hidden states, as `train.loss_chunk_rows`
+    /// (0: all at once; default: 1024 on CUDA, all at once on the CPU).
+    #[arg(long)]
+    pub loss_chunk_rows: Option<usize>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -69,6 +73,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         student_shards: args.student_shards,
         lora_rank: args.lora_rank,
         device: args.device,
+        loss_chunk_rows: args.loss_chunk_rows,
     };
     // Under mpirun every rank times its share of the step; rank 0 reports the job's.
     let leader = crate::runtime::world::world().is_leader();

@@ -39,6 +39,7 @@ pub const KEYS: &[KeyDoc] = &[
     k("train.batch_size", "integer", "samples per forward pass (micro-batch)"),
     k("train.grad_accum", "integer", "micro-batches per optimizer step"),
     k("train.parallel_micro_batches", "integer", "micro-batches of a step run side by side (changes no number)"),
+    k("train.loss_chunk_rows", "integer", "logit rows the loss computes at once from hidden states (0: all; default 1024 on CUDA, all on CPU)"),
     k("train.max_grad_norm", "float", "global gradient-norm clipping (0: off)"),
     k("train.save_every", "integer", "resumable checkpoint every N steps (0: only the final model; --save-every)"),
     k("train.keep_last", "integer", "checkpoints kept"),

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 
-use super::align::AlignedRows;
 use super::balance::Routers;
 use super::ce::{ce_of_rows, ce_rows, check_targets};
+use super::chunked::{self, HeadRows};
 use super::config::DistillLossConfig;
 use super::mdist::{check_labels, check_pair, rows_loss};
 use super::policy::PolicyRows;
@@ -21,105 +21,9 @@ use super::rdist::{
     relation_loss, relation_loss_from_hidden, relation_loss_to_cached,
     student_hidden_form_is_cheaper, StudentRelation,
 };
+use super::sides::not_served;
+pub use super::sides::{CachedTeacher, RelationHidden, StudentLogits, TeacherSide};
 use super::topk::{topk_per_token, TopKRows};
-
-/// Where the student's logits at the rows a loss reads come from.
-#[derive(Clone, Copy, Debug)]
-pub enum StudentLogits<'a> {
-    /// `[batch, seq, vocab]` at every position; the rows are gathered from them.
-    Full(&'a Tensor),
-    /// Final hidden states `[batch, seq, hidden]` and the bias-free LM head `[vocab, hidden]`
-    /// (cut to the vocabulary the loss compares): logits are computed at the loss's rows only.
-    /// Same values; the head then skips the positions no loss reads, and the backward scatters
-    /// hidden-width gradients instead of a vocabulary-wide one per gathered row set.
-    AtRows {
-        hidden: &'a Tensor,
-        head: &'a Tensor,
-    },
-}
-
-impl StudentLogits<'_> {
-    /// `[batch, seq, vocab]`.
-    pub(crate) fn dims(&self) -> Result<(usize, usize, usize)> {
-        match self {
-            StudentLogits::Full(logits) => logits.dims3().with_context(|| {
-                format!(
-                    "student logits must be [batch, seq, vocab], got {:?}",
-                    logits.dims()
-                )
-            }),
-            StudentLogits::AtRows { hidden, head } => {
-                let (b, s, h) = hidden.dims3().with_context(|| {
-                    format!(
-                        "student hidden states must be [batch, seq, hidden], got {:?}",
-                        hidden.dims()
-                    )
-                })?;
-                let (v, head_h) = head
-                    .dims2()
-                    .context("the LM head must be [vocab, hidden]")?;
-                ensure!(
-                    head_h == h,
-                    "the LM head is [{v}, {head_h}], the hidden states are {h} wide"
-                );
-                Ok((b, s, v))
-            }
-        }
-    }
-
-    /// The logits `[rows, vocab]` at flat `batch·seq` rows.
-    fn rows(&self, rows: &[u32]) -> Result<Tensor> {
-        match self {
-            StudentLogits::Full(logits) => gather_rows(logits, rows),
-            StudentLogits::AtRows { hidden, head } => {
-                let picked = gather_rows(hidden, rows)?;
-                Ok(mmkd_nn::fused::linear(&picked, head, None)?)
-            }
-        }
-    }
-}
-
-/// Hidden states and bias-free `lm_head` weights for the cheaper relation loss
-/// (see [`relation_loss_from_hidden`]).
-#[derive(Clone, Copy, Debug)]
-pub struct RelationHidden<'a> {
-    pub student_hidden: &'a Tensor,
-    pub student_head: &'a Tensor,
-    pub teacher_hidden: &'a Tensor,
-    pub teacher_head: &'a Tensor,
-}
-
-/// A teacher read back from an offline cache, lined up with one batch.
-#[derive(Clone, Copy, Debug)]
-pub struct CachedTeacher<'a> {
-    /// Top-k rows at the batch's response positions, in [`response_rows`] order.
-    pub response: &'a TopKRows,
-    /// Top-k rows at the batch's visual positions, in [`visual_rows`] order.
-    pub visual: &'a TopKRows,
-    /// The teacher's relation matrix of each batch row (`None`: no visual position, or the
-    /// cache holds none because L_rel is off).
-    pub relations: &'a [Option<Tensor>],
-}
-
-/// The teacher's side of a micro-batch.
-#[derive(Clone, Copy, Debug)]
-pub enum TeacherSide<'a> {
-    /// An online teacher's logits `[batch, seq, vocab]` (detached here), with the hidden
-    /// states for the cheaper L_rel when both heads are bias-free and uncut.
-    Logits {
-        logits: &'a Tensor,
-        relation_hidden: Option<RelationHidden<'a>>,
-    },
-    /// A teacher cache's rows for this batch.
-    Cached(CachedTeacher<'a>),
-    /// An online teacher with another tokenizer: its logits `[batch, teacher seq, teacher
-    /// vocab]` over its own tokenization of the batch (detached here), and the rows of the two
-    /// tokenizations that predict the same response text.
-    OtherTokens {
-        logits: &'a Tensor,
-        aligned: &'a AlignedRows,
-    },
-}
 
 /// The positions a term reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +57,8 @@ pub struct LossInputs<'a> {
     data_answers: Option<(&'a Tensor, ResponseRows)>,
     /// A sparse student's routers (empty logits for a dense student).
     routers: Option<Routers<'a>>,
+    /// Rows of logits computed at once from hidden states (see [`super::chunked`]).
+    chunk_rows: Option<usize>,
 }
 
 /// Switch-KD's visual switch: the student's visual tokens and the online teacher's language
@@ -225,6 +131,34 @@ impl<'a> LossInputs<'a> {
                     "aligned rows fall outside the logits"
                 );
             }
+            (StudentLogits::AtRows { .. }, Some(TeacherSide::Hidden { hidden, head })) => {
+                let (b, s, width) = hidden.dims3().with_context(|| {
+                    format!(
+                        "the teacher's hidden states must be [batch, seq, hidden], got {:?}",
+                        hidden.dims()
+                    )
+                })?;
+                ensure!(
+                    (b, s) == (batch, seq),
+                    "the teacher's hidden states cover [{b}, {s}] positions, the student's [{batch}, {seq}]"
+                );
+                ensure!(
+                    head.dims() == [vocab, width],
+                    "the teacher's LM head is {:?}, expected [{vocab}, {width}] (the student's vocabulary, the teacher's width)",
+                    head.dims()
+                );
+                for (t, what) in [(labels, "labels"), (visual_mask, "visual mask")] {
+                    ensure!(
+                        t.dims() == [batch, seq],
+                        "{what} have shape {:?}, the logits cover [{batch}, {seq}] positions",
+                        t.dims()
+                    );
+                }
+            }
+            (_, Some(TeacherSide::Hidden { .. })) => bail!(
+                "an online teacher's hidden states are compared with the student's hidden states \
+                 (a chunked loss), not with its logits"
+            ),
             (_, Some(TeacherSide::Logits { .. } | TeacherSide::OtherTokens { .. })) => bail!(
                 "an online teacher's logits are compared with the student's full logits, not \
                  with logits at selected rows"
@@ -262,7 +196,81 @@ impl<'a> LossInputs<'a> {
             policy: None,
             data_answers: None,
             routers: None,
+            chunk_rows: None,
         })
+    }
+
+    /// The same inputs with the student's (and an online teacher's) logits computed `rows`
+    /// rows at a time from the final hidden states by the terms that read them row by row (CE,
+    /// L_res, L_vis; L_rel reads the hidden states). Needs [`StudentLogits::AtRows`].
+    pub fn with_chunk_rows(mut self, rows: usize) -> Result<Self> {
+        ensure!(
+            matches!(self.student, StudentLogits::AtRows { .. }),
+            "a chunked loss computes the student's logits from its hidden states, not from full logits"
+        );
+        ensure!(rows > 0, "the loss chunk must hold at least one row");
+        self.chunk_rows = Some(rows);
+        Ok(self)
+    }
+
+    /// The student's hidden rows at `rows` and its head, when the loss is chunked.
+    fn chunked_student(&self, rows: &[u32]) -> Result<Option<(Tensor, &'a Tensor, usize)>> {
+        match (self.chunk_rows, self.student) {
+            (Some(chunk), StudentLogits::AtRows { hidden, head }) if !rows.is_empty() => {
+                Ok(Some((gather_rows(hidden, rows)?, head, chunk)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// L_res or L_vis against an online teacher's hidden states, chunked (`None`: no row).
+    fn divergence_to_hidden(
+        &self,
+        rows: &[u32],
+        teacher: (&Tensor, &Tensor),
+        cfg: &DistillLossConfig,
+    ) -> Result<Option<Tensor>> {
+        let Some((student, head, chunk)) = self.chunked_student(rows)? else {
+            ensure!(
+                self.chunk_rows.is_some(),
+                "an online teacher's hidden states are read by a chunked loss only"
+            );
+            return Ok(None);
+        };
+        let t_hidden = gather_rows(&teacher.0.detach(), rows)?;
+        chunked::divergence_to_hidden(
+            HeadRows {
+                hidden: &student,
+                head,
+            },
+            HeadRows {
+                hidden: &t_hidden,
+                head: teacher.1,
+            },
+            chunk,
+            cfg,
+        )
+        .map(Some)
+    }
+
+    /// L_res or L_vis against a cache's top-k rows: chunked when the loss is, else on the
+    /// student's logits at `rows` computed whole.
+    fn divergence_to_topk(
+        &self,
+        at: Rows,
+        teacher: &TopKRows,
+        cfg: &DistillLossConfig,
+    ) -> Result<Option<Tensor>> {
+        if let Some((student, head, chunk)) = self.chunked_student(self.row_indices(at))? {
+            let student = HeadRows {
+                hidden: &student,
+                head,
+            };
+            return chunked::divergence_to_topk(student, teacher, chunk, cfg).map(Some);
+        }
+        self.student_rows(at)?
+            .map(|rows| -> Result<Tensor> { Ok(topk_per_token(&rows, teacher, cfg)?.mean_all()?) })
+            .transpose()
     }
 
     /// The same inputs with the student's routers on this micro-batch.
@@ -320,8 +328,13 @@ impl<'a> LossInputs<'a> {
     /// The visual switch; `None` when the batch has no image. An error naming `term` when the
     /// step has no online teacher.
     pub fn switch_path(&self, term: &str) -> Result<Option<SwitchPath<'a>>> {
-        let TeacherSide::Logits { .. } = self.same_tokens(term)? else {
-            bail!("{term} runs the teacher on the student's visual tokens, which a teacher cache cannot: run it with --teacher");
+        let side = self.same_tokens(term)?;
+        let TeacherSide::Logits { .. } = side else {
+            return Err(not_served(
+                side,
+                term,
+                "runs the teacher on the student's visual tokens",
+            ));
         };
         Ok(self.switch)
     }
@@ -330,10 +343,10 @@ impl<'a> LossInputs<'a> {
     pub fn teacher_logits(&self, term: &str) -> Result<Tensor> {
         match self.same_tokens(term)? {
             TeacherSide::Logits { logits, .. } => Ok(logits.detach()),
-            TeacherSide::OtherTokens { .. } => unreachable!("same_tokens refuses another tokenizer"),
-            TeacherSide::Cached(_) => bail!(
-                "{term} reads the teacher's full logits, which a teacher cache does not keep: run it with --teacher"
-            ),
+            TeacherSide::OtherTokens { .. } => {
+                unreachable!("same_tokens refuses another tokenizer")
+            }
+            side => Err(not_served(side, term, "reads the teacher's full logits")),
         }
     }
 
@@ -346,8 +359,9 @@ impl<'a> LossInputs<'a> {
     /// The hidden states of both models (an error naming `term` when the step has none: a
     /// teacher cache keeps no hidden state).
     pub fn layer_states(&self, term: &str) -> Result<LayerPair<'a>> {
-        let TeacherSide::Logits { .. } = self.same_tokens(term)? else {
-            bail!("{term} reads the teacher's hidden states, which a teacher cache does not keep: run it with --teacher");
+        let side = self.same_tokens(term)?;
+        let TeacherSide::Logits { .. } = side else {
+            return Err(not_served(side, term, "reads the teacher's hidden states"));
         };
         self.layers
             .with_context(|| format!("{term}: the forward kept no hidden state"))
@@ -378,6 +392,13 @@ impl<'a> LossInputs<'a> {
         if let Some((logits, rows)) = &self.data_answers {
             return ce_rows(logits, rows);
         }
+        if let Some((student, head, chunk)) = self.chunked_student(&self.response.rows)? {
+            let student = HeadRows {
+                hidden: &student,
+                head,
+            };
+            return chunked::cross_entropy(student, &self.response.targets, chunk).map(Some);
+        }
         match self.student {
             StudentLogits::Full(logits) => ce_rows(logits, &self.response),
             StudentLogits::AtRows { .. } => self
@@ -397,14 +418,13 @@ impl<'a> LossInputs<'a> {
             TeacherSide::OtherTokens { .. } => {
                 unreachable!("same_tokens refuses another tokenizer")
             }
+            TeacherSide::Hidden { hidden, head } => self
+                .divergence_to_hidden(&self.response.rows, (hidden, head), cfg)
+                .context("response distillation loss (L_res)"),
             TeacherSide::Cached(cached) => {
                 let what = "response distillation loss (L_res) from the teacher cache";
                 check_cached(self.response.rows.len(), cached.response, "L_res").context(what)?;
-                self.response_logits()?
-                    .map(|rows| -> Result<Tensor> {
-                        Ok(topk_per_token(&rows, cached.response, cfg)?.mean_all()?)
-                    })
-                    .transpose()
+                self.divergence_to_topk(Rows::Response, cached.response, cfg)
                     .context(what)
             }
         }
@@ -420,16 +440,14 @@ impl<'a> LossInputs<'a> {
             TeacherSide::OtherTokens { .. } => {
                 unreachable!("same_tokens refuses another tokenizer")
             }
+            TeacherSide::Hidden { hidden, head } => self
+                .divergence_to_hidden(&self.visual, (hidden, head), cfg)
+                .context("visual distillation loss (L_vis)"),
             TeacherSide::Cached(cached) => {
                 let what = "visual distillation loss (L_vis) from the teacher cache";
                 check_cached(self.visual.len(), cached.visual, "L_vis").context(what)?;
-                self.visual_logits()?
-                    .map(|rows| -> Result<Tensor> {
-                        Ok(topk_per_token(&rows, cached.visual, cfg)
-                            .context(what)?
-                            .mean_all()?)
-                    })
-                    .transpose()
+                self.divergence_to_topk(Rows::Visual, cached.visual, cfg)
+                    .context(what)
             }
         }
     }
@@ -452,6 +470,23 @@ impl<'a> LossInputs<'a> {
                 logits,
                 relation_hidden: None,
             } => relation_loss(self.full_logits()?, logits, self.visual_mask),
+            TeacherSide::Hidden {
+                hidden: teacher_hidden,
+                head: teacher_head,
+            } => {
+                let StudentLogits::AtRows { hidden, head } = self.student else {
+                    bail!(
+                        "L_rel against a teacher's hidden states needs the student's hidden states"
+                    );
+                };
+                relation_loss_from_hidden(
+                    hidden,
+                    head,
+                    teacher_hidden,
+                    teacher_head,
+                    self.visual_mask,
+                )
+            }
             TeacherSide::OtherTokens { .. } => {
                 unreachable!("same_tokens refuses another tokenizer")
             }
@@ -465,8 +500,14 @@ impl<'a> LossInputs<'a> {
                         for &row in &self.visual {
                             per_sample[row as usize / self.seq] += 1;
                         }
-                        student_hidden_form_is_cheaper(&per_sample, self.vocab, hidden.dim(2)?)
-                            .then_some(StudentRelation::Hidden { hidden, head })
+                        // A chunked loss never forms the visual rows' logits.
+                        (self.chunk_rows.is_some()
+                            || student_hidden_form_is_cheaper(
+                                &per_sample,
+                                self.vocab,
+                                hidden.dim(2)?,
+                            ))
+                        .then_some(StudentRelation::Hidden { hidden, head })
                     }
                     (None, _) => None,
                 };
@@ -499,8 +540,9 @@ impl<'a> LossInputs<'a> {
     /// An online teacher's logits `[rows, vocab]` at `rows` (detached), `None` when the batch
     /// has no such position. A cache keeps only the teacher's top-k: an error naming `term`.
     pub fn teacher_logit_rows(&self, rows: Rows, term: &str) -> Result<Option<Tensor>> {
-        let TeacherSide::Logits { logits, .. } = self.same_tokens(term)? else {
-            bail!("{term} reads the teacher's full logits, which a teacher cache does not keep: run it with --teacher");
+        let side = self.same_tokens(term)?;
+        let TeacherSide::Logits { logits, .. } = side else {
+            return Err(not_served(side, term, "reads the teacher's full logits"));
         };
         let rows = match rows {
             Rows::Response => &self.response.rows,
@@ -553,10 +595,7 @@ impl<'a> LossInputs<'a> {
                     gather_rows(&logits.detach(), &aligned.teacher)?,
                 )))
             }
-            TeacherSide::Cached(_) => bail!(
-                "{term} reads the teacher's full logits, which a teacher cache does not keep: run \
-                 it with --teacher"
-            ),
+            side => Err(not_served(side, term, "reads the teacher's full logits")),
         }
     }
 

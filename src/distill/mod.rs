@@ -6,6 +6,7 @@
 pub mod align;
 pub mod balance;
 mod ce;
+pub mod chunked;
 pub mod config;
 pub mod dbild;
 pub mod divergence;
@@ -16,6 +17,7 @@ pub mod mdist;
 pub mod policy;
 pub mod positions;
 pub mod rdist;
+mod sides;
 pub mod topk;
 pub mod uld;
 

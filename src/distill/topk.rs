@@ -167,6 +167,16 @@ impl TopKRows {
     pub fn rows(&self) -> Result<usize> {
         Ok(self.ids.dim(0)?)
     }
+
+    /// The rows in `rows`.
+    pub fn narrow(&self, rows: std::ops::Range<usize>) -> Result<TopKRows> {
+        let cut = |t: &Tensor| t.narrow(0, rows.start, rows.len());
+        Ok(TopKRows {
+            ids: cut(&self.ids)?,
+            log_probs: cut(&self.log_probs)?,
+            rest: cut(&self.rest)?,
+        })
+    }
 }
 
 /// The per-row divergence `[rows]` between the student's `[rows, vocab]` logits and a

@@ -100,6 +100,9 @@ pub struct Needs {
     /// The data's own answers, also on a micro-batch the student answered itself (the
     /// cross-entropy: the language-modelling loss stays on the data).
     pub data_answers: bool,
+    /// Reads logits only row by row at the response or visual rows, or hidden states, so a
+    /// chunked loss serves it ([`crate::distill::chunked`]).
+    pub chunkable: bool,
 }
 
 /// A term with its weight and the name it is logged under.
@@ -115,6 +118,8 @@ struct Entry {
 #[derive(Debug)]
 pub struct Objective {
     entries: Vec<Entry>,
+    /// Rows of logits its terms compute at once (see [`Objective::chunk_loss`]).
+    chunk_rows: Option<usize>,
 }
 
 /// Each term's value on one micro-batch (or its mean over a step), by logged name, in the
@@ -180,7 +185,10 @@ impl Objective {
                 term,
             });
         }
-        Ok(Self { entries })
+        Ok(Self {
+            entries,
+            chunk_rows: None,
+        })
     }
 
     /// Binds every term to the models (see [`Term::bind`]); `binding.params` should be rooted
@@ -300,6 +308,17 @@ impl Objective {
         self.active()
             .filter_map(|e| e.term.needs().teacher_temperature.map(|t| (e.kind, t)))
             .collect()
+    }
+
+    /// Computes the logits `rows` rows at a time from hidden states (`None`: all at once) when
+    /// every term can be served that way ([`Needs::chunkable`]); otherwise all at once.
+    pub fn chunk_loss(&mut self, rows: Option<usize>) {
+        self.chunk_rows = rows.filter(|_| self.active().all(|e| e.term.needs().chunkable));
+    }
+
+    /// The rows of logits computed at once, when the loss is chunked.
+    pub fn loss_chunk_rows(&self) -> Option<usize> {
+        self.chunk_rows
     }
 
     /// Terms of positive weight (a zero weight turns a term off).

@@ -194,8 +194,7 @@ impl StageBatches<'_> {
             .teacher_out
             .as_ref()
             .context("rollouts need the teacher's output")?
-            .output
-            .logits
+            .logits()?
             .narrow(D::Minus1, 0, vocab)?;
         let student_logits = self
             .student

@@ -194,8 +194,11 @@ fn train_stage(run: &StageRun) -> Result<StageSummary> {
         shared_vocab: teacher.as_ref().and_then(TeacherSignal::shared_vocab),
     };
     objective.bind(&binding)?;
+    objective.chunk_loss(settings.train.loss_chunk_rows_on(&device));
     if let Some(TeacherSignal::Online(t)) = &mut teacher {
         t.layers = objective.layers().1;
+        // Rollouts score the teacher's logits.
+        t.hidden_only = objective.loss_chunk_rows().is_some() && settings.train.rollout.is_none();
     }
     if objective.needs_rollouts() && settings.train.rollout.is_none() {
         bail!(

@@ -99,6 +99,7 @@ pub(super) fn optimizer_groups(
 /// with other values (and checkpoints of builds that lacked them still resume).
 const UNDIGESTED: &[(&str, &str)] = &[
     ("train", "parallel_micro_batches"),
+    ("train", "loss_chunk_rows"),
     ("train", "device"),
     ("train", "validate_every"),
     ("train", "validate_questions"),

@@ -121,6 +121,8 @@ impl Validation {
             }
             objective
         };
+        let mut objective = objective;
+        objective.chunk_loss(settings.train.loss_chunk_rows_on(student.model.device()));
         Ok(Some(Self {
             every,
             data,

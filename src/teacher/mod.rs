@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, ensure, Context, Result};
+use candle_core::Tensor;
 use mmkd_datasets::{Template, TokenizedSample};
 use mmkd_vision::ImageProcessor;
 use tokenizers::Tokenizer;
@@ -46,6 +47,9 @@ pub struct OnlineTeacher {
     pub own_tokens: Option<OwnTokens>,
     /// Knowledge augmentation: routings each output is averaged over (1: off).
     pub routings: usize,
+    /// The forward stops at the final hidden states when it can (one routing, one tokenizer):
+    /// the objective's loss is chunked and forms no logits of the whole batch.
+    pub hidden_only: bool,
     /// Seeds the sampled routings (with each batch's sample indices).
     pub routing_seed: u64,
 }
@@ -53,8 +57,29 @@ pub struct OnlineTeacher {
 /// An online teacher's output on a micro-batch: over the student's tokens, or (another
 /// tokenizer) over its own, with the rows of both that predict the same text.
 pub struct TeacherOutput {
-    pub output: LlavaOutput,
+    pub output: TeacherForward,
     pub aligned: Option<AlignedRows>,
+}
+
+/// What an online teacher's forward computed.
+pub enum TeacherForward {
+    /// Logits at every position, and the layer states the objective reads.
+    Full(LlavaOutput),
+    /// The final hidden states `[batch, seq, width]` only: a chunked loss computes the logits
+    /// it reads from them and the head.
+    Hidden(Tensor),
+}
+
+impl TeacherOutput {
+    /// The logits `[batch, seq, vocab]` at every position.
+    pub fn logits(&self) -> Result<&Tensor> {
+        match &self.output {
+            TeacherForward::Full(out) => Ok(&out.logits),
+            TeacherForward::Hidden(_) => {
+                bail!("the teacher's forward stopped at its hidden states (a chunked loss): set train.loss_chunk_rows = 0")
+            }
+        }
+    }
 }
 
 impl OnlineTeacher {
@@ -78,6 +103,7 @@ impl OnlineTeacher {
             own_tokens: None,
             routings,
             routing_seed: settings.train.seed,
+            hidden_only: false,
         })
     }
 
@@ -131,8 +157,25 @@ impl OnlineTeacher {
         samples: &[TokenizedSample],
     ) -> Result<TeacherOutput> {
         match &self.own_tokens {
+            None if self.hidden_only && self.routings <= 1 => {
+                let images = batch.pixels.as_ref().map(ImageInput::Pixels);
+                let hidden = self
+                    .model
+                    .model
+                    .forward_images_hidden(&batch.tokens, images)
+                    .with_context(|| {
+                        format!(
+                            "teacher forward on samples {}",
+                            batch.collated.sample_ids.join(", ")
+                        )
+                    })?;
+                Ok(TeacherOutput {
+                    output: TeacherForward::Hidden(hidden.hidden),
+                    aligned: None,
+                })
+            }
             None => Ok(TeacherOutput {
-                output: self.forward(batch)?,
+                output: TeacherForward::Full(self.forward(batch)?),
                 aligned: None,
             }),
             Some(own) => {
@@ -145,7 +188,7 @@ impl OnlineTeacher {
                         )
                     })?;
                 Ok(TeacherOutput {
-                    output: self.forward(&inputs)?,
+                    output: TeacherForward::Full(self.forward(&inputs)?),
                     aligned: Some(aligned),
                 })
             }
@@ -299,11 +342,25 @@ pub fn teacher_rows<'a>(
         Some(TeacherSignal::Online(t)) => {
             let out = online_output
                 .context("the online teacher's output was not computed for this micro-batch")?;
-            TeacherRows::Online {
-                output: &out.output,
-                teacher: &t.model.model,
-                truncate: t.truncate,
-                aligned: out.aligned.as_ref(),
+            let teacher = &t.model.model;
+            match &out.output {
+                TeacherForward::Hidden(hidden) => TeacherRows::OnlineHidden {
+                    hidden,
+                    teacher,
+                    truncate: t.truncate,
+                },
+                // Several routings averaged: the logits were formed, the loss still chunks.
+                TeacherForward::Full(output) if t.hidden_only => TeacherRows::OnlineHidden {
+                    hidden: &output.hidden,
+                    teacher,
+                    truncate: t.truncate,
+                },
+                TeacherForward::Full(output) => TeacherRows::Online {
+                    output,
+                    teacher,
+                    truncate: t.truncate,
+                    aligned: out.aligned.as_ref(),
+                },
             }
         }
         Some(TeacherSignal::Cached(c)) => TeacherRows::Cached {

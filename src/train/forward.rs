@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use candle_core::Tensor;
 
 use super::step::MicroLoss;
@@ -68,6 +68,13 @@ pub enum TeacherRows<'a> {
         /// rows pair it with the student's.
         aligned: Option<&'a AlignedRows>,
     },
+    /// An online teacher's final hidden states `[batch, seq, width]` on the same batch, for a
+    /// chunked loss, with the vocabulary both are cut to.
+    OnlineHidden {
+        hidden: &'a Tensor,
+        teacher: &'a LlavaModel,
+        truncate: Option<usize>,
+    },
     /// A teacher cache's rows for the batch (already checked against its positions), and the
     /// cache's vocabulary when it is smaller than the student's.
     Cached {
@@ -81,7 +88,9 @@ pub enum TeacherRows<'a> {
 /// Without a teacher, and with an online one, the student's logits are computed at every
 /// position; against a cache only at the rows the terms read (`StudentLogits::AtRows`). With
 /// an online teacher whose vocabulary is not cut, L_rel comes from the hidden states
-/// (Z Zᵀ = H (WᵀW) Hᵀ).
+/// (Z Zᵀ = H (WᵀW) Hᵀ). A chunked objective ([`Objective::loss_chunk_rows`]) reads the
+/// student's hidden states and head in every case, and an online teacher's too: no logits of
+/// the whole batch are formed.
 pub fn objective_loss(
     student: &LlavaModel,
     batch: StudentBatch<'_>,
@@ -100,7 +109,13 @@ pub fn objective_loss(
         };
         micro_loss(student, objective, batch, logits, side, extras, forward)
     };
+    if let Some(chunk) = objective.loss_chunk_rows() {
+        return chunked_loss(student, batch, teacher, objective, chunk);
+    }
     match teacher {
+        TeacherRows::OnlineHidden { .. } => {
+            bail!("an online teacher's hidden states are read by a chunked objective only")
+        }
         TeacherRows::None => {
             let out = student.forward_images(batch.tokens, batch.images)?;
             let routers = &out.layers.router_logits;
@@ -111,18 +126,7 @@ pub fn objective_loss(
             let forward = elapsed();
             // A cache of a smaller vocabulary compares the head's first rows (the padding
             // after them is the student's alone).
-            let head = student.lm.lm_head_weight();
-            let head = match truncate {
-                Some(n) => {
-                    let have = head.dim(0)?;
-                    ensure!(
-                        n <= have,
-                        "cannot cut the student's vocabulary of {have} to the cache's {n}: it is larger"
-                    );
-                    head.narrow(0, 0, n)?
-                }
-                None => head.clone(),
-            };
+            let head = cut_head(student, truncate, "the cache's")?;
             let side = TeacherSide::Cached(CachedTeacher {
                 response: &rows.response,
                 visual: &rows.visual,
@@ -214,11 +218,98 @@ pub fn objective_loss(
                     layers: Some(layers),
                     switch,
                     routers: &out.layers.router_logits,
+                    chunk: None,
                 },
                 forward,
             )
         }
     }
+}
+
+/// The head's first `truncate` rows (the vocabulary both sides compare; `whose` names the
+/// other side).
+fn cut_head(model: &LlavaModel, truncate: Option<usize>, whose: &str) -> Result<Tensor> {
+    let head = model.lm.lm_head_weight();
+    match truncate {
+        Some(n) => {
+            let have = head.dim(0)?;
+            ensure!(
+                n <= have,
+                "cannot cut the vocabulary of {have} to {whose} {n}: it is larger"
+            );
+            Ok(head.narrow(0, 0, n)?)
+        }
+        None => Ok(head.clone()),
+    }
+}
+
+/// [`objective_loss`] of a chunked objective: the student's hidden states and head, and an
+/// online teacher's, are read `chunk` logit rows at a time.
+fn chunked_loss(
+    student: &LlavaModel,
+    batch: StudentBatch<'_>,
+    teacher: TeacherRows<'_>,
+    objective: &Objective,
+    chunk: usize,
+) -> Result<MicroLoss> {
+    let clock = Instant::now();
+    let out = student.forward_images_hidden(batch.tokens, batch.images)?;
+    let forward = clock.elapsed().as_secs_f64();
+    let (side, head, teacher_head);
+    match teacher {
+        TeacherRows::None => {
+            head = student.lm.lm_head_weight().clone();
+            side = None;
+        }
+        TeacherRows::OnlineHidden {
+            hidden,
+            teacher,
+            truncate,
+        } => {
+            head = cut_head(student, truncate, "the teacher's")?;
+            teacher_head = cut_head(teacher, truncate, "the student's")?;
+            side = Some(TeacherSide::Hidden {
+                hidden,
+                head: &teacher_head,
+            });
+        }
+        TeacherRows::Cached { rows, truncate } => {
+            head = cut_head(student, truncate, "the cache's")?;
+            side = Some(TeacherSide::Cached(CachedTeacher {
+                response: &rows.response,
+                visual: &rows.visual,
+                relations: &rows.relations,
+            }));
+        }
+        // A teacher that formed its logits anyway (a held-out pass beside a run that is not
+        // chunked): its hidden states serve.
+        TeacherRows::Online {
+            output,
+            teacher,
+            truncate,
+            aligned: None,
+        } => {
+            head = cut_head(student, truncate, "the teacher's")?;
+            teacher_head = cut_head(teacher, truncate, "the student's")?;
+            side = Some(TeacherSide::Hidden {
+                hidden: &output.hidden,
+                head: &teacher_head,
+            });
+        }
+        TeacherRows::Online { .. } => bail!(
+            "a chunked objective compares one vocabulary; this teacher reads its own tokenization"
+        ),
+    }
+    let logits = StudentLogits::AtRows {
+        hidden: &out.hidden,
+        head: &head,
+    };
+    let extras = Extras {
+        routers: &out.router_logits,
+        chunk: Some(chunk),
+        ..Extras::default()
+    };
+    micro_loss(student, objective, batch, logits, side, extras, forward)
 }
 
 /// What an online teacher's step adds for the terms that read more than logits.
@@ -228,6 +319,8 @@ struct Extras<'a> {
     switch: Option<SwitchPath<'a>>,
     /// A sparse student's router logits per sparse layer (empty for a dense one).
     routers: &'a [Tensor],
+    /// Logit rows computed at once (a chunked objective).
+    chunk: Option<usize>,
 }
 
 /// The objective on one micro-batch's student logits and teacher side; `forward`: the seconds
@@ -250,6 +343,9 @@ fn micro_loss(
         _ => None,
     };
     let mut inputs = LossInputs::new(logits, batch.labels, batch.visual_mask, side, None)?;
+    if let Some(rows) = extras.chunk {
+        inputs = inputs.with_chunk_rows(rows)?;
+    }
     if let (Some(logits), Some((_, labels))) = (&data_logits, batch.data_answers) {
         inputs = inputs.with_data_answers(logits, labels)?;
     }

@@ -24,7 +24,10 @@ struct Balance;
 
 impl Term for Balance {
     fn needs(&self) -> Needs {
-        Needs::default()
+        Needs {
+            chunkable: true,
+            ..Needs::default()
+        }
     }
 
     fn loss(&self, inputs: &LossInputs<'_>) -> Result<Option<Tensor>> {

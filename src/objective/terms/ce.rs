@@ -26,6 +26,7 @@ impl Term for CrossEntropy {
     fn needs(&self) -> Needs {
         Needs {
             data_answers: true,
+            chunkable: true,
             ..Needs::default()
         }
     }

@@ -57,6 +57,7 @@ impl Term for Mdist {
             teacher_relations: false,
             teacher_visual: matches!(self.at, Positions::Visual),
             teacher_temperature: Some(self.cfg.temperature),
+            chunkable: true,
             ..Needs::default()
         }
     }

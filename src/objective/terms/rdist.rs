@@ -26,6 +26,7 @@ impl Term for Rdist {
             teacher: true,
             teacher_logits: false,
             teacher_relations: true,
+            chunkable: true,
             ..Needs::default()
         }
     }
