@@ -10,7 +10,9 @@
 #    the losses and 1e-4 for logits);
 # 3. a 20-step DFT on the tiny preset, on the CPU and on the GPU: losses within 1e-3;
 # 4. `mmkd bench --device cuda` on ../shared/bench/spec.json and configs/bench/real-scale.json:
-#    samples/s, tokens/s, achieved TFLOP/s against the GPU's f32 peak, peak GPU memory;
+#    samples/s, tokens/s, achieved TFLOP/s against the GPU's f32 peak, peak GPU memory; the
+#    real-scale step again with the loss formed whole (`--loss-chunk-rows 0`) beside the
+#    default chunked loss (1024 rows);
 # 5. with ≥ 2 GPUs: the bench under `mpirun -np 2` (gradients over NCCL).
 #
 # The CUDA toolkit is the system's (nvcc on PATH) or, without one, the PyPI toolkit of
@@ -110,6 +112,9 @@ log "bench on $SPEC"
 bench spec timeout 240 "$MMKD" bench --device cuda --spec "$SPEC" --steps 6
 log "bench on configs/bench/real-scale.json"
 bench real timeout 300 "$MMKD" bench --device cuda --spec configs/bench/real-scale.json --steps 3
+log "bench on configs/bench/real-scale.json, the loss formed whole"
+bench real_whole timeout 300 "$MMKD" bench --device cuda --spec configs/bench/real-scale.json \
+    --steps 3 --loss-chunk-rows 0
 if [ "$FEATURE" = nccl ]; then
     log "bench under mpirun -np 2 (NCCL)"
     bench spec2 timeout 240 mpirun --allow-run-as-root -np 2 "$MMKD" bench --device cuda \
@@ -138,7 +143,8 @@ def bench(name, spec):
     seq = seq_len(spec)
     out = {"ok": True, "samples_per_s": r["samples_per_s"], "step_s": r["step_s_median"],
            "tflops": r["gflops"] / 1000, "peak_gpu_mib": max(mem) if mem else None,
-           "ranks": r.get("ranks"), "loss": [r["loss_first"], r["loss_last"]]}
+           "ranks": r.get("ranks"), "loss_chunk_rows": r.get("loss_chunk_rows"),
+           "loss": [r["loss_first"], r["loss_last"]]}
     out["tokens_per_s"] = r["samples_per_s"] * seq
     if peak:
         out["f32_peak_tflops"] = peak
@@ -153,7 +159,8 @@ def status(name):
 summary = {"gpu_check": "done", "gpu": gpu, "gpus": gpus, "seconds": secs,
            "build": status("build"), "fixtures_on_cuda": status("fixtures"),
            "dft_cpu_vs_cuda": status("dft"), "bench_spec": bench("spec", spec),
-           "bench_real_scale": bench("real", "configs/bench/real-scale.json")}
+           "bench_real_scale": bench("real", "configs/bench/real-scale.json"),
+           "bench_real_scale_loss_whole": bench("real_whole", "configs/bench/real-scale.json")}
 if os.path.exists(os.path.join(res, "spec2.json")):
     summary["bench_spec_2_ranks_nccl"] = bench("spec2", spec)
 print(json.dumps(summary))

@@ -86,6 +86,9 @@ pub fn run(
     let reduced_bytes = step.join_data_parallel()?;
     step.set_teacher_overlap(options.teacher_overlap);
     step.set_student_shards(options.student_shards)?;
+    // The steps' own peak, apart from building the models (which may peak higher).
+    let build_peak = memory::peak_rss_bytes()?;
+    let steps_peak_known = memory::reset_peak_rss();
     let mut timed = Vec::with_capacity(options.steps);
     let mut cpu_start = 0.0;
     for i in 0..options.warmup + options.steps {
@@ -100,7 +103,8 @@ pub fn run(
     }
     let cpu_per_step = (cpu_time::process_cpu_seconds()? - cpu_start) / options.steps as f64;
     // Peak memory of the training steps, before the matmul measurement allocates its own.
-    let peak = memory::peak_rss_bytes()?;
+    let steps_peak = memory::peak_rss_bytes()?;
+    let peak = build_peak.max(steps_peak);
     let matmul_peak = options
         .matmul_peak_size
         .map(|n| matmul_peak::matmul_peak_gflops(n, 10))
@@ -121,6 +125,7 @@ pub fn run(
     report.allreduced_bytes_per_step = reduced_bytes;
     report.device = options.device.to_string();
     report.loss_chunk_rows = step.loss_chunk_rows();
+    report.steps_peak_rss_mib = steps_peak_known.then_some(steps_peak as f64 / (1024.0 * 1024.0));
     Ok(report)
 }
 

@@ -40,6 +40,10 @@ pub struct BenchReport {
     pub matmul_peak_gflops: Option<f64>,
     /// Peak resident memory of the process (VmHWM).
     pub peak_rss_mib: f64,
+    /// Peak resident memory during the steps alone (`VmHWM` reset once the models are built;
+    /// `None` where it cannot be reset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_peak_rss_mib: Option<f64>,
     pub loss_first: f32,
     pub loss_last: f32,
     /// Rank of the student LLM's adapters (`--lora-rank`); `None`: full DFT. With adapters the
@@ -110,6 +114,7 @@ impl BenchReport {
             gflops: gflop_per_step / step_s_median,
             matmul_peak_gflops,
             peak_rss_mib: peak_rss_bytes as f64 / (1024.0 * 1024.0),
+            steps_peak_rss_mib: None,
             loss_first: timed[0].loss,
             loss_last: timed[timed.len() - 1].loss,
             lora_rank: None,
@@ -137,7 +142,7 @@ impl BenchReport {
              CPU time    {:.3} s per step (all threads)\n\
              GFLOP/s     {:.1}{peak}  ({:.1} GFLOP per step)\n\
              split       {} {:.3} s ({:.0}%) | student fwd {:.3} s ({:.0}%) | loss {:.3} s ({:.0}%) | backward {:.3} s ({:.0}%) | optimizer {:.3} s ({:.0}%)\n\
-             peak memory {:.0} MiB (VmHWM)\n\
+             peak memory {:.0} MiB (VmHWM){}\n\
              loss        {:.4} → {:.4}",
             self.samples_per_s,
             self.step_s_median,
@@ -168,6 +173,10 @@ impl BenchReport {
             s.optimizer,
             pct(s.optimizer),
             self.peak_rss_mib,
+            match self.steps_peak_rss_mib {
+                Some(m) => format!("; {m:.0} MiB during the steps"),
+                None => String::new(),
+            },
             self.loss_first,
             self.loss_last,
         ) + &self.job_line()
@@ -184,6 +193,9 @@ impl BenchReport {
                 if self.ranks == 2 { "half" } else { "share" },
                 self.allreduced_bytes_per_step as f64 / (1024.0 * 1024.0)
             );
+        }
+        if let Some(rows) = self.loss_chunk_rows {
+            line += &format!("; loss computed {rows} logit rows at a time");
         }
         line
     }
