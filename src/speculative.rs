@@ -318,11 +318,17 @@ pub fn speculative_generate(
 mod tests {
     use super::*;
     use crate::bench::data::BenchBatch;
+    use crate::bench::spec::{BenchSpec, LmSpec};
     use crate::bench::step::build;
     use crate::bench::tests::tiny_spec;
     use crate::generate::generate;
     use crate::models::llava::Trainable;
     use candle_core::Device;
+
+    /// A frozen model of the bench spec's `lm` on the CPU.
+    fn frozen(spec: &BenchSpec, lm: &LmSpec, seed: u64) -> LlavaModel {
+        build(spec, lm, Trainable::NONE, seed, None, &Device::Cpu).unwrap()
+    }
 
     /// The same images for both models.
     fn both(pixels: &Tensor) -> PromptImages<'_> {
@@ -335,24 +341,8 @@ mod tests {
     #[test]
     fn greedy_speculation_gives_exactly_the_targets_greedy_output() {
         let spec = tiny_spec();
-        let target = build(
-            &spec,
-            &spec.teacher,
-            Trainable::NONE,
-            11,
-            None,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
-        let draft = build(
-            &spec,
-            &spec.student,
-            Trainable::NONE,
-            12,
-            None,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
+        let target = frozen(&spec, &spec.teacher, 11);
+        let draft = frozen(&spec, &spec.student, 12);
         let batch = BenchBatch::random(&spec, 5, &Device::Cpu).unwrap();
         let prompt_len = spec.seq_len() - spec.response_tokens;
         let decode = |_: &[u32]| String::new();
@@ -396,15 +386,7 @@ mod tests {
     #[test]
     fn a_draft_that_is_the_target_is_always_accepted() {
         let spec = tiny_spec();
-        let target = build(
-            &spec,
-            &spec.teacher,
-            Trainable::NONE,
-            11,
-            None,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
+        let target = frozen(&spec, &spec.teacher, 11);
         let batch = BenchBatch::random(&spec, 5, &Device::Cpu).unwrap();
         let prompt = batch.tokens.ids[0][..spec.seq_len() - spec.response_tokens].to_vec();
         let pixels = batch.pixels.narrow(0, 0, 1).unwrap();
@@ -485,24 +467,8 @@ mod tests {
     #[test]
     fn sampled_speculation_has_the_targets_distribution() {
         let spec = tiny_spec();
-        let target = build(
-            &spec,
-            &spec.teacher,
-            Trainable::NONE,
-            11,
-            None,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
-        let draft = build(
-            &spec,
-            &spec.student,
-            Trainable::NONE,
-            12,
-            None,
-            &candle_core::Device::Cpu,
-        )
-        .unwrap();
+        let target = frozen(&spec, &spec.teacher, 11);
+        let draft = frozen(&spec, &spec.student, 12);
         let batch = BenchBatch::random(&spec, 5, &Device::Cpu).unwrap();
         let prompt = batch.tokens.ids[0][..spec.seq_len() - spec.response_tokens].to_vec();
         let pixels = batch.pixels.narrow(0, 0, 1).unwrap();

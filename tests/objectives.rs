@@ -385,6 +385,26 @@ fn the_validation_pass_measures_held_out_data_and_changes_no_trained_number() {
     .unwrap();
     assert_eq!(summary["validation"]["step"], total);
 
+    // With the loss in chunks (the teacher's forward stopping at its hidden states) the
+    // held-out objective is the same.
+    let chunked_out = s("val/chunked");
+    let mut chunked = validated.clone();
+    chunked[validated.iter().position(|a| *a == validated_out).unwrap()] = chunked_out.as_str();
+    chunked.extend(["--set", "loss_chunk_rows=4"]);
+    stage_ok(&w.root, "dft", &chunked);
+    let chunked_passes =
+        mmkd::stages::validate::read_validation(&w.root.join("val/chunked/validation.jsonl"))
+            .unwrap();
+    assert_eq!(chunked_passes.len(), passes.len());
+    for (p, q) in passes.iter().zip(&chunked_passes) {
+        let (x, y) = (p.loss.unwrap(), q.loss.unwrap());
+        assert!(
+            (x - y).abs() <= 1e-5 * x.abs().max(1.0),
+            "step {}: {x} vs {y}",
+            p.step
+        );
+    }
+
     // Asking for validation without held-out data is refused up front.
     let (ok, _, err) = stage(
         &w.root,

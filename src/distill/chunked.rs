@@ -271,52 +271,29 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_named() {
-        let per_row = |s: &Tensor, _: Option<&Tensor>, _: Range<usize>| Ok(s.sum(1)?);
-        let (h, w) = (values(0.0, (4, 3)), values(1.0, (5, 2)));
-        let err = chunked_row_mean(
-            HeadRows {
-                hidden: &h,
-                head: &w,
-            },
-            None,
-            2,
-            &per_row,
-        )
-        .unwrap_err();
+        fn mean(hidden: &Tensor, head: &Tensor, teacher: Option<HeadRows>, chunk: usize) -> String {
+            let per_row = |s: &Tensor, _: Option<&Tensor>, _: Range<usize>| Ok(s.sum(1)?);
+            chunked_row_mean(HeadRows { hidden, head }, teacher, chunk, &per_row)
+                .unwrap_err()
+                .to_string()
+        }
+        let (h, w) = (values(0.0, (4, 3)), values(1.0, (5, 3)));
         assert_eq!(
-            err.to_string(),
+            mean(&h, &values(1.0, (5, 2)), None, 2),
             "the student's LM head is [5, 2], its hidden rows are 3 wide"
         );
-        let w = values(1.0, (5, 3));
         let t = values(2.0, (3, 3));
         let teacher = HeadRows {
             hidden: &t,
             head: &w,
         };
-        let err = chunked_row_mean(
-            HeadRows {
-                hidden: &h,
-                head: &w,
-            },
-            Some(teacher),
-            2,
-            &per_row,
-        )
-        .unwrap_err();
         assert_eq!(
-            err.to_string(),
+            mean(&h, &w, Some(teacher), 2),
             "the teacher's rows give [3, 5] logits, the student's [4, 5]"
         );
-        let err = chunked_row_mean(
-            HeadRows {
-                hidden: &h,
-                head: &w,
-            },
-            None,
-            0,
-            &per_row,
-        )
-        .unwrap_err();
-        assert_eq!(err.to_string(), "the loss chunk must hold at least one row");
+        assert_eq!(
+            mean(&h, &w, None, 0),
+            "the loss chunk must hold at least one row"
+        );
     }
 }

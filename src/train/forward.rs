@@ -255,17 +255,28 @@ fn chunked_loss(
     let clock = Instant::now();
     let out = student.forward_images_hidden(batch.tokens, batch.images)?;
     let forward = clock.elapsed().as_secs_f64();
-    let (side, head, teacher_head);
-    match teacher {
-        TeacherRows::None => {
-            head = student.lm.lm_head_weight().clone();
-            side = None;
-        }
+    // An online teacher's hidden states, also from one that formed its logits anyway (a
+    // held-out pass beside a run that is not chunked).
+    let online = match teacher {
         TeacherRows::OnlineHidden {
             hidden,
             teacher,
             truncate,
-        } => {
+        } => Some((hidden, teacher, truncate)),
+        TeacherRows::Online {
+            output,
+            teacher,
+            truncate,
+            aligned: None,
+        } => Some((&output.hidden, teacher, truncate)),
+        TeacherRows::Online { .. } => bail!(
+            "a chunked objective compares one vocabulary; this teacher reads its own tokenization"
+        ),
+        TeacherRows::None | TeacherRows::Cached { .. } => None,
+    };
+    let (side, head, teacher_head);
+    match (online, teacher) {
+        (Some((hidden, teacher, truncate)), _) => {
             head = cut_head(student, truncate, "the teacher's")?;
             teacher_head = cut_head(teacher, truncate, "the student's")?;
             side = Some(TeacherSide::Hidden {
@@ -273,7 +284,7 @@ fn chunked_loss(
                 head: &teacher_head,
             });
         }
-        TeacherRows::Cached { rows, truncate } => {
+        (None, TeacherRows::Cached { rows, truncate }) => {
             head = cut_head(student, truncate, "the cache's")?;
             side = Some(TeacherSide::Cached(CachedTeacher {
                 response: &rows.response,
@@ -281,24 +292,10 @@ fn chunked_loss(
                 relations: &rows.relations,
             }));
         }
-        // A teacher that formed its logits anyway (a held-out pass beside a run that is not
-        // chunked): its hidden states serve.
-        TeacherRows::Online {
-            output,
-            teacher,
-            truncate,
-            aligned: None,
-        } => {
-            head = cut_head(student, truncate, "the teacher's")?;
-            teacher_head = cut_head(teacher, truncate, "the student's")?;
-            side = Some(TeacherSide::Hidden {
-                hidden: &output.hidden,
-                head: &teacher_head,
-            });
+        (None, _) => {
+            head = student.lm.lm_head_weight().clone();
+            side = None;
         }
-        TeacherRows::Online { .. } => bail!(
-            "a chunked objective compares one vocabulary; this teacher reads its own tokenization"
-        ),
     }
     let logits = StudentLogits::AtRows {
         hidden: &out.hidden,
