@@ -79,9 +79,11 @@ pub struct RelationHidden<'a> {
 /// A teacher read back from an offline cache, lined up with one batch.
 #[derive(Clone, Copy, Debug)]
 pub struct CachedTeacher<'a> {
-    /// Top-k rows at the batch's response positions, in [`response_rows`] order.
+    /// Top-k rows at the batch's response positions, in
+    /// [`super::positions::response_rows`] order.
     pub response: &'a TopKRows,
-    /// Top-k rows at the batch's visual positions, in [`visual_rows`] order.
+    /// Top-k rows at the batch's visual positions, in [`super::positions::visual_rows`]
+    /// order.
     pub visual: &'a TopKRows,
     /// The teacher's relation matrix of each batch row (`None`: no visual position, or the
     /// cache holds none because L_rel is off).
@@ -108,7 +110,7 @@ pub enum TeacherSide<'a> {
     },
     /// An online teacher's final hidden states `[batch, seq, width]` and bias-free LM head
     /// `[vocab, width]` (cut to the vocabulary both compare), for a chunked loss
-    /// ([`LossInputs::with_chunk_rows`]) that computes its logits rows at a time.
+    /// ([`super::LossInputs::with_chunk_rows`]) that computes its logits rows at a time.
     Hidden {
         hidden: &'a Tensor,
         head: &'a Tensor,
