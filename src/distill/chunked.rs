@@ -13,7 +13,7 @@
 use std::ops::Range;
 
 use anyhow::{ensure, Context, Result};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 
 use super::config::DistillLossConfig;
 use super::logprob::compute_dtype;
@@ -86,7 +86,8 @@ pub fn chunked_row_mean(
     let head = Var::from_tensor(&student.head.detach())?;
     let mut head_grad: Option<Tensor> = None;
     let mut row_grads = Vec::with_capacity(rows.div_ceil(chunk_rows));
-    let mut total = 0f64;
+    // Summed on the device: reading each chunk's value back would wait for it.
+    let mut total: Option<Tensor> = None;
     for start in (0..rows).step_by(chunk_rows) {
         let range = start..(start + chunk_rows).min(rows);
         let chunk = Var::from_tensor(&student.hidden.narrow(0, start, range.len())?.detach())?;
@@ -103,7 +104,10 @@ pub fn chunked_row_mean(
             losses.dims()
         );
         let sum = losses.sum_all()?;
-        total += sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        total = Some(match total {
+            Some(t) => (t + sum.detach())?,
+            None => sum.detach(),
+        });
         let grads = sum.backward()?;
         row_grads.push(match grads.get(chunk.as_tensor()) {
             Some(g) => g.clone(),
@@ -122,7 +126,8 @@ pub fn chunked_row_mean(
     if let Some(g) = head_grad {
         surrogate = (surrogate + (student.head * (g * scale)?)?.sum_all()?)?;
     }
-    let mean = Tensor::new(total * scale, student.hidden.device())?.to_dtype(surrogate.dtype())?;
+    let mean = (total.context("a chunked loss needs at least one row")? * scale)?
+        .to_dtype(surrogate.dtype())?;
     Ok(((&surrogate - surrogate.detach())? + mean)?)
 }
 

@@ -157,18 +157,14 @@ impl OnlineTeacher {
         samples: &[TokenizedSample],
     ) -> Result<TeacherOutput> {
         match &self.own_tokens {
+            // The hidden states alone serve a chunked loss (with one routing to average).
             None if self.hidden_only && self.routings <= 1 => {
                 let images = batch.pixels.as_ref().map(ImageInput::Pixels);
                 let hidden = self
                     .model
                     .model
                     .forward_images_hidden(&batch.tokens, images)
-                    .with_context(|| {
-                        format!(
-                            "teacher forward on samples {}",
-                            batch.collated.sample_ids.join(", ")
-                        )
-                    })?;
+                    .with_context(|| forward_context(batch))?;
                 Ok(TeacherOutput {
                     output: TeacherForward::Hidden(hidden.hidden),
                     aligned: None,
@@ -200,12 +196,7 @@ impl OnlineTeacher {
     pub fn forward(&self, batch: &ModelInputs) -> Result<LlavaOutput> {
         let model = &self.model.model;
         let images = batch.pixels.as_ref().map(ImageInput::Pixels);
-        let context = || {
-            format!(
-                "teacher forward on samples {}",
-                batch.collated.sample_ids.join(", ")
-            )
-        };
+        let context = || forward_context(batch);
         if self.routings <= 1 {
             return model
                 .forward_images_layers(&batch.tokens, images, &self.layers)
@@ -226,6 +217,14 @@ impl OnlineTeacher {
             .with_context(context)?;
         average_routings(outputs)
     }
+}
+
+/// What a failed teacher forward was doing, naming the batch's samples.
+fn forward_context(batch: &ModelInputs) -> String {
+    format!(
+        "teacher forward on samples {}",
+        batch.collated.sample_ids.join(", ")
+    )
 }
 
 /// The seed of sampled routing `m` of a batch: the same samples draw the same experts, so a

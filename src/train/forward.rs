@@ -97,6 +97,9 @@ pub fn objective_loss(
     teacher: TeacherRows<'_>,
     objective: &Objective,
 ) -> Result<MicroLoss> {
+    if let Some(chunk) = objective.loss_chunk_rows() {
+        return loss_at_rows(student, batch, teacher, objective, Some(chunk));
+    }
     let clock = Instant::now();
     let elapsed = || clock.elapsed().as_secs_f64();
     let loss = |logits: StudentLogits<'_>,
@@ -109,34 +112,15 @@ pub fn objective_loss(
         };
         micro_loss(student, objective, batch, logits, side, extras, forward)
     };
-    if let Some(chunk) = objective.loss_chunk_rows() {
-        return chunked_loss(student, batch, teacher, objective, chunk);
-    }
     match teacher {
         TeacherRows::OnlineHidden { .. } => {
             bail!("an online teacher's hidden states are read by a chunked objective only")
         }
+        TeacherRows::Cached { .. } => loss_at_rows(student, batch, teacher, objective, None),
         TeacherRows::None => {
             let out = student.forward_images(batch.tokens, batch.images)?;
             let routers = &out.layers.router_logits;
             loss(StudentLogits::Full(&out.logits), None, routers, elapsed())
-        }
-        TeacherRows::Cached { rows, truncate } => {
-            let hidden = student.forward_images_hidden(batch.tokens, batch.images)?;
-            let forward = elapsed();
-            // A cache of a smaller vocabulary compares the head's first rows (the padding
-            // after them is the student's alone).
-            let head = cut_head(student, truncate, "the cache's")?;
-            let side = TeacherSide::Cached(CachedTeacher {
-                response: &rows.response,
-                visual: &rows.visual,
-                relations: &rows.relations,
-            });
-            let logits = StudentLogits::AtRows {
-                hidden: &hidden.hidden,
-                head: &head,
-            };
-            loss(logits, Some(side), &hidden.router_logits, forward)
         }
         TeacherRows::Online {
             output,
@@ -243,14 +227,15 @@ fn cut_head(model: &LlavaModel, truncate: Option<usize>, whose: &str) -> Result<
     }
 }
 
-/// [`objective_loss`] of a chunked objective: the student's hidden states and head, and an
-/// online teacher's, are read `chunk` logit rows at a time.
-fn chunked_loss(
+/// [`objective_loss`] from the student's final hidden states and head, its logits formed only
+/// at the rows the terms read: against a cache, and for a chunked objective (`chunk`), whose
+/// online teacher is read through its hidden states and head too.
+fn loss_at_rows(
     student: &LlavaModel,
     batch: StudentBatch<'_>,
     teacher: TeacherRows<'_>,
     objective: &Objective,
-    chunk: usize,
+    chunk: Option<usize>,
 ) -> Result<MicroLoss> {
     let clock = Instant::now();
     let out = student.forward_images_hidden(batch.tokens, batch.images)?;
@@ -303,7 +288,7 @@ fn chunked_loss(
     };
     let extras = Extras {
         routers: &out.router_logits,
-        chunk: Some(chunk),
+        chunk,
         ..Extras::default()
     };
     micro_loss(student, objective, batch, logits, side, extras, forward)
